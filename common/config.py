@@ -1,0 +1,394 @@
+"""The typed run configuration: TOML presets and files, ``--set key=value`` overrides, validation.
+
+A configuration is a set of sections (``[run]``, ``[data]``, ...) of scalar settings. Scalars only,
+so that the same configuration flattens into Flower's run config (``"dp.noise_multiplier"``) and
+comes back unchanged: ``RunConfig.from_flat(cfg.to_flat()) == cfg``. That is how the ServerApp and
+ClientApp receive it under ``flwr run .`` as well as in ``fedpriv simulate``.
+
+Every field carries its own constraint (a range or a set of choices) and help text, and
+:meth:`RunConfig.validate` checks combinations. Errors are :class:`ConfigError` with one line
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+from common.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+def _setting(
+    default: Scalar,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+) -> Any:
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "min_exclusive": min_exclusive,
+        "max_exclusive": max_exclusive,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = _setting("fedpriv", "Name of the run; used in the run directory name.")
+    seed: int = _setting(
+        42,
+        "Seed for the data split, partitioning and initial model. DP noise and batch "
+        "sampling never use it: they draw from the operating system's entropy.",
+        min=0,
+    )
+    rounds: int = _setting(5, "Number of federated rounds.", min=1, max=100_000)
+    out_dir: str = _setting("", "Run directory. Empty: runs/<name>-<timestamp>.")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = _setting(
+        "builtin",
+        "builtin (5,000 real MNIST digits, offline), digits (scikit-learn 8x8 digits), "
+        "mnist, fashion_mnist, cifar10 (downloaded; fall back to builtin offline), or file.",
+        choices=("builtin", "digits", "mnist", "fashion_mnist", "cifar10", "file"),
+    )
+    path: str = _setting("", "With dataset = 'file': a .npz (arrays x, y) or .csv file.")
+    label_column: str = _setting("label", "With a .csv file: the name of the label column.")
+    test_fraction: float = _setting(
+        0.2, "Share of the data held out for server-side evaluation.", min=0.0, max=0.9,
+        min_exclusive=True,
+    )
+    partitioning: str = _setting(
+        "iid",
+        "How training data is split across clients: iid, dirichlet (label skew) or "
+        "pathological (k classes per client).",
+        choices=("iid", "dirichlet", "pathological"),
+    )
+    alpha: float = _setting(
+        0.5, "Dirichlet concentration; smaller is more skewed.", min=0.0, min_exclusive=True
+    )
+    classes_per_client: int = _setting(2, "Pathological partitioning: classes per client.", min=1)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = _setting(
+        "auto",
+        "cnn (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense), mlp, or auto (cnn for images, "
+        "mlp for flat features).",
+        choices=("auto", "cnn", "mlp"),
+    )
+    mlp_units: int = _setting(128, "Width of each MLP hidden layer.", min=1, max=65_536)
+    mlp_layers: int = _setting(2, "Number of MLP hidden layers.", min=0, max=16)
+
+
+@dataclass(frozen=True)
+class ClientSection:
+    local_epochs: int = _setting(1, "Local epochs per round (an epoch is n/batch_size steps).", min=1)
+    batch_size: int = _setting(
+        32, "Expected batch size; with DP each step samples records with q = batch/n.", min=1
+    )
+    learning_rate: float = _setting(0.1, "Client learning rate.", min=0.0, min_exclusive=True)
+    optimizer: str = _setting("sgd", "Client optimizer: sgd or adam.", choices=("sgd", "adam"))
+    momentum: float = _setting(0.0, "SGD momentum.", min=0.0, max=1.0, max_exclusive=True)
+
+
+@dataclass(frozen=True)
+class DPSection:
+    enabled: bool = _setting(True, "Record-level DP-SGD on every client.")
+    l2_norm_clip: float = _setting(
+        1.0, "Per-example (or per-microbatch) gradient clipping norm C.", min=0.0,
+        min_exclusive=True,
+    )
+    noise_multiplier: float = _setting(
+        1.0, "Gaussian noise standard deviation as a multiple of C.", min=0.0
+    )
+    microbatches: int = _setting(
+        0,
+        "0: clip every example (one microbatch per example). k > 0: split each batch into k "
+        "microbatches; sensitivity doubles, which the accounting reflects.",
+        min=0,
+    )
+    implementation: str = _setting(
+        "auto",
+        "vectorized (TF Privacy vectorized optimizer), keras (TF Privacy DPKeras optimizer), "
+        "fast (DPSequential ghost clipping), or auto (fast where every layer is covered, "
+        "else vectorized).",
+        choices=("auto", "vectorized", "keras", "fast"),
+    )
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    delta: float = _setting(
+        1e-5, "Target delta for reported epsilon.", min=0.0, max=1.0, min_exclusive=True,
+        max_exclusive=True,
+    )
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    num_clients: int = _setting(10, "Number of (virtual) clients.", min=1, max=10_000_000)
+    fraction_train: float = _setting(
+        1.0, "Fraction of connected clients sampled each round.", min=0.0, max=1.0,
+        min_exclusive=True,
+    )
+    min_train_clients: int = _setting(2, "Minimum clients trained per round.", min=1)
+    min_available_clients: int = _setting(2, "Clients that must be connected before a round.", min=1)
+    strategy: str = _setting(
+        "fedavg", "Server strategy: fedavg or fedadam.", choices=("fedavg", "fedadam")
+    )
+    server_learning_rate: float = _setting(
+        0.01, "FedAdam server learning rate (eta).", min=0.0, min_exclusive=True
+    )
+    round_timeout: float = _setting(
+        3600.0, "Seconds to wait for client replies in a round.", min=0.0, min_exclusive=True
+    )
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    cpus_per_client: float = _setting(
+        1.0, "CPU cores reserved for each virtual client.", min=0.0, min_exclusive=True
+    )
+    gpus_per_client: float = _setting(
+        0.25,
+        "Fraction of a GPU per virtual client when a GPU is present (0.25: four clients "
+        "share one GPU). Ignored on machines without a GPU.",
+        min=0.0,
+        max=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    client: ClientSection = field(default_factory=ClientSection)
+    dp: DPSection = field(default_factory=DPSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, nested: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build from nested sections, starting from ``base`` (defaults if None)."""
+        base = base or cls()
+        if not isinstance(nested, Mapping):
+            raise ConfigError("configuration must be a table of sections")
+        sections = {f.name: f for f in fields(cls)}
+        updated: dict[str, Any] = {}
+        for section_name, values in nested.items():
+            if section_name not in sections:
+                raise ConfigError(f"unknown section [{section_name}]{_suggest(section_name, sections)}")
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"[{section_name}] must be a table of settings")
+            current = getattr(base, section_name)
+            changes = {
+                key: _coerce(section_name, type(current), key, value) for key, value in values.items()
+            }
+            updated[section_name] = dataclasses.replace(current, **changes)
+        config = dataclasses.replace(base, **updated)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build from dotted keys (``"dp.noise_multiplier"``), as in Flower's run config."""
+        return cls.from_dict(unflatten(flat), base=base)
+
+    def to_dict(self) -> dict[str, dict[str, Scalar]]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field's constraint, then combinations of fields."""
+        for section_field in fields(self):
+            section = getattr(self, section_field.name)
+            for setting in fields(section):
+                _check_constraint(section_field.name, setting, getattr(section, setting.name))
+        fed = self.federation
+        if fed.min_available_clients > fed.num_clients:
+            raise ConfigError(
+                f"federation.min_available_clients ({fed.min_available_clients}) exceeds "
+                f"federation.num_clients ({fed.num_clients})"
+            )
+        if fed.min_train_clients > fed.num_clients:
+            raise ConfigError(
+                f"federation.min_train_clients ({fed.min_train_clients}) exceeds "
+                f"federation.num_clients ({fed.num_clients})"
+            )
+        if self.data.dataset == "file" and not self.data.path:
+            raise ConfigError("data.dataset = 'file' needs data.path (a .npz or .csv file)")
+        if self.dp.enabled and self.dp.microbatches > self.client.batch_size:
+            raise ConfigError(
+                f"dp.microbatches ({self.dp.microbatches}) exceeds client.batch_size "
+                f"({self.client.batch_size})"
+            )
+        if self.dp.enabled and self.dp.microbatches and self.dp.implementation == "fast":
+            raise ConfigError(
+                "dp.implementation = 'fast' clips per example; set dp.microbatches = 0 or "
+                "choose 'vectorized' or 'keras'"
+            )
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"dp.enabled": True}`` -> ``{"dp": {"enabled": True}}``."""
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in flat.items():
+        section, sep, key = str(dotted).partition(".")
+        if not sep or not key or "." in key:
+            raise ConfigError(f"setting '{dotted}' must have the form section.key")
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def parse_override(text: str) -> tuple[str, Scalar]:
+    """Parse one ``--set section.key=value``; the value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"--set {key}: only single values are allowed, got '{raw}'")
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into a one-line ConfigError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def load_config(
+    layers: list[Mapping[str, Any]] | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Defaults, then each nested layer in order (preset, file), then ``--set`` overrides.
+
+    Layers are merged first and validated once, so a later layer may fix a combination an
+    earlier one left invalid.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    stack: list[Mapping[str, Any]] = list(layers or [])
+    if overrides:
+        stack.append(unflatten(dict(parse_override(o) for o in overrides)))
+    for layer in stack:
+        if not isinstance(layer, Mapping):
+            raise ConfigError("configuration must be a table of sections")
+        for section, values in layer.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"[{section}] must be a table of settings")
+            merged.setdefault(section, {}).update(values)
+    return RunConfig.from_dict(merged)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every setting, for ``--help`` and the docs."""
+    rows = []
+    for section_field in fields(RunConfig):
+        section = section_field.default_factory()  # type: ignore[misc]
+        for setting in fields(section):
+            rows.append(
+                (f"{section_field.name}.{setting.name}", repr(getattr(section, setting.name)),
+                 setting.metadata["help"])
+            )
+    return rows
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def _suggest(name: str, known: Mapping[str, Any] | list[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(section: str, section_type: type, key: str, value: Any) -> Scalar:
+    hints = get_type_hints(section_type)
+    if key not in hints:
+        raise ConfigError(f"unknown setting '{section}.{key}'{_suggest(key, hints)}")
+    expected = hints[key]
+    where = f"{section}.{key}"
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()
+        ):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _check_constraint(section: str, setting: dataclasses.Field, value: Any) -> None:
+    meta = setting.metadata
+    where = f"{section}.{setting.name}"
+    if meta.get("choices") and value not in meta["choices"]:
+        options = ", ".join(meta["choices"])
+        raise ConfigError(f"{where} must be one of {options}; got {value!r}")
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value < low or (meta["min_exclusive"] and value == low)):
+        relation = ">" if meta["min_exclusive"] else ">="
+        raise ConfigError(f"{where} must be {relation} {low}, got {value!r}")
+    if high is not None and (value > high or (meta["max_exclusive"] and value == high)):
+        relation = "<" if meta["max_exclusive"] else "<="
+        raise ConfigError(f"{where} must be {relation} {high}, got {value!r}")
+
+
+def config_from_run_config(run_config: Mapping[str, Any], default: RunConfig | None = None) -> RunConfig:
+    """The RunConfig an app should use: ``default`` if given (fedpriv simulate passes it
+    directly), else the dotted keys of Flower's run config (``flwr run .``)."""
+    if default is not None:
+        return default
+    return RunConfig.from_flat(dict(run_config))

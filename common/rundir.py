@@ -1,0 +1,55 @@
+"""The layout of a run directory: every file a run writes, named in one place."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "summary.json"  # final results, per-round metrics, privacy, the full configuration
+METRICS = "metrics.csv"  # one row per round
+PLOT = "progress.png"  # accuracy and record-level epsilon per round
+MODEL = "model.npz"  # final global model weights, arrays in layer order
+
+DEFAULT_RUNS_DIR = "runs"
+
+
+def default_run_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
+    """``runs/<name>-<UTC timestamp>``, under ``$FEDPRIV_RUNS_DIR`` when set."""
+    base = Path(root or os.environ.get("FEDPRIV_RUNS_DIR", DEFAULT_RUNS_DIR))
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return base / f"{name}-{stamp}"
+
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats (JSON has none) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_atomic(path, (json.dumps(json_safe(payload), indent=2, sort_keys=False) + "\n").encode())

@@ -1,0 +1,81 @@
+"""Import TensorFlow, tf-keras and TF Privacy the one way that works with this stack.
+
+TF Privacy's DP optimizers subclass the legacy Keras 2 optimizers, so ``TF_USE_LEGACY_KERAS``
+must be set before TensorFlow is first imported, in every process (Ray workers included).
+``import tensorflow_privacy`` itself fails on TF >= 2.16 (its ``__init__`` pulls removed
+estimator code), so the package flag ``sys.skip_tf_privacy_import`` is set and submodules are
+imported directly. Every module of fedpriv that needs TensorFlow goes through :func:`tf`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from types import ModuleType
+from typing import Any, Iterator
+
+# Environment for this process and for any process it starts (Ray workers inherit it).
+RUNTIME_ENV = {
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+for _key, _value in RUNTIME_ENV.items():
+    os.environ.setdefault(_key, _value)
+sys.skip_tf_privacy_import = True  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def quiet_stderr(enabled: bool = True) -> Iterator[None]:
+    """Silence C++-level log lines (oneDNN, CUDA probing) printed straight to fd 2."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.lru_cache(maxsize=1)
+def tf() -> ModuleType:
+    """Return the ``tensorflow`` module, imported once with GPU memory growth enabled."""
+    verbose = os.environ.get("FEDPRIV_VERBOSE") == "1"
+    with quiet_stderr(not verbose):
+        import tensorflow as tensorflow_module
+
+        if not verbose:
+            tensorflow_module.get_logger().setLevel(logging.ERROR)
+            logging.getLogger("absl").setLevel(logging.ERROR)
+        enable_gpu_memory_growth(tensorflow_module)
+    return tensorflow_module
+
+
+def enable_gpu_memory_growth(tensorflow_module: Any) -> int:
+    """Let several processes share a GPU: allocate memory on demand. Returns the GPU count."""
+    gpus = tensorflow_module.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        with contextlib.suppress(RuntimeError):  # already initialised: growth can't change
+            tensorflow_module.config.experimental.set_memory_growth(gpu, True)
+    return len(gpus)
+
+
+@functools.lru_cache(maxsize=1)
+def keras() -> ModuleType:
+    """Return ``tf_keras`` (Keras 2), which TF Privacy's optimizers require."""
+    tf()
+    import tf_keras
+
+    return tf_keras
+
+
+def gpu_count() -> int:
+    """Number of GPUs TensorFlow can see in this process."""
+    return len(tf().config.list_physical_devices("GPU"))

@@ -1,0 +1,265 @@
+"""The ``fedpriv`` command line: the single front door to simulations and tools.
+
+Every command turns user mistakes into ``error: <one line>`` on stderr and a non-zero exit
+status (2 for bad input), never a traceback; ``--verbose`` shows tracebacks and library logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from common.errors import FedprivError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    _configure_logging(verbose)
+    try:
+        return int(args.func(args) or 0)
+    except FedprivError as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the front door never shows a traceback
+        cause = _fedpriv_cause(exc)
+        if cause is not None:
+            _error(str(cause))
+            return EXIT_BAD_INPUT
+        if verbose:
+            raise
+        _error(f"{type(exc).__name__}: {exc} (run again with --verbose for details)")
+        return EXIT_FAILURE
+
+
+def _fedpriv_cause(exc: BaseException) -> FedprivError | None:
+    """A FedprivError raised inside Flower's threads comes back wrapped; find it."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, FedprivError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _error(message: str) -> None:
+    print(f"error: {message.splitlines()[0] if message else 'unknown error'}", file=sys.stderr)
+
+
+def _configure_logging(verbose: bool) -> None:
+    os.environ["FEDPRIV_VERBOSE"] = "1" if verbose else "0"
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if not verbose:
+        # Flower and Ray log every message exchange; the progress display replaces that.
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedpriv",
+        description="Privacy-preserving federated learning on Flower and TensorFlow Privacy.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="run a local federation of virtual clients",
+        description=(
+            "Run a federation of virtual clients on this machine (Flower simulation on Ray) and "
+            "write a run directory with summary.json, metrics.csv, progress.png and model.npz. "
+            "Settings come from a preset, then --config FILE, then --set overrides; "
+            "'fedpriv config' lists every setting."
+        ),
+    )
+    simulate.add_argument("--preset", default=None, help="named configuration (default: quickstart)")
+    simulate.add_argument("--config", metavar="FILE", help="TOML file of settings, applied on the preset")
+    simulate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set dp.noise_multiplier=1.3 (repeatable)",
+    )
+    simulate.add_argument("--out", metavar="DIR", help="run directory (default: runs/<name>-<timestamp>)")
+    simulate.add_argument("--verbose", action="store_true", help="show Flower, Ray and TensorFlow logs")
+    simulate.set_defaults(func=cmd_simulate)
+
+    presets = sub.add_parser("presets", help="list the named configurations",
+                             description="List the presets that --preset accepts.")
+    presets.set_defaults(func=cmd_presets)
+
+    config = sub.add_parser(
+        "config", help="show settings, or the resolved configuration of a run",
+        description=(
+            "Without options: list every setting with its default. With --preset/--config/--set: "
+            "print the resolved, validated configuration as TOML."
+        ),
+    )
+    config.add_argument("--preset", default=None)
+    config.add_argument("--config", metavar="FILE")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------------
+def resolve_config(preset: str | None, config_file: str | None, overrides: list[str]) -> Any:
+    from common.config import load_config, read_toml
+    from simulations.presets import DEFAULT_PRESET, preset_layers
+
+    layers = []
+    file_layer = read_toml(config_file) if config_file else None
+    base = preset
+    if file_layer is not None and "extends" in file_layer:
+        extends = file_layer.pop("extends")
+        if preset and preset != extends:
+            raise FedprivError(f"--preset {preset} conflicts with extends = '{extends}' in {config_file}")
+        base = str(extends)
+    layers += preset_layers(base or DEFAULT_PRESET)
+    if file_layer is not None:
+        layers.append(file_layer)
+    return load_config(layers, overrides)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from simulations.presets import available, preset_layers
+
+    for name in available():
+        layers = preset_layers(name)
+        described = {k: v for layer in layers for k, v in layer.get("run", {}).items()}
+        print(f"{name:<14} rounds={described.get('rounds', '?')}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from common.config import describe_settings
+
+    if args.preset or args.config or args.overrides:
+        cfg = resolve_config(args.preset, args.config, args.overrides)
+        for section, values in cfg.to_dict().items():
+            print(f"[{section}]")
+            for key, value in values.items():
+                print(f"{key} = {_toml_value(value)}")
+            print()
+        return 0
+    for key, default, help_text in describe_settings():
+        print(f"{key:<32} {default:<12} {help_text}")
+    return 0
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from common import rundir
+
+    console = Console(stderr=False)
+    cfg = resolve_config(args.preset, args.config, args.overrides)
+    out_dir = Path(args.out or cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FedprivError(f"run directory {out_dir} already exists and is not empty; choose another --out")
+
+    from simulations.run import plan, simulate
+
+    started = time.perf_counter()
+    with console.status("Loading data and checking the configuration..."):
+        run_plan = plan(cfg)
+    for note in run_plan.dataset.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    dp = (
+        f"DP-SGD C={cfg.dp.l2_norm_clip} z={cfg.dp.noise_multiplier} delta={cfg.privacy.delta}"
+        if cfg.dp.enabled else "no DP"
+    )
+    console.print(
+        f"[bold]fedpriv simulate[/] {cfg.run.name}: {cfg.federation.num_clients} clients, "
+        f"{cfg.run.rounds} rounds, {run_plan.model_name} on {run_plan.dataset.name} "
+        f"({len(run_plan.dataset.y_train)} train / {len(run_plan.dataset.y_test)} test), {dp}"
+    )
+    summary = _run_with_progress(console, cfg, out_dir, args.verbose, run_plan)
+    _print_result(console, summary, out_dir, time.perf_counter() - started)
+    return 0
+
+
+def _run_with_progress(console: Any, cfg: Any, out_dir: Path, verbose: bool, run_plan: Any) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.run import simulate
+
+    def describe(entry: Any) -> str:
+        acc = f"{entry.accuracy:.3f}" if entry.accuracy is not None else "-"
+        eps = f"{entry.record_epsilon_max:.2f}" if entry.record_epsilon_max is not None else "-"
+        return f"accuracy {acc}  epsilon {eps}"
+
+    if not console.is_terminal or verbose:
+        def on_round(entry: Any) -> None:
+            console.print(f"round {entry.round}/{cfg.run.rounds}  {describe(entry)}", highlight=False)
+
+        console.print("starting virtual clients...")
+        return simulate(cfg, out_dir, verbose=verbose, on_round=on_round, run_plan=run_plan)
+
+    progress = Progress(
+        TextColumn("[bold blue]round"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+    )
+    with progress:
+        task = progress.add_task("rounds", total=cfg.run.rounds, status="starting virtual clients...")
+
+        def on_round_live(entry: Any) -> None:
+            progress.update(task, completed=entry.round, status=describe(entry))
+
+        return simulate(cfg, out_dir, verbose=verbose, on_round=on_round_live, run_plan=run_plan)
+
+
+def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']} finished in {seconds:.0f} s")
+    for column in ("round", "accuracy", "loss", "record epsilon (max)", "clients"):
+        table.add_column(column, justify="right")
+    for entry in summary["rounds"]:
+        table.add_row(
+            str(entry["round"]),
+            _fmt(entry["accuracy"], ".4f"), _fmt(entry["loss"], ".4f"),
+            _fmt(entry["record_epsilon_max"], ".3f"),
+            f"{entry['clients_trained']}" + (f" ({entry['clients_failed']} failed)" if entry["clients_failed"] else ""),
+        )
+    console.print(table)
+    privacy = summary["privacy"]
+    eps = privacy["record_level"]["max_epsilon"]
+    console.print(
+        f"final accuracy {_fmt(summary['final_accuracy'], '.4f')}; record-level epsilon "
+        f"{_fmt(eps, '.3f')} at delta {privacy['delta']:g}"
+        + ("" if privacy["record_level"]["enabled"] else " (DP off)")
+    )
+    console.print(f"run directory: {out_dir}")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""What the server learns during a run, round by round: the source of the run's report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from common.protocol import CLIENT_ID, NUM_EXAMPLES, RECORD_EPSILON, TRAIN_LOSS
+
+
+@dataclass
+class RoundEntry:
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    record_epsilon_max: float | None = None
+    clients_trained: int = 0
+    clients_failed: int = 0
+    train_loss: float | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class RunLog:
+    """Per-round metrics plus the latest cumulative record-level epsilon of every client."""
+
+    rounds: dict[int, RoundEntry] = field(default_factory=dict)
+    initial_accuracy: float | None = None
+    initial_loss: float | None = None
+    client_epsilon: dict[str, float] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    on_round: Callable[[RoundEntry], None] | None = None
+
+    def entry(self, server_round: int) -> RoundEntry:
+        return self.rounds.setdefault(server_round, RoundEntry(server_round))
+
+    def record_train(self, server_round: int, replies: list[dict[str, Any]], errors: list[str]) -> None:
+        """``replies``: the metric dicts of successful replies; ``errors``: failure reasons."""
+        entry = self.entry(server_round)
+        entry.clients_trained = len(replies)
+        entry.clients_failed = len(errors)
+        self.failures += [{"round": server_round, "reason": reason} for reason in errors]
+        epsilons = []
+        weighted_loss, examples = 0.0, 0
+        for metrics in replies:
+            if RECORD_EPSILON in metrics:
+                eps = float(metrics[RECORD_EPSILON])
+                self.client_epsilon[str(int(metrics.get(CLIENT_ID, -1)))] = eps
+                epsilons.append(eps)
+            loss = float(metrics.get(TRAIN_LOSS, math.nan))
+            if math.isfinite(loss):
+                weighted_loss += loss * int(metrics.get(NUM_EXAMPLES, 0))
+                examples += int(metrics.get(NUM_EXAMPLES, 0))
+        # The run's record-level figure is the largest any client has reached so far.
+        if self.client_epsilon:
+            entry.record_epsilon_max = max(self.client_epsilon.values())
+        entry.train_loss = weighted_loss / examples if examples else None
+
+    def record_evaluation(self, server_round: int, accuracy: float, loss: float, seconds: float | None) -> None:
+        if server_round == 0:
+            self.initial_accuracy, self.initial_loss = accuracy, loss
+            return
+        entry = self.entry(server_round)
+        entry.accuracy, entry.loss, entry.seconds = accuracy, loss, seconds
+        if self.on_round is not None:
+            self.on_round(entry)
+
+    @property
+    def record_epsilon_max(self) -> float | None:
+        return max(self.client_epsilon.values()) if self.client_epsilon else None

@@ -1,0 +1,99 @@
+"""Local federation simulation: the fedpriv ServerApp and ClientApp on Flower's Ray runtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from clients.app import local_data, make_client_app
+from common.config import RunConfig
+from common.data import Dataset, load_dataset
+from common.errors import FedprivError
+from common.models import resolve_model_name
+from common.tf_runtime import RUNTIME_ENV, gpu_count
+from server.app import make_server_app
+from server.run_log import RoundEntry
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, checked before any process is started."""
+
+    dataset: Dataset
+    model_name: str
+    client_sizes: list[int]
+    gpus_per_client: float
+
+
+def plan(cfg: RunConfig) -> Plan:
+    """Load and check data, model fit and partitions; fail early with one clear line."""
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    model_name = resolve_model_name(cfg.model, dataset.input_shape)
+    sizes = [len(local_data(cfg, pid)[1]) for pid in range(cfg.federation.num_clients)]
+    if min(sizes) == 0:
+        raise FedprivError("a client received no training data; use fewer clients or iid partitioning")
+    gpus = cfg.simulation.gpus_per_client if gpu_count() > 0 else 0.0
+    return Plan(dataset, model_name, sizes, gpus)
+
+
+def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool) -> dict[str, Any]:
+    # Ray workers inherit this process's environment, which common.tf_runtime has prepared
+    # (Flower sets Ray's runtime_env itself, so it cannot be passed here).
+    os.environ.update(RUNTIME_ENV)
+    return {
+        "client_resources": {
+            "num_cpus": cfg.simulation.cpus_per_client,
+            "num_gpus": gpus_per_client,
+        },
+        "init_args": {
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+        # Let Flower's Ray actors turn on TensorFlow GPU memory growth as well.
+        "actor": {"tensorflow": 1 if gpus_per_client > 0 else 0},
+    }
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Keep Flower's per-message logging out of the progress display unless --verbose.
+
+    Flower configures its logger when first imported, so this runs after that import.
+    """
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    if not verbose:
+        flower.setLevel(logging.CRITICAL)
+
+
+def simulate(
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    verbose: bool = False,
+    on_round: Callable[[RoundEntry], None] | None = None,
+    run_plan: Plan | None = None,
+) -> dict[str, Any]:
+    """Run the whole federation in this process; return the run summary."""
+    from flwr.simulation import run_simulation
+
+    run_plan = run_plan or plan(cfg)
+    quiet_flower(verbose)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    finished: dict[str, Any] = {}
+
+    def on_finish(path: Path, summary: dict[str, Any]) -> None:
+        finished["summary"] = summary
+
+    run_simulation(
+        server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.federation.num_clients,
+        backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose),
+        verbose_logging=verbose,
+    )
+    if "summary" not in finished:
+        raise FedprivError("the simulation ended without a result (run with --verbose for details)")
+    return finished["summary"]
