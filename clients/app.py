@@ -59,13 +59,28 @@ def save_spends(context: Context, spends: list[DPSGDSpend]) -> None:
     )
 
 
+def node_partition(context: Context, cfg: RunConfig) -> int:
+    """The partition this virtual node trains on, checked against the configuration."""
+    if "partition-id" not in context.node_config:
+        raise DataError("this node has no partition-id in its node config; fedpriv's ClientApp "
+                        "currently runs in simulation only")
+    partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
+    if partitions != cfg.federation.num_clients:
+        raise DataError(
+            f"the federation has {partitions} virtual nodes but federation.num_clients is "
+            f"{cfg.federation.num_clients}; make them equal (flwr run: --federation-config "
+            f"\"num-supernodes={cfg.federation.num_clients}\")"
+        )
+    return int(context.node_config["partition-id"])
+
+
 def make_client_app(config: RunConfig | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = config_from_run_config(context.run_config, config)
-        partition_id = int(context.node_config.get("partition-id", -1))
+        partition_id = node_partition(context, cfg)
         x, y = local_data(cfg, partition_id)
         dataset = load_dataset(cfg.data, cfg.run.seed)
         model_name = resolve_model_name(cfg.model, dataset.input_shape)

@@ -149,7 +149,7 @@ class LocalTrainer:
             if len(chosen) == 0:
                 continue  # still counted as a step below: accounting stays an upper bound
             loss = self.model.train_on_batch(x[chosen], y[chosen])
-            losses.append(float(loss))
+            losses.append(float(np.ravel(loss)[0]))  # a scalar, or [loss, *metrics]
         spend = None
         if self.dp.enabled:
             z = effective_noise_multiplier(self.dp.noise_multiplier, microbatches, batch)

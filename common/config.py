@@ -93,6 +93,12 @@ class ModelSection:
         "mlp for flat features).",
         choices=("auto", "cnn", "mlp"),
     )
+    activation: str = _setting(
+        "relu",
+        "Hidden-layer activation: relu, or tanh (bounded activations often train better "
+        "under DP-SGD; Papernot et al. 2021, 'Tempered Sigmoid Activations').",
+        choices=("relu", "tanh"),
+    )
     mlp_units: int = _setting(128, "Width of each MLP hidden layer.", min=1, max=65_536)
     mlp_layers: int = _setting(2, "Number of MLP hidden layers.", min=0, max=16)
 
@@ -126,9 +132,9 @@ class DPSection:
     )
     implementation: str = _setting(
         "auto",
-        "vectorized (TF Privacy vectorized optimizer), keras (TF Privacy DPKeras optimizer), "
-        "fast (DPSequential ghost clipping), or auto (fast where every layer is covered, "
-        "else vectorized).",
+        "vectorized (TF Privacy's vectorized DP optimizer), keras (TF Privacy's DPKeras "
+        "optimizer), fast (TF Privacy's DPSequential: ghost clipping for Dense layers, "
+        "per-example gradients for the rest), or auto (fast unless microbatches are set).",
         choices=("auto", "vectorized", "keras", "fast"),
     )
 

@@ -50,19 +50,19 @@ def build_layers(name: str, model: ModelSection, input_shape: tuple[int, ...], n
         # Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense(classes), the project's seed model.
         return [
             layers.InputLayer(input_shape=input_shape),
-            layers.Conv2D(32, CNN_KERNEL, activation="relu"),
+            layers.Conv2D(32, CNN_KERNEL, activation=model.activation),
             layers.MaxPooling2D(2),
-            layers.Conv2D(64, CNN_KERNEL, activation="relu"),
+            layers.Conv2D(64, CNN_KERNEL, activation=model.activation),
             layers.MaxPooling2D(2),
-            layers.Conv2D(64, CNN_KERNEL, activation="relu"),
+            layers.Conv2D(64, CNN_KERNEL, activation=model.activation),
             layers.Flatten(),
-            layers.Dense(64, activation="relu"),
+            layers.Dense(64, activation=model.activation),
             layers.Dense(num_classes),
         ]
     stack = [layers.InputLayer(input_shape=input_shape)]
     if len(input_shape) > 1:
         stack.append(layers.Flatten())
-    stack += [layers.Dense(model.mlp_units, activation="relu") for _ in range(model.mlp_layers)]
+    stack += [layers.Dense(model.mlp_units, activation=model.activation) for _ in range(model.mlp_layers)]
     stack.append(layers.Dense(num_classes))
     return stack
 

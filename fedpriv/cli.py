@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - the front door never shows a traceback
         cause = _fedpriv_cause(exc)
         if cause is not None:
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--preset", default=None)
     config.add_argument("--config", metavar="FILE")
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument("--markdown", action="store_true", help="list the settings as a Markdown table")
     config.set_defaults(func=cmd_config)
     return parser
 
@@ -158,9 +162,22 @@ def cmd_config(args: argparse.Namespace) -> int:
                 print(f"{key} = {_toml_value(value)}")
             print()
         return 0
+    if args.markdown:
+        print(settings_markdown())
+        return 0
     for key, default, help_text in describe_settings():
         print(f"{key:<32} {default:<12} {help_text}")
     return 0
+
+
+def settings_markdown() -> str:
+    """The settings reference in docs/configuration.md (a test keeps the two identical)."""
+    from common.config import describe_settings
+
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    for key, default, help_text in describe_settings():
+        lines.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 def _toml_value(value: Any) -> str:

@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make demo   - install the locked environment and run the quickstart simulation
+#   make test   - install the locked environment and run the whole test suite
+# uv comes from PATH, or is installed once into .tools/ (a private venv, so system Python
+# installations marked "externally managed" are left alone).
+
+UV_VERSION := 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench sync clean
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+sync: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
+	$(UV) sync --locked --python 3.11
+
+demo: sync
+	$(UV) run --locked fedpriv simulate
+
+test: sync
+	$(UV) run --locked pytest $(PYTEST_ARGS)
+
+test-fast: sync
+	$(UV) run --locked pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: sync
+	$(UV) run --locked python benchmarks/dp_vs_nodp.py
+
+clean:
+	rm -rf .tools .venv runs .pytest_cache

@@ -1,0 +1,28 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common.tf_runtime  # noqa: F401  - sets TF_USE_LEGACY_KERAS before anything imports TF
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``fedpriv`` as a user would, in a fresh interpreter."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedpriv", *args], cwd=cwd or ROOT, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,80 @@
+"""The front door: help everywhere, and bad input gives one clear line, never a traceback."""
+
+import numpy as np
+import pytest
+
+
+def _assert_clean_error(proc, fragment):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args", [[], ["simulate"], ["presets"], ["config"]])
+def test_help(cli, args):
+    proc = cli(*args, "--help")
+    assert proc.returncode == 0 and "usage: fedpriv" in proc.stdout
+
+
+def test_unknown_preset(cli, tmp_path):
+    _assert_clean_error(cli("simulate", "--preset", "nope", "--out", str(tmp_path / "r")), "unknown preset 'nope'")
+
+
+def test_malformed_toml(cli, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dp\nnoise_multiplier = \n")
+    _assert_clean_error(cli("simulate", "--config", str(bad), "--out", str(tmp_path / "r")), "malformed TOML")
+
+
+def test_bad_override(cli, tmp_path):
+    _assert_clean_error(cli("simulate", "--set", "dp.noise_multiplier=-1", "--out", str(tmp_path / "r")),
+                        "dp.noise_multiplier must be >= 0.0")
+
+
+def test_missing_data_file(cli, tmp_path):
+    proc = cli("simulate", "--set", "data.dataset=file", "--set", f"data.path={tmp_path / 'missing.npz'}",
+               "--out", str(tmp_path / "r"))
+    _assert_clean_error(proc, "data file not found")
+
+
+def test_wrong_shape_data(cli, tmp_path):
+    path = tmp_path / "flat.npz"
+    np.savez(path, x=np.random.default_rng(0).random((100, 20)), y=np.arange(100) % 2)
+    proc = cli("simulate", "--set", "data.dataset=file", "--set", f"data.path={path}",
+               "--set", "model.name=cnn", "--out", str(tmp_path / "r"))
+    _assert_clean_error(proc, "the cnn model needs images")
+
+
+def test_mismatched_labels(cli, tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((10, 28, 28)), y=np.zeros(9))
+    proc = cli("simulate", "--set", "data.dataset=file", "--set", f"data.path={path}", "--out", str(tmp_path / "r"))
+    _assert_clean_error(proc, "10 feature rows but 9 labels")
+
+
+def test_existing_run_directory_is_never_overwritten(cli, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    _assert_clean_error(cli("simulate", "--out", str(out)), "already exists")
+    assert (out / "summary.json").read_text() == "{}"
+
+
+def test_config_prints_resolved_toml(cli):
+    proc = cli("config", "--preset", "no-dp", "--set", "run.rounds=3")
+    assert proc.returncode == 0
+    assert "[dp]\nenabled = false" in proc.stdout and "rounds = 3" in proc.stdout
+
+
+def test_presets_lists_quickstart(cli):
+    proc = cli("presets")
+    assert proc.returncode == 0 and "quickstart" in proc.stdout and "no-dp" in proc.stdout
+
+
+def test_configuration_docs_are_current():
+    from fedpriv.cli import settings_markdown
+    from tests.conftest import ROOT
+
+    assert settings_markdown() in (ROOT / "docs" / "configuration.md").read_text()

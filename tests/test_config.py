@@ -1,0 +1,104 @@
+import tomllib
+
+import pytest
+
+from common.config import ConfigError, RunConfig, load_config, parse_override
+from simulations.presets import available, preset_layers
+from tests.conftest import ROOT
+
+
+def test_defaults_are_valid_and_roundtrip_through_flat_keys():
+    cfg = RunConfig()
+    cfg.validate()
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(overrides=["dp.noise_multiplier=1.3", "run.rounds=7", "dp.enabled=false",
+                                 "data.dataset=digits"])
+    assert cfg.dp.noise_multiplier == 1.3
+    assert cfg.run.rounds == 7
+    assert cfg.dp.enabled is False
+    assert cfg.data.dataset == "digits"
+
+
+def test_integer_given_for_float_is_accepted():
+    assert load_config(overrides=["dp.l2_norm_clip=2"]).dp.l2_norm_clip == 2.0
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("dp.noise_multipler=1", "unknown setting 'dp.noise_multipler' (did you mean 'noise_multiplier'?)"),
+        ("dpp.enabled=true", "unknown section [dpp] (did you mean 'dp'?)"),
+        ("run.rounds=1.5", "run.rounds must be an integer"),
+        ("run.rounds=0", "run.rounds must be >= 1"),
+        ("dp.noise_multiplier=-0.5", "dp.noise_multiplier must be >= 0.0"),
+        ("privacy.delta=1", "privacy.delta must be < 1.0"),
+        ("privacy.delta=0", "privacy.delta must be > 0.0"),
+        ("dp.enabled=maybe", "dp.enabled must be true or false"),
+        ("data.partitioning=random", "data.partitioning must be one of iid, dirichlet, pathological"),
+        ("client.batch_size=\"big\"", "client.batch_size must be an integer"),
+        ("dp.l2_norm_clip=nan", "dp.l2_norm_clip must be finite"),
+        ("rounds=3", "must have the form section.key"),
+        ("run.rounds", "--set expects section.key=value"),
+    ],
+)
+def test_invalid_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["federation.num_clients=3", "federation.min_available_clients=5"], "min_available_clients (5) exceeds"),
+        (["data.dataset=file"], "needs data.path"),
+        (["dp.microbatches=64", "client.batch_size=32"], "dp.microbatches (64) exceeds"),
+        (["dp.microbatches=4", "dp.implementation=fast"], "clips per example"),
+    ],
+)
+def test_invalid_combinations(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config(overrides=overrides)
+
+
+def test_later_layers_can_fix_earlier_combinations():
+    cfg = load_config([{"federation": {"num_clients": 1}}], ["federation.min_available_clients=1",
+                                                             "federation.min_train_clients=1"])
+    assert cfg.federation.num_clients == 1
+
+
+def test_parse_override_reads_toml_values_and_falls_back_to_strings():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=3.5") == ("a.b", 3.5)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=some/path.npz") == ("a.b", "some/path.npz")
+    with pytest.raises(ConfigError):
+        parse_override("a.b=[1, 2]")
+
+
+def test_presets_load_and_no_dp_differs_only_in_dp_and_name():
+    assert {"quickstart", "no-dp"} <= set(available())
+    quick = load_config(preset_layers("quickstart"))
+    no_dp = load_config(preset_layers("no-dp"))
+    assert quick.dp.enabled and not no_dp.dp.enabled
+    assert quick.federation.num_clients >= 10 and quick.run.rounds >= 5
+    assert (quick.data, quick.client, quick.federation, quick.model) == (
+        no_dp.data, no_dp.client, no_dp.federation, no_dp.model)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*quickstart"):
+        preset_layers("nope")
+
+
+def test_flower_run_config_in_pyproject_is_the_quickstart_preset():
+    """`flwr run .` must run the same configuration as `fedpriv simulate`."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flower_config = pyproject["tool"]["flwr"]["app"]["config"]
+    flat = {f"{s}.{k}": v for s, table in flower_config.items() for k, v in table.items()}
+    from_flower = RunConfig.from_flat(flat)
+    assert from_flower == load_config(preset_layers("quickstart"))

@@ -1,0 +1,62 @@
+"""`flwr run .` runs fedpriv's ServerApp and ClientApp in Flower's own local simulation."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _processes_with_env(key: str, value: str) -> list[int]:
+    """PIDs whose environment has key=value: the local SuperLink this test started."""
+    found = []
+    needle = f"{key}={value}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to clean up the local SuperLink")
+def test_flwr_run_dot(tmp_path):
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent))
+    assert flwr, "flwr is installed with the project"
+    home, runs = tmp_path / "flwr-home", tmp_path / "runs"
+    env = {**os.environ, "FLWR_HOME": str(home), "FEDPRIV_RUNS_DIR": str(runs),
+           "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    config = ("run.rounds=1 federation.num_clients=3 federation.min_available_clients=3 "
+              "client.local_epochs=1 client.batch_size=64")
+    try:
+        proc = subprocess.run(
+            [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3", "--stream"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        summaries = list(runs.glob("*/summary.json"))
+        assert len(summaries) == 1, proc.stdout[-3000:]
+        summary = json.loads(summaries[0].read_text())
+        assert summary["config"]["federation"]["num_clients"] == 3
+        assert [r["round"] for r in summary["rounds"]] == [1]
+        assert summary["rounds"][0]["clients_trained"] == 3
+        assert sorted(summary["privacy"]["record_level"]["clients"]) == ["0", "1", "2"]
+        assert summary["final_accuracy"] > summary["initial_accuracy"]
+    finally:
+        for pid in _processes_with_env("FLWR_HOME", str(home)):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
