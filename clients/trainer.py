@@ -22,7 +22,7 @@ import numpy as np
 from common.accounting import DPSGDSpend, effective_noise_multiplier
 from common.config import ClientSection, DPSection, ModelSection
 from common.models import build_layers
-from common.tf_runtime import keras, tf
+from common.tf_runtime import keras
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -158,14 +158,5 @@ class LocalTrainer:
         return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
 
 
-@functools.lru_cache(maxsize=4)
-def get_trainer(
-    model_name: str,
-    model: ModelSection,
-    client: ClientSection,
-    dp: DPSection,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-) -> LocalTrainer:
-    tf()  # import TensorFlow (and enable GPU memory growth) before building anything
-    return LocalTrainer(model_name, model, client, dp, input_shape, num_classes)
+# One compiled trainer per process and configuration (all arguments are hashable).
+get_trainer = functools.lru_cache(maxsize=4)(LocalTrainer)

@@ -82,6 +82,10 @@ def simulate(
     run_plan = run_plan or plan(cfg)
     quiet_flower(verbose)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if run_plan.gpus_per_client > 0 or gpu_count() == 0:
+        # Ray only needs to hide GPUs from actors that asked for none on a GPU machine; in every
+        # other case opt in to its future behaviour, which also silences its FutureWarning.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     finished: dict[str, Any] = {}
 
     def on_finish(path: Path, summary: dict[str, Any]) -> None:

@@ -102,3 +102,16 @@ def test_flower_run_config_in_pyproject_is_the_quickstart_preset():
     flat = {f"{s}.{k}": v for s, table in flower_config.items() for k, v in table.items()}
     from_flower = RunConfig.from_flat(flat)
     assert from_flower == load_config(preset_layers("quickstart"))
+
+
+def test_strategy_choice():
+    from flwr.serverapp.strategy import FedAdam, FedAvg
+
+    from common.config import FederationSection
+    from server.strategy import build_strategy
+
+    fedavg = build_strategy(FederationSection(fraction_train=0.5, min_train_clients=3))
+    assert type(fedavg) is FedAvg and fedavg.fraction_train == 0.5 and fedavg.min_train_nodes == 3
+    assert fedavg.fraction_evaluate == 0.0  # the server evaluates centrally
+    fedadam = build_strategy(FederationSection(strategy="fedadam", server_learning_rate=0.05))
+    assert isinstance(fedadam, FedAdam) and fedadam.eta == 0.05
