@@ -158,5 +158,11 @@ class LocalTrainer:
         return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
 
 
-# One compiled trainer per process and configuration (all arguments are hashable).
-get_trainer = functools.lru_cache(maxsize=4)(LocalTrainer)
+@functools.lru_cache(maxsize=4)
+def get_trainer(*args: Any) -> LocalTrainer:
+    """One compiled trainer per process and configuration (the arguments of LocalTrainer).
+
+    A plain function rather than ``lru_cache(LocalTrainer)``: the ClientApp is pickled to Ray
+    workers by reference, and a cache object named like the class does not pickle.
+    """
+    return LocalTrainer(*args)

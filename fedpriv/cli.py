@@ -217,7 +217,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     summary = _run_with_progress(console, cfg, out_dir, args.verbose, run_plan)
     _print_result(console, summary, out_dir, time.perf_counter() - started)
-    return 0
+    return _check_failures(console, summary)
 
 
 def _run_with_progress(console: Any, cfg: Any, out_dir: Path, verbose: bool, run_plan: Any) -> dict:
@@ -272,6 +272,21 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
         + ("" if privacy["record_level"]["enabled"] else " (DP off)")
     )
     console.print(f"run directory: {out_dir}")
+
+
+def _check_failures(console: Any, summary: dict) -> int:
+    """Report client failures; a run in which no client ever trained is a failed run."""
+    failures = summary.get("failures") or []
+    if not failures:
+        return 0
+    console.print(
+        f"[yellow]warning:[/] {len(failures)} client failure(s) were recorded in summary.json; "
+        f"first: {failures[0]['reason'][:200]}", highlight=False,
+    )
+    if not any(entry["clients_trained"] for entry in summary["rounds"]):
+        _error(f"no client completed training in any round; first failure: {failures[0]['reason'][:200]}")
+        return EXIT_FAILURE
+    return 0
 
 
 def _fmt(value: Any, spec: str) -> str:
