@@ -89,3 +89,95 @@ def record_level_epsilon(spends: Iterable[DPSGDSpend], delta: float, accountant:
     if any(s.noise_multiplier == 0 for s in merged):
         return math.inf
     return epsilon(composed_event(merged), delta, accountant)
+
+
+# ---- user level (DP-FedAvg) and the calculator ------------------------------------------------
+SAMPLING_SCHEMES = ("poisson", "fixed", "none")
+
+
+def dpfedavg_round_event(
+    noise_multiplier: float, population: int, clients_per_round: int, sampling: str
+) -> dp_accounting.DpEvent:
+    """One DP-FedAvg round: the Gaussian sum of clipped client updates, with client sampling.
+
+    - ``poisson``: each client joins independently with q = clients_per_round / population
+      (add/remove-one-client adjacency).
+    - ``fixed``: exactly clients_per_round clients drawn without replacement (replace-one-client
+      adjacency, the relation under which that sampling is analysed).
+    - ``none``: no amplification; every round counts in full.
+    """
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling == "poisson":
+        return dp_accounting.PoissonSampledDpEvent(clients_per_round / population, gaussian)
+    if sampling == "fixed":
+        return dp_accounting.SampledWithoutReplacementDpEvent(population, clients_per_round, gaussian)
+    if sampling == "none":
+        return gaussian
+    raise ValueError(f"unknown sampling {sampling!r}; use one of {SAMPLING_SCHEMES}")
+
+
+def neighboring_relation(sampling: str) -> dp_accounting.NeighboringRelation:
+    if sampling == "fixed":
+        return dp_accounting.NeighboringRelation.REPLACE_ONE
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def make_accountant(accountant: str, sampling: str = "poisson") -> dp_accounting.PrivacyAccountant:
+    relation = neighboring_relation(sampling)
+    if accountant == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=relation)
+    if accountant == "pld":
+        return pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
+    raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
+
+
+def epsilon_or_none(event: dp_accounting.DpEvent, delta: float, accountant: str,
+                    sampling: str = "poisson") -> float | None:
+    """Epsilon, or None when this accountant cannot analyse the event (PLD and fixed-size
+    sampling without replacement, in dp-accounting 0.6)."""
+    acc = make_accountant(accountant, sampling)
+    if not acc.supports(event):
+        return None
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def dpsgd_event(examples: int, batch_size: int, epochs: float, noise_multiplier: float,
+                microbatches: int = 0) -> dp_accounting.DpEvent:
+    """All of a DP-SGD training run on ``examples`` records, Poisson-sampled."""
+    steps = int(math.ceil(epochs * examples / batch_size))
+    z = effective_noise_multiplier(noise_multiplier, microbatches, batch_size)
+    return DPSGDSpend(min(1.0, batch_size / examples), z, steps).to_event()
+
+
+def dpsgd_shuffle_epsilon(examples: int, batch_size: int, epochs: float, noise_multiplier: float,
+                          delta: float, microbatches: int = 0) -> float:
+    """The conservative figure without sampling amplification: each record is in exactly one
+    batch per epoch, so every epoch is one full Gaussian release for it (TF Privacy's
+    "each example occurring once per epoch")."""
+    z = effective_noise_multiplier(noise_multiplier, microbatches, batch_size)
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(z), int(math.ceil(epochs)))
+    return float(acc.get_epsilon(delta))
+
+
+def noise_for_target_epsilon(make_event: Any, target_epsilon: float, delta: float,
+                             accountant: str = "rdp", sampling: str = "poisson",
+                             upper_bound: float | None = None) -> float:
+    """Smallest noise multiplier (to within 1e-4) whose event stays within ``target_epsilon``.
+
+    ``upper_bound``: a noise multiplier known to suffice (the RDP answer bounds the PLD one),
+    which narrows the search -- each PLD evaluation of a long run takes seconds.
+    """
+    bracket: Any = dp_accounting.LowerEndpointAndGuess(0.05, 1.0)
+    if upper_bound is not None:
+        bracket = dp_accounting.ExplicitBracketInterval(upper_bound / 2, upper_bound)
+    try:
+        return float(dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(accountant, sampling), make_event, target_epsilon, delta,
+            bracket_interval=bracket, tol=1e-4,
+        ))
+    except ValueError:
+        if upper_bound is None:
+            raise
+        return noise_for_target_epsilon(make_event, target_epsilon, delta, accountant, sampling)

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     config.add_argument("--markdown", action="store_true", help="list the settings as a Markdown table")
     config.set_defaults(func=cmd_config)
+
+    from fedpriv import privacy_cmd
+
+    privacy_cmd.add_parser(sub)
     return parser
 
 

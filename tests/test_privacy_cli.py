@@ -1,0 +1,123 @@
+"""`fedpriv privacy`: figures checked against dp-accounting and TF Privacy called directly."""
+
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from fedpriv.cli import main
+
+
+def _run(capsys, *args):
+    code = main(["privacy", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _json(capsys, *args):
+    code, out, _ = _run(capsys, *args, "--json")
+    assert code == 0
+    return json.loads(out)
+
+
+def test_dpsgd_mnist_scale(capsys):
+    report = _json(capsys, "dpsgd", "--examples", "60000", "--batch-size", "256", "--epochs", "60",
+                   "--noise", "1.1", "--delta", "1e-5")
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(256 / 60000, dp_accounting.GaussianDpEvent(1.1)),
+        math.ceil(60 * 60000 / 256))
+    direct_rdp = rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
+    direct_pld = pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-5)
+    assert report["epsilon"]["rdp"] == pytest.approx(direct_rdp, rel=1e-6)
+    assert report["epsilon"]["pld"] == pytest.approx(direct_pld, rel=1e-6)
+    assert report["epsilon"]["rdp"] == pytest.approx(2.60, abs=0.01)
+    assert report["epsilon"]["pld"] == pytest.approx(2.38, abs=0.01)
+    assert report["enforcement_accountant"] == "rdp"
+
+
+def test_dpsgd_microbatching_and_shuffle_figures_match_tf_privacy(capsys):
+    from tensorflow_privacy.privacy.analysis.compute_dp_sgd_privacy_lib import (
+        compute_dp_sgd_privacy_statement,
+    )
+
+    statement = compute_dp_sgd_privacy_statement(
+        number_of_examples=60000, batch_size=256, num_epochs=15, noise_multiplier=1.1,
+        delta=1e-5, used_microbatching=True)
+    numbers = [float(line.split()[-1]) for line in statement.splitlines()
+               if line.strip().startswith("Epsilon")]
+    once_per_epoch, poisson = numbers[:2]
+    report = _json(capsys, "dpsgd", "--examples", "60000", "--batch-size", "256", "--epochs", "15",
+                   "--noise", "1.1", "--delta", "1e-5", "--microbatches", "32")
+    assert report["effective_noise_multiplier"] == pytest.approx(0.55)
+    assert report["epsilon"]["rdp"] == pytest.approx(poisson, abs=1e-3)
+    assert report["epsilon_without_amplification"] == pytest.approx(once_per_epoch, abs=1e-3)
+
+
+def test_dpfedavg_poisson(capsys):
+    report = _json(capsys, "dpfedavg", "--population", "1000", "--clients-per-round", "100",
+                   "--rounds", "100", "--noise", "1.0", "--delta", "1e-3")
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 100)
+    assert report["epsilon"]["rdp"] == pytest.approx(rdp.RdpAccountant().compose(event).get_epsilon(1e-3), rel=1e-6)
+    assert report["epsilon"]["rdp"] == pytest.approx(5.66, abs=0.01)
+    assert report["epsilon"]["pld"] == pytest.approx(4.78, abs=0.01)
+
+
+def test_dpfedavg_fixed_and_none(capsys):
+    fixed = _json(capsys, "dpfedavg", "--population", "1000", "--clients-per-round", "100",
+                  "--rounds", "100", "--noise", "1.0", "--delta", "1e-4", "--sampling", "fixed")
+    acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(1000, 100, dp_accounting.GaussianDpEvent(1.0)), 100))
+    assert fixed["epsilon"]["rdp"] == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
+    assert fixed["epsilon"]["pld"] is None  # dp-accounting's PLD cannot analyse this sampling
+    assert fixed["neighboring_relation"] == "replace_one"
+
+    none = _json(capsys, "dpfedavg", "--population", "1000", "--clients-per-round", "100",
+                 "--rounds", "100", "--noise", "1.0", "--delta", "1e-4", "--sampling", "none")
+    direct = rdp.RdpAccountant().compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 100)).get_epsilon(1e-4)
+    assert none["epsilon"]["rdp"] == pytest.approx(direct, rel=1e-6)
+    assert none["epsilon"]["rdp"] > fixed["epsilon"]["rdp"]
+
+
+def test_target_epsilon_inverts(capsys):
+    report = _json(capsys, "dpsgd", "--examples", "60000", "--batch-size", "256", "--epochs", "60",
+                   "--target-epsilon", "2.0", "--delta", "1e-5")
+    z = report["noise_multiplier"]["rdp"]
+    again = _json(capsys, "dpsgd", "--examples", "60000", "--batch-size", "256", "--epochs", "60",
+                  "--noise", str(z), "--delta", "1e-5")
+    assert again["epsilon"]["rdp"] == pytest.approx(2.0, abs=0.01)
+    assert again["epsilon"]["rdp"] <= 2.0 + 1e-6
+    assert report["noise_multiplier"]["pld"] < z  # PLD is tighter, so it needs less noise
+
+
+def test_text_output_names_both_accountants(capsys):
+    code, out, _ = _run(capsys, "dpsgd", "--examples", "1000", "--batch-size", "50", "--epochs", "2",
+                        "--noise", "1.0", "--delta", "1e-5")
+    assert code == 0 and "RDP" in out and "PLD" in out and "enforcement" in out
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["dpsgd", "--examples", "100", "--batch-size", "10", "--epochs", "1", "--noise", "-1", "--delta", "1e-5"],
+         "--noise must be >= 0"),
+        (["dpsgd", "--examples", "100", "--batch-size", "10", "--epochs", "1", "--noise", "1", "--delta", "1.5"],
+         "--delta must be in (0, 1)"),
+        (["dpfedavg", "--population", "10", "--clients-per-round", "20", "--rounds", "1", "--noise", "1",
+          "--delta", "1e-5"], "--clients-per-round must be between 1 and --population"),
+    ],
+)
+def test_bad_input(capsys, args, fragment):
+    code, out, err = _run(capsys, *args)
+    assert code == 2 and err.strip().startswith("error:") and fragment in err
+    assert "Traceback" not in err
+
+
+def test_delta_too_large_for_the_population_warns(capsys):
+    code, _, err = _run(capsys, "dpfedavg", "--population", "100", "--clients-per-round", "10",
+                        "--rounds", "5", "--noise", "1", "--delta", "0.05")
+    assert code == 0 and "warning: delta 0.05 >= 1/population" in err
