@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.budget import BudgetExhausted, NodeBudgetGuard
 from clients.trainer import get_trainer
-from common.accounting import DPSGDSpend, merge_spends, record_level_epsilon
+from common.accounting import merge_spends
 from common.config import DataSection, RunConfig, config_from_run_config
 from common.data import load_dataset
 from common.errors import DataError
 from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
-    ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES, RECORD_EPSILON, STEPS, TRAIN_LOSS,
+    ARRAYS, BUDGET_EXHAUSTED_CODE, CLIENT_ID, CONFIG, METRICS, NUM_EXAMPLES, PRIOR_SPENDS, PRIVACY,
+    RECORD_EPSILON, ROUND_SPEND, STEPS, TRAIN_LOSS, UNIFORM_WEIGHT,
 )
 
-STATE_KEY = "fedpriv-record-level"
-SPENDS = "spends-json"
+NODES_DIR = "nodes"
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,17 +49,20 @@ def local_data(cfg: RunConfig, partition_id: int) -> tuple[np.ndarray, np.ndarra
     return dataset.x_train[indices], dataset.y_train[indices]
 
 
-def load_spends(context: Context) -> list[DPSGDSpend]:
-    if STATE_KEY not in context.state.config_records:
-        return []
-    raw = context.state.config_records[STATE_KEY][SPENDS]
-    return [DPSGDSpend.from_json(item) for item in json.loads(str(raw))]
+def node_state_dir(cfg: RunConfig, node_id: str) -> Path:
+    """Where this node keeps its key and signed spending ledger (see the client.state_dir help)."""
+    if cfg.client.state_dir:
+        root = Path(cfg.client.state_dir)
+    elif cfg.run.out_dir:
+        root = Path(cfg.run.out_dir) / NODES_DIR
+    else:
+        root = Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / NODES_DIR
+    return root / node_id
 
 
-def save_spends(context: Context, spends: list[DPSGDSpend]) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord(
-        {SPENDS: json.dumps([s.to_json() for s in spends])}
-    )
+@functools.lru_cache(maxsize=None)
+def _guard(state_dir: Path, budget: float, delta: float) -> NodeBudgetGuard:
+    return NodeBudgetGuard(state_dir, budget, delta)
 
 
 def node_partition(context: Context, cfg: RunConfig) -> int:
@@ -74,6 +80,11 @@ def node_partition(context: Context, cfg: RunConfig) -> int:
     return int(context.node_config["partition-id"])
 
 
+def _server_round(msg: Message) -> int | None:
+    config = msg.content.config_records.get(CONFIG)
+    return int(config["server-round"]) if config and "server-round" in config else None
+
+
 def make_client_app(config: RunConfig | None = None) -> ClientApp:
     app = ClientApp()
 
@@ -87,19 +98,35 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
         trainer = get_trainer(
             model_name, cfg.model, cfg.client, cfg.dp, dataset.input_shape, dataset.num_classes
         )
+        guard = None
+        planned = trainer.planned_spend(len(y))
+        privacy: dict[str, str] = {}
+        if planned is not None:
+            guard = _guard(node_state_dir(cfg, f"sim-{partition_id}"), cfg.privacy.record_budget,
+                           cfg.privacy.delta)
+            try:
+                guard.check(planned)
+            except BudgetExhausted as exc:
+                return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=str(exc)), reply_to=msg)
+            if not context.state.config_records.get("fedpriv-run"):
+                # First round of this run on this node: declare what was spent before it.
+                privacy[PRIOR_SPENDS] = json.dumps([s.to_json() for s in merge_spends(guard.spends)])
+                context.state.config_records["fedpriv-run"] = ConfigRecord({"started": True})
+
         result = trainer.train(msg.content[ARRAYS].to_numpy_ndarrays(), x, y)
         metrics = {
             NUM_EXAMPLES: result.num_examples,
+            UNIFORM_WEIGHT: 1,
             TRAIN_LOSS: result.mean_loss,
             STEPS: result.steps,
             CLIENT_ID: partition_id,
         }
-        if result.spend is not None:
-            spends = load_spends(context) + [result.spend]
-            save_spends(context, merge_spends(spends))
-            metrics[RECORD_EPSILON] = record_level_epsilon(spends, cfg.privacy.delta)
+        if guard is not None and result.spend is not None:
+            metrics[RECORD_EPSILON] = guard.record(result.spend, _server_round(msg))
+            privacy[ROUND_SPEND] = json.dumps(result.spend.to_json())
         content = RecordDict(
-            {ARRAYS: ArrayRecord(result.weights), METRICS: MetricRecord(metrics)}
+            {ARRAYS: ArrayRecord(result.weights), METRICS: MetricRecord(metrics),
+             PRIVACY: ConfigRecord(privacy)}
         )
         return Message(content=content, reply_to=msg)
 

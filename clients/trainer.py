@@ -130,6 +130,15 @@ class LocalTrainer:
         for variable, initial in zip(variables, self._initial_optimizer_state):
             variable.assign(initial)
 
+    def planned_spend(self, n: int) -> DPSGDSpend | None:
+        """What training on ``n`` records for one round spends (None without DP)."""
+        if not self.dp.enabled:
+            return None
+        batch = self.client.batch_size
+        z = effective_noise_multiplier(self.dp.noise_multiplier, self.dp.microbatches, batch)
+        steps = self.client.local_epochs * math.ceil(n / batch)
+        return DPSGDSpend(sampling_probability=min(1.0, batch / n), noise_multiplier=z, steps=steps)
+
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> TrainResult:
         """Run ``local_epochs * ceil(n / batch_size)`` Poisson-sampled steps from ``weights``."""
         n = len(y)
@@ -150,10 +159,7 @@ class LocalTrainer:
                 continue  # still counted as a step below: accounting stays an upper bound
             loss = self.model.train_on_batch(x[chosen], y[chosen])
             losses.append(float(np.ravel(loss)[0]))  # a scalar, or [loss, *metrics]
-        spend = None
-        if self.dp.enabled:
-            z = effective_noise_multiplier(self.dp.noise_multiplier, microbatches, batch)
-            spend = DPSGDSpend(sampling_probability=q, noise_multiplier=z, steps=steps)
+        spend = self.planned_spend(n)
         mean_loss = float(np.mean(losses)) if losses else math.nan
         return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
 

@@ -103,14 +103,17 @@ def dpfedavg_round_event(
     - ``poisson``: each client joins independently with q = clients_per_round / population
       (add/remove-one-client adjacency).
     - ``fixed``: exactly clients_per_round clients drawn without replacement (replace-one-client
-      adjacency, the relation under which that sampling is analysed).
+      adjacency, the relation under which that sampling is analysed). Replacing one client can
+      move a sum of updates clipped to C by 2C, and dp-accounting's noise multiplier is relative
+      to that sensitivity, so the event carries ``noise_multiplier / 2``.
     - ``none``: no amplification; every round counts in full.
     """
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sampling == "poisson":
         return dp_accounting.PoissonSampledDpEvent(clients_per_round / population, gaussian)
     if sampling == "fixed":
-        return dp_accounting.SampledWithoutReplacementDpEvent(population, clients_per_round, gaussian)
+        replace_one = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+        return dp_accounting.SampledWithoutReplacementDpEvent(population, clients_per_round, replace_one)
     if sampling == "none":
         return gaussian
     raise ValueError(f"unknown sampling {sampling!r}; use one of {SAMPLING_SCHEMES}")

@@ -112,6 +112,12 @@ class ClientSection:
     learning_rate: float = _setting(0.1, "Client learning rate.", min=0.0, min_exclusive=True)
     optimizer: str = _setting("sgd", "Client optimizer: sgd or adam.", choices=("sgd", "adam"))
     momentum: float = _setting(0.0, "SGD momentum.", min=0.0, max=1.0, max_exclusive=True)
+    state_dir: str = _setting(
+        "",
+        "Where each node keeps its signed record of privacy spending, which carries across "
+        "runs. Empty: <run directory>/nodes (simulated nodes start fresh in each run); set a "
+        "fixed directory to carry virtual nodes' spending from run to run.",
+    )
 
 
 @dataclass(frozen=True)
@@ -140,10 +146,35 @@ class DPSection:
 
 
 @dataclass(frozen=True)
+class UserDPSection:
+    enabled: bool = _setting(
+        False, "User-level DP (DP-FedAvg): clip each client's update, add Gaussian noise to the sum."
+    )
+    clipping_norm: float = _setting(
+        1.0, "L2 bound on each client's model update.", min=0.0, min_exclusive=True
+    )
+    noise_multiplier: float = _setting(
+        1.0, "Noise standard deviation on the sum, as a multiple of clipping_norm.", min=0.0
+    )
+
+
+@dataclass(frozen=True)
 class PrivacySection:
     delta: float = _setting(
         1e-5, "Target delta for reported epsilon.", min=0.0, max=1.0, min_exclusive=True,
         max_exclusive=True,
+    )
+    record_budget: float = _setting(
+        0.0,
+        "Record-level epsilon budget of every client (0: no budget). A client refuses a round "
+        "that would take it past the budget.",
+        min=0.0,
+    )
+    user_budget: float = _setting(
+        0.0,
+        "User-level epsilon budget of the run (0: no budget). The server ends the run before a "
+        "round that would exceed it.",
+        min=0.0,
     )
 
 
@@ -188,6 +219,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     client: ClientSection = field(default_factory=ClientSection)
     dp: DPSection = field(default_factory=DPSection)
+    user_dp: UserDPSection = field(default_factory=UserDPSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     federation: FederationSection = field(default_factory=FederationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
@@ -248,6 +280,10 @@ class RunConfig:
                 f"federation.min_train_clients ({fed.min_train_clients}) exceeds "
                 f"federation.num_clients ({fed.num_clients})"
             )
+        if self.privacy.user_budget and not self.user_dp.enabled:
+            raise ConfigError("privacy.user_budget needs user-level DP: set user_dp.enabled = true")
+        if self.privacy.record_budget and not self.dp.enabled:
+            raise ConfigError("privacy.record_budget needs record-level DP: set dp.enabled = true")
         if self.data.dataset == "file" and not self.data.path:
             raise ConfigError("data.dataset = 'file' needs data.path (a .npz or .csv file)")
         if self.dp.enabled and self.dp.microbatches > self.client.batch_size:

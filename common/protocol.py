@@ -11,3 +11,14 @@ TRAIN_LOSS = "train-loss"
 RECORD_EPSILON = "record-epsilon"  # cumulative over every round the client trained in
 CLIENT_ID = "client-id"
 STEPS = "steps"
+
+# Uniform client weight used for FedAvg when user-level DP is on (bounded sensitivity).
+UNIFORM_WEIGHT = "uniform-weight"
+
+# ConfigRecord in a client's train reply describing what it spent (JSON strings).
+PRIVACY = "privacy"
+ROUND_SPEND = "round-spend"  # this round's DPSGDSpend
+PRIOR_SPENDS = "prior-spends"  # spending before this run (from the node's own ledger)
+
+# Error code of a client that refuses a round because its budget would be exceeded.
+BUDGET_EXHAUSTED_CODE = 4001

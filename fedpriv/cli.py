@@ -7,6 +7,7 @@ status (2 for bad input), never a traceback; ``--verbose`` shows tracebacks and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -120,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--markdown", action="store_true", help="list the settings as a Markdown table")
     config.set_defaults(func=cmd_config)
 
-    from fedpriv import privacy_cmd
+    from fedpriv import audit_cmd, privacy_cmd
 
     privacy_cmd.add_parser(sub)
+    audit_cmd.add_parser(sub)
     return parser
 
 
@@ -202,6 +204,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FedprivError(f"run directory {out_dir} already exists and is not empty; choose another --out")
+    # Every process (server, virtual clients) must agree on the run directory.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir.resolve())))
 
     from simulations.run import plan, simulate
 
@@ -232,7 +236,8 @@ def _run_with_progress(console: Any, cfg: Any, out_dir: Path, verbose: bool, run
     def describe(entry: Any) -> str:
         acc = f"{entry.accuracy:.3f}" if entry.accuracy is not None else "-"
         eps = f"{entry.record_epsilon_max:.2f}" if entry.record_epsilon_max is not None else "-"
-        return f"accuracy {acc}  epsilon {eps}"
+        user = f"  user epsilon {entry.user_epsilon:.2f}" if entry.user_epsilon is not None else ""
+        return f"accuracy {acc}  epsilon {eps}{user}"
 
     if not console.is_terminal or verbose:
         def on_round(entry: Any) -> None:
@@ -275,7 +280,15 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
         f"{_fmt(eps, '.3f')} at delta {privacy['delta']:g}"
         + ("" if privacy["record_level"]["enabled"] else " (DP off)")
     )
-    console.print(f"run directory: {out_dir}")
+    user = privacy["user_level"]
+    if user["enabled"]:
+        console.print(f"user-level epsilon {_fmt(user['epsilon'], '.3f')} at delta {privacy['delta']:g}"
+                      + (f" (budget {user['budget']:g})" if user["budget"] else ""))
+    if privacy["refusals"]:
+        console.print(f"{len(privacy['refusals'])} round(s) refused by clients whose budget was spent")
+    if privacy["stopped_early"]:
+        console.print(f"[yellow]stopped early:[/] {privacy['stopped_early']['reason']}", highlight=False)
+    console.print(f"run directory: {out_dir}   (verify with: fedpriv audit {out_dir})")
 
 
 def _check_failures(console: Any, summary: dict) -> int:

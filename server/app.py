@@ -21,6 +21,7 @@ from common.config import RunConfig, config_from_run_config
 from common.data import load_dataset
 from common.models import build_model, resolve_model_name
 from common.tf_runtime import keras, tf
+from server.privacy import PrivacyRecorder, UserBudgetExhausted
 from server.report import write_run
 from server.run_log import RoundEntry, RunLog
 from server.strategy import RecordingStrategy, build_strategy
@@ -71,16 +72,24 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path,
         run_log.record_evaluation(server_round, float(accuracy), float(loss), seconds)
         return MetricRecord({"accuracy": float(accuracy), "loss": float(loss)})
 
-    strategy = RecordingStrategy(build_strategy(cfg.federation), run_log)
+    recorder = PrivacyRecorder(cfg, out_dir)
+    strategy = RecordingStrategy(build_strategy(cfg), run_log, recorder, cfg)
     started = time.perf_counter()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord([np.asarray(w) for w in model.get_weights()]),
-        num_rounds=cfg.run.rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord({}),
-        evaluate_fn=evaluate,
-    )
+    initial = ArrayRecord([np.asarray(w) for w in model.get_weights()])
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.run.rounds,
+            timeout=cfg.federation.round_timeout,
+            train_config=ConfigRecord({}),
+            evaluate_fn=evaluate,
+        )
+        final_arrays = result.arrays if len(result.arrays) else initial
+    except UserBudgetExhausted as stop:
+        log.warning("fedpriv: %s", stop)
+        final_arrays = strategy.latest_arrays or initial
+    privacy = recorder.finish()
     extra = {
         "model": model_name,
         "dataset": {
@@ -92,8 +101,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path,
         },
         "wall_time_s": time.perf_counter() - started,
     }
-    final = result.arrays.to_numpy_ndarrays() if len(result.arrays) else model.get_weights()
-    return write_run(out_dir, cfg, run_log, final, extra)
+    return write_run(out_dir, cfg, run_log, final_arrays.to_numpy_ndarrays(), extra, privacy, recorder)
 
 
 app = make_server_app()

@@ -10,25 +10,49 @@ from typing import Any
 
 import numpy as np
 
-from common import rundir
+from common import ledger, rundir
 from common.config import RunConfig
+from server.privacy import PrivacyRecorder
 from server.run_log import RunLog
 
 CSV_COLUMNS = (
-    "round", "accuracy", "loss", "record_epsilon_max", "clients_trained", "clients_failed",
+    "round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained", "clients_failed",
     "train_loss", "seconds",
 )
 
 
-def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any]) -> dict[str, Any]:
+def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
+                  figures: dict[str, Any], recorder: PrivacyRecorder) -> dict[str, Any]:
     rounds = [asdict(run_log.rounds[r]) for r in sorted(run_log.rounds)]
     final_accuracy = next((r["accuracy"] for r in reversed(rounds) if r["accuracy"] is not None), None)
+    record = figures["record_level"]
+    user = figures["user_level"]
     privacy: dict[str, Any] = {
         "delta": config.privacy.delta,
+        "enforcement_accountant": "rdp",
+        "ledger": ledger.LEDGER,
+        "refusals": recorder.refusals,
+        "stopped_early": recorder.stopped,
+        "user_level": {
+            "enabled": config.user_dp.enabled,
+            "epsilon": user["rdp"] if user else None,
+            "epsilon_pld": user["pld"] if user else None,
+            "budget": config.privacy.user_budget or None,
+            "mechanism": (
+                "DP-FedAvg: client updates clipped to clipping_norm on the server (Flower's "
+                "DifferentialPrivacyServerSideFixedClipping), Gaussian noise of std "
+                "noise_multiplier * clipping_norm on the sum, uniform client weights; a fixed "
+                "number of clients sampled without replacement each round (replace-one adjacency)"
+            ) if config.user_dp.enabled else "none (no user-level DP)",
+            "noise_multiplier": config.user_dp.noise_multiplier if config.user_dp.enabled else None,
+            "clipping_norm": config.user_dp.clipping_norm if config.user_dp.enabled else None,
+        },
         "record_level": {
             "enabled": config.dp.enabled,
-            "max_epsilon": run_log.record_epsilon_max if config.dp.enabled else None,
-            "clients": dict(sorted(run_log.client_epsilon.items(), key=lambda kv: int(kv[0]))),
+            "max_epsilon": max((v["rdp"] for v in record.values()), default=None) if config.dp.enabled else None,
+            "clients": {cid: v["rdp"] for cid, v in record.items()},
+            "clients_pld": {cid: v["pld"] for cid, v in record.items()},
+            "budget": config.privacy.record_budget or None,
             "accountant": "rdp",
             "mechanism": (
                 "DP-SGD, Poisson-sampled Gaussian per step (dp-accounting), composed over every "
@@ -70,17 +94,23 @@ def plot_progress(run_log: RunLog, path: Path, title: str) -> None:
     rounds = sorted(run_log.rounds)
     acc = [run_log.rounds[r].accuracy for r in rounds]
     eps = [run_log.rounds[r].record_epsilon_max for r in rounds]
+    user_eps = [run_log.rounds[r].user_epsilon for r in rounds]
     fig, ax_acc = plt.subplots(figsize=(7, 4), dpi=110)
     ax_acc.plot(rounds, [np.nan if a is None else a for a in acc], "o-", color="tab:blue", label="test accuracy")
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("test accuracy", color="tab:blue")
     ax_acc.set_ylim(0, 1)
     ax_acc.grid(alpha=0.3)
-    if any(e is not None for e in eps):
+    if any(e is not None for e in eps + user_eps):
         ax_eps = ax_acc.twinx()
-        ax_eps.plot(rounds, [np.nan if e is None else e for e in eps], "s--", color="tab:red",
-                    label="record-level epsilon (max over clients)")
-        ax_eps.set_ylabel("record-level epsilon", color="tab:red")
+        if any(e is not None for e in eps):
+            ax_eps.plot(rounds, [np.nan if e is None else e for e in eps], "s--", color="tab:red",
+                        label="record-level epsilon (max over clients)")
+        if any(e is not None for e in user_eps):
+            ax_eps.plot(rounds, [np.nan if e is None else e for e in user_eps], "^:", color="tab:purple",
+                        label="user-level epsilon")
+            ax_eps.legend(loc="lower right", fontsize=8)
+        ax_eps.set_ylabel("epsilon", color="tab:red")
         ax_eps.set_ylim(bottom=0)
     ax_acc.set_title(title)
     if rounds:
@@ -93,9 +123,9 @@ def plot_progress(run_log: RunLog, path: Path, title: str) -> None:
 
 
 def write_run(out_dir: Path, config: RunConfig, run_log: RunLog, weights: list[np.ndarray],
-              extra: dict[str, Any]) -> dict[str, Any]:
+              extra: dict[str, Any], figures: dict[str, Any], recorder: PrivacyRecorder) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(config, run_log, extra)
+    summary = build_summary(config, run_log, extra, figures, recorder)
     rundir.write_json(out_dir / rundir.SUMMARY, summary)
     rundir.write_atomic(out_dir / rundir.METRICS, metrics_csv(run_log).encode())
     model = io.BytesIO()

@@ -15,6 +15,7 @@ class RoundEntry:
     accuracy: float | None = None
     loss: float | None = None
     record_epsilon_max: float | None = None
+    user_epsilon: float | None = None
     clients_trained: int = 0
     clients_failed: int = 0
     train_loss: float | None = None

@@ -14,6 +14,13 @@ import common.tf_runtime  # noqa: F401  - sets TF_USE_LEGACY_KERAS before anythi
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_fedpriv_home(tmp_path_factory):
+    """Keys and node state go to a throwaway FEDPRIV_HOME, never the user's."""
+    os.environ["FEDPRIV_HOME"] = str(tmp_path_factory.mktemp("fedpriv-home"))
+    yield
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``fedpriv`` as a user would, in a fresh interpreter."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}

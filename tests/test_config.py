@@ -105,13 +105,27 @@ def test_flower_run_config_in_pyproject_is_the_quickstart_preset():
 
 
 def test_strategy_choice():
-    from flwr.serverapp.strategy import FedAdam, FedAvg
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg
 
-    from common.config import FederationSection
     from server.strategy import build_strategy
 
-    fedavg = build_strategy(FederationSection(fraction_train=0.5, min_train_clients=3))
+    fedavg = build_strategy(load_config(overrides=["federation.fraction_train=0.5",
+                                                   "federation.min_train_clients=3"]))
     assert type(fedavg) is FedAvg and fedavg.fraction_train == 0.5 and fedavg.min_train_nodes == 3
     assert fedavg.fraction_evaluate == 0.0  # the server evaluates centrally
-    fedadam = build_strategy(FederationSection(strategy="fedadam", server_learning_rate=0.05))
+    assert fedavg.weighted_by_key == "num-examples"
+    fedadam = build_strategy(load_config(overrides=["federation.strategy=fedadam",
+                                                    "federation.server_learning_rate=0.05"]))
     assert isinstance(fedadam, FedAdam) and fedadam.eta == 0.05
+    user_dp = build_strategy(load_config(overrides=["user_dp.enabled=true", "user_dp.noise_multiplier=1.3",
+                                                    "user_dp.clipping_norm=0.7"]))
+    assert isinstance(user_dp, DifferentialPrivacyServerSideFixedClipping)
+    assert user_dp.noise_multiplier == 1.3 and user_dp.clipping_norm == 0.7
+    assert user_dp.strategy.weighted_by_key == "uniform-weight"  # bounded sensitivity
+
+
+def test_budgets_need_the_matching_dp():
+    with pytest.raises(ConfigError, match="user_budget needs user-level DP"):
+        load_config(overrides=["privacy.user_budget=3"])
+    with pytest.raises(ConfigError, match="record_budget needs record-level DP"):
+        load_config(overrides=["privacy.record_budget=3", "dp.enabled=false"])

@@ -70,7 +70,8 @@ def test_dpfedavg_fixed_and_none(capsys):
                   "--rounds", "100", "--noise", "1.0", "--delta", "1e-4", "--sampling", "fixed")
     acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.SampledWithoutReplacementDpEvent(1000, 100, dp_accounting.GaussianDpEvent(1.0)), 100))
+        # replace-one adjacency: the clipped sum's sensitivity is 2C, so z / 2 relative to it
+        dp_accounting.SampledWithoutReplacementDpEvent(1000, 100, dp_accounting.GaussianDpEvent(0.5)), 100))
     assert fixed["epsilon"]["rdp"] == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
     assert fixed["epsilon"]["pld"] is None  # dp-accounting's PLD cannot analyse this sampling
     assert fixed["neighboring_relation"] == "replace_one"
@@ -80,7 +81,6 @@ def test_dpfedavg_fixed_and_none(capsys):
     direct = rdp.RdpAccountant().compose(
         dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 100)).get_epsilon(1e-4)
     assert none["epsilon"]["rdp"] == pytest.approx(direct, rel=1e-6)
-    assert none["epsilon"]["rdp"] > fixed["epsilon"]["rdp"]
 
 
 def test_target_epsilon_inverts(capsys):

@@ -1,0 +1,65 @@
+"""The node budget guard: a node's own, persistent record-level spending and its budget.
+
+Each node keeps a signed ledger (see :mod:`common.ledger`) in its state directory, signed by its
+own key. Its spending is replayed from that ledger whenever the guard is opened, so a restart, a
+new process or a new run starts from everything already spent: privacy loss never resets.
+Before a round, the guard checks that the round's planned spend keeps the node within budget;
+only then does the node train.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from common.accounting import DPSGDSpend, record_level_epsilon
+from common.errors import FedprivError
+from common.ledger import LedgerWriter, load_or_create_signing_key
+
+NODE_KEY = "node.key"
+RECORD_LEVEL = "record_level"
+
+
+class BudgetExhausted(FedprivError):
+    """Training this round would take the node past its record-level budget."""
+
+
+class NodeBudgetGuard:
+    """Persistent record-level spending of one node, enforced against ``budget`` (0: none)."""
+
+    def __init__(self, state_dir: Path, budget: float, delta: float) -> None:
+        self.state_dir = state_dir
+        self.budget = budget
+        self.delta = delta
+        self._lock = threading.Lock()
+        key = load_or_create_signing_key(state_dir / NODE_KEY)
+        self.ledger = LedgerWriter(state_dir, key)  # verifies what is already there
+        self.spends = [
+            DPSGDSpend.from_json(entry["parameters"])
+            for entry in self.ledger.existing if entry["kind"] == RECORD_LEVEL
+        ]
+
+    def epsilon(self, extra: DPSGDSpend | None = None) -> float:
+        return record_level_epsilon(self.spends + ([extra] if extra else []), self.delta)
+
+    def check(self, planned: DPSGDSpend) -> None:
+        """Raise :class:`BudgetExhausted` if ``planned`` would exceed the budget."""
+        if not self.budget:
+            return
+        before, after = self.epsilon(), self.epsilon(planned)
+        if after > self.budget:
+            raise BudgetExhausted(
+                f"budget exhausted: this round would raise record-level epsilon from {before:.3f} "
+                f"to {after:.3f}, above the node's budget of {self.budget:g}"
+            )
+
+    def record(self, spend: DPSGDSpend, server_round: int | None) -> float:
+        """Persist a spend (fsynced before the update leaves the node); return the new epsilon."""
+        with self._lock:
+            self.spends.append(spend)
+            epsilon = self.epsilon()
+            self.ledger.append(
+                actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
+                parameters=spend.to_json(), sampling="poisson", epsilon={"rdp": epsilon},
+            )
+            return epsilon

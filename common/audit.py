@@ -1,0 +1,199 @@
+"""Audit a run's privacy: verify the signed ledger, replay its events, check the budgets.
+
+The replay uses fresh dp-accounting accountants on the events stored in the ledger, and never
+trusts the epsilon values written beside them: those are only compared with the recomputation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+
+from common import accounting
+from common.errors import FedprivError
+from common.ledger import LEDGER, event_from_json, load_public_key, verify_ledger
+
+RELATIVE_TOLERANCE = 1e-6
+AUDIT_MD = "audit.md"
+AUDIT_PNG = "audit.png"
+
+
+@dataclass
+class _Actor:
+    level: str  # "record" or "user"
+    sampling: str
+    events: list[dp_accounting.DpEvent] = field(default_factory=list)
+    by_round: dict[int, float] = field(default_factory=dict)
+
+
+def _rdp(events: list[dp_accounting.DpEvent], delta: float, sampling: str) -> float:
+    return accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(events), delta, "rdp", sampling) or 0.0
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= RELATIVE_TOLERANCE * max(1.0, abs(a), abs(b))
+
+
+def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | None = None) -> dict[str, Any]:
+    """The audit report of ``run_dir`` as a dict (see ``fedpriv audit --json``)."""
+    if not run_dir.exists():
+        raise FedprivError(f"run directory not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise FedprivError(f"not a run directory: {run_dir}")
+    if not (run_dir / LEDGER).is_file():
+        raise FedprivError(f"no privacy ledger ({LEDGER}) in {run_dir}")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise FedprivError(f"--budget must be a positive number, got {budget}")
+    key = load_public_key(public_key) if public_key else None
+    verified = verify_ledger(run_dir, key)
+    failures = list(verified.failures)
+    mismatches: list[str] = []  # recorded figures that the events do not reproduce
+    ledger_ok = verified.ok
+
+    delta, budgets = None, {"record_level": None, "user_level": None}
+    actors: dict[str, _Actor] = {}
+    refusals, stopped, recorded_final = 0, None, None
+    for entry in verified.entries:
+        kind, params = entry.get("kind"), entry.get("parameters") or {}
+        where = f"ledger entry {entry['seq']}"
+        if kind == "run_start":
+            delta = params.get("delta")
+            budgets = {"record_level": params.get("record_budget"), "user_level": params.get("user_budget")}
+            continue
+        if kind == "refusal":
+            refusals += 1
+            continue
+        if kind == "budget_stop":
+            stopped = {"round": entry.get("round"), "reason": entry.get("note")}
+            continue
+        if kind == "run_end":
+            recorded_final = entry.get("epsilon")
+            continue
+        if entry.get("event") is None:
+            continue
+        if delta is None:
+            failures.append(f"{where}: a spend before the run_start entry (no delta)")
+            break
+        try:
+            event = event_from_json(entry["event"])
+        except (ValueError, TypeError) as exc:
+            failures.append(f"{where}: its DpEvent cannot be read ({exc})")
+            continue
+        level = "user" if kind == "user_level" else "record"
+        actor = actors.setdefault(entry["actor"], _Actor(level, entry.get("sampling") or "poisson"))
+        actor.events.append(event)
+        recomputed = _rdp(actor.events, delta, actor.sampling)
+        recorded = (entry.get("epsilon") or {}).get("rdp")
+        if not _close(recomputed, recorded):
+            mismatches.append(f"{where} ({entry['actor']}): recorded epsilon {recorded} but the events give "
+                            f"{recomputed:.6g}")
+        if entry.get("round") is not None:
+            actor.by_round[int(entry["round"])] = recomputed
+
+    record_level: dict[str, dict[str, Any]] = {}
+    user_level: dict[str, Any] | None = None
+    for name, actor in sorted(actors.items()):
+        figures = {
+            acc: accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(actor.events), delta, acc, actor.sampling)
+            for acc in accounting.ACCOUNTANTS
+        }
+        if actor.level == "user":
+            user_level = figures
+        else:
+            record_level[name.removeprefix("client:")] = figures
+    record_level = dict(sorted(record_level.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+    if verified.entries and recorded_final is None and ledger_ok:
+        failures.append("the ledger has no run_end entry (the run did not finish, or its end was removed)")
+    if recorded_final is not None:
+        for cid, figures in record_level.items():
+            recorded = (recorded_final.get("record_level") or {}).get(cid, {}).get("rdp")
+            if not _close(figures["rdp"], recorded):
+                mismatches.append(f"client {cid}: run_end records epsilon {recorded}, events give {figures['rdp']:.6g}")
+        if user_level is not None:
+            recorded = (recorded_final.get("user_level") or {}).get("rdp")
+            if not _close(user_level["rdp"], recorded):
+                mismatches.append(f"user level: run_end records epsilon {recorded}, events give {user_level['rdp']:.6g}")
+
+    mismatches += _check_summary(run_dir, record_level, user_level)
+    budget_failures = _check_budgets(record_level, user_level, budgets, budget)
+    failures += mismatches + budget_failures
+    return {
+        "run_dir": str(run_dir),
+        "ok": not failures,
+        "ledger_ok": ledger_ok,
+        "budget_ok": not budget_failures,
+        "consistent": not mismatches,
+        "entries": len(verified.entries),
+        "delta": delta,
+        "enforcement_accountant": "rdp",
+        "epsilon": {"user_level": user_level, "record_level": record_level},
+        "budgets": {**budgets, "audit": budget},
+        "refusals": refusals,
+        "stopped_early": stopped,
+        "failures": failures,
+        "series": {
+            "user_level": actors_series([a for a in actors.values() if a.level == "user"]),
+            "record_level_max": actors_series([a for a in actors.values() if a.level == "record"]),
+        },
+    }
+
+
+def actors_series(actors: list[_Actor]) -> dict[int, float]:
+    """Per round, the largest epsilon any of ``actors`` had reached by then."""
+    rounds = sorted({r for a in actors for r in a.by_round})
+    series: dict[int, float] = {}
+    for r in rounds:
+        values = [max((v for rr, v in a.by_round.items() if rr <= r), default=0.0) for a in actors]
+        series[r] = max(values)
+    return series
+
+
+def _over(value: float | None, limit: float | None) -> bool:
+    return value is not None and limit is not None and value > limit * (1 + 1e-9)
+
+
+def _check_budgets(record_level: dict[str, dict[str, Any]], user_level: dict[str, Any] | None,
+                   budgets: dict[str, Any], audit_budget: float | None) -> list[str]:
+    failures = []
+    for cid, figures in record_level.items():
+        for limit, label in ((budgets["record_level"], "its record-level budget"), (audit_budget, "--budget")):
+            if _over(figures["rdp"], limit):
+                failures.append(f"client {cid}: record-level epsilon {figures['rdp']:.4f} exceeds {label} {limit:g}")
+    if user_level is not None:
+        for limit, label in ((budgets["user_level"], "the user-level budget"), (audit_budget, "--budget")):
+            if _over(user_level["rdp"], limit):
+                failures.append(f"user-level epsilon {user_level['rdp']:.4f} exceeds {label} {limit:g}")
+    return failures
+
+
+def _check_summary(run_dir: Path, record_level: dict[str, dict[str, Any]],
+                   user_level: dict[str, Any] | None) -> list[str]:
+    """summary.json must report what the ledger proves."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return []
+    try:
+        privacy = json.loads(path.read_text())["privacy"]
+        reported = privacy["record_level"]["clients"]
+        reported_user = privacy.get("user_level", {}).get("epsilon")
+    except (ValueError, KeyError, TypeError):
+        return ["summary.json is not a readable run summary"]
+    failures = []
+    for cid, figures in record_level.items():
+        if not _close(figures["rdp"], reported.get(cid)):
+            failures.append(f"summary.json reports epsilon {reported.get(cid)} for client {cid}; "
+                            f"the ledger gives {figures['rdp']:.6g}")
+    if user_level is not None and not _close(user_level["rdp"], reported_user):
+        failures.append(f"summary.json reports user-level epsilon {reported_user}; the ledger gives "
+                        f"{user_level['rdp']:.6g}")
+    return failures

@@ -1,0 +1,285 @@
+"""The privacy ledger: an append-only, hash-chained, Ed25519-signed JSONL record of every spend.
+
+Each line is one entry, written as canonical JSON (sorted keys, no spaces). An entry holds:
+
+- ``seq`` (0, 1, 2, ...), ``time`` (UTC), ``round``, ``actor`` (``server``, ``client:<id>``) and
+  ``kind`` (``run_start``, ``record_level``, ``record_level_carried``, ``user_level``,
+  ``refusal``, ``budget_stop``, ``run_end``);
+- ``event``: the mechanism as a serialised dp-accounting ``DpEvent`` (or null), with
+  ``parameters`` and ``sampling`` spelled out for people;
+- ``epsilon``: the actor's cumulative epsilon after this entry, as recorded by the writer;
+- ``prev_hash``, ``hash`` (SHA-256 of the canonical entry without ``hash`` and ``signature``),
+  ``key_id`` and ``signature`` (Ed25519 over the hash).
+
+Verification re-serialises each parsed line and requires it to equal the bytes on disk, so any
+changed byte is caught: as invalid JSON, as a non-canonical line, or as a hash or signature
+mismatch. Deleting or reordering lines breaks the chain; a signed head file (``ledger.head.json``,
+the entry count and last hash) catches a truncated tail. Public keys are written next to the
+ledger so anyone can verify it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import attr
+import dp_accounting
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.errors import FedprivError
+from common.rundir import json_safe, write_atomic
+
+GENESIS = "0" * 64
+LEDGER = "ledger.jsonl"
+HEAD = "ledger.head.json"
+PUBLIC_KEY = "ledger.pub"
+
+
+# ---- DpEvent (de)serialisation ----------------------------------------------------------------
+def event_to_json(event: dp_accounting.DpEvent) -> dict[str, Any]:
+    """A dp-accounting event as plain JSON: ``{"type": "PoissonSampledDpEvent", ...fields}``."""
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for f in attr.fields(type(event)):
+        out[f.name] = _value_to_json(getattr(event, f.name))
+    return out
+
+
+def _value_to_json(value: Any) -> Any:
+    if isinstance(value, dp_accounting.DpEvent):
+        return event_to_json(value)
+    if isinstance(value, (list, tuple)):
+        return [_value_to_json(v) for v in value]
+    return value
+
+
+def event_from_json(raw: Any) -> dp_accounting.DpEvent:
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        raise ValueError("not a serialised DpEvent")
+    cls = getattr(dp_accounting, raw["type"], None)
+    if not (isinstance(cls, type) and issubclass(cls, dp_accounting.DpEvent)):
+        raise ValueError(f"unknown DpEvent type {raw['type']!r}")
+    kwargs = {}
+    for f in attr.fields(cls):
+        value = raw.get(f.name)
+        if isinstance(value, dict) and "type" in value:
+            value = event_from_json(value)
+        elif isinstance(value, list):
+            value = [event_from_json(v) if isinstance(v, dict) else v for v in value]
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+# ---- keys --------------------------------------------------------------------------------------
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Read an Ed25519 private key (PEM), or create one with 0600 permissions."""
+    if path.exists():
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise FedprivError(f"signing key {path} is not a readable PEM private key ({exc})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise FedprivError(f"signing key {path} is not an Ed25519 key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise FedprivError(f"public key not found: {path}") from None
+    except ValueError as exc:
+        raise FedprivError(f"public key {path} is not a readable PEM key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise FedprivError(f"public key {path} is not an Ed25519 key")
+    return key
+
+
+# ---- entries -----------------------------------------------------------------------------------
+def canonical(obj: Any) -> bytes:
+    return json.dumps(json_safe(obj), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+class LedgerWriter:
+    """Appends signed entries to ``<directory>/ledger.jsonl``; continues an existing ledger."""
+
+    def __init__(self, directory: Path, signing_key: Ed25519PrivateKey) -> None:
+        self.directory = directory
+        self.path = directory / LEDGER
+        self.key = signing_key
+        self.key_id = key_id(signing_key.public_key())
+        directory.mkdir(parents=True, exist_ok=True)
+        pub = directory / PUBLIC_KEY
+        pem = public_pem(signing_key.public_key())
+        if pub.exists() and pub.read_bytes() != pem:
+            raise FedprivError(f"{pub} holds another key than the one signing this ledger")
+        if not pub.exists():
+            write_atomic(pub, pem)
+        self.seq, self.prev_hash = 0, GENESIS
+        self.existing: list[dict[str, Any]] = []  # verified entries found when opened
+        if self.path.exists():
+            report = verify_ledger(directory, signing_key.public_key())
+            if not report.ok:
+                raise FedprivError(f"refusing to extend ledger {self.path}: {report.failures[0]}")
+            self.existing = report.entries
+            self.seq, self.prev_hash = len(report.entries), report.head_hash
+
+    def append(self, *, actor: str, kind: str, round: int | None = None,
+               event: dp_accounting.DpEvent | None = None, parameters: dict[str, Any] | None = None,
+               sampling: str | None = None, epsilon: dict[str, Any] | None = None,
+               note: str | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "seq": self.seq,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "round": round,
+            "actor": actor,
+            "kind": kind,
+            "event": event_to_json(event) if event is not None else None,
+            "parameters": parameters or {},
+            "sampling": sampling,
+            "epsilon": epsilon or {},
+            "note": note,
+            "prev_hash": self.prev_hash,
+            "key_id": self.key_id,
+        }
+        entry = json_safe(entry)
+        entry["hash"] = entry_hash(entry)
+        entry["signature"] = base64.b64encode(self.key.sign(bytes.fromhex(entry["hash"]))).decode()
+        with self.path.open("ab") as handle:
+            handle.write(canonical(entry) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.seq += 1
+        self.prev_hash = entry["hash"]
+        self._write_head()
+        return entry
+
+    def _write_head(self) -> None:
+        head = {"entries": self.seq, "head_hash": self.prev_hash, "key_id": self.key_id}
+        digest = hashlib.sha256(canonical(head)).digest()
+        head["signature"] = base64.b64encode(self.key.sign(digest)).decode()
+        write_atomic(self.directory / HEAD, canonical(head) + b"\n")
+
+
+# ---- verification ------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    head_hash: str = GENESIS
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    yield from enumerate(lines, start=1)
+
+
+def verify_ledger(directory: Path, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
+    """Check every line, the hash chain, every signature and the signed head.
+
+    ``public_key``: the key entries must be signed with; default, ``ledger.pub`` beside it.
+    """
+    report = VerifyReport()
+    path = directory / LEDGER
+    if not path.is_file():
+        report.failures.append(f"no ledger at {path}")
+        return report
+    key = public_key or load_public_key(directory / PUBLIC_KEY)
+    expected_key_id = key_id(key)
+    prev = GENESIS
+    for number, raw in _lines(path):
+        where = f"ledger line {number}"
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            report.failures.append(f"{where} is not valid JSON (altered or corrupt)")
+            return report
+        if not isinstance(entry, dict):
+            report.failures.append(f"{where} is not a ledger entry")
+            return report
+        try:
+            is_canonical = canonical(entry) == raw
+        except (TypeError, ValueError):
+            is_canonical = False
+        if not is_canonical:
+            report.failures.append(f"{where} was altered (its bytes are not the signed encoding)")
+            return report
+        if entry.get("seq") != len(report.entries):
+            report.failures.append(f"{where}: expected entry {len(report.entries)}, found {entry.get('seq')} "
+                                   "(lines deleted, inserted or reordered)")
+            return report
+        if entry.get("prev_hash") != prev:
+            report.failures.append(f"{where}: hash chain broken (lines deleted, inserted or reordered)")
+            return report
+        if entry.get("hash") != entry_hash(entry):
+            report.failures.append(f"{where}: content does not match its hash (altered)")
+            return report
+        if entry.get("key_id") != expected_key_id:
+            report.failures.append(f"{where}: signed by key {entry.get('key_id')}, not the ledger key "
+                                   f"{expected_key_id}")
+            return report
+        try:
+            key.verify(base64.b64decode(entry.get("signature", ""), validate=True), bytes.fromhex(entry["hash"]))
+        except (InvalidSignature, ValueError, TypeError):
+            report.failures.append(f"{where}: invalid signature")
+            return report
+        report.entries.append(entry)
+        prev = entry["hash"]
+    report.head_hash = prev
+    _verify_head(directory, key, report)
+    return report
+
+
+def _verify_head(directory: Path, key: Ed25519PublicKey, report: VerifyReport) -> None:
+    path = directory / HEAD
+    try:
+        head = json.loads(path.read_text())
+        signature = base64.b64decode(head.pop("signature"), validate=True)
+        key.verify(signature, hashlib.sha256(canonical(head)).digest())
+    except FileNotFoundError:
+        report.failures.append(f"no signed ledger head ({HEAD})")
+        return
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidSignature):
+        report.failures.append(f"{HEAD} is corrupt or not signed by the ledger key")
+        return
+    if head.get("entries") != len(report.entries) or head.get("head_hash") != report.head_hash:
+        report.failures.append(
+            f"ledger has {len(report.entries)} entries but its signed head records "
+            f"{head.get('entries')} (lines deleted or appended without signing)"
+        )
