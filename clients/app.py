@@ -16,8 +16,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.budget import BudgetExhausted, NodeBudgetGuard
-from clients.trainer import get_trainer
+from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
+from clients.trainer import TrainResult, get_trainer
 from common.accounting import merge_spends
 from common.config import DataSection, RunConfig, config_from_run_config
 from common.data import load_dataset
@@ -30,6 +30,7 @@ from common.protocol import (
 )
 
 NODES_DIR = "nodes"
+RUN_MARKER = "fedpriv-run"
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,11 +61,6 @@ def node_state_dir(cfg: RunConfig, node_id: str) -> Path:
     return root / node_id
 
 
-@functools.lru_cache(maxsize=None)
-def _guard(state_dir: Path, budget: float, delta: float) -> NodeBudgetGuard:
-    return NodeBudgetGuard(state_dir, budget, delta)
-
-
 def node_partition(context: Context, cfg: RunConfig) -> int:
     """The partition this virtual node trains on, checked against the configuration."""
     if "partition-id" not in context.node_config:
@@ -78,6 +74,24 @@ def node_partition(context: Context, cfg: RunConfig) -> int:
             f"\"num-supernodes={cfg.federation.num_clients}\")"
         )
     return int(context.node_config["partition-id"])
+
+
+def _metrics(result: TrainResult, partition_id: int) -> dict[str, float | int]:
+    return {
+        NUM_EXAMPLES: result.num_examples,
+        UNIFORM_WEIGHT: 1,
+        TRAIN_LOSS: result.mean_loss,
+        STEPS: result.steps,
+        CLIENT_ID: partition_id,
+    }
+
+
+def _declare_prior_spending(context: Context, guard: NodeBudgetGuard) -> dict[str, str]:
+    """On this run's first round on this node, tell the server what was spent before it."""
+    if context.state.config_records.get(RUN_MARKER):
+        return {}
+    context.state.config_records[RUN_MARKER] = ConfigRecord({"started": True})
+    return {PRIOR_SPENDS: json.dumps([s.to_json() for s in merge_spends(guard.spends)])}
 
 
 def _server_round(msg: Message) -> int | None:
@@ -98,32 +112,24 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
         trainer = get_trainer(
             model_name, cfg.model, cfg.client, cfg.dp, dataset.input_shape, dataset.num_classes
         )
-        guard = None
         planned = trainer.planned_spend(len(y))
-        privacy: dict[str, str] = {}
-        if planned is not None:
-            guard = _guard(node_state_dir(cfg, f"sim-{partition_id}"), cfg.privacy.record_budget,
-                           cfg.privacy.delta)
-            try:
-                guard.check(planned)
-            except BudgetExhausted as exc:
-                return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=str(exc)), reply_to=msg)
-            if not context.state.config_records.get("fedpriv-run"):
-                # First round of this run on this node: declare what was spent before it.
-                privacy[PRIOR_SPENDS] = json.dumps([s.to_json() for s in merge_spends(guard.spends)])
-                context.state.config_records["fedpriv-run"] = ConfigRecord({"started": True})
-
-        result = trainer.train(msg.content[ARRAYS].to_numpy_ndarrays(), x, y)
-        metrics = {
-            NUM_EXAMPLES: result.num_examples,
-            UNIFORM_WEIGHT: 1,
-            TRAIN_LOSS: result.mean_loss,
-            STEPS: result.steps,
-            CLIENT_ID: partition_id,
-        }
-        if guard is not None and result.spend is not None:
-            metrics[RECORD_EPSILON] = guard.record(result.spend, _server_round(msg))
-            privacy[ROUND_SPEND] = json.dumps(result.spend.to_json())
+        weights = msg.content[ARRAYS].to_numpy_ndarrays()
+        if planned is None:  # no record-level DP: nothing to spend, nothing to guard
+            result = trainer.train(weights, x, y)
+            privacy: dict[str, str] = {}
+            metrics = _metrics(result, partition_id)
+        else:
+            state_dir = node_state_dir(cfg, f"sim-{partition_id}")
+            with open_guard(state_dir, cfg.privacy.record_budget, cfg.privacy.delta) as guard:
+                try:
+                    guard.check(planned)
+                except BudgetExhausted as exc:
+                    return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=str(exc)), reply_to=msg)
+                privacy = _declare_prior_spending(context, guard)
+                result = trainer.train(weights, x, y)
+                metrics = _metrics(result, partition_id)
+                metrics[RECORD_EPSILON] = guard.record(result.spend, _server_round(msg))
+                privacy[ROUND_SPEND] = json.dumps(result.spend.to_json())
         content = RecordDict(
             {ARRAYS: ArrayRecord(result.weights), METRICS: MetricRecord(metrics),
              PRIVACY: ConfigRecord(privacy)}

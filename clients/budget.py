@@ -9,14 +9,17 @@ only then does the node train.
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import fcntl
 from pathlib import Path
+from typing import Iterator
 
 from common.accounting import DPSGDSpend, record_level_epsilon
 from common.errors import FedprivError
 from common.ledger import LedgerWriter, load_or_create_signing_key
 
 NODE_KEY = "node.key"
+LOCK = ".lock"
 RECORD_LEVEL = "record_level"
 
 
@@ -24,14 +27,32 @@ class BudgetExhausted(FedprivError):
     """Training this round would take the node past its record-level budget."""
 
 
+@contextlib.contextmanager
+def open_guard(state_dir: Path, budget: float, delta: float) -> Iterator[NodeBudgetGuard]:
+    """The node's guard, read fresh from disk and held under an exclusive lock for one round.
+
+    Never cached in memory: in simulation a virtual node can run in a different worker process
+    each round, and a stale copy would both undercount spending and fork the node's ledger.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield NodeBudgetGuard(state_dir, budget, delta)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class NodeBudgetGuard:
-    """Persistent record-level spending of one node, enforced against ``budget`` (0: none)."""
+    """Persistent record-level spending of one node, enforced against ``budget`` (0: none).
+
+    Open it with :func:`open_guard`, which holds the node's lock.
+    """
 
     def __init__(self, state_dir: Path, budget: float, delta: float) -> None:
         self.state_dir = state_dir
         self.budget = budget
         self.delta = delta
-        self._lock = threading.Lock()
         key = load_or_create_signing_key(state_dir / NODE_KEY)
         self.ledger = LedgerWriter(state_dir, key)  # verifies what is already there
         self.spends = [
@@ -55,11 +76,10 @@ class NodeBudgetGuard:
 
     def record(self, spend: DPSGDSpend, server_round: int | None) -> float:
         """Persist a spend (fsynced before the update leaves the node); return the new epsilon."""
-        with self._lock:
-            self.spends.append(spend)
-            epsilon = self.epsilon()
-            self.ledger.append(
-                actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
-                parameters=spend.to_json(), sampling="poisson", epsilon={"rdp": epsilon},
-            )
-            return epsilon
+        self.spends.append(spend)
+        epsilon = self.epsilon()
+        self.ledger.append(
+            actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
+            parameters=spend.to_json(), sampling="poisson", epsilon={"rdp": epsilon},
+        )
+        return epsilon

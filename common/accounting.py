@@ -69,6 +69,28 @@ def composed_event(spends: Iterable[DPSGDSpend]) -> dp_accounting.DpEvent:
     return dp_accounting.ComposedDpEvent([s.to_event() for s in merge_spends(spends)])
 
 
+def compact(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """The same composition with identical mechanisms grouped: ``SelfComposed(e, total)`` each.
+
+    Composition is commutative, so this changes no epsilon; it lets the PLD accountant
+    self-compose by repeated squaring instead of convolving round after round.
+    """
+    counts: dict[dp_accounting.DpEvent, int] = {}
+
+    def add(e: dp_accounting.DpEvent, times: int) -> None:
+        if isinstance(e, dp_accounting.SelfComposedDpEvent):
+            add(e.event, times * e.count)
+        elif isinstance(e, dp_accounting.ComposedDpEvent):
+            for inner in e.events:
+                add(inner, times)
+        elif times > 0:
+            counts[e] = counts.get(e, 0) + times
+
+    add(event, 1)
+    return dp_accounting.ComposedDpEvent(
+        [dp_accounting.SelfComposedDpEvent(e, k) if k > 1 else e for e, k in counts.items()])
+
+
 def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
     """Epsilon of ``event`` at ``delta`` from a fresh dp-accounting accountant."""
     if accountant == "rdp":
@@ -77,7 +99,7 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp")
         acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     else:
         raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
-    acc.compose(event)
+    acc.compose(compact(event))
     return float(acc.get_epsilon(delta))
 
 
@@ -139,6 +161,7 @@ def epsilon_or_none(event: dp_accounting.DpEvent, delta: float, accountant: str,
     """Epsilon, or None when this accountant cannot analyse the event (PLD and fixed-size
     sampling without replacement, in dp-accounting 0.6)."""
     acc = make_accountant(accountant, sampling)
+    event = compact(event)
     if not acc.supports(event):
         return None
     acc.compose(event)

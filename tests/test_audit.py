@@ -1,0 +1,140 @@
+"""`fedpriv audit`: replays the ledger with dp-accounting and names every failure."""
+
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from common.accounting import DPSGDSpend
+from common.audit import audit_run
+from common.config import load_config
+from common.ledger import LEDGER
+from fedpriv.cli import main
+from server.privacy import PrivacyRecorder
+
+DELTA = 1e-5
+SPEND = DPSGDSpend(0.08, 1.2, 13)
+PRIOR = DPSGDSpend(0.05, 1.0, 40)
+
+
+def _make_run(run_dir, rounds=3, user_budget=0.0, record_budget=0.0):
+    """A run's ledger as the server writes it: 2 clients (one with prior spending), user-level DP
+    over a population of 10 with 5 sampled per round."""
+    cfg = load_config(overrides=[
+        f"privacy.delta={DELTA}", "user_dp.enabled=true", "user_dp.noise_multiplier=1.0",
+        f"privacy.user_budget={user_budget}", f"privacy.record_budget={record_budget}",
+    ])
+    recorder = PrivacyRecorder(cfg, run_dir)
+    for r in range(1, rounds + 1):
+        for cid in ("0", "1"):
+            privacy = {"round-spend": json.dumps(SPEND.to_json())}
+            if r == 1 and cid == "1":
+                privacy["prior-spends"] = json.dumps([PRIOR.to_json()])
+            recorder.record_client(r, cid, privacy)
+        recorder.record_user_round(r, population=10, sampled=5, aggregated=2)
+    recorder.record_refusal(rounds, "node-x", "budget exhausted: test")
+    figures = recorder.finish()
+    summary = {"privacy": {"record_level": {"clients": {k: v["rdp"] for k, v in figures["record_level"].items()}},
+                           "user_level": {"epsilon": figures["user_level"]["rdp"]}}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def _direct(events, accountant, relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
+    acc = (rdp.RdpAccountant(neighboring_relation=relation) if accountant == "rdp"
+           else pld.PLDAccountant(relation, value_discretization_interval=1e-4))
+    for event in events:
+        acc.compose(event)
+    return acc.get_epsilon(DELTA)
+
+
+def test_clean_run_audits_and_matches_dp_accounting(tmp_path):
+    report = audit_run(_make_run(tmp_path / "run"))
+    assert report["ok"] and report["ledger_ok"] and report["budget_ok"] and report["consistent"]
+    step = dp_accounting.PoissonSampledDpEvent(0.08, dp_accounting.GaussianDpEvent(1.2))
+    client0 = [dp_accounting.SelfComposedDpEvent(step, 13 * 3)]
+    client1 = client0 + [dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 40)]
+    eps = report["epsilon"]["record_level"]
+    assert eps["0"]["rdp"] == pytest.approx(_direct(client0, "rdp"), rel=1e-6)
+    assert eps["0"]["pld"] == pytest.approx(_direct(client0, "pld"), rel=1e-6)
+    assert eps["1"]["rdp"] == pytest.approx(_direct(client1, "rdp"), rel=1e-6)  # prior spending carried
+    user = [dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(10, 5, dp_accounting.GaussianDpEvent(0.5)), 3)]
+    assert report["epsilon"]["user_level"]["rdp"] == pytest.approx(
+        _direct(user, "rdp", dp_accounting.NeighboringRelation.REPLACE_ONE), rel=1e-6)
+    assert report["refusals"] == 1
+
+
+def test_cli_json_and_files(tmp_path, capsys):
+    run = _make_run(tmp_path / "run")
+    assert main(["audit", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ledger_ok"] is True and report["budget_ok"] is True
+    assert set(report["epsilon"]) == {"user_level", "record_level"}
+    assert (run / "audit.md").read_text().startswith("# Privacy audit")
+    assert (run / "audit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tampered_ledger_exits_non_zero(tmp_path, capsys):
+    run = _make_run(tmp_path / "run")
+    data = bytearray((run / LEDGER).read_bytes())
+    data[len(data) // 2] ^= 0x04
+    (run / LEDGER).write_bytes(bytes(data))
+    assert main(["audit", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "ledger line" in out
+
+
+def test_wrong_recorded_epsilon_is_a_named_mismatch(tmp_path):
+    """A writer that signs wrong numbers (a buggy or lying server) is caught by the replay."""
+    cfg = load_config(overrides=[f"privacy.delta={DELTA}"])
+    recorder = PrivacyRecorder(cfg, tmp_path / "run")
+    recorder.record_client(1, "0", {"round-spend": json.dumps(SPEND.to_json())})
+    recorder.ledger.append(actor="client:0", kind="record_level", round=2, event=SPEND.to_event(),
+                           parameters=SPEND.to_json(), sampling="poisson", epsilon={"rdp": 0.1})
+    recorder.finish()
+    report = audit_run(tmp_path / "run")
+    assert report["ledger_ok"] and not report["consistent"] and not report["ok"]
+    assert any("recorded epsilon 0.1" in f for f in report["failures"])
+
+
+def test_budget_overrun_is_named(tmp_path, capsys):
+    run = _make_run(tmp_path / "run")
+    assert main(["audit", str(run), "--budget", "0.5"]) == 1
+    report = audit_run(run, budget=0.5)
+    assert not report["budget_ok"] and report["ledger_ok"]
+    assert any("exceeds --budget 0.5" in f for f in report["failures"])
+    # a recorded budget that was exceeded is caught as well
+    over = _make_run(tmp_path / "over", record_budget=0.5)
+    assert any("exceeds its record-level budget" in f for f in audit_run(over)["failures"])
+
+
+def test_summary_that_disagrees_with_the_ledger(tmp_path):
+    run = _make_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["privacy"]["record_level"]["clients"]["0"] = 0.01
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = audit_run(run)
+    assert not report["consistent"] and any("summary.json reports" in f for f in report["failures"])
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: None, "run directory not found"),
+    (lambda p: p.mkdir(), "no privacy ledger"),
+])
+def test_bad_input(tmp_path, capsys, make, fragment):
+    target = tmp_path / "missing"
+    make(target)
+    assert main(["audit", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and fragment in err and "Traceback" not in err
+
+
+def test_ledger_that_is_not_json(tmp_path, capsys):
+    run = _make_run(tmp_path / "run")
+    (run / LEDGER).write_text("garbage\n")
+    assert main(["audit", str(run)]) == 1
+    assert "ledger line 1 is not valid JSON" in capsys.readouterr().out

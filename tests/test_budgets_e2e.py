@@ -1,0 +1,91 @@
+"""Budgets in real simulations: clients refuse, the server stops, spending survives restarts."""
+
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import rdp
+
+from common.ledger import verify_ledger
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "data.dataset=digits", "data.test_fraction=0.2", "model.name=mlp", "federation.num_clients=3", "federation.min_available_clients=3",
+    "federation.min_train_clients=1", "client.local_epochs=1", "client.batch_size=64",
+    "dp.noise_multiplier=1.1", "privacy.delta=1e-5",
+]
+DIGITS_TRAIN = 1797 - round(1797 * 0.2)
+
+
+def _epsilon_after(rounds, n):
+    acc = rdp.RdpAccountant()
+    step = dp_accounting.PoissonSampledDpEvent(64 / n, dp_accounting.GaussianDpEvent(1.1))
+    acc.compose(dp_accounting.SelfComposedDpEvent(step, rounds * math.ceil(n / 64)))
+    return acc.get_epsilon(1e-5)
+
+
+def _simulate(cli, out, *settings):
+    args = ["simulate"] + [x for s in BASE + list(settings) for x in ("--set", s)] + ["--out", str(out)]
+    proc = cli(*args)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    return proc, summary
+
+
+def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, tmp_path):
+    n = min(len(p) for p in __import__("numpy").array_split(range(DIGITS_TRAIN), 3))
+    budget = (_epsilon_after(2, n) + _epsilon_after(3, n)) / 2  # room for exactly 2 rounds
+    state = tmp_path / "nodes"
+    proc, summary = _simulate(cli, tmp_path / "run1", "run.rounds=4", f"privacy.record_budget={budget}",
+                              f"client.state_dir={state}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = [r["clients_trained"] for r in summary["rounds"]]
+    assert trained == [3, 3, 0, 0]
+    refusals = summary["privacy"]["refusals"]
+    assert sorted(r["round"] for r in refusals) == [3, 3, 3, 4, 4, 4]
+    assert all("budget exhausted" in r["reason"] for r in refusals)
+    assert max(summary["privacy"]["record_level"]["clients"].values()) <= budget
+    assert cli("audit", str(tmp_path / "run1")).returncode == 0
+
+    # Each node's own signed ledger holds its two rounds.
+    for node in sorted(state.iterdir()):
+        report = verify_ledger(node)
+        assert report.ok and [e["round"] for e in report.entries] == [1, 2]
+
+    # "Restart" the nodes in a new run with a larger budget: they start from what they spent.
+    budget2 = (_epsilon_after(3, n) + _epsilon_after(4, n)) / 2  # room for one more round only
+    proc, summary2 = _simulate(cli, tmp_path / "run2", "run.rounds=3", f"privacy.record_budget={budget2}",
+                               f"client.state_dir={state}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["clients_trained"] for r in summary2["rounds"]] == [3, 0, 0]
+    for cid, eps in summary2["privacy"]["record_level"]["clients"].items():
+        assert eps > _epsilon_after(2, n)  # not reset: it includes run 1's two rounds
+        assert eps <= budget2
+    audit = cli("audit", str(tmp_path / "run2"), "--json")
+    assert audit.returncode == 0, audit.stdout[-2000:]
+    assert json.loads(audit.stdout)["epsilon"]["record_level"]["0"]["rdp"] == pytest.approx(
+        summary2["privacy"]["record_level"]["clients"]["0"], rel=1e-6)
+
+
+def test_server_stops_before_the_user_level_budget(cli, tmp_path):
+    def user_eps(rounds):  # all 3 of 3 clients sampled: replace-one, noise z/2 on sensitivity 2C
+        acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        acc.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(3, 3, dp_accounting.GaussianDpEvent(2.0)), rounds))
+        return acc.get_epsilon(1e-5)
+
+    budget = (user_eps(2) + user_eps(3)) / 2
+    out = tmp_path / "run"
+    proc, summary = _simulate(cli, out, "run.rounds=6", "dp.enabled=false", "user_dp.enabled=true",
+                              "user_dp.noise_multiplier=4.0", f"privacy.user_budget={budget}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["privacy"]["stopped_early"]["round"] == 3
+    assert summary["privacy"]["user_level"]["epsilon"] == pytest.approx(user_eps(2), rel=1e-6)
+    assert summary["privacy"]["user_level"]["epsilon"] <= budget
+    assert summary["final_accuracy"] is not None and (out / "model.npz").exists()
+    audit = cli("audit", str(out), "--json")
+    assert audit.returncode == 0, audit.stdout[-2000:]
+    report = json.loads(audit.stdout)
+    assert report["budget_ok"] and report["stopped_early"]["round"] == 3
