@@ -9,6 +9,7 @@ Cumulative epsilon is always recomputed from the recorded events, never kept as 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,6 @@ class PrivacyRecorder:
             return 0.0
         if self.cfg.user_dp.noise_multiplier == 0:
             return float("inf")
-        acc = accounting.make_accountant(ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING)
-        acc.compose(dp_accounting.ComposedDpEvent(events))
-        return float(acc.get_epsilon(self.delta))
+        value = accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(events), self.delta,
+                                           ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING)
+        return math.inf if value is None else value

@@ -60,3 +60,12 @@ def test_three_clients_two_rounds(cli, tmp_path):
     assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with np.load(out / "model.npz") as model:
         assert len(model.files) == 10  # 5 layers with weights, kernel + bias each
+
+    # The untouched run's ledger verifies and replays to the same figures.
+    audit = cli("audit", str(out), "--json")
+    assert audit.returncode == 0, audit.stdout[-2000:]
+    report = json.loads(audit.stdout)
+    assert report["ledger_ok"] and report["budget_ok"] and report["consistent"]
+    for client_id, eps in clients.items():
+        assert report["epsilon"]["record_level"][client_id]["rdp"] == pytest.approx(eps, rel=1e-6)
+    assert report["epsilon"]["user_level"] is None  # user-level DP was off
