@@ -76,6 +76,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for key, label, style in (("record_level_max", "record level (max over clients)", "s--"),
@@ -89,6 +90,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.axhline(report["budgets"][key], linestyle=":", color="gray")
             ax.annotate(label, (0.01, report["budgets"][key]), xycoords=("axes fraction", "data"),
                         fontsize=8, color="gray", va="bottom")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"epsilon (RDP, delta={report['delta']})")
     ax.set_ylim(bottom=0)
