@@ -27,6 +27,13 @@ USER_LEVEL_SAMPLING = "fixed"  # Flower samples a fixed number of nodes without 
 KEY_ENV = "FEDPRIV_LEDGER_KEY"
 
 
+def _checked(spend: DPSGDSpend) -> DPSGDSpend:
+    if not (0 < spend.sampling_probability <= 1 and math.isfinite(spend.noise_multiplier)
+            and spend.noise_multiplier >= 0 and spend.steps >= 0):
+        raise ValueError(f"implausible spend {spend}")
+    return spend
+
+
 class UserBudgetExhausted(FedprivError):
     """The next round would take user-level epsilon past the run's budget."""
 
@@ -61,24 +68,33 @@ class PrivacyRecorder:
         )
 
     # ---- record level -------------------------------------------------------------------
-    def record_client(self, server_round: int, client_id: str, privacy: dict[str, Any]) -> float | None:
+    @staticmethod
+    def parse_declaration(privacy: dict[str, Any]) -> dict[str, Any]:
+        """Read a client's privacy record; raise ValueError/KeyError/TypeError if malformed."""
+        declared: dict[str, Any] = {"prior": [], "round": None}
+        if "prior-spends" in privacy:
+            declared["prior"] = [_checked(DPSGDSpend.from_json(s)) for s in json.loads(privacy["prior-spends"])]
+        if "round-spend" in privacy:
+            declared["round"] = _checked(DPSGDSpend.from_json(json.loads(privacy["round-spend"])))
+        return declared
+
+    def record_client(self, server_round: int, client_id: str, declared: dict[str, Any]) -> float | None:
         """Record a client's declared spending for this round; return its cumulative epsilon."""
         actor = f"client:{client_id}"
         events = self.client_events.setdefault(client_id, [])
-        if "prior-spends" in privacy:
-            prior = [DPSGDSpend.from_json(s) for s in json.loads(privacy["prior-spends"])]
-            if prior:
-                carried = accounting.composed_event(prior)
-                events.append(carried)
-                self.ledger.append(
-                    actor=actor, kind="record_level_carried", round=server_round, event=carried,
-                    parameters={"spends": [s.to_json() for s in prior]}, sampling="poisson",
-                    epsilon={"rdp": self._epsilon(events)},
-                    note="spending before this run, from the node's own ledger",
-                )
-        if "round-spend" not in privacy:
+        prior = declared["prior"]
+        if prior:
+            carried = accounting.composed_event(prior)
+            events.append(carried)
+            self.ledger.append(
+                actor=actor, kind="record_level_carried", round=server_round, event=carried,
+                parameters={"spends": [s.to_json() for s in prior]}, sampling="poisson",
+                epsilon={"rdp": self._epsilon(events)},
+                note="spending before this run, from the node's own ledger",
+            )
+        spend = declared["round"]
+        if spend is None:
             return None
-        spend = DPSGDSpend.from_json(json.loads(privacy["round-spend"]))
         events.append(spend.to_event())
         epsilon = self._epsilon(events)
         self.ledger.append(

@@ -91,7 +91,15 @@ class RecordingStrategy(Strategy):
                 continue
             metrics = dict(msg.content.metric_records[METRICS])
             privacy = dict(msg.content.config_records.get(PRIVACY, {}))
-            epsilon = self.recorder.record_client(server_round, str(int(metrics.get(CLIENT_ID, -1))), privacy)
+            try:
+                client_id = str(int(metrics[CLIENT_ID]))
+                declared = self.recorder.parse_declaration(privacy)
+            except (KeyError, TypeError, ValueError) as exc:
+                # A reply whose privacy record cannot be read is not aggregated: its spending
+                # could not be accounted.
+                errors.append(f"node {msg.metadata.src_node_id}: malformed privacy record ({exc})")
+                continue
+            epsilon = self.recorder.record_client(server_round, client_id, declared)
             if epsilon is not None:
                 metrics[RECORD_EPSILON] = epsilon  # the server's own figure, from the events
             ok.append(metrics)

@@ -32,7 +32,7 @@ def _make_run(run_dir, rounds=3, user_budget=0.0, record_budget=0.0):
             privacy = {"round-spend": json.dumps(SPEND.to_json())}
             if r == 1 and cid == "1":
                 privacy["prior-spends"] = json.dumps([PRIOR.to_json()])
-            recorder.record_client(r, cid, privacy)
+            recorder.record_client(r, cid, recorder.parse_declaration(privacy))
         recorder.record_user_round(r, population=10, sampled=5, aggregated=2)
     recorder.record_refusal(rounds, "node-x", "budget exhausted: test")
     figures = recorder.finish()
@@ -92,7 +92,7 @@ def test_wrong_recorded_epsilon_is_a_named_mismatch(tmp_path):
     """A writer that signs wrong numbers (a buggy or lying server) is caught by the replay."""
     cfg = load_config(overrides=[f"privacy.delta={DELTA}"])
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
-    recorder.record_client(1, "0", {"round-spend": json.dumps(SPEND.to_json())})
+    recorder.record_client(1, "0", recorder.parse_declaration({"round-spend": json.dumps(SPEND.to_json())}))
     recorder.ledger.append(actor="client:0", kind="record_level", round=2, event=SPEND.to_event(),
                            parameters=SPEND.to_json(), sampling="poisson", epsilon={"rdp": 0.1})
     recorder.finish()
@@ -138,3 +138,14 @@ def test_ledger_that_is_not_json(tmp_path, capsys):
     (run / LEDGER).write_text("garbage\n")
     assert main(["audit", str(run)]) == 1
     assert "ledger line 1 is not valid JSON" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("privacy", [
+    {"round-spend": "not json"},
+    {"round-spend": json.dumps({"sampling_probability": 2.0, "noise_multiplier": 1.0, "steps": 3})},
+    {"round-spend": json.dumps({"noise_multiplier": 1.0})},
+    {"prior-spends": json.dumps([{"sampling_probability": 0.1, "noise_multiplier": -1, "steps": 3}])},
+])
+def test_malformed_declarations_are_rejected(privacy):
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        PrivacyRecorder.parse_declaration(privacy)

@@ -12,7 +12,8 @@ def _assert_clean_error(proc, fragment):
     assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("args", [[], ["simulate"], ["presets"], ["config"]])
+@pytest.mark.parametrize("args", [[], ["simulate"], ["presets"], ["config"], ["privacy"], ["privacy", "dpsgd"],
+                                  ["privacy", "dpfedavg"], ["audit"]])
 def test_help(cli, args):
     proc = cli(*args, "--help")
     assert proc.returncode == 0 and "usage: fedpriv" in proc.stdout
