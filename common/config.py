@@ -196,6 +196,13 @@ class FederationSection:
     round_timeout: float = _setting(
         3600.0, "Seconds to wait for client replies in a round.", min=0.0, min_exclusive=True
     )
+    connect_timeout: float = _setting(
+        300.0,
+        "Seconds to wait before a round for min_available_clients to be connected; after that "
+        "the run ends with an error instead of waiting forever.",
+        min=0.0,
+        min_exclusive=True,
+    )
 
 
 @dataclass(frozen=True)

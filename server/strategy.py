@@ -3,6 +3,7 @@ wrapper, wrapped once more to record and enforce what each round does to privacy
 
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -12,6 +13,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
+from common.errors import FedprivError
 from common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, METRICS, NUM_EXAMPLES, PRIVACY, RECORD_EPSILON,
     UNIFORM_WEIGHT,
@@ -48,6 +50,25 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     return strategy
 
 
+class NotEnoughClients(FedprivError):
+    """Fewer clients connected than the run needs, within federation.connect_timeout."""
+
+
+def wait_for_clients(grid: Grid, needed: int, timeout: float, poll: float = 0.5) -> int:
+    """Wait until ``needed`` nodes are connected; return how many are. Flower's own sampling
+    waits without limit, which would hang a misconfigured run forever."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise NotEnoughClients(
+                f"only {connected} of the {needed} clients the run needs connected within "
+                f"{timeout:g} s (federation.min_available_clients / min_train_clients; under "
+                f"flwr run, set --federation-config \"num-supernodes=N\")"
+            )
+        time.sleep(poll)
+    return connected
+
+
 def sample_size(cfg: RunConfig, population: int) -> int:
     """How many nodes Flower's FedAvg samples from ``population`` (its own rule)."""
     return max(int(population * cfg.federation.fraction_train), cfg.federation.min_train_clients)
@@ -69,7 +90,10 @@ class RecordingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.latest_arrays = arrays
-        population = len(list(grid.get_node_ids()))
+        federation = self.cfg.federation
+        population = wait_for_clients(
+            grid, max(federation.min_available_clients, federation.min_train_clients),
+            federation.connect_timeout)
         sampled = min(sample_size(self.cfg, population), max(population, 1))
         self._plan[server_round] = (population, sampled)
         self.recorder.check_user_budget(server_round, population, sampled)
