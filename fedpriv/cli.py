@@ -207,7 +207,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # Every process (server, virtual clients) must agree on the run directory.
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir.resolve())))
 
-    from simulations.run import plan, simulate
+    from simulations.run import plan
 
     started = time.perf_counter()
     with console.status("Loading data and checking the configuration..."):

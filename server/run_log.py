@@ -66,7 +66,3 @@ class RunLog:
         entry.accuracy, entry.loss, entry.seconds = accuracy, loss, seconds
         if self.on_round is not None:
             self.on_round(entry)
-
-    @property
-    def record_epsilon_max(self) -> float | None:
-        return max(self.client_epsilon.values()) if self.client_epsilon else None

@@ -1,7 +1,6 @@
 """`fedpriv audit`: replays the ledger with dp-accounting and names every failure."""
 
 import json
-import math
 
 import dp_accounting
 import pytest
