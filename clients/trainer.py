@@ -130,21 +130,23 @@ class LocalTrainer:
         for variable, initial in zip(variables, self._initial_optimizer_state):
             variable.assign(initial)
 
+    def _schedule(self, n: int) -> tuple[float, int]:
+        """Sampling rate and number of steps for one round on ``n`` records."""
+        batch = self.client.batch_size
+        return min(1.0, batch / n), self.client.local_epochs * math.ceil(n / batch)
+
     def planned_spend(self, n: int) -> DPSGDSpend | None:
         """What training on ``n`` records for one round spends (None without DP)."""
         if not self.dp.enabled:
             return None
-        batch = self.client.batch_size
-        z = effective_noise_multiplier(self.dp.noise_multiplier, self.dp.microbatches, batch)
-        steps = self.client.local_epochs * math.ceil(n / batch)
-        return DPSGDSpend(sampling_probability=min(1.0, batch / n), noise_multiplier=z, steps=steps)
+        q, steps = self._schedule(n)
+        z = effective_noise_multiplier(self.dp.noise_multiplier, self.dp.microbatches, self.client.batch_size)
+        return DPSGDSpend(sampling_probability=q, noise_multiplier=z, steps=steps)
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> TrainResult:
         """Run ``local_epochs * ceil(n / batch_size)`` Poisson-sampled steps from ``weights``."""
         n = len(y)
-        batch = self.client.batch_size
-        q = min(1.0, batch / n)
-        steps = self.client.local_epochs * math.ceil(n / batch)
+        q, steps = self._schedule(n)
         self.model.set_weights(weights)
         if self.optimizer.variables():
             self._reset_optimizer()

@@ -53,7 +53,6 @@ class PrivacyRecorder:
         self.ledger = LedgerWriter(run_dir, load_or_create_signing_key(signing_key_path()))
         self.client_events: dict[str, list[dp_accounting.DpEvent]] = {}
         self.user_events: list[dp_accounting.DpEvent] = []
-        self.user_epsilon_by_round: dict[int, float] = {}
         self.refusals: list[dict[str, Any]] = []
         self.stopped: dict[str, Any] | None = None
         self.ledger.append(
@@ -132,7 +131,6 @@ class PrivacyRecorder:
         event = self.user_round_event(population, sampled)
         self.user_events.append(event)
         epsilon = self._user_epsilon(self.user_events)
-        self.user_epsilon_by_round[server_round] = epsilon
         self.ledger.append(
             actor="server", kind="user_level", round=server_round, event=event,
             parameters={
@@ -144,10 +142,6 @@ class PrivacyRecorder:
             sampling=USER_LEVEL_SAMPLING, epsilon={"rdp": epsilon},
         )
         return epsilon
-
-    @property
-    def user_epsilon(self) -> float | None:
-        return self._user_epsilon(self.user_events) if self.cfg.user_dp.enabled else None
 
     # ---- end ----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
