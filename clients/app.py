@@ -1,8 +1,14 @@
-"""The fedpriv ClientApp: local DP-SGD training and record-level accounting on each node.
+"""The fedpriv ClientApp: local DP-SGD training, record-level accounting and the update it sends.
 
-The client keeps its own record-level spending in its node state (``context.state``) as the
-parameters of dp-accounting events, and reports the cumulative epsilon over every round it
-trained in.
+Each round the client trains from the global model, guards and records its record-level spending
+in its own signed node ledger, and replies with its model *update* (trained minus global). With
+user-level DP the update is clipped here, before any masking; in distributed-noise mode the
+client also adds its share of the noise (see :mod:`common.secagg`). Under secure aggregation
+Flower's ``secaggplus_mod`` then masks the update, so the server never sees it alone.
+
+Messages use Flower's legacy FitIns/FitRes layout because SecAgg+ exists only on that path in
+Flower 1.42. Privacy declarations travel as string metrics (``privacy.round-spend``,
+``privacy.prior-spends``), which SecAgg+ passes through unmasked.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ import json
 import os
 from pathlib import Path
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from clients.mods import secure_aggregation_mod
 from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from clients.trainer import TrainResult, get_trainer
+from common import secagg
 from common.accounting import merge_spends
 from common.config import DataSection, RunConfig, config_from_run_config
 from common.data import load_dataset
@@ -25,8 +35,8 @@ from common.errors import DataError
 from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
-    ARRAYS, BUDGET_EXHAUSTED_CODE, CLIENT_ID, CONFIG, METRICS, NUM_EXAMPLES, PRIOR_SPENDS, PRIVACY,
-    RECORD_EPSILON, ROUND_SPEND, STEPS, TRAIN_LOSS, UNIFORM_WEIGHT,
+    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, NUM_EXAMPLES, PRIOR_SPENDS, PRIVACY,
+    RECORD_EPSILON, ROUND_SPEND, SERVER_ROUND, STEPS, TRAIN_LOSS, UPDATE_NORM,
 )
 
 NODES_DIR = "nodes"
@@ -76,10 +86,9 @@ def node_partition(context: Context, cfg: RunConfig) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _metrics(result: TrainResult, partition_id: int) -> dict[str, float | int]:
+def _metrics(result: TrainResult, partition_id: int) -> dict[str, float | int | str]:
     return {
         NUM_EXAMPLES: result.num_examples,
-        UNIFORM_WEIGHT: 1,
         TRAIN_LOSS: result.mean_loss,
         STEPS: result.steps,
         CLIENT_ID: partition_id,
@@ -94,13 +103,52 @@ def _declare_prior_spending(context: Context, guard: NodeBudgetGuard) -> dict[st
     return {PRIOR_SPENDS: json.dumps([s.to_json() for s in merge_spends(guard.spends)])}
 
 
-def _server_round(msg: Message) -> int | None:
-    config = msg.content.config_records.get(CONFIG)
-    return int(config["server-round"]) if config and "server-round" in config else None
+def encode_update(
+    cfg: RunConfig, start: list[np.ndarray], trained: list[np.ndarray], clients_sampled: int,
+    random_bytes: secagg.RandomBytes = os.urandom,
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """The update this client sends: ``trained - start``, clipped to the user-level norm and, in
+    distributed mode, rounded to integers with this client's share of the noise added.
+
+    Returns the arrays and metrics about them (the norm before clipping).
+    """
+    delta = [np.asarray(t, dtype=np.float64) - np.asarray(s, dtype=np.float64)
+             for s, t in zip(start, trained, strict=True)]
+    info: dict[str, float] = {}
+    if cfg.user_dp.enabled:
+        delta, norm = secagg.clip_l2(delta, cfg.user_dp.clipping_norm)
+        info[UPDATE_NORM] = norm
+        if secagg.distributed(cfg):
+            dimension = sum(a.size for a in delta)
+            plan = secagg.distributed_noise(cfg, dimension, clients_sampled)
+            delta = [
+                (secagg.randomized_round(a * plan.scale, random_bytes)
+                 + secagg.discrete_gaussian(a.shape, plan.local_std, random_bytes)).astype(np.float64)
+                for a in delta
+            ]
+            return delta, info
+    if not cfg.secure_aggregation.enabled:
+        delta = [a.astype(np.float32) for a in delta]
+    return delta, info
 
 
-def make_client_app(config: RunConfig | None = None) -> ClientApp:
-    app = ClientApp()
+def _weight(cfg: RunConfig, num_examples: int) -> int:
+    """FedAvg weight: 1 with user-level DP (bounded sensitivity), else the example count,
+    capped at secure_aggregation.max_weight under SecAgg+ (its quantizer needs the bound)."""
+    if cfg.user_dp.enabled:
+        return 1
+    if cfg.secure_aggregation.enabled:
+        return min(num_examples, cfg.secure_aggregation.max_weight)
+    return num_examples
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason), reply_to=msg)
+
+
+def make_client_app(config: RunConfig | None = None, extra_mods: list | None = None) -> ClientApp:
+    """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses this)."""
+    app = ClientApp(mods=[*(extra_mods or []), secure_aggregation_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -112,11 +160,14 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
         trainer = get_trainer(
             model_name, cfg.model, cfg.client, cfg.dp, dataset.input_shape, dataset.num_classes
         )
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        weights = parameters_to_ndarrays(fitins.parameters)
+        server_round = int(fitins.config.get(SERVER_ROUND, 0)) or None
+        clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
         planned = trainer.planned_spend(len(y))
-        weights = msg.content[ARRAYS].to_numpy_ndarrays()
+        metrics: dict[str, float | int | str]
         if planned is None:  # no record-level DP: nothing to spend, nothing to guard
             result = trainer.train(weights, x, y)
-            privacy: dict[str, str] = {}
             metrics = _metrics(result, partition_id)
         else:
             state_dir = node_state_dir(cfg, f"sim-{partition_id}")
@@ -124,17 +175,22 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
                 try:
                     guard.check(planned)
                 except BudgetExhausted as exc:
-                    return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=str(exc)), reply_to=msg)
-                privacy = _declare_prior_spending(context, guard)
+                    return _refuse(msg, str(exc))
+                prior = _declare_prior_spending(context, guard)
                 result = trainer.train(weights, x, y)
                 metrics = _metrics(result, partition_id)
-                metrics[RECORD_EPSILON] = guard.record(result.spend, _server_round(msg))
-                privacy[ROUND_SPEND] = json.dumps(result.spend.to_json())
-        content = RecordDict(
-            {ARRAYS: ArrayRecord(result.weights), METRICS: MetricRecord(metrics),
-             PRIVACY: ConfigRecord(privacy)}
+                metrics[RECORD_EPSILON] = guard.record(result.spend, server_round)
+                metrics.update({f"{PRIVACY}.{k}": v for k, v in prior.items()})
+                metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
+        update, info = encode_update(cfg, weights, result.weights, clients_sampled)
+        metrics.update(info)
+        fitres = FitRes(
+            status=Status(code=Code.OK, message="ok"),
+            parameters=ndarrays_to_parameters(update),
+            num_examples=_weight(cfg, result.num_examples),
+            metrics=metrics,
         )
-        return Message(content=content, reply_to=msg)
+        return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     return app
 

@@ -156,6 +156,14 @@ class UserDPSection:
     noise_multiplier: float = _setting(
         1.0, "Noise standard deviation on the sum, as a multiple of clipping_norm.", min=0.0
     )
+    noise_mode: str = _setting(
+        "central",
+        "central: the server adds Gaussian noise to the (unmasked) sum, so the server is "
+        "trusted to add it. distributed: each client adds its share of discrete Gaussian noise "
+        "before masking (needs secure_aggregation.enabled), so the server only ever sees "
+        "noised sums.",
+        choices=("central", "distributed"),
+    )
 
 
 @dataclass(frozen=True)
@@ -196,12 +204,61 @@ class FederationSection:
     round_timeout: float = _setting(
         3600.0, "Seconds to wait for client replies in a round.", min=0.0, min_exclusive=True
     )
+    on_round_failure: str = _setting(
+        "continue",
+        "What to do when a round produces no aggregate (for example more secure-aggregation "
+        "dropouts than tolerated): continue with the next round, or stop the run. Either way "
+        "the failure is recorded and the model and ledger are kept.",
+        choices=("continue", "stop"),
+    )
     connect_timeout: float = _setting(
         300.0,
         "Seconds to wait before a round for min_available_clients to be connected; after that "
         "the run ends with an error instead of waiting forever.",
         min=0.0,
         min_exclusive=True,
+    )
+
+
+@dataclass(frozen=True)
+class SecureAggregationSection:
+    enabled: bool = _setting(
+        True,
+        "Flower's SecAgg+: clients mask their updates so the server only ever sees the sum.",
+    )
+    num_shares: int = _setting(
+        5,
+        "Each client's secrets are split into this many shares, one per neighbour (itself "
+        "included). At most the number of clients sampled per round; odd is best.",
+        min=3,
+    )
+    reconstruction_threshold: int = _setting(
+        3,
+        "Shares needed to rebuild a secret; below num_shares. A round survives up to "
+        "num_shares - reconstruction_threshold dropouts.",
+        min=2,
+    )
+    clipping_range: float = _setting(
+        8.0,
+        "Each coordinate of an update is clipped to [-clipping_range, clipping_range] before "
+        "quantization. (In user_dp distributed mode updates are already integers and this "
+        "is set to quantization_range / 2.)",
+        min=0.0, min_exclusive=True,
+    )
+    quantization_range: int = _setting(
+        4_194_304,
+        "Levels a coordinate is quantized to (a power of 2, at most 2^30). Sampled clients "
+        "x quantization_range must stay below 2^32, the masking modulus.",
+        min=2, max=2**30,
+    )
+    max_weight: int = _setting(
+        1000,
+        "Largest weight (example count) a client may give its update; larger counts are capped. "
+        "With user-level DP every client has weight 1.",
+        min=1,
+    )
+    timeout: float = _setting(
+        600.0, "Seconds to wait for replies in each SecAgg+ stage.", min=0.0, min_exclusive=True
     )
 
 
@@ -217,6 +274,20 @@ class SimulationSection:
         min=0.0,
         max=1.0,
     )
+    fail_clients: str = _setting(
+        "",
+        "Fault injection: comma-separated partition ids of virtual clients that fail (raise an "
+        "error) at fail_stage. Empty: none.",
+    )
+    fail_stage: str = _setting(
+        "collect_masked_vectors",
+        "When injected failures strike: train (without SecAgg), or a SecAgg+ stage: setup, "
+        "share_keys, collect_masked_vectors (after sharing keys: a real dropout) or unmask.",
+        choices=("train", "setup", "share_keys", "collect_masked_vectors", "unmask"),
+    )
+    fail_rounds: str = _setting(
+        "", "Fault injection: comma-separated rounds in which the failures strike. Empty: every round."
+    )
 
 
 @dataclass(frozen=True)
@@ -229,6 +300,7 @@ class RunConfig:
     user_dp: UserDPSection = field(default_factory=UserDPSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     federation: FederationSection = field(default_factory=FederationSection)
+    secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     # ---- construction -------------------------------------------------------------------
@@ -298,11 +370,55 @@ class RunConfig:
                 f"dp.microbatches ({self.dp.microbatches}) exceeds client.batch_size "
                 f"({self.client.batch_size})"
             )
+        self._validate_secure_aggregation()
+        for key in ("fail_clients", "fail_rounds"):
+            value = getattr(self.simulation, key)
+            if value and not all(part.strip().isdigit() for part in value.split(",")):
+                raise ConfigError(f"simulation.{key} must be comma-separated integers, got {value!r}")
         if self.dp.enabled and self.dp.microbatches and self.dp.implementation == "fast":
             raise ConfigError(
                 "dp.implementation = 'fast' clips per example; set dp.microbatches = 0 or "
                 "choose 'vectorized' or 'keras'"
             )
+
+
+    def clients_per_round(self) -> int:
+        """How many clients the server samples each round once all have connected."""
+        fed = self.federation
+        sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
+        return min(sampled, fed.num_clients)
+
+    def _validate_secure_aggregation(self) -> None:
+        sa = self.secure_aggregation
+        if self.user_dp.enabled and self.user_dp.noise_mode == "distributed" and not sa.enabled:
+            raise ConfigError(
+                "user_dp.noise_mode = 'distributed' needs secure_aggregation.enabled = true "
+                "(without masking the server would see each client's noised update)"
+            )
+        if not sa.enabled:
+            return
+        where = "secure_aggregation"
+        if sa.reconstruction_threshold >= sa.num_shares:
+            raise ConfigError(
+                f"{where}.reconstruction_threshold ({sa.reconstruction_threshold}) must be "
+                f"below {where}.num_shares ({sa.num_shares})"
+            )
+        sampled = self.clients_per_round()
+        if sa.num_shares > sampled:
+            raise ConfigError(
+                f"{where}.num_shares ({sa.num_shares}) exceeds the {sampled} clients sampled per "
+                f"round; lower it or sample more clients (federation.fraction_train)"
+            )
+        if sa.quantization_range & (sa.quantization_range - 1):
+            raise ConfigError(f"{where}.quantization_range must be a power of 2, got {sa.quantization_range}")
+        if sampled * sa.quantization_range >= 2**32:
+            raise ConfigError(
+                f"{sampled} clients per round x {where}.quantization_range "
+                f"({sa.quantization_range}) would overflow the 2^32 masking modulus; lower "
+                f"quantization_range to {1 << (((2**32 - 1) // sampled).bit_length() - 1)} or less"
+            )
+        if sampled < 2:
+            raise ConfigError("secure aggregation needs at least 2 clients per round")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -415,6 +531,8 @@ def _coerce(section: str, section_type: type, key: str, value: Any) -> Scalar:
         if not math.isfinite(value):
             raise ConfigError(f"{where} must be finite, got {value!r}")
         return float(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # e.g. --set simulation.fail_rounds=1
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     return value

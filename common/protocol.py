@@ -5,17 +5,20 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 
+# Keys of the server's fit config.
+SERVER_ROUND = "server-round"
+CLIENTS_SAMPLED = "clients-sampled"  # clients in this round's sample (sizes distributed noise)
+
 # Metric keys in a client's train reply.
 NUM_EXAMPLES = "num-examples"  # weighting key for FedAvg
 TRAIN_LOSS = "train-loss"
 RECORD_EPSILON = "record-epsilon"  # cumulative over every round the client trained in
 CLIENT_ID = "client-id"
 STEPS = "steps"
+UPDATE_NORM = "update-norm"  # L2 norm of the update before user-level clipping
 
-# Uniform client weight used for FedAvg when user-level DP is on (bounded sensitivity).
-UNIFORM_WEIGHT = "uniform-weight"
-
-# ConfigRecord in a client's train reply describing what it spent (JSON strings).
+# Prefix of the metrics in a client's train reply describing what it spent (JSON strings):
+# "privacy.round-spend" and, on a node's first round of a run, "privacy.prior-spends".
 PRIVACY = "privacy"
 ROUND_SPEND = "round-spend"  # this round's DPSGDSpend
 PRIOR_SPENDS = "prior-spends"  # spending before this run (from the node's own ledger)

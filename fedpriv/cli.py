@@ -214,10 +214,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run_plan = plan(cfg)
     for note in run_plan.dataset.notes:
         console.print(f"[yellow]note:[/] {note}")
-    dp = (
-        f"DP-SGD C={cfg.dp.l2_norm_clip} z={cfg.dp.noise_multiplier} delta={cfg.privacy.delta}"
-        if cfg.dp.enabled else "no DP"
-    )
+    protections = []
+    if cfg.dp.enabled:
+        protections.append(f"DP-SGD C={cfg.dp.l2_norm_clip} z={cfg.dp.noise_multiplier}")
+    if cfg.user_dp.enabled:
+        protections.append(f"user-level DP C={cfg.user_dp.clipping_norm} z={cfg.user_dp.noise_multiplier} "
+                           f"({cfg.user_dp.noise_mode} noise)")
+    if cfg.dp.enabled or cfg.user_dp.enabled:
+        protections.append(f"delta={cfg.privacy.delta}")
+    else:
+        protections.append("no DP")
+    sa = cfg.secure_aggregation
+    protections.append(
+        f"SecAgg+ ({sa.num_shares} shares, threshold {sa.reconstruction_threshold})" if sa.enabled
+        else "no secure aggregation")
+    dp = ", ".join(protections)
     console.print(
         f"[bold]fedpriv simulate[/] {cfg.run.name}: {cfg.federation.num_clients} clients, "
         f"{cfg.run.rounds} rounds, {run_plan.model_name} on {run_plan.dataset.name} "
@@ -262,16 +273,21 @@ def _run_with_progress(console: Any, cfg: Any, out_dir: Path, verbose: bool, run
 def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) -> None:
     from rich.table import Table
 
+    user_dp = summary["privacy"]["user_level"]["enabled"]
     table = Table(title=f"{summary['name']} finished in {seconds:.0f} s")
-    for column in ("round", "accuracy", "loss", "record epsilon (max)", "clients"):
+    columns = ["round", "accuracy", "loss", "record epsilon (max)"]
+    columns += ["user epsilon"] if user_dp else []
+    for column in columns + ["clients"]:
         table.add_column(column, justify="right")
     for entry in summary["rounds"]:
-        table.add_row(
-            str(entry["round"]),
-            _fmt(entry["accuracy"], ".4f"), _fmt(entry["loss"], ".4f"),
-            _fmt(entry["record_epsilon_max"], ".3f"),
-            f"{entry['clients_trained']}" + (f" ({entry['clients_failed']} failed)" if entry["clients_failed"] else ""),
-        )
+        clients = f"{entry['clients_trained']}" + (
+            f" ({entry['clients_failed']} failed)" if entry["clients_failed"] else "")
+        if entry.get("failed"):
+            clients += ", round failed"
+        row = [str(entry["round"]), _fmt(entry["accuracy"], ".4f"), _fmt(entry["loss"], ".4f"),
+               _fmt(entry["record_epsilon_max"], ".3f")]
+        row += [_fmt(entry["user_epsilon"], ".3f")] if user_dp else []
+        table.add_row(*row, clients)
     console.print(table)
     privacy = summary["privacy"]
     eps = privacy["record_level"]["max_epsilon"]
@@ -286,6 +302,8 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
                       + (f" (budget {user['budget']:g})" if user["budget"] else ""))
     if privacy["refusals"]:
         console.print(f"{len(privacy['refusals'])} round(s) refused by clients whose budget was spent")
+    for failed in privacy.get("failed_rounds", []):
+        console.print(f"[yellow]round {failed['round']} failed:[/] {failed['reason']}", highlight=False)
     if privacy["stopped_early"]:
         console.print(f"[yellow]stopped early:[/] {privacy['stopped_early']['reason']}", highlight=False)
     console.print(f"run directory: {out_dir}   (verify with: fedpriv audit {out_dir})")
@@ -294,10 +312,15 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
 def _check_failures(console: Any, summary: dict) -> int:
     """Report client failures; a run in which no client ever trained is a failed run."""
     failures = summary.get("failures") or []
+    failed_rounds = summary["privacy"].get("failed_rounds") or []
+    if failed_rounds and summary["config"]["federation"]["on_round_failure"] == "stop":
+        _error(f"the run stopped after round {failed_rounds[-1]['round']} failed; the model and "
+               f"ledger up to that point are kept")
+        return EXIT_FAILURE
     if not failures:
         return 0
     console.print(
-        f"[yellow]warning:[/] {len(failures)} client failure(s) were recorded in summary.json; "
+        f"[yellow]warning:[/] {len(failures)} failure(s) were recorded in summary.json; "
         f"first: {failures[0]['reason'][:200]}", highlight=False,
     )
     if not any(entry["clients_trained"] for entry in summary["rounds"]):

@@ -1,4 +1,7 @@
-"""The fedpriv ServerApp: FedAvg/FedAdam rounds, server-side evaluation, the run report.
+"""The fedpriv ServerApp: FedAvg/FedAdam rounds under SecAgg+, server-side evaluation, the report.
+
+Rounds run on Flower's ``DefaultWorkflow``; with secure aggregation on (the default) its fit step
+is Flower's ``SecAggPlusWorkflow``, so the server only ever unmasks sums of client updates.
 
 ``app`` is what ``flwr run .`` loads; it reads the configuration from Flower's run config
 (dotted keys, see pyproject.toml). ``fedpriv simulate`` builds its own with
@@ -10,21 +13,23 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from common import rundir
+from common import rundir, secagg
 from common.config import RunConfig, config_from_run_config
 from common.data import load_dataset
 from common.models import build_model, resolve_model_name
 from common.tf_runtime import keras, tf
-from server.privacy import PrivacyRecorder, UserBudgetExhausted
+from server.privacy import PrivacyRecorder
 from server.report import write_run
 from server.run_log import RoundEntry, RunLog
-from server.strategy import RecordingStrategy, build_strategy
+from server.strategy import FedprivStrategy, ObservedGrid
 
 log = logging.getLogger("fedpriv")
 
@@ -34,14 +39,16 @@ def make_server_app(
     out_dir: Path | None = None,
     on_round: Callable[[RoundEntry], None] | None = None,
     on_finish: Callable[[Path, dict], None] | None = None,
+    on_exchange: Callable[[list, list], None] | None = None,
 ) -> ServerApp:
+    """The ServerApp. ``on_exchange(sent, replies)`` sees every message exchange (tests)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config_from_run_config(context.run_config, config)
         target = out_dir or Path(cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
-        summary = run_server(grid, cfg, target, on_round)
+        summary = run_server(grid, context, cfg, target, on_round, on_exchange)
         log.info("fedpriv: run written to %s", target)
         if on_finish is not None:
             on_finish(target, summary)
@@ -49,8 +56,25 @@ def make_server_app(
     return app
 
 
-def run_server(grid: Grid, cfg: RunConfig, out_dir: Path,
-               on_round: Callable[[RoundEntry], None] | None = None) -> dict:
+def fit_workflow(cfg: RunConfig) -> Any:
+    """Flower's SecAgg+ workflow with the run's settings, or Flower's plain fit workflow."""
+    sa = cfg.secure_aggregation
+    if not sa.enabled:
+        return None  # DefaultWorkflow's own
+    return SecAggPlusWorkflow(
+        num_shares=sa.num_shares,
+        reconstruction_threshold=sa.reconstruction_threshold,
+        max_weight=secagg.flower_max_weight(cfg),
+        clipping_range=secagg.flower_clipping_range(cfg),
+        quantization_range=sa.quantization_range,
+        modulus_range=secagg.MODULUS,
+        timeout=sa.timeout,
+    )
+
+
+def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
+               on_round: Callable[[RoundEntry], None] | None = None,
+               on_exchange: Callable[[list, list], None] | None = None) -> dict:
     tf()
     dataset = load_dataset(cfg.data, cfg.run.seed)
     model_name = resolve_model_name(cfg.model, dataset.input_shape)
@@ -60,38 +84,38 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path,
     model.compile(
         loss=k.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
     )
+    initial = [np.asarray(w) for w in model.get_weights()]
+    dimension = int(sum(w.size for w in initial))
+    for warning in secagg.precision_warnings(cfg, dimension):
+        log.warning("fedpriv: %s", warning)
     run_log = RunLog(on_round=on_round)
     clock = {"round_start": time.perf_counter()}
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.set_weights(arrays.to_numpy_ndarrays())
+    def evaluate(server_round: int, weights: list[np.ndarray]) -> tuple[float, float]:
+        model.set_weights(weights)
         loss, accuracy = model.evaluate(dataset.x_test, dataset.y_test, batch_size=512, verbose=0)
         now = time.perf_counter()
         seconds = now - clock["round_start"] if server_round else None
         clock["round_start"] = now
         run_log.record_evaluation(server_round, float(accuracy), float(loss), seconds)
-        return MetricRecord({"accuracy": float(accuracy), "loss": float(loss)})
+        return float(loss), float(accuracy)
 
     recorder = PrivacyRecorder(cfg, out_dir)
-    strategy = RecordingStrategy(build_strategy(cfg), run_log, recorder, cfg)
+    strategy = FedprivStrategy(cfg, initial, run_log, recorder, evaluate, grid)
+    observed = ObservedGrid(grid, strategy, on_exchange)
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=cfg.run.rounds, round_timeout=cfg.federation.round_timeout),
+        strategy=strategy,
+    )
     started = time.perf_counter()
-    initial = ArrayRecord([np.asarray(w) for w in model.get_weights()])
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.run.rounds,
-            timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord({}),
-            evaluate_fn=evaluate,
-        )
-        final_arrays = result.arrays if len(result.arrays) else initial
-    except UserBudgetExhausted as stop:
-        log.warning("fedpriv: %s", stop)
-        final_arrays = strategy.latest_arrays or initial
+    DefaultWorkflow(fit_workflow=fit_workflow(cfg))(observed, legacy)
+    if strategy.stopped:
+        log.warning("fedpriv: %s", strategy.stopped)
     privacy = recorder.finish()
     extra = {
         "model": model_name,
+        "model_parameters": dimension,
         "dataset": {
             "name": dataset.name,
             "train_examples": int(len(dataset.y_train)),
@@ -99,9 +123,10 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path,
             "num_classes": dataset.num_classes,
             "notes": list(dataset.notes),
         },
+        "secure_aggregation": secagg.settings_summary(cfg, dimension),
         "wall_time_s": time.perf_counter() - started,
     }
-    return write_run(out_dir, cfg, run_log, final_arrays.to_numpy_ndarrays(), extra, privacy, recorder)
+    return write_run(out_dir, cfg, run_log, strategy.latest, extra, privacy, recorder)
 
 
 app = make_server_app()

@@ -23,8 +23,28 @@ from common.errors import FedprivError
 from common.ledger import LedgerWriter, load_or_create_signing_key
 
 ENFORCEMENT_ACCOUNTANT = "rdp"
-USER_LEVEL_SAMPLING = "fixed"  # Flower samples a fixed number of nodes without replacement
+USER_LEVEL_SAMPLING = "poisson"  # with user-level DP the strategy samples clients independently
 KEY_ENV = "FEDPRIV_LEDGER_KEY"
+
+# What the user-level accounting of a round assumes, by noise mode (written into each entry).
+ASSUMPTIONS = {
+    "central": (
+        "Gaussian mechanism on the sum of client updates clipped to clipping_norm on the clients; "
+        "the sensitivity includes SecAgg+ quantization (at most one step per coordinate) and the "
+        "server adds noise of noise_multiplier * sensitivity from the OS CSPRNG; each client "
+        "sampled independently with probability q (add/remove-one-client adjacency); the sum is "
+        "divided by the expected count q * population, a fixed denominator"
+    ),
+    "distributed": (
+        "each contributing client added discrete Gaussian noise of local_std to its integer "
+        "update (scaled by scale, randomized rounding, L2 sensitivity clip*scale + sqrt(d)); the "
+        "sum of the contributors' noise is accounted as a Gaussian of the same variance "
+        "(noise_multiplier = local_std * sqrt(contributors) / sensitivity), whose distance from a "
+        "discrete Gaussian is bounded by tau (Kairouz, Liu and Steinke 2021); no coordinate "
+        "leaves the SecAgg+ range except with probability overflow_probability_bound; each client "
+        "sampled independently with probability q (add/remove-one-client adjacency)"
+    ),
+}
 
 
 def _checked(spend: DPSGDSpend) -> DPSGDSpend:
@@ -54,6 +74,7 @@ class PrivacyRecorder:
         self.client_events: dict[str, list[dp_accounting.DpEvent]] = {}
         self.user_events: list[dp_accounting.DpEvent] = []
         self.refusals: list[dict[str, Any]] = []
+        self.failed_rounds: list[dict[str, Any]] = []
         self.stopped: dict[str, Any] | None = None
         self.ledger.append(
             actor="server", kind="run_start",
@@ -108,17 +129,17 @@ class PrivacyRecorder:
         self.ledger.append(actor=f"node:{node}", kind="refusal", round=server_round, note=reason)
 
     # ---- user level ---------------------------------------------------------------------
-    def user_round_event(self, population: int, sampled: int) -> dp_accounting.DpEvent:
+    def user_round_event(self, population: int, expected: float) -> dp_accounting.DpEvent:
         return accounting.dpfedavg_round_event(
-            self.cfg.user_dp.noise_multiplier, population, sampled, USER_LEVEL_SAMPLING)
+            self.cfg.user_dp.noise_multiplier, population, expected, USER_LEVEL_SAMPLING)
 
-    def check_user_budget(self, server_round: int, population: int, sampled: int) -> None:
+    def check_user_budget(self, server_round: int, population: int, expected: float) -> None:
         """Before a round: stop (and record why) if it could exceed the user-level budget."""
         budget = self.cfg.privacy.user_budget
         if not (self.cfg.user_dp.enabled and budget):
             return
         before = self._user_epsilon(self.user_events)
-        after = self._user_epsilon(self.user_events + [self.user_round_event(population, sampled)])
+        after = self._user_epsilon(self.user_events + [self.user_round_event(population, expected)])
         if after > budget:
             reason = (f"round {server_round} would raise user-level epsilon from {before:.3f} to "
                       f"{after:.3f}, above the budget of {budget:g}; ending the run")
@@ -127,21 +148,35 @@ class PrivacyRecorder:
                                epsilon={"rdp": before}, note=reason)
             raise UserBudgetExhausted(reason)
 
-    def record_user_round(self, server_round: int, population: int, sampled: int, aggregated: int) -> float:
-        event = self.user_round_event(population, sampled)
+    def record_user_round(self, server_round: int, population: int, expected: float, sampled: int,
+                          aggregated: int, noise_multiplier: float, mechanism: dict[str, Any]) -> float:
+        """Record a round of user-level DP with the noise that actually applied to the sum.
+
+        ``expected`` is q * population (the accounting's sampling rate is expected / population);
+        ``sampled`` is how many the Poisson draw picked, ``aggregated`` how many contributed.
+        """
+        event = accounting.dpfedavg_round_event(noise_multiplier, population, expected, USER_LEVEL_SAMPLING)
         self.user_events.append(event)
         epsilon = self._user_epsilon(self.user_events)
         self.ledger.append(
             actor="server", kind="user_level", round=server_round, event=event,
             parameters={
-                "population": population, "clients_sampled": sampled, "clients_aggregated": aggregated,
-                "noise_multiplier": self.cfg.user_dp.noise_multiplier,
+                "population": population, "sampling_probability": expected / population,
+                "clients_expected": expected, "clients_sampled": sampled, "clients_aggregated": aggregated,
+                "noise_multiplier": noise_multiplier,
+                "configured_noise_multiplier": self.cfg.user_dp.noise_multiplier,
                 "clipping_norm": self.cfg.user_dp.clipping_norm,
-                "noise_std_on_sum": self.cfg.user_dp.noise_multiplier * self.cfg.user_dp.clipping_norm,
+                "secure_aggregation": self.cfg.secure_aggregation.enabled,
+                **mechanism,
             },
             sampling=USER_LEVEL_SAMPLING, epsilon={"rdp": epsilon},
+            note=ASSUMPTIONS[mechanism["noise_mode"]],
         )
         return epsilon
+
+    def record_round_failure(self, server_round: int, reason: str) -> None:
+        self.failed_rounds.append({"round": server_round, "reason": reason})
+        self.ledger.append(actor="server", kind="round_failed", round=server_round, note=reason)
 
     # ---- end ----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

@@ -20,6 +20,24 @@ CSV_COLUMNS = (
     "train_loss", "seconds",
 )
 
+USER_MECHANISM = {
+    "central": (
+        "DP-FedAvg: each client clips its update to clipping_norm before masking; the server adds "
+        "Gaussian noise of std noise_multiplier * sensitivity to the unmasked sum, which is divided "
+        "by the expected number of clients; uniform client weights; each client sampled "
+        "independently with probability federation.fraction_train each round (add/remove-one-client "
+        "adjacency)"
+    ),
+    "distributed": (
+        "DP-FedAvg with distributed discrete Gaussian noise (Kairouz et al. 2021): each client "
+        "clips its update, rounds it to integers and adds its share of the noise before masking, "
+        "so the server only sees noised sums; uniform client weights; each client sampled "
+        "independently with probability federation.fraction_train each round (add/remove-one-client "
+        "adjacency). Each round's ledger "
+        "entry records the noise that applied to the sum and what the accounting assumes."
+    ),
+}
+
 
 def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
                   figures: dict[str, Any], recorder: PrivacyRecorder) -> dict[str, Any]:
@@ -32,18 +50,16 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
         "enforcement_accountant": "rdp",
         "ledger": ledger.LEDGER,
         "refusals": recorder.refusals,
+        "failed_rounds": recorder.failed_rounds,
         "stopped_early": recorder.stopped,
         "user_level": {
             "enabled": config.user_dp.enabled,
             "epsilon": user["rdp"] if user else None,
             "epsilon_pld": user["pld"] if user else None,
             "budget": config.privacy.user_budget or None,
-            "mechanism": (
-                "DP-FedAvg: client updates clipped to clipping_norm on the server (Flower's "
-                "DifferentialPrivacyServerSideFixedClipping), Gaussian noise of std "
-                "noise_multiplier * clipping_norm on the sum, uniform client weights; a fixed "
-                "number of clients sampled without replacement each round (replace-one adjacency)"
-            ) if config.user_dp.enabled else "none (no user-level DP)",
+            "noise_mode": config.user_dp.noise_mode if config.user_dp.enabled else None,
+            "mechanism": USER_MECHANISM[config.user_dp.noise_mode] if config.user_dp.enabled
+            else "none (no user-level DP)",
             "noise_multiplier": config.user_dp.noise_multiplier if config.user_dp.enabled else None,
             "clipping_norm": config.user_dp.clipping_norm if config.user_dp.enabled else None,
         },

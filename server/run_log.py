@@ -20,6 +20,7 @@ class RoundEntry:
     clients_failed: int = 0
     train_loss: float | None = None
     seconds: float | None = None
+    failed: str | None = None  # why the round produced no aggregate
 
 
 @dataclass
@@ -57,6 +58,10 @@ class RunLog:
         if self.client_epsilon:
             entry.record_epsilon_max = max(self.client_epsilon.values())
         entry.train_loss = weighted_loss / examples if examples else None
+
+    def record_round_failure(self, server_round: int, reason: str) -> None:
+        self.entry(server_round).failed = reason
+        self.failures.append({"round": server_round, "reason": f"round failed: {reason}"})
 
     def record_evaluation(self, server_round: int, accuracy: float, loss: float, seconds: float | None) -> None:
         if server_round == 0:

@@ -1,60 +1,54 @@
-"""Strategy assembly: Flower's FedAvg or FedAdam, optionally inside Flower's user-level DP
-wrapper, wrapped once more to record and enforce what each round does to privacy."""
+"""Strategy assembly: Flower's FedAvg or FedAdam, wrapped to aggregate client *updates* under
+secure aggregation, apply user-level DP noise, and record and enforce privacy every round.
+
+Clients reply with their update (trained minus global model), already clipped when user-level
+DP is on. Under SecAgg+ Flower's ``SecAggPlusWorkflow`` hands :class:`FedprivStrategy` only the
+unmasked mean of those updates (every result carries the same aggregate); without it the
+strategy averages the individual updates itself with Flower's ``aggregate``. Either way it then
+adds the user-level noise (central mode) or decodes the already-noised integer sum (distributed
+mode), adds the mean update to the global model, and lets the wrapped Flower strategy (FedAvg, or
+FedAdam's server optimizer) produce the next global model.
+
+:class:`ObservedGrid` wraps the Grid the workflow talks through. It records, as replies arrive,
+what each client declares it spent and which nodes refused a round, so that a round that never
+aggregates (too many SecAgg+ dropouts) still leaves its spending in the ledger.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, Strategy,
+import numpy as np
+from flwr.common import (
+    Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Status,
+    ndarrays_to_parameters, parameters_to_ndarrays,
 )
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, Strategy
+from flwr.server.strategy.aggregate import aggregate
 
+from common import secagg
 from common.config import RunConfig
 from common.errors import FedprivError
 from common.protocol import (
-    BUDGET_EXHAUSTED_CODE, CLIENT_ID, METRICS, NUM_EXAMPLES, PRIVACY, RECORD_EPSILON,
-    UNIFORM_WEIGHT,
+    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, SERVER_ROUND,
 )
-from server.privacy import PrivacyRecorder
+from server.privacy import PrivacyRecorder, UserBudgetExhausted
 from server.run_log import RunLog
 
-
-def build_strategy(cfg: RunConfig) -> Strategy:
-    """The configured Flower strategy. Clients are not asked to evaluate: the server does.
-
-    With user-level DP, clients are weighted uniformly (every client's clipped update counts
-    the same), which keeps the sensitivity of the sum at the clipping norm.
-    """
-    federation = cfg.federation
-    common = {
-        "fraction_train": federation.fraction_train,
-        "fraction_evaluate": 0.0,
-        "min_train_nodes": federation.min_train_clients,
-        "min_available_nodes": federation.min_available_clients,
-        "weighted_by_key": UNIFORM_WEIGHT if cfg.user_dp.enabled else NUM_EXAMPLES,
-    }
-    if federation.strategy == "fedadam":
-        strategy: Strategy = FedAdam(eta=federation.server_learning_rate, **common)
-    else:
-        strategy = FedAvg(**common)
-    if cfg.user_dp.enabled:
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=cfg.user_dp.noise_multiplier,
-            clipping_norm=cfg.user_dp.clipping_norm,
-            num_sampled_clients=federation.min_train_clients,  # set per round below
-        )
-    return strategy
+log = logging.getLogger("fedpriv")
+FIT_METRICS = "fitres.metrics"  # where Flower's legacy FitRes keeps its metrics in a reply
 
 
 class NotEnoughClients(FedprivError):
     """Fewer clients connected than the run needs, within federation.connect_timeout."""
 
 
-def wait_for_clients(grid: Grid, needed: int, timeout: float, poll: float = 0.5) -> int:
+def wait_for_clients(grid: Any, needed: int, timeout: float, poll: float = 0.5) -> int:
     """Wait until ``needed`` nodes are connected; return how many are. Flower's own sampling
     waits without limit, which would hang a misconfigured run forever."""
     deadline = time.monotonic() + timeout
@@ -69,85 +63,296 @@ def wait_for_clients(grid: Grid, needed: int, timeout: float, poll: float = 0.5)
     return connected
 
 
-def sample_size(cfg: RunConfig, population: int) -> int:
-    """How many nodes Flower's FedAvg samples from ``population`` (its own rule)."""
-    return max(int(population * cfg.federation.fraction_train), cfg.federation.min_train_clients)
+def build_inner_strategy(cfg: RunConfig, initial: Parameters) -> Strategy:
+    """The Flower strategy that turns the mean update into the next global model."""
+    federation = cfg.federation
+    common = {
+        "fraction_fit": federation.fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_fit_clients": federation.min_train_clients,
+        "min_available_clients": federation.min_available_clients,
+        "initial_parameters": initial,
+    }
+    if federation.strategy == "fedadam":
+        return FedAdam(eta=federation.server_learning_rate, **common)
+    return FedAvg(**common)
 
 
-class RecordingStrategy(Strategy):
-    """Wraps any strategy: records each round in the RunLog and the privacy ledger, and
-    enforces the user-level budget before a round starts."""
+def parse_declaration(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Read the privacy part of a client's reply metrics (raises on anything malformed)."""
+    privacy = {key[len(PRIVACY) + 1:]: value for key, value in metrics.items()
+               if key.startswith(PRIVACY + ".")}
+    return PrivacyRecorder.parse_declaration(privacy)
 
-    def __init__(self, strategy: Strategy, run_log: RunLog, recorder: PrivacyRecorder, cfg: RunConfig) -> None:
-        self.strategy = strategy
+
+class ObservedGrid:
+    """A Grid that records privacy-relevant replies as they arrive (see the module doc).
+
+    ``on_exchange(sent, replies)``, if given, sees every exchange; tests use it to capture what
+    the server receives.
+    """
+
+    def __init__(self, grid: Any, strategy: FedprivStrategy,
+                 on_exchange: Callable[[list, list], None] | None = None) -> None:
+        self._grid = grid
+        self._strategy = strategy
+        self._on_exchange = on_exchange
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
+        sent = list(messages)
+        if timeout is None:
+            timeout = self._strategy.cfg.federation.round_timeout
+        replies = list(self._grid.send_and_receive(sent, timeout=timeout))
+        for reply in replies:
+            self._strategy.observe_reply(reply)
+        self._strategy.observe_exchange(sent, replies)
+        if self._on_exchange is not None:
+            self._on_exchange(sent, replies)
+        return replies
+
+
+class FedprivStrategy(Strategy):
+    """Flower legacy Strategy used by the fedpriv ServerApp (see the module doc)."""
+
+    def __init__(self, cfg: RunConfig, initial: list[np.ndarray], run_log: RunLog,
+                 recorder: PrivacyRecorder, evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, float]],
+                 grid: Any) -> None:
+        self.cfg = cfg
         self.run_log = run_log
         self.recorder = recorder
-        self.cfg = cfg
-        self.latest_arrays: ArrayRecord | None = None
-        self._plan: dict[int, tuple[int, int]] = {}
+        self.evaluate_fn = evaluate_fn
+        self.grid = grid
+        self.dimension = int(sum(a.size for a in initial))
+        self.inner = build_inner_strategy(cfg, ndarrays_to_parameters(initial))
+        self.latest: list[np.ndarray] = [np.asarray(a) for a in initial]
+        self.stopped: str | None = None
+        self._plan: dict[int, tuple[int, float]] = {}  # round -> (population, expected clients)
+        self._aggregated: set[int] = set()
+        self._failed: dict[int, str] = {}
+        self._malformed: dict[int, dict[int, str]] = {}
+        self._replies: dict[int, dict[int, dict[str, Any]]] = {}
+        self._dropped: dict[int, set[int]] = {}
+        self._errors: dict[int, dict[int, str]] = {}
+        self._sampled_nodes: dict[int, set[int]] = {}
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.latest_arrays = arrays
-        federation = self.cfg.federation
-        population = wait_for_clients(
-            grid, max(federation.min_available_clients, federation.min_train_clients),
-            federation.connect_timeout)
-        sampled = min(sample_size(self.cfg, population), max(population, 1))
-        self._plan[server_round] = (population, sampled)
-        self.recorder.check_user_budget(server_round, population, sampled)
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+    # ---- observation (called by ObservedGrid) -------------------------------------------
+    def observe_reply(self, reply: Any) -> None:
+        try:
+            server_round = int(reply.metadata.group_id)
+        except (TypeError, ValueError):
+            return
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            self._dropped.setdefault(server_round, set()).add(node)
+            self._errors.setdefault(server_round, {})[node] = clean_reason(reply.error.reason)
+            if reply.error.code == BUDGET_EXHAUSTED_CODE:
+                self.recorder.record_refusal(server_round, str(node), reply.error.reason)
+            return
+        if FIT_METRICS not in reply.content.config_records:
+            return
+        metrics = dict(reply.content.config_records[FIT_METRICS])
+        try:
+            client_id = str(int(metrics[CLIENT_ID]))
+            declared = parse_declaration(metrics)
+        except (KeyError, TypeError, ValueError) as exc:
+            # Spending that cannot be read cannot be accounted: the update is not used.
+            self._malformed.setdefault(server_round, {})[node] = f"malformed privacy record ({exc})"
+            return
+        epsilon = self.recorder.record_client(server_round, client_id, declared)
+        if epsilon is not None:
+            metrics[RECORD_EPSILON] = epsilon  # the server's own figure, from the events
+        self._replies.setdefault(server_round, {})[node] = metrics
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, ok, errors = [], [], []
-        for msg in replies:
-            if msg.has_error():
-                reason = f"node {msg.metadata.src_node_id}: {msg.error.reason}"
-                errors.append(reason)
-                if msg.error.code == BUDGET_EXHAUSTED_CODE:
-                    self.recorder.record_refusal(server_round, str(msg.metadata.src_node_id), msg.error.reason)
-                continue
-            if METRICS not in msg.content.metric_records:
-                errors.append(f"node {msg.metadata.src_node_id}: reply without metrics")
-                continue
-            metrics = dict(msg.content.metric_records[METRICS])
-            privacy = dict(msg.content.config_records.get(PRIVACY, {}))
+    def observe_exchange(self, sent: list, replies: list) -> None:
+        answered = {r.metadata.src_node_id for r in replies}
+        for msg in sent:
             try:
-                client_id = str(int(metrics[CLIENT_ID]))
-                declared = self.recorder.parse_declaration(privacy)
-            except (KeyError, TypeError, ValueError) as exc:
-                # A reply whose privacy record cannot be read is not aggregated: its spending
-                # could not be accounted.
-                errors.append(f"node {msg.metadata.src_node_id}: malformed privacy record ({exc})")
+                server_round = int(msg.metadata.group_id)
+            except (TypeError, ValueError):
                 continue
-            epsilon = self.recorder.record_client(server_round, client_id, declared)
-            if epsilon is not None:
-                metrics[RECORD_EPSILON] = epsilon  # the server's own figure, from the events
-            ok.append(metrics)
-            valid.append(msg)
+            if msg.metadata.dst_node_id not in answered:
+                self._dropped.setdefault(server_round, set()).add(msg.metadata.dst_node_id)
+
+    # ---- Flower Strategy ----------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.latest)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        if self.stopped:
+            return []
+        federation = self.cfg.federation
+        needed = max(federation.min_available_clients, federation.min_train_clients)
+        population = wait_for_clients(self.grid, needed, federation.connect_timeout)
+        client_manager.wait_for(needed, timeout=federation.connect_timeout)
+        available = client_manager.all()
+        population = max(population, len(available))
+        if self.cfg.user_dp.enabled:
+            # Poisson sampling (each client independently with probability q, from the OS
+            # CSPRNG): what the user-level accounting assumes.
+            expected = federation.fraction_train * population
+            draws = secagg.uniform(len(available))
+            clients = [c for c, u in zip(available.values(), draws, strict=True) if u <= federation.fraction_train]
+        else:
+            expected = float(self.inner.num_fit_clients(population)[0])
+            clients = []
+        self._plan[server_round] = (population, expected)
+        try:
+            self.recorder.check_user_budget(server_round, population, expected)
+        except UserBudgetExhausted as stop:
+            log.warning("fedpriv: %s", stop)
+            self.stopped = str(stop)
+            del self._plan[server_round]
+            return []
+        if not self.cfg.user_dp.enabled:
+            clients = client_manager.sample(num_clients=int(expected), min_num_clients=needed)
+        secure = self.cfg.secure_aggregation
+        minimum = max(federation.min_train_clients, secure.num_shares if secure.enabled else 1)
+        if len(clients) < minimum:
+            reason = f"client sampling drew {len(clients)} clients, fewer than the {minimum} a round needs"
+            self._failed[server_round] = reason
+            if self.cfg.user_dp.enabled:  # conservatively count the round: skipping depends on the draw
+                self._privacy_round(server_round, len(clients), 0, self.cfg.user_dp.noise_multiplier,
+                                    {"noise_mode": self.cfg.user_dp.noise_mode, "skipped": True})
+            return []
+        self._sampled_nodes[server_round] = {c.node_id for c in clients}
+        config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients)}
+        return [(client, FitIns(parameters, dict(config))) for client in clients]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        replies = self._replies.get(server_round, {})
+        malformed = self._malformed.get(server_round, {})
+        errors = self._round_errors(server_round)
+        secure = self.cfg.secure_aggregation.enabled
+        usable = [(p, r) for p, r in results if p.node_id not in malformed]
+        ok = [replies[p.node_id] for p, _ in usable if p.node_id in replies]
+        if secure and malformed:
+            # Under SecAgg+ the malformed client's update is already inside the sum.
+            return self._fail(server_round, ok, errors,
+                              "a client's privacy record was malformed and its masked update "
+                              "cannot be separated from the sum; the round's aggregate is discarded")
+        if not usable:
+            return self._fail(server_round, ok, errors, "no client update could be aggregated")
+        if secure:
+            # SecAggPlusWorkflow gives every result the same unmasked (weighted) mean.
+            mean = [a.astype(np.float64) for a in parameters_to_ndarrays(usable[0][1].parameters)]
+        else:
+            mean = aggregate([(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in usable])
+            mean = [np.asarray(a, dtype=np.float64) for a in mean]
+        if not all(np.all(np.isfinite(a)) for a in mean) or [a.shape for a in mean] != [a.shape for a in self.latest]:
+            return self._fail(server_round, ok, errors, "the aggregated update is malformed (shape or non-finite values)")
+        if self.cfg.user_dp.enabled:
+            mean = self._privatize(server_round, mean, len(usable))
+        new_global = [(g + m).astype(g.dtype) for g, m in zip(self.latest, mean, strict=True)]
+        fit = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(new_global), 1, {})
+        proxy = usable[0][0]
+        parameters, _ = self.inner.aggregate_fit(server_round, [(proxy, fit)], [])
+        if parameters is None:
+            return self._fail(server_round, ok, errors, "the server strategy produced no model")
+        self.latest = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
+        self._aggregated.add(server_round)
         self.run_log.record_train(server_round, ok, errors)
-        if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping) and valid:
-            # Noise for the sum of the updates actually aggregated: std = z * C on that sum.
-            self.strategy.num_sampled_clients = len(valid)
-        arrays, metrics = self.strategy.aggregate_train(server_round, valid)
-        if arrays is not None:
-            self.latest_arrays = arrays
-            if self.cfg.user_dp.enabled:
-                population, sampled = self._plan[server_round]
-                epsilon = self.recorder.record_user_round(server_round, population, sampled, len(valid))
-                self.run_log.entry(server_round).user_epsilon = epsilon
-        return arrays, metrics
+        return parameters, {}
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []  # the server evaluates on held-out data itself
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
 
-    def summary(self) -> None:
-        self.strategy.summary()
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if server_round > 0:
+            if server_round not in self._plan:
+                return None  # the run has stopped; no round happened
+            if server_round not in self._aggregated:
+                self._record_failure(server_round)
+        loss, accuracy = self.evaluate_fn(server_round, self.latest)
+        return loss, {"accuracy": accuracy}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _privatize(self, server_round: int, mean: list[np.ndarray], contributors: int) -> list[np.ndarray]:
+        """User-level DP on the mean of ``contributors`` clipped updates; record the round.
+
+        The noisy sum is divided by the expected number of clients (q * population), a fixed
+        denominator, as DP-FedAvg with Poisson sampling requires (McMahan et al. 2018).
+        """
+        population, expected = self._plan[server_round]
+        sampled = len(self._sampled_nodes[server_round])
+        udp = self.cfg.user_dp
+        if secagg.distributed(self.cfg):
+            plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
+            # The unmasked result is the mean of integer vectors: recover their exact sum.
+            noisy_sum = [np.rint(a * contributors) / plan.scale for a in mean]
+            mechanism = {"noise_mode": "distributed", "mechanism": "distributed discrete Gaussian",
+                         **plan.describe(contributors)}
+            applied = plan.noise_multiplier_applied(contributors)
+        else:
+            sensitivity = secagg.central_sensitivity(self.cfg, self.dimension)
+            std = udp.noise_multiplier * sensitivity
+            noisy_sum = [a * contributors + secagg.gaussian(a.shape, std) for a in mean]
+            mechanism = {"noise_mode": "central", "mechanism": "Gaussian", "sensitivity": sensitivity,
+                         "noise_std_on_sum": std, "clients_contributing": contributors}
+            applied = udp.noise_multiplier
+        self._privacy_round(server_round, sampled, contributors, applied, mechanism)
+        return [t / expected for t in noisy_sum]
+
+    def _privacy_round(self, server_round: int, sampled: int, contributors: int, applied: float,
+                       mechanism: dict[str, Any]) -> None:
+        population, expected = self._plan[server_round]
+        epsilon = self.recorder.record_user_round(server_round, population, expected, sampled,
+                                                  contributors, applied, mechanism)
+        self.run_log.entry(server_round).user_epsilon = epsilon
+
+    def _round_errors(self, server_round: int) -> list[str]:
+        """One line per sampled node that failed this round (however many stages it missed)."""
+        reasons = dict(self._errors.get(server_round, {}))
+        reasons.update(self._malformed.get(server_round, {}))
+        for node in self._dropped.get(server_round, set()):
+            reasons.setdefault(node, "no reply (dropped out or timed out)")
+        sampled = self._sampled_nodes.get(server_round, set())
+        return [f"node {node}: {reason}" for node, reason in sorted(reasons.items()) if node in sampled]
+
+    def _fail(self, server_round: int, ok: list[dict[str, Any]], errors: list[str],
+              reason: str) -> tuple[None, dict[str, Scalar]]:
+        self._failed[server_round] = reason
+        self.run_log.record_train(server_round, ok, errors)
+        return None, {}
+
+    def _record_failure(self, server_round: int) -> None:
+        reason = self._failed.get(server_round)
+        if reason is None:  # the SecAgg+ workflow halted before handing over an aggregate
+            sampled = self._sampled_nodes.get(server_round, set())
+            dropped = self._dropped.get(server_round, set()) & sampled
+            reason = (f"secure aggregation halted: {len(dropped)} of {len(sampled)} sampled clients "
+                      f"dropped out (at most {secagg.tolerated_dropouts(self.cfg)} tolerated: "
+                      f"num_shares - reconstruction_threshold)")
+            # Clients that trained still spent their record-level budget (already recorded).
+            self.run_log.record_train(server_round, list(self._replies.get(server_round, {}).values()),
+                                      self._round_errors(server_round))
+        self.recorder.record_round_failure(server_round, reason)
+        self.run_log.record_round_failure(server_round, reason)
+        log.warning("fedpriv: round %d failed: %s", server_round, reason)
+        if self.cfg.federation.on_round_failure == "stop":
+            self.stopped = (f"round {server_round} failed ({reason}); the run ends here "
+                            f"(federation.on_round_failure = 'stop')")
+            self.recorder.stopped = {"round": server_round, "reason": self.stopped}
+
+
+def clean_reason(text: str, limit: int = 300) -> str:
+    """One readable line from a client error (Flower's Ray runtime wraps it in a traceback)."""
+    text = _ANSI.sub("", str(text))
+    match = re.search(r"Message: (.+?)'?>?\s*$", text, re.S)
+    if match:
+        text = match.group(1)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -16,6 +16,7 @@ from common.models import resolve_model_name
 from common.tf_runtime import RUNTIME_ENV, gpu_count
 from server.app import make_server_app
 from server.run_log import RoundEntry
+from simulations.faults import make_fault_mod
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def simulate(
 
     run_simulation(
         server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
-        client_app=make_client_app(cfg),
+        client_app=make_client_app(cfg, extra_mods=[make_fault_mod(cfg)] if cfg.simulation.fail_clients else None),
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose),
         verbose_logging=verbose,

@@ -32,7 +32,8 @@ def _make_run(run_dir, rounds=3, user_budget=0.0, record_budget=0.0):
             if r == 1 and cid == "1":
                 privacy["prior-spends"] = json.dumps([PRIOR.to_json()])
             recorder.record_client(r, cid, recorder.parse_declaration(privacy))
-        recorder.record_user_round(r, population=10, sampled=5, aggregated=2)
+        recorder.record_user_round(r, population=10, expected=5.0, sampled=5, aggregated=2,
+                                   noise_multiplier=1.0, mechanism={"noise_mode": "central"})
     recorder.record_refusal(rounds, "node-x", "budget exhausted: test")
     figures = recorder.finish()
     summary = {"privacy": {"record_level": {"clients": {k: v["rdp"] for k, v in figures["record_level"].items()}},
@@ -61,9 +62,9 @@ def test_clean_run_audits_and_matches_dp_accounting(tmp_path):
     assert eps["0"]["pld"] == pytest.approx(_direct(client0, "pld"), rel=1e-6)
     assert eps["1"]["rdp"] == pytest.approx(_direct(client1, "rdp"), rel=1e-6)  # prior spending carried
     user = [dp_accounting.SelfComposedDpEvent(
-        dp_accounting.SampledWithoutReplacementDpEvent(10, 5, dp_accounting.GaussianDpEvent(0.5)), 3)]
-    assert report["epsilon"]["user_level"]["rdp"] == pytest.approx(
-        _direct(user, "rdp", dp_accounting.NeighboringRelation.REPLACE_ONE), rel=1e-6)
+        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 3)]
+    assert report["epsilon"]["user_level"]["rdp"] == pytest.approx(_direct(user, "rdp"), rel=1e-6)
+    assert report["epsilon"]["user_level"]["pld"] == pytest.approx(_direct(user, "pld"), rel=1e-6)
     assert report["refusals"] == 1
 
 

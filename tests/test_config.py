@@ -1,6 +1,9 @@
+import re
 import tomllib
 
+import numpy as np
 import pytest
+from flwr.common import ndarrays_to_parameters
 
 from common.config import ConfigError, RunConfig, load_config, parse_override
 from simulations.presets import available, preset_layers
@@ -67,7 +70,8 @@ def test_invalid_combinations(overrides, fragment):
 
 def test_later_layers_can_fix_earlier_combinations():
     cfg = load_config([{"federation": {"num_clients": 1}}], ["federation.min_available_clients=1",
-                                                             "federation.min_train_clients=1"])
+                                                             "federation.min_train_clients=1",
+                                                             "secure_aggregation.enabled=false"])
     assert cfg.federation.num_clients == 1
 
 
@@ -105,23 +109,37 @@ def test_flower_run_config_in_pyproject_is_the_quickstart_preset():
 
 
 def test_strategy_choice():
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg
+    from flwr.server.strategy import FedAdam, FedAvg
 
-    from server.strategy import build_strategy
+    from server.strategy import build_inner_strategy
 
-    fedavg = build_strategy(load_config(overrides=["federation.fraction_train=0.5",
-                                                   "federation.min_train_clients=3"]))
-    assert type(fedavg) is FedAvg and fedavg.fraction_train == 0.5 and fedavg.min_train_nodes == 3
+    initial = ndarrays_to_parameters([np.zeros(3, dtype=np.float32)])
+    fedavg = build_inner_strategy(load_config(overrides=["federation.fraction_train=0.5",
+                                                         "federation.min_train_clients=5"]), initial)
+    assert type(fedavg) is FedAvg and fedavg.fraction_fit == 0.5 and fedavg.min_fit_clients == 5
     assert fedavg.fraction_evaluate == 0.0  # the server evaluates centrally
-    assert fedavg.weighted_by_key == "num-examples"
-    fedadam = build_strategy(load_config(overrides=["federation.strategy=fedadam",
-                                                    "federation.server_learning_rate=0.05"]))
+    fedadam = build_inner_strategy(load_config(overrides=["federation.strategy=fedadam",
+                                                          "federation.server_learning_rate=0.05"]), initial)
     assert isinstance(fedadam, FedAdam) and fedadam.eta == 0.05
-    user_dp = build_strategy(load_config(overrides=["user_dp.enabled=true", "user_dp.noise_multiplier=1.3",
-                                                    "user_dp.clipping_norm=0.7"]))
-    assert isinstance(user_dp, DifferentialPrivacyServerSideFixedClipping)
-    assert user_dp.noise_multiplier == 1.3 and user_dp.clipping_norm == 0.7
-    assert user_dp.strategy.weighted_by_key == "uniform-weight"  # bounded sensitivity
+
+
+def test_secure_aggregation_settings_are_validated():
+    cfg = load_config(overrides=["secure_aggregation.num_shares=7", "secure_aggregation.reconstruction_threshold=4"])
+    assert cfg.secure_aggregation.num_shares == 7 and cfg.secure_aggregation.enabled
+    cases = {
+        "must be below secure_aggregation.num_shares": ["secure_aggregation.reconstruction_threshold=5"],
+        "exceeds the 10 clients sampled": ["secure_aggregation.num_shares=11",
+                                           "secure_aggregation.reconstruction_threshold=3"],
+        "power of 2": ["secure_aggregation.quantization_range=1000"],
+        "overflow the 2^32 masking modulus": ["secure_aggregation.quantization_range=1073741824"],
+        "needs secure_aggregation.enabled = true": ["secure_aggregation.enabled=false", "user_dp.enabled=true",
+                                                     "user_dp.noise_mode=distributed"],
+        "secure_aggregation.num_shares must be >= 3": ["secure_aggregation.num_shares=2"],
+        "secure_aggregation.timeout must be > 0": ["secure_aggregation.timeout=0"],
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(overrides=overrides)
 
 
 def test_budgets_need_the_matching_dp():

@@ -1,0 +1,263 @@
+"""Client updates under Flower's SecAgg+, and the noise user-level DP adds to them.
+
+Flower's SecAgg+ (``secaggplus_mod`` on clients, ``SecAggPlusWorkflow`` on the server) clips each
+coordinate of a client's vector to ``[-clipping_range, clipping_range]``, quantizes it to
+``quantization_range`` levels with stochastic rounding, masks it, and sums the masked vectors
+modulo 2^32; the server only ever unmasks the sum. This module holds what both sides of fedpriv
+must agree on around that protocol:
+
+- **central** noise: clients clip their update to L2 norm ``C`` and send it as floats; the server
+  adds Gaussian noise to the unmasked sum. Flower's stochastic rounding moves each coordinate by
+  less than one quantization step ``g``, so the sensitivity of the sum is at most
+  ``C + g * sqrt(d)`` for ``d`` parameters, and the server's noise is sized to that bound.
+- **distributed** noise (the distributed discrete Gaussian of Kairouz, Liu and Steinke, ICML 2021):
+  each client scales its clipped update by ``s``, rounds it to integers with unbiased randomized
+  rounding (which moves it by less than ``sqrt(d)`` in L2), and adds discrete Gaussian noise of
+  standard deviation ``sigma`` before masking. The integers pass through Flower's quantizer
+  unchanged (``clipping_range = quantization_range / 2``), so the unmasked result is exactly
+  the integer sum, which carries the noise of every client that contributed.
+
+All noise and randomized rounding here draws from the operating system's CSPRNG
+(``os.urandom``); tests pass a seeded byte source instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from common.config import RunConfig
+from common.errors import ConfigError
+
+RandomBytes = Callable[[int], bytes]
+MODULUS = 2**32  # Flower's SecAgg+ masking modulus (its default modulus_range)
+OVERFLOW_SIGMAS = 10.0  # headroom, in local noise standard deviations, before a coordinate clips
+MAX_ROUNDING_INFLATION = 0.10  # refuse settings where rounding adds more than this to sensitivity
+WARN_ROUNDING_INFLATION = 0.01
+
+
+# ---- CSPRNG-backed samplers ----------------------------------------------------------------
+def uniform(size: int, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
+    """``size`` uniform draws in (0, 1] with 53 random bits each."""
+    raw = np.frombuffer(random_bytes(8 * size), dtype=np.uint64, count=size)
+    return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+
+
+def gaussian(shape: Sequence[int], std: float, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
+    """Gaussian noise (Box-Muller on CSPRNG uniforms)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    u1, u2 = uniform(size, random_bytes), uniform(size, random_bytes)
+    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return (std * normal).reshape(shape)
+
+
+def discrete_gaussian(shape: Sequence[int], sigma: float, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
+    """Discrete Gaussian N_Z(0, sigma^2) by rejection from a discrete Laplace proposal
+    (Canonne, Kamath and Steinke 2020, Algorithm 3), vectorized in float64 arithmetic."""
+    size = int(np.prod(shape, dtype=np.int64))
+    out = np.zeros(size, dtype=np.int64)
+    if sigma <= 0 or size == 0:
+        return out.reshape(shape)
+    t = math.floor(sigma) + 1
+    pending = np.arange(size)
+    while pending.size:
+        n = pending.size
+        # Difference of two geometric variables, P(G >= k) = exp(-k / t): discrete Laplace(t).
+        g1 = np.floor(-t * np.log(uniform(n, random_bytes)))
+        g2 = np.floor(-t * np.log(uniform(n, random_bytes)))
+        y = g1 - g2
+        accept = uniform(n, random_bytes) <= np.exp(-((np.abs(y) - sigma**2 / t) ** 2) / (2 * sigma**2))
+        out[pending[accept]] = y[accept].astype(np.int64)
+        pending = pending[~accept]
+    return out.reshape(shape)
+
+
+def randomized_round(x: np.ndarray, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
+    """Round each value up with probability equal to its fractional part (unbiased)."""
+    floor = np.floor(x)
+    up = uniform(x.size, random_bytes).reshape(x.shape) <= (x - floor)
+    return (floor + up).astype(np.int64)
+
+
+def clip_l2(arrays: Sequence[np.ndarray], bound: float) -> tuple[list[np.ndarray], float]:
+    """Scale ``arrays`` jointly to L2 norm at most ``bound``; return them and the norm before."""
+    norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    return [np.asarray(a, dtype=np.float64) * factor for a in arrays], norm
+
+
+# ---- what client and server agree on -------------------------------------------------------
+def quantization_step(cfg: RunConfig) -> float:
+    sa = cfg.secure_aggregation
+    return 2 * sa.clipping_range / sa.quantization_range
+
+
+def flower_clipping_range(cfg: RunConfig) -> float:
+    """The clipping_range handed to Flower: in distributed mode, half the quantization range,
+    so that integers pass through its quantizer unchanged."""
+    if distributed(cfg):
+        return float(cfg.secure_aggregation.quantization_range // 2)
+    return cfg.secure_aggregation.clipping_range
+
+
+def flower_max_weight(cfg: RunConfig) -> float:
+    """With user-level DP every client weighs 1 (bounded sensitivity); otherwise the cap."""
+    return 1.0 if cfg.user_dp.enabled else float(cfg.secure_aggregation.max_weight)
+
+
+def distributed(cfg: RunConfig) -> bool:
+    return cfg.user_dp.enabled and cfg.user_dp.noise_mode == "distributed"
+
+
+def tolerated_dropouts(cfg: RunConfig) -> int:
+    sa = cfg.secure_aggregation
+    return sa.num_shares - sa.reconstruction_threshold if sa.enabled else 0
+
+
+def central_sensitivity(cfg: RunConfig, dimension: int) -> float:
+    """L2 sensitivity of the sum of clipped updates as the server unmasks it (central mode)."""
+    clip = cfg.user_dp.clipping_norm
+    if not cfg.secure_aggregation.enabled:
+        return clip
+    return clip + quantization_step(cfg) * math.sqrt(dimension)
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """Distributed discrete Gaussian parameters for one round (integer domain).
+
+    ``scale`` turns a clipped float update into integers; ``sensitivity`` bounds the L2 norm of
+    one client's rounded integer vector (``clip * scale + sqrt(d)``); each client adds discrete
+    Gaussian noise of ``local_std``, sized so that the ``min_clients`` who survive the worst
+    tolerated dropout still put ``noise_multiplier * sensitivity`` on the sum.
+    """
+
+    dimension: int
+    clients_sampled: int
+    min_clients: int
+    clipping_norm: float
+    noise_multiplier: float
+    scale: float
+    sensitivity: float
+    local_std: float
+    range_half_width: int
+
+    def noise_multiplier_applied(self, contributors: int) -> float:
+        """Noise std on the sum of ``contributors`` vectors, relative to the sensitivity."""
+        return self.local_std * math.sqrt(contributors) / self.sensitivity
+
+    def tau(self, contributors: int) -> float:
+        """Kairouz et al.'s bound on how far a sum of discrete Gaussians is from one."""
+        if self.local_std <= 0:
+            return 0.0
+        return 10.0 * sum(
+            math.exp(-2 * math.pi**2 * self.local_std**2 * k / (k + 1)) for k in range(1, contributors)
+        )
+
+    def overflow_bound(self, contributors: int) -> float:
+        """Union bound on the chance that any coordinate of any contributor leaves the range."""
+        tail = math.erfc(OVERFLOW_SIGMAS / math.sqrt(2))
+        return contributors * self.dimension * tail
+
+    def describe(self, contributors: int) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "clients_contributing": contributors,
+            "noise_std_on_sum": self.local_std * math.sqrt(contributors),
+            "noise_multiplier_applied": self.noise_multiplier_applied(contributors),
+            "tau": self.tau(contributors),
+            "overflow_probability_bound": self.overflow_bound(contributors),
+        }
+
+
+def distributed_noise(cfg: RunConfig, dimension: int, clients_sampled: int) -> DistributedNoise:
+    """The plan both sides compute from the configuration, the model size and the round's sample."""
+    udp, sa = cfg.user_dp, cfg.secure_aggregation
+    half = sa.quantization_range // 2
+    min_clients = max(1, clients_sampled - tolerated_dropouts(cfg))
+    z = udp.noise_multiplier
+    # Keep |coordinate| <= half with OVERFLOW_SIGMAS of headroom for the local noise:
+    # sensitivity * (1 + OVERFLOW_SIGMAS * z / sqrt(min_clients)) <= half.
+    sensitivity = half / (1 + OVERFLOW_SIGMAS * z / math.sqrt(min_clients))
+    rounding = math.sqrt(dimension)
+    if sensitivity <= rounding * (1 + 1 / MAX_ROUNDING_INFLATION):
+        raise ConfigError(
+            f"secure_aggregation.quantization_range ({sa.quantization_range}) is too small for "
+            f"distributed noise on a model of {dimension:,} parameters: integer rounding would add "
+            f"more than {MAX_ROUNDING_INFLATION:.0%} to the sensitivity; raise it (or sample "
+            f"fewer clients per round)"
+        )
+    scale = (sensitivity - rounding) / udp.clipping_norm
+    local_std = z * sensitivity / math.sqrt(min_clients)
+    return DistributedNoise(
+        dimension=dimension, clients_sampled=clients_sampled, min_clients=min_clients,
+        clipping_norm=udp.clipping_norm, noise_multiplier=z, scale=scale, sensitivity=sensitivity,
+        local_std=local_std, range_half_width=half,
+    )
+
+
+def precision_warnings(cfg: RunConfig, dimension: int) -> list[str]:
+    """Warnings about quantization for a model of ``dimension`` parameters (empty if fine).
+
+    Raises ConfigError when distributed noise cannot be made rigorous at these settings.
+    """
+    sa = cfg.secure_aggregation
+    if not sa.enabled:
+        return []
+    warnings = []
+    if distributed(cfg):
+        plan = distributed_noise(cfg, dimension, cfg.clients_per_round())
+        inflation = math.sqrt(dimension) / (plan.sensitivity - math.sqrt(dimension))
+        if inflation > WARN_ROUNDING_INFLATION:
+            warnings.append(
+                f"integer rounding adds {inflation:.1%} to the sensitivity of a {dimension:,}-parameter "
+                f"update; raise secure_aggregation.quantization_range for more precision"
+            )
+        return warnings
+    rounding = quantization_step(cfg) * math.sqrt(dimension)
+    if cfg.user_dp.enabled:
+        if rounding > WARN_ROUNDING_INFLATION * cfg.user_dp.clipping_norm:
+            warnings.append(
+                f"SecAgg+ quantization can move a {dimension:,}-parameter update by up to "
+                f"{rounding:.3g} in L2, {rounding / cfg.user_dp.clipping_norm:.1%} of "
+                f"user_dp.clipping_norm (noise is sized to include it); raise "
+                f"secure_aggregation.quantization_range or lower clipping_range"
+            )
+        if sa.clipping_range < cfg.user_dp.clipping_norm:
+            warnings.append(
+                "secure_aggregation.clipping_range is below user_dp.clipping_norm: large update "
+                "coordinates will be clipped (privacy is unaffected; accuracy may suffer)"
+            )
+    elif rounding > 0.1:
+        warnings.append(
+            f"SecAgg+ quantization can move a {dimension:,}-parameter update by up to {rounding:.3g} "
+            f"in L2 (step {quantization_step(cfg):.3g} per coordinate); raise "
+            f"secure_aggregation.quantization_range or lower clipping_range"
+        )
+    return warnings
+
+
+def settings_summary(cfg: RunConfig, dimension: int | None = None) -> dict[str, Any]:
+    """The secure-aggregation settings as a run reports them."""
+    sa = cfg.secure_aggregation
+    out: dict[str, Any] = {"enabled": sa.enabled}
+    if not sa.enabled:
+        return out
+    out.update({
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod)",
+        "num_shares": sa.num_shares,
+        "reconstruction_threshold": sa.reconstruction_threshold,
+        "tolerated_dropouts": tolerated_dropouts(cfg),
+        "clipping_range": flower_clipping_range(cfg),
+        "quantization_range": sa.quantization_range,
+        "modulus_range": MODULUS,
+        "max_weight": flower_max_weight(cfg),
+        "timeout_s": sa.timeout,
+    })
+    if dimension is not None:
+        out["model_parameters"] = dimension
+    return out
