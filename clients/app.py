@@ -146,9 +146,11 @@ def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason), reply_to=msg)
 
 
-def make_client_app(config: RunConfig | None = None, extra_mods: list | None = None) -> ClientApp:
-    """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses this)."""
-    app = ClientApp(mods=[*(extra_mods or []), secure_aggregation_mod])
+def make_client_app(config: RunConfig | None = None, extra_mods: list | None = None,
+                    inner_mods: list | None = None) -> ClientApp:
+    """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
+    ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked."""
+    app = ClientApp(mods=[*(extra_mods or []), secure_aggregation_mod, *(inner_mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

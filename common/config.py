@@ -23,6 +23,7 @@ from typing import Any, Mapping, get_type_hints
 from common.errors import ConfigError
 
 Scalar = bool | int | float | str
+AUTO_SHARES = 5  # secure_aggregation.num_shares = 0 means this many, or fewer if fewer are sampled
 
 
 def _setting(
@@ -227,16 +228,17 @@ class SecureAggregationSection:
         "Flower's SecAgg+: clients mask their updates so the server only ever sees the sum.",
     )
     num_shares: int = _setting(
-        5,
+        0,
         "Each client's secrets are split into this many shares, one per neighbour (itself "
-        "included). At most the number of clients sampled per round; odd is best.",
-        min=3,
+        "included): at least 3, at most the clients sampled per round, odd is best. 0: auto, "
+        "5 or the clients per round if fewer.",
+        min=0,
     )
     reconstruction_threshold: int = _setting(
-        3,
-        "Shares needed to rebuild a secret; below num_shares. A round survives up to "
-        "num_shares - reconstruction_threshold dropouts.",
-        min=2,
+        0,
+        "Shares needed to rebuild a secret: at least 2, below num_shares. A round survives up to "
+        "num_shares - reconstruction_threshold dropouts. 0: auto, a majority of the shares.",
+        min=0,
     )
     clipping_range: float = _setting(
         8.0,
@@ -388,6 +390,13 @@ class RunConfig:
         sampled = max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients)
         return min(sampled, fed.num_clients)
 
+    def secagg_shares(self) -> tuple[int, int]:
+        """(num_shares, reconstruction_threshold) in effect, with the 0 = auto defaults resolved."""
+        sa = self.secure_aggregation
+        shares = sa.num_shares or max(3, min(AUTO_SHARES, self.clients_per_round()))
+        threshold = sa.reconstruction_threshold or max(2, shares // 2 + 1)
+        return shares, threshold
+
     def _validate_secure_aggregation(self) -> None:
         sa = self.secure_aggregation
         if self.user_dp.enabled and self.user_dp.noise_mode == "distributed" and not sa.enabled:
@@ -398,15 +407,24 @@ class RunConfig:
         if not sa.enabled:
             return
         where = "secure_aggregation"
-        if sa.reconstruction_threshold >= sa.num_shares:
+        if 0 < sa.num_shares < 3:
+            raise ConfigError(f"{where}.num_shares must be at least 3 (or 0 for auto), got {sa.num_shares}")
+        if sa.reconstruction_threshold == 1:
+            raise ConfigError(f"{where}.reconstruction_threshold must be at least 2 (or 0 for auto)")
+        shares, threshold = self.secagg_shares()
+        if threshold >= shares:
             raise ConfigError(
-                f"{where}.reconstruction_threshold ({sa.reconstruction_threshold}) must be "
-                f"below {where}.num_shares ({sa.num_shares})"
+                f"{where}.reconstruction_threshold ({threshold}) must be below {where}.num_shares ({shares})"
             )
         sampled = self.clients_per_round()
-        if sa.num_shares > sampled:
+        if sampled < 3:
             raise ConfigError(
-                f"{where}.num_shares ({sa.num_shares}) exceeds the {sampled} clients sampled per "
+                f"secure aggregation needs at least 3 clients per round, but {sampled} are sampled; "
+                f"sample more or set secure_aggregation.enabled = false"
+            )
+        if shares > sampled:
+            raise ConfigError(
+                f"{where}.num_shares ({shares}) exceeds the {sampled} clients sampled per "
                 f"round; lower it or sample more clients (federation.fraction_train)"
             )
         if sa.quantization_range & (sa.quantization_range - 1):
@@ -417,8 +435,6 @@ class RunConfig:
                 f"({sa.quantization_range}) would overflow the 2^32 masking modulus; lower "
                 f"quantization_range to {1 << (((2**32 - 1) // sampled).bit_length() - 1)} or less"
             )
-        if sampled < 2:
-            raise ConfigError("secure aggregation needs at least 2 clients per round")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

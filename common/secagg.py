@@ -114,8 +114,8 @@ def distributed(cfg: RunConfig) -> bool:
 
 
 def tolerated_dropouts(cfg: RunConfig) -> int:
-    sa = cfg.secure_aggregation
-    return sa.num_shares - sa.reconstruction_threshold if sa.enabled else 0
+    shares, threshold = cfg.secagg_shares()
+    return shares - threshold if cfg.secure_aggregation.enabled else 0
 
 
 def central_sensitivity(cfg: RunConfig, dimension: int) -> float:
@@ -172,6 +172,12 @@ class DistributedNoise:
             "tau": self.tau(contributors),
             "overflow_probability_bound": self.overflow_bound(contributors),
         }
+
+
+def decode_distributed_sum(mean: Sequence[np.ndarray], contributors: int, plan: DistributedNoise) -> list[np.ndarray]:
+    """The server's side of distributed mode: SecAgg+ unmasks the mean of the contributors'
+    integer vectors; recover their exact integer sum and scale it back to update units."""
+    return [np.rint(np.asarray(a, dtype=np.float64) * contributors) / plan.scale for a in mean]
 
 
 def distributed_noise(cfg: RunConfig, dimension: int, clients_sampled: int) -> DistributedNoise:
@@ -247,10 +253,11 @@ def settings_summary(cfg: RunConfig, dimension: int | None = None) -> dict[str, 
     out: dict[str, Any] = {"enabled": sa.enabled}
     if not sa.enabled:
         return out
+    shares, threshold = cfg.secagg_shares()
     out.update({
         "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod)",
-        "num_shares": sa.num_shares,
-        "reconstruction_threshold": sa.reconstruction_threshold,
+        "num_shares": shares,
+        "reconstruction_threshold": threshold,
         "tolerated_dropouts": tolerated_dropouts(cfg),
         "clipping_range": flower_clipping_range(cfg),
         "quantization_range": sa.quantization_range,

@@ -214,6 +214,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run_plan = plan(cfg)
     for note in run_plan.dataset.notes:
         console.print(f"[yellow]note:[/] {note}")
+    for warning in run_plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     protections = []
     if cfg.dp.enabled:
         protections.append(f"DP-SGD C={cfg.dp.l2_norm_clip} z={cfg.dp.noise_multiplier}")
@@ -225,9 +227,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         protections.append("no DP")
     sa = cfg.secure_aggregation
+    shares, threshold = cfg.secagg_shares()
     protections.append(
-        f"SecAgg+ ({sa.num_shares} shares, threshold {sa.reconstruction_threshold})" if sa.enabled
-        else "no secure aggregation")
+        f"SecAgg+ ({shares} shares, threshold {threshold})" if sa.enabled else "no secure aggregation")
     dp = ", ".join(protections)
     console.print(
         f"[bold]fedpriv simulate[/] {cfg.run.name}: {cfg.federation.num_clients} clients, "

@@ -61,9 +61,10 @@ def fit_workflow(cfg: RunConfig) -> Any:
     sa = cfg.secure_aggregation
     if not sa.enabled:
         return None  # DefaultWorkflow's own
+    shares, threshold = cfg.secagg_shares()
     return SecAggPlusWorkflow(
-        num_shares=sa.num_shares,
-        reconstruction_threshold=sa.reconstruction_threshold,
+        num_shares=shares,
+        reconstruction_threshold=threshold,
         max_weight=secagg.flower_max_weight(cfg),
         clipping_range=secagg.flower_clipping_range(cfg),
         quantization_range=sa.quantization_range,
@@ -87,7 +88,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
     initial = [np.asarray(w) for w in model.get_weights()]
     dimension = int(sum(w.size for w in initial))
     for warning in secagg.precision_warnings(cfg, dimension):
-        log.warning("fedpriv: %s", warning)
+        log.info("fedpriv: %s", warning)
     run_log = RunLog(on_round=on_round)
     clock = {"round_start": time.perf_counter()}
 

@@ -161,13 +161,13 @@ class PrivacyRecorder:
         self.ledger.append(
             actor="server", kind="user_level", round=server_round, event=event,
             parameters={
+                **mechanism,
                 "population": population, "sampling_probability": expected / population,
                 "clients_expected": expected, "clients_sampled": sampled, "clients_aggregated": aggregated,
-                "noise_multiplier": noise_multiplier,
+                "noise_multiplier": noise_multiplier,  # what the accounting uses: the noise applied
                 "configured_noise_multiplier": self.cfg.user_dp.noise_multiplier,
                 "clipping_norm": self.cfg.user_dp.clipping_norm,
                 "secure_aggregation": self.cfg.secure_aggregation.enabled,
-                **mechanism,
             },
             sampling=USER_LEVEL_SAMPLING, epsilon={"rdp": epsilon},
             note=ASSUMPTIONS[mechanism["noise_mode"]],

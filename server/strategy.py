@@ -210,7 +210,7 @@ class FedprivStrategy(Strategy):
         if not self.cfg.user_dp.enabled:
             clients = client_manager.sample(num_clients=int(expected), min_num_clients=needed)
         secure = self.cfg.secure_aggregation
-        minimum = max(federation.min_train_clients, secure.num_shares if secure.enabled else 1)
+        minimum = max(federation.min_train_clients, self.cfg.secagg_shares()[0] if secure.enabled else 1)
         if len(clients) < minimum:
             reason = f"client sampling drew {len(clients)} clients, fewer than the {minimum} a round needs"
             self._failed[server_round] = reason
@@ -287,8 +287,7 @@ class FedprivStrategy(Strategy):
         udp = self.cfg.user_dp
         if secagg.distributed(self.cfg):
             plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
-            # The unmasked result is the mean of integer vectors: recover their exact sum.
-            noisy_sum = [np.rint(a * contributors) / plan.scale for a in mean]
+            noisy_sum = secagg.decode_distributed_sum(mean, contributors, plan)
             mechanism = {"noise_mode": "distributed", "mechanism": "distributed discrete Gaussian",
                          **plan.describe(contributors)}
             applied = plan.noise_multiplier_applied(contributors)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clients.app import local_data, make_client_app
+from common import secagg
 from common.config import RunConfig
 from common.data import Dataset, load_dataset
 from common.errors import FedprivError
-from common.models import resolve_model_name
+from common.models import build_model, resolve_model_name
 from common.tf_runtime import RUNTIME_ENV, gpu_count
 from server.app import make_server_app
 from server.run_log import RoundEntry
@@ -27,6 +28,8 @@ class Plan:
     model_name: str
     client_sizes: list[int]
     gpus_per_client: float
+    model_parameters: int
+    warnings: list[str]
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -37,7 +40,10 @@ def plan(cfg: RunConfig) -> Plan:
     if min(sizes) == 0:
         raise FedprivError("a client received no training data; use fewer clients or iid partitioning")
     gpus = cfg.simulation.gpus_per_client if gpu_count() > 0 else 0.0
-    return Plan(dataset, model_name, sizes, gpus)
+    model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
+    dimension = int(model.count_params())
+    warnings = secagg.precision_warnings(cfg, dimension)  # raises ConfigError if unworkable
+    return Plan(dataset, model_name, sizes, gpus, dimension, warnings)
 
 
 def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool) -> dict[str, Any]:

@@ -69,10 +69,10 @@ def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, t
 
 
 def test_server_stops_before_the_user_level_budget(cli, tmp_path):
-    def user_eps(rounds):  # all 3 of 3 clients sampled: replace-one, noise z/2 on sensitivity 2C
-        acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    def user_eps(rounds):  # every client sampled (Poisson with q = 1), add/remove-one adjacency
+        acc = rdp.RdpAccountant()
         acc.compose(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.SampledWithoutReplacementDpEvent(3, 3, dp_accounting.GaussianDpEvent(2.0)), rounds))
+            dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(4.0)), rounds))
         return acc.get_epsilon(1e-5)
 
     budget = (user_eps(2) + user_eps(3)) / 2

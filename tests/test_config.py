@@ -126,6 +126,10 @@ def test_strategy_choice():
 def test_secure_aggregation_settings_are_validated():
     cfg = load_config(overrides=["secure_aggregation.num_shares=7", "secure_aggregation.reconstruction_threshold=4"])
     assert cfg.secure_aggregation.num_shares == 7 and cfg.secure_aggregation.enabled
+    assert cfg.secagg_shares() == (7, 4)
+    assert load_config().secagg_shares() == (5, 3)  # auto
+    small = load_config(overrides=["federation.num_clients=3", "federation.min_available_clients=3"])
+    assert small.secagg_shares() == (3, 2)
     cases = {
         "must be below secure_aggregation.num_shares": ["secure_aggregation.reconstruction_threshold=5"],
         "exceeds the 10 clients sampled": ["secure_aggregation.num_shares=11",
@@ -134,7 +138,8 @@ def test_secure_aggregation_settings_are_validated():
         "overflow the 2^32 masking modulus": ["secure_aggregation.quantization_range=1073741824"],
         "needs secure_aggregation.enabled = true": ["secure_aggregation.enabled=false", "user_dp.enabled=true",
                                                      "user_dp.noise_mode=distributed"],
-        "secure_aggregation.num_shares must be >= 3": ["secure_aggregation.num_shares=2"],
+        "secure_aggregation.num_shares must be at least 3": ["secure_aggregation.num_shares=2"],
+        "at least 3 clients per round": ["federation.num_clients=2", "federation.min_available_clients=2"],
         "secure_aggregation.timeout must be > 0": ["secure_aggregation.timeout=0"],
     }
     for message, overrides in cases.items():

@@ -39,7 +39,8 @@ def test_flwr_run_dot(tmp_path):
            "FLWR_TELEMETRY_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     config = ("run.rounds=1 federation.num_clients=3 federation.min_available_clients=3 "
-              "client.local_epochs=1 client.batch_size=64")
+              "client.local_epochs=1 client.batch_size=64 "
+              "secure_aggregation.num_shares=3 secure_aggregation.reconstruction_threshold=2")
     try:
         proc = subprocess.run(
             [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3", "--stream"],
@@ -54,6 +55,7 @@ def test_flwr_run_dot(tmp_path):
         assert summary["rounds"][0]["clients_trained"] == 3
         assert sorted(summary["privacy"]["record_level"]["clients"]) == ["0", "1", "2"]
         assert summary["final_accuracy"] > summary["initial_accuracy"]
+        assert summary["secure_aggregation"]["enabled"] and summary["secure_aggregation"]["num_shares"] == 3
     finally:
         for pid in _processes_with_env("FLWR_HOME", str(home)):
             try:

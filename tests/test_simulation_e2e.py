@@ -52,6 +52,9 @@ def test_three_clients_two_rounds(cli, tmp_path):
     # Epsilon per round is cumulative: it grows from round 1 to round 2.
     assert summary["rounds"][0]["record_epsilon_max"] < summary["rounds"][1]["record_epsilon_max"]
     assert summary["config"]["federation"]["num_clients"] == 3
+    secure = summary["secure_aggregation"]  # on by default: 3 clients get 3 shares, threshold 2
+    assert secure["enabled"] and (secure["num_shares"], secure["reconstruction_threshold"]) == (3, 2)
+    assert secure["model_parameters"] == summary["model_parameters"] > 0
 
     with (out / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
