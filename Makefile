@@ -8,7 +8,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench generated sync clean
+.PHONY: demo test test-fast bench bench-secagg generated sync clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -28,6 +28,9 @@ test-fast: sync
 
 bench: sync
 	$(UV) run --locked python benchmarks/dp_vs_nodp.py
+
+bench-secagg: sync
+	$(UV) run --locked python benchmarks/secagg.py
 
 generated: sync
 	$(UV) run --locked python docs/generate.py

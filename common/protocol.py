@@ -1,9 +1,8 @@
-"""Names of the records and keys exchanged between the fedpriv ServerApp and ClientApp."""
+"""Names of the keys exchanged between the fedpriv ServerApp and ClientApp.
 
-# RecordDict keys (Flower's strategies use the same defaults).
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
+Messages use Flower's legacy FitIns / FitRes layout (SecAgg+ needs it); these are the keys inside
+its config and metrics.
+"""
 
 # Keys of the server's fit config.
 SERVER_ROUND = "server-round"

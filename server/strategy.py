@@ -229,6 +229,15 @@ class FedprivStrategy(Strategy):
         errors = self._round_errors(server_round)
         secure = self.cfg.secure_aggregation.enabled
         usable = [(p, r) for p, r in results if p.node_id not in malformed]
+        if not secure:  # individual updates: reject any of the wrong shape or with non-finite values
+            checked = []
+            for proxy, res in usable:
+                problem = self._update_problem(parameters_to_ndarrays(res.parameters))
+                if problem:
+                    errors.append(f"node {proxy.node_id}: update rejected ({problem})")
+                else:
+                    checked.append((proxy, res))
+            usable = checked
         ok = [replies[p.node_id] for p, _ in usable if p.node_id in replies]
         if secure and malformed:
             # Under SecAgg+ the malformed client's update is already inside the sum.
@@ -243,8 +252,9 @@ class FedprivStrategy(Strategy):
         else:
             mean = aggregate([(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in usable])
             mean = [np.asarray(a, dtype=np.float64) for a in mean]
-        if not all(np.all(np.isfinite(a)) for a in mean) or [a.shape for a in mean] != [a.shape for a in self.latest]:
-            return self._fail(server_round, ok, errors, "the aggregated update is malformed (shape or non-finite values)")
+        problem = self._update_problem(mean)
+        if problem:
+            return self._fail(server_round, ok, errors, f"the aggregated update is malformed ({problem})")
         if self.cfg.user_dp.enabled:
             mean = self._privatize(server_round, mean, len(usable))
         new_global = [(g + m).astype(g.dtype) for g, m in zip(self.latest, mean, strict=True)]
@@ -307,6 +317,15 @@ class FedprivStrategy(Strategy):
         epsilon = self.recorder.record_user_round(server_round, population, expected, sampled,
                                                   contributors, applied, mechanism)
         self.run_log.entry(server_round).user_epsilon = epsilon
+
+    def _update_problem(self, arrays: list[np.ndarray]) -> str | None:
+        shapes = [tuple(a.shape) for a in arrays]
+        expected = [tuple(a.shape) for a in self.latest]
+        if shapes != expected:
+            return f"{len(arrays)} arrays of shapes {shapes[:3]}..., expected {len(expected)} like the model"
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            return "non-finite values"
+        return None
 
     def _round_errors(self, server_round: int) -> list[str]:
         """One line per sampled node that failed this round (however many stages it missed)."""

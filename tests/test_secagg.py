@@ -171,3 +171,43 @@ def test_quantization_precision_is_checked_for_the_model_size():
         secagg.precision_warnings(tiny, 1_000_000)
     assert secagg.precision_warnings(_distributed_cfg(), 100_000) == []
     assert secagg.precision_warnings(load_config(overrides=["secure_aggregation.enabled=false"]), 10**7) == []
+
+
+class _Node:
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+
+def test_without_secagg_bad_updates_are_rejected_one_by_one(tmp_path):
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    cfg = load_config(overrides=["secure_aggregation.enabled=false", "dp.enabled=false"])
+    initial = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
+    run_log = RunLog()
+    recorder = PrivacyRecorder(cfg, tmp_path / "run")
+    strategy = FedprivStrategy(cfg, initial, run_log, recorder, lambda r, w: (0.0, 0.0), grid=None)
+    strategy._plan[1] = (3, 3.0)
+    strategy._sampled_nodes[1] = {1, 2, 3}
+
+    def res(arrays, weight=10):
+        return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), weight, {})
+
+    good = [np.ones((2, 3), dtype=np.float32), np.full(3, 2.0, dtype=np.float32)]
+    results = [
+        (_Node(1), res(good)),
+        (_Node(2), res([np.ones((3, 2), dtype=np.float32), np.ones(3, dtype=np.float32)])),
+        (_Node(3), res([np.full((2, 3), np.nan, dtype=np.float32), np.ones(3, dtype=np.float32)])),
+    ]
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    new = parameters_to_ndarrays(parameters)
+    assert np.allclose(new[0], 1.0) and np.allclose(new[1], 2.0)  # only the good update, applied in full
+    reasons = [f["reason"] for f in run_log.failures]
+    assert any("node 2: update rejected" in r and "shapes" in r for r in reasons)
+    assert any("node 3: update rejected (non-finite values)" in r for r in reasons)
+    # All bad: the round fails cleanly and the model is kept.
+    strategy._plan[2] = (3, 3.0)
+    strategy._sampled_nodes[2] = {2, 3}
+    assert strategy.aggregate_fit(2, results[1:], [])[0] is None
+    assert strategy._failed[2] == "no client update could be aggregated"
+    assert np.allclose(strategy.latest[0], 1.0)
+    recorder.finish()
