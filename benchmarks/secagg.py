@@ -192,7 +192,7 @@ def main() -> int:
             print("overhead (with vs without SecAgg+):", flush=True)
             over = overhead(Path(tmp), 2 if args.quick else 4, (10,) if args.quick else CLIENTS)
         if args.part in ("utility", "all"):
-            print("utility (cross-device):", flush=True)
+            print("utility (quickstart and cross-device):", flush=True)
             util = utility(Path(tmp), 2 if args.quick else 20)
     suffix = "-quick" if args.quick else ""
     previous = RESULTS / f"secagg{suffix}.json"
