@@ -96,11 +96,15 @@ def _metrics(result: TrainResult, partition_id: int) -> dict[str, float | int | 
 
 
 def _declare_prior_spending(context: Context, guard: NodeBudgetGuard) -> dict[str, str]:
-    """On this run's first round on this node, tell the server what was spent before it."""
-    if context.state.config_records.get(RUN_MARKER):
-        return {}
-    context.state.config_records[RUN_MARKER] = ConfigRecord({"started": True})
-    return {PRIOR_SPENDS: json.dumps([s.to_json() for s in merge_spends(guard.spends)])}
+    """What this node spent before this run, read from its ledger on its first round of the run
+    and repeated in every reply: a reply can be lost (a dropout), and the server records the
+    carried spending once, the first time it arrives."""
+    record = context.state.config_records.get(RUN_MARKER)
+    if record is None or PRIOR_SPENDS not in record:
+        prior = json.dumps([s.to_json() for s in merge_spends(guard.spends)])
+        record = ConfigRecord({PRIOR_SPENDS: prior})
+        context.state.config_records[RUN_MARKER] = record
+    return {PRIOR_SPENDS: str(record[PRIOR_SPENDS])}
 
 
 def encode_update(

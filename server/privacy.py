@@ -75,6 +75,7 @@ class PrivacyRecorder:
         self.user_events: list[dp_accounting.DpEvent] = []
         self.refusals: list[dict[str, Any]] = []
         self.failed_rounds: list[dict[str, Any]] = []
+        self.carried: set[str] = set()  # clients whose spending before this run is recorded
         self.stopped: dict[str, Any] | None = None
         self.ledger.append(
             actor="server", kind="run_start",
@@ -103,7 +104,8 @@ class PrivacyRecorder:
         actor = f"client:{client_id}"
         events = self.client_events.setdefault(client_id, [])
         prior = declared["prior"]
-        if prior:
+        if prior and client_id not in self.carried:  # declared in every reply; recorded once
+            self.carried.add(client_id)
             carried = accounting.composed_event(prior)
             events.append(carried)
             self.ledger.append(

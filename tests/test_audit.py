@@ -29,7 +29,7 @@ def _make_run(run_dir, rounds=3, user_budget=0.0, record_budget=0.0):
     for r in range(1, rounds + 1):
         for cid in ("0", "1"):
             privacy = {"round-spend": json.dumps(SPEND.to_json())}
-            if r == 1 and cid == "1":
+            if cid == "1":  # clients repeat it in every reply; the server records it once
                 privacy["prior-spends"] = json.dumps([PRIOR.to_json()])
             recorder.record_client(r, cid, recorder.parse_declaration(privacy))
         recorder.record_user_round(r, population=10, expected=5.0, sampled=5, aggregated=2,
