@@ -1,0 +1,130 @@
+"""Key material for a real federation, made with the ``cryptography`` package.
+
+- a federation CA (EC P-384, self-signed) that signs the SuperLink's TLS certificate;
+- the SuperLink's certificate, with every ``--host`` as a subject alternative name;
+- node authentication key pairs in the OpenSSH format Flower's SuperNode reads
+  (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts (EC, NIST P-384);
+- the server's Ed25519 ledger-signing key.
+
+Private keys are written with mode 0600, and nothing is ever overwritten unless asked to.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.errors import FedprivError
+
+CA_KEY, CA_CERT = "ca.key", "ca.crt"
+SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"
+LEDGER_KEY, LEDGER_PUB = "ledger-signing.key", "ledger-signing.pub"
+NODES_DIR = "nodes"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    path: Path
+    data: bytes
+    private: bool
+
+
+def node_key_names(count: int) -> list[str]:
+    return [f"node-{i}" for i in range(1, count + 1)]
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[KeyFile]:
+    """Everything ``fedpriv keys`` writes, in memory (nothing touches the disk here)."""
+    if nodes < 0:
+        raise FedprivError("--nodes must be 0 or more")
+    if days < 1:
+        raise FedprivError("--days must be at least 1")
+    hosts = list(dict.fromkeys(hosts or DEFAULT_HOSTS))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    until = now + datetime.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpriv federation CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     key_cert_sign=True, crl_sign=True, encipher_only=False,
+                                     decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    link_key = ec.generate_private_key(ec.SECP384R1())
+    link_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name).public_key(link_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    files = [
+        KeyFile(out / CA_KEY, _pem_private(ca_key), True),
+        KeyFile(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), False),
+        KeyFile(out / SUPERLINK_KEY, _pem_private(link_key), True),
+        KeyFile(out / SUPERLINK_CERT, link_cert.public_bytes(serialization.Encoding.PEM), False),
+    ]
+    for name in node_key_names(nodes):
+        node_key = ec.generate_private_key(ec.SECP384R1())
+        files.append(KeyFile(out / NODES_DIR / name, node_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), True))
+        files.append(KeyFile(out / NODES_DIR / f"{name}.pub", node_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", False))
+    ledger_key = Ed25519PrivateKey.generate()
+    files.append(KeyFile(out / LEDGER_KEY, _pem_private(ledger_key), True))
+    files.append(KeyFile(out / LEDGER_PUB, ledger_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), False))
+    return files
+
+
+def write_keys(files: list[KeyFile], force: bool) -> None:
+    """Write ``files``; private ones with mode 0600. Refuse (writing nothing) if any exists,
+    unless ``force``."""
+    existing = [f.path for f in files if f.path.exists()]
+    if existing and not force:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise FedprivError(f"{len(existing)} key file(s) already exist ({shown}); nothing was written. "
+                           f"Use --force to replace them")
+    for f in files:
+        f.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.path.with_name(f".{f.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if f.private else 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(f.data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600 if f.private else 0o644)
+        os.replace(tmp, f.path)

@@ -1,0 +1,44 @@
+"""``fedpriv keys``: the key material of a real federation (see common/keys.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+
+
+def add_parser(sub: Any) -> None:
+    keys = sub.add_parser(
+        "keys", help="create the CA, TLS, node-authentication and ledger keys of a federation",
+        description=(
+            "Create in DIR: a federation CA (ca.crt, ca.key), the SuperLink's TLS certificate "
+            "signed by it with every --host as a subject alternative name (superlink.crt, "
+            "superlink.key), node authentication key pairs in the OpenSSH format Flower's "
+            "SuperNode reads (nodes/node-N, nodes/node-N.pub; register the .pub files with the "
+            "SuperLink), and the server's ledger-signing key (ledger-signing.key, "
+            "ledger-signing.pub). Private keys get mode 0600. Existing files are never replaced "
+            "unless --force is given; then nothing at all is written."
+        ),
+    )
+    keys.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the keys")
+    keys.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
+                      help="a DNS name or IP address the SuperLink is reached at (repeatable; "
+                           "default: localhost and 127.0.0.1)")
+    keys.add_argument("--nodes", type=int, default=2, metavar="N", help="node key pairs to create (default 2)")
+    keys.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+    keys.add_argument("--force", action="store_true", help="replace existing key files")
+    keys.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from common.keys import federation_keys, write_keys
+
+    files = federation_keys(args.out, args.hosts, args.nodes, args.days)
+    write_keys(files, args.force)
+    for f in files:
+        print(f"{'private' if f.private else 'public '}  {f.path}")
+    print(f"next: start the SuperLink with {args.out / 'superlink.crt'} and register each "
+          f"{args.out / 'nodes'}/node-N.pub; give each node its private key and {args.out / 'ca.crt'}")
+    return EXIT_OK
