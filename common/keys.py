@@ -4,7 +4,8 @@
 - the SuperLink's certificate, with every ``--host`` as a subject alternative name;
 - node authentication key pairs in the OpenSSH format Flower's SuperNode reads
   (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts (EC, NIST P-384);
-- the server's Ed25519 ledger-signing key.
+- the server's Ed25519 ledger-signing key;
+- an AES-256 key for encrypting checkpoints at rest (``$FEDPRIV_CHECKPOINT_KEY_FILE``).
 
 Private keys are written with mode 0600, and nothing is ever overwritten unless asked to.
 """
@@ -23,11 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.checkpoint import encode_key, new_key
 from common.errors import FedprivError
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"
 LEDGER_KEY, LEDGER_PUB = "ledger-signing.key", "ledger-signing.pub"
+CHECKPOINT_KEY = "checkpoint.key"
 NODES_DIR = "nodes"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
@@ -107,6 +110,7 @@ def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[
     files.append(KeyFile(out / LEDGER_KEY, _pem_private(ledger_key), True))
     files.append(KeyFile(out / LEDGER_PUB, ledger_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), False))
+    files.append(KeyFile(out / CHECKPOINT_KEY, encode_key(new_key()), True))
     return files
 
 

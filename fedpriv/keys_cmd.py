@@ -17,8 +17,9 @@ def add_parser(sub: Any) -> None:
             "signed by it with every --host as a subject alternative name (superlink.crt, "
             "superlink.key), node authentication key pairs in the OpenSSH format Flower's "
             "SuperNode reads (nodes/node-N, nodes/node-N.pub; register the .pub files with the "
-            "SuperLink), and the server's ledger-signing key (ledger-signing.key, "
-            "ledger-signing.pub). Private keys get mode 0600. Existing files are never replaced "
+            "SuperLink), the server's ledger-signing key (ledger-signing.key, "
+            "ledger-signing.pub), and an AES-256 checkpoint key (checkpoint.key; point "
+            "$FEDPRIV_CHECKPOINT_KEY_FILE at it). Private keys get mode 0600. Existing files are never replaced "
             "unless --force is given; then nothing at all is written."
         ),
     )

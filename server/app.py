@@ -21,7 +21,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from common import rundir, secagg
+from common import checkpoint, rundir, secagg
 from common.config import RunConfig, config_from_run_config
 from common.data import load_dataset
 from common.models import build_model, resolve_model_name
@@ -103,6 +103,14 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
 
     recorder = PrivacyRecorder(cfg, out_dir)
     strategy = FedprivStrategy(cfg, initial, run_log, recorder, evaluate, grid)
+    checkpoint_key = checkpoint.key_from_environment()
+    if checkpoint_key is not None:
+        def save_checkpoint(server_round: int, weights: list[np.ndarray]) -> None:
+            header = {"round": server_round, "run": cfg.run.name, "ledger_entries": recorder.ledger.seq,
+                      "ledger_head": recorder.ledger.prev_hash}
+            checkpoint.write_checkpoint(out_dir / checkpoint.CHECKPOINT, weights, header, checkpoint_key)
+
+        strategy.on_model = save_checkpoint
     observed = ObservedGrid(grid, strategy, on_exchange)
     legacy = LegacyContext(
         context=context,

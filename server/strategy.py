@@ -129,6 +129,7 @@ class FedprivStrategy(Strategy):
         self.inner = build_inner_strategy(cfg, ndarrays_to_parameters(initial))
         self.latest: list[np.ndarray] = [np.asarray(a) for a in initial]
         self.stopped: str | None = None
+        self.on_model: Callable[[int, list[np.ndarray]], None] | None = None  # after each aggregate
         self._plan: dict[int, tuple[int, float]] = {}  # round -> (population, expected clients)
         self._aggregated: set[int] = set()
         self._failed: dict[int, str] = {}
@@ -265,6 +266,8 @@ class FedprivStrategy(Strategy):
             return self._fail(server_round, ok, errors, "the server strategy produced no model")
         self.latest = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
         self._aggregated.add(server_round)
+        if self.on_model is not None:
+            self.on_model(server_round, self.latest)
         self.run_log.record_train(server_round, ok, errors)
         return parameters, {}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clients.app import local_data, make_client_app
-from common import secagg
+from common import checkpoint, secagg
 from common.config import RunConfig
 from common.data import Dataset, load_dataset
 from common.errors import FedprivError
@@ -43,6 +43,7 @@ def plan(cfg: RunConfig) -> Plan:
     model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
     dimension = int(model.count_params())
     warnings = secagg.precision_warnings(cfg, dimension)  # raises ConfigError if unworkable
+    checkpoint.key_from_environment()  # a configured but unusable checkpoint key fails here
     return Plan(dataset, model_name, sizes, gpus, dimension, warnings)
 
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.ledger import load_or_create_signing_key, load_public_key
 
-PRIVATE = ["ca.key", "superlink.key", "nodes/node-1", "nodes/node-2", "ledger-signing.key"]
+PRIVATE = ["ca.key", "superlink.key", "nodes/node-1", "nodes/node-2", "ledger-signing.key", "checkpoint.key"]
 PUBLIC = ["ca.crt", "superlink.crt", "nodes/node-1.pub", "nodes/node-2.pub", "ledger-signing.pub"]
 
 

@@ -1,5 +1,6 @@
 """End to end: `fedpriv simulate` with 3 virtual clients and 2 rounds on Flower's Ray runtime."""
 
+import base64
 import csv
 import json
 import math
@@ -8,6 +9,8 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import rdp
+
+from common import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +28,9 @@ def _expected_epsilon(n, batch, rounds, z, delta):
     return acc.get_epsilon(delta)
 
 
-def test_three_clients_two_rounds(cli, tmp_path):
+def test_three_clients_two_rounds(cli, tmp_path, monkeypatch):
+    key = checkpoint.new_key()  # checkpoints are encrypted at rest when a key is configured
+    monkeypatch.setenv(checkpoint.KEY_ENV, base64.b64encode(key).decode())
     out = tmp_path / "run"
     args = ["simulate"] + [item for s in SETTINGS for item in ("--set", s)] + ["--out", str(out)]
     proc = cli(*args)
@@ -52,6 +57,10 @@ def test_three_clients_two_rounds(cli, tmp_path):
     # Epsilon per round is cumulative: it grows from round 1 to round 2.
     assert summary["rounds"][0]["record_epsilon_max"] < summary["rounds"][1]["record_epsilon_max"]
     assert summary["config"]["federation"]["num_clients"] == 3
+    arrays, header = checkpoint.read_checkpoint(out / checkpoint.CHECKPOINT, key)
+    assert header["round"] == 2 and header["ledger_entries"] > 0
+    with np.load(out / "model.npz") as model:
+        assert all(np.array_equal(a, model[f"arr_{i}"]) for i, a in enumerate(arrays))
     secure = summary["secure_aggregation"]  # on by default: 3 clients get 3 shares, threshold 2
     assert secure["enabled"] and (secure["num_shares"], secure["reconstruction_threshold"]) == (3, 2)
     assert secure["model_parameters"] == summary["model_parameters"] > 0
