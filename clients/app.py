@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -30,7 +32,7 @@ from clients.trainer import TrainResult, get_trainer
 from common import secagg
 from common.accounting import merge_spends
 from common.config import DataSection, RunConfig, config_from_run_config
-from common.data import load_dataset
+from common.data import load_dataset, load_node_data
 from common.errors import DataError
 from common.models import resolve_model_name
 from common.partition import partition
@@ -74,8 +76,7 @@ def node_state_dir(cfg: RunConfig, node_id: str) -> Path:
 def node_partition(context: Context, cfg: RunConfig) -> int:
     """The partition this virtual node trains on, checked against the configuration."""
     if "partition-id" not in context.node_config:
-        raise DataError("this node has no partition-id in its node config; fedpriv's ClientApp "
-                        "currently runs in simulation only")
+        raise DataError("this node has neither a data-path nor a partition-id in its node config")
     partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     if partitions != cfg.federation.num_clients:
         raise DataError(
@@ -84,6 +85,36 @@ def node_partition(context: Context, cfg: RunConfig) -> int:
             f"\"num-supernodes={cfg.federation.num_clients}\")"
         )
     return int(context.node_config["partition-id"])
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """Who this node is, what it trains on, and where it keeps its spending."""
+
+    client_id: int
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    state_dir: Path
+    record_budget: float
+
+
+def node_setup(context: Context, cfg: RunConfig, dataset: Any) -> NodeSetup:
+    """A real node (``data-path`` in its node config, as ``fedpriv node join`` sets it) trains on
+    its own file; a simulated one on its partition of the configured dataset."""
+    config = context.node_config
+    budget = float(config.get("record-budget", cfg.privacy.record_budget))
+    if "data-path" in config:
+        name = str(config.get("node-name") or f"node-{context.node_id}")
+        x, y = load_node_data(str(config["data-path"]), dataset.input_shape, dataset.num_classes,
+                              cfg.data.label_column)
+        root = Path(str(config["state-dir"])) if config.get("state-dir") else None
+        state_dir = root / name if root else node_state_dir(cfg, name)
+        return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget)
+    partition_id = node_partition(context, cfg)
+    x, y = local_data(cfg, partition_id)
+    name = f"sim-{partition_id}"
+    return NodeSetup(partition_id, name, x, y, node_state_dir(cfg, name), budget)
 
 
 def _metrics(result: TrainResult, partition_id: int) -> dict[str, float | int | str]:
@@ -159,9 +190,9 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = config_from_run_config(context.run_config, config)
-        partition_id = node_partition(context, cfg)
-        x, y = local_data(cfg, partition_id)
         dataset = load_dataset(cfg.data, cfg.run.seed)
+        node = node_setup(context, cfg, dataset)
+        x, y = node.x, node.y
         model_name = resolve_model_name(cfg.model, dataset.input_shape)
         trainer = get_trainer(
             model_name, cfg.model, cfg.client, cfg.dp, dataset.input_shape, dataset.num_classes
@@ -174,17 +205,16 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         metrics: dict[str, float | int | str]
         if planned is None:  # no record-level DP: nothing to spend, nothing to guard
             result = trainer.train(weights, x, y)
-            metrics = _metrics(result, partition_id)
+            metrics = _metrics(result, node.client_id)
         else:
-            state_dir = node_state_dir(cfg, f"sim-{partition_id}")
-            with open_guard(state_dir, cfg.privacy.record_budget, cfg.privacy.delta) as guard:
+            with open_guard(node.state_dir, node.record_budget, cfg.privacy.delta) as guard:
                 try:
                     guard.check(planned)
                 except BudgetExhausted as exc:
                     return _refuse(msg, str(exc))
                 prior = _declare_prior_spending(context, guard)
                 result = trainer.train(weights, x, y)
-                metrics = _metrics(result, partition_id)
+                metrics = _metrics(result, node.client_id)
                 metrics[RECORD_EPSILON] = guard.record(result.spend, server_round)
                 metrics.update({f"{PRIVACY}.{k}": v for k, v in prior.items()})
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())

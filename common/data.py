@@ -122,6 +122,18 @@ def load_file(path: str, label_column: str = "label") -> tuple[np.ndarray, np.nd
     raise DataError(f"unsupported data file type '{suffix or file.name}': use .npz or .csv")
 
 
+def load_node_data(path: str, input_shape: tuple[int, ...], num_classes: int,
+                   label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """A real node's own training data, checked against the federation's model."""
+    x, y = _normalise(*load_file(path, label_column), source=path)
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise DataError(f"{path}: examples have shape {tuple(x.shape[1:])}, but the federation's model "
+                        f"takes {tuple(input_shape)}")
+    if int(y.max()) >= num_classes:
+        raise DataError(f"{path}: label {int(y.max())} is outside the federation's {num_classes} classes")
+    return x, y
+
+
 def _load_npz(file: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as archive:

@@ -1,0 +1,71 @@
+"""A real node trains on its own data file (``data-path`` in its node config) and keeps its
+own budget and ledger; a bad file is refused with a clear error."""
+
+from __future__ import annotations
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+
+from clients.app import make_client_app
+from common.config import load_config
+from common.data import load_dataset
+from common.errors import DataError
+from common.models import build_model, resolve_model_name
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower's runtime sets the task identity that messages are created under; so does this test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+SETTINGS = ["data.dataset=digits", "model.name=mlp", "model.mlp_units=16", "client.batch_size=16",
+            "secure_aggregation.enabled=false", "dp.noise_multiplier=1.1"]
+
+
+def _fit_message(weights, server_round):
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {"server-round": server_round}), True)
+    return Message(content=content, dst_node_id=7, message_type="train", group_id=str(server_round))
+
+
+def _setup(tmp_path, extra=()):
+    cfg = load_config(overrides=[*SETTINGS, *extra])
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    model = build_model(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, dataset.input_shape,
+                        dataset.num_classes)
+    return cfg, dataset, [np.asarray(w) for w in model.get_weights()]
+
+
+def test_a_node_trains_on_its_own_file_and_keeps_its_own_ledger(tmp_path):
+    cfg, dataset, weights = _setup(tmp_path)
+    data = tmp_path / "alice.npz"
+    np.savez(data, x=dataset.x_train[:80], y=dataset.y_train[:80])
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "node-name": "alice",
+                                                        "state-dir": str(tmp_path / "state")},
+                      state=RecordDict(), run_config=cfg.to_flat())
+    app = make_client_app(cfg)
+    reply = app(_fit_message(weights, 1), context)
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    update = parameters_to_ndarrays(fitres.parameters)
+    assert [u.shape for u in update] == [w.shape for w in weights]
+    assert fitres.num_examples == 80 and fitres.metrics["steps"] == 5  # ceil(80 / 16), its own data
+    assert (tmp_path / "state" / "alice" / "ledger.jsonl").exists()
+    assert fitres.metrics["record-epsilon"] > 0
+
+
+def test_a_node_with_a_wrong_shaped_file_is_refused_clearly(tmp_path):
+    cfg, dataset, weights = _setup(tmp_path)
+    data = tmp_path / "bad.npz"
+    np.savez(data, x=np.zeros((20, 5, 5)), y=np.zeros(20))
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data)}, state=RecordDict(),
+                      run_config=cfg.to_flat())
+    with pytest.raises(DataError, match="but the federation's model takes"):
+        make_client_app(cfg)(_fit_message(weights, 1), context)
