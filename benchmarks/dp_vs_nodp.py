@@ -27,7 +27,9 @@ TARGET_GAP_PP = 10.0
 TARGET_EPSILON = 8.0
 
 
-def run_preset(preset: str, overrides: list[str], out: Path) -> dict:
+def simulate(preset: str, overrides: list[str], out: Path) -> dict:
+    """Run ``fedpriv simulate`` as a user would; return its summary, with the wall time
+    (start-up included) as ``_wall_s``. Exits on a failed run."""
     args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", preset, "--out", str(out)]
     for item in overrides:
         args += ["--set", item]
@@ -35,14 +37,20 @@ def run_preset(preset: str, overrides: list[str], out: Path) -> dict:
     proc = subprocess.run(args, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        sys.exit(f"error: {preset} run failed: {proc.stderr.strip().splitlines()[-1:]}")
+        sys.exit(f"error: run {preset} {overrides} failed: {proc.stderr.strip().splitlines()[-1:]}")
     summary = json.loads((out / "summary.json").read_text())
+    summary["_wall_s"] = wall
+    return summary
+
+
+def run_preset(preset: str, overrides: list[str], out: Path) -> dict:
+    summary = simulate(preset, overrides, out)
     return {
         "preset": preset,
         "final_accuracy": summary["final_accuracy"],
         "record_epsilon": summary["privacy"]["record_level"]["max_epsilon"],
         "delta": summary["privacy"]["delta"],
-        "wall_time_s": wall,
+        "wall_time_s": summary["_wall_s"],
         "seed": summary["config"]["run"]["seed"],
         "clients": summary["config"]["federation"]["num_clients"],
         "rounds": summary["config"]["run"]["rounds"],

@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dp_vs_nodp import RESULTS, machine  # noqa: E402
+from dp_vs_nodp import RESULTS, machine, simulate  # noqa: E402
 
 MODELS = {  # name -> settings; parameters: 93,322 / 101,770 / 1,001,710
     "100k CNN": ["model.name=cnn"],
@@ -49,19 +47,6 @@ UTILITY = {
     "user-level only": ["dp.enabled=false", "user_dp.enabled=true"],
     "both": ["dp.enabled=true", "user_dp.enabled=true"],
 }
-
-
-def simulate(preset: str, overrides: list[str], out: Path) -> dict:
-    args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", preset, "--out", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    started = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: run {preset} {overrides} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    summary["_wall_s"] = time.perf_counter() - started
-    return summary
 
 
 def overhead(tmp: Path, rounds: int, clients: tuple[int, ...]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,3 +34,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def simulate_run(out: Path, settings: list[str], preset: str = "quickstart") -> tuple[subprocess.CompletedProcess, dict | None]:
+    """``fedpriv simulate`` with ``--set`` settings; its process and summary.json (None if absent)."""
+    args = ["simulate", "--preset", preset] + [x for s in settings for x in ("--set", s)] + ["--out", str(out)]
+    proc = run_cli(*args)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    return proc, summary

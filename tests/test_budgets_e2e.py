@@ -8,6 +8,7 @@ import pytest
 from dp_accounting import rdp
 
 from common.ledger import verify_ledger
+from tests.conftest import simulate_run
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +28,7 @@ def _epsilon_after(rounds, n):
 
 
 def _simulate(cli, out, *settings):
-    args = ["simulate"] + [x for s in BASE + list(settings) for x in ("--set", s)] + ["--out", str(out)]
-    proc = cli(*args)
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
-    return proc, summary
+    return simulate_run(out, [*BASE, *settings])
 
 
 def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, tmp_path):

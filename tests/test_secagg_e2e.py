@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -16,7 +15,7 @@ from flwr.common.secure_aggregation.quantization import quantize
 from scipy import stats
 
 from common.ledger import verify_ledger
-from tests.conftest import ROOT
+from tests.conftest import ROOT, simulate_run
 
 SMALL = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
          "client.batch_size=64"]
@@ -64,10 +63,7 @@ def test_server_sees_only_masked_vectors_whose_sum_is_the_clipped_sum(tmp_path):
 
 
 def _simulate(cli, out, *settings, preset="quickstart"):
-    args = ["simulate", "--preset", preset] + [x for s in settings for x in ("--set", s)] + ["--out", str(out)]
-    proc = cli(*args)
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
-    return proc, summary
+    return simulate_run(out, list(settings), preset)
 
 
 DROPOUT = [*SMALL, "secure_aggregation.num_shares=5", "secure_aggregation.reconstruction_threshold=3",
