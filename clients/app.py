@@ -117,16 +117,16 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any) -> NodeSetup:
     return NodeSetup(partition_id, name, x, y, node_state_dir(cfg, name), budget)
 
 
-def _metrics(result: TrainResult, partition_id: int) -> dict[str, float | int | str]:
+def _metrics(result: TrainResult, client_id: int) -> dict[str, float | int | str]:
     return {
         NUM_EXAMPLES: result.num_examples,
         TRAIN_LOSS: result.mean_loss,
         STEPS: result.steps,
-        CLIENT_ID: partition_id,
+        CLIENT_ID: client_id,
     }
 
 
-def _declare_prior_spending(context: Context, guard: NodeBudgetGuard) -> dict[str, str]:
+def _prior_spending(context: Context, guard: NodeBudgetGuard) -> str:
     """What this node spent before this run, read from its ledger on its first round of the run
     and repeated in every reply: a reply can be lost (a dropout), and the server records the
     carried spending once, the first time it arrives."""
@@ -135,7 +135,7 @@ def _declare_prior_spending(context: Context, guard: NodeBudgetGuard) -> dict[st
         prior = json.dumps([s.to_json() for s in merge_spends(guard.spends)])
         record = ConfigRecord({PRIOR_SPENDS: prior})
         context.state.config_records[RUN_MARKER] = record
-    return {PRIOR_SPENDS: str(record[PRIOR_SPENDS])}
+    return str(record[PRIOR_SPENDS])
 
 
 def encode_update(
@@ -212,11 +212,11 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                     guard.check(planned)
                 except BudgetExhausted as exc:
                     return _refuse(msg, str(exc))
-                prior = _declare_prior_spending(context, guard)
+                prior = _prior_spending(context, guard)
                 result = trainer.train(weights, x, y)
                 metrics = _metrics(result, node.client_id)
                 metrics[RECORD_EPSILON] = guard.record(result.spend, server_round)
-                metrics.update({f"{PRIVACY}.{k}": v for k, v in prior.items()})
+                metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
         update, info = encode_update(cfg, weights, result.weights, clients_sampled)
         metrics.update(info)

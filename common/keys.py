@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.checkpoint import encode_key, new_key
 from common.errors import FedprivError
+from common.rundir import write_atomic
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"
@@ -123,12 +124,6 @@ def write_keys(files: list[KeyFile], force: bool) -> None:
         raise FedprivError(f"{len(existing)} key file(s) already exist ({shown}); nothing was written. "
                            f"Use --force to replace them")
     for f in files:
-        f.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.path.with_name(f".{f.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if f.private else 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(f.data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600 if f.private else 0o644)
-        os.replace(tmp, f.path)
+        write_atomic(f.path, f.data)  # created 0600 (mkstemp)
+        if not f.private:
+            os.chmod(f.path, 0o644)

@@ -192,14 +192,9 @@ class FedprivStrategy(Strategy):
         available = client_manager.all()
         population = max(population, len(available))
         if self.cfg.user_dp.enabled:
-            # Poisson sampling (each client independently with probability q, from the OS
-            # CSPRNG): what the user-level accounting assumes.
             expected = federation.fraction_train * population
-            draws = secagg.uniform(len(available))
-            clients = [c for c, u in zip(available.values(), draws, strict=True) if u <= federation.fraction_train]
         else:
             expected = float(self.inner.num_fit_clients(population)[0])
-            clients = []
         self._plan[server_round] = (population, expected)
         try:
             self.recorder.check_user_budget(server_round, population, expected)
@@ -208,7 +203,12 @@ class FedprivStrategy(Strategy):
             self.stopped = str(stop)
             del self._plan[server_round]
             return []
-        if not self.cfg.user_dp.enabled:
+        if self.cfg.user_dp.enabled:
+            # Poisson sampling (each client independently with probability q, from the OS
+            # CSPRNG): what the user-level accounting assumes.
+            draws = secagg.uniform(len(available))
+            clients = [c for c, u in zip(available.values(), draws, strict=True) if u <= federation.fraction_train]
+        else:
             clients = client_manager.sample(num_clients=int(expected), min_num_clients=needed)
         secure = self.cfg.secure_aggregation
         minimum = max(federation.min_train_clients, self.cfg.secagg_shares()[0] if secure.enabled else 1)
