@@ -38,7 +38,7 @@ from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, NUM_EXAMPLES, PRIOR_SPENDS, PRIVACY,
-    RECORD_EPSILON, ROUND_SPEND, SERVER_ROUND, STEPS, TRAIN_LOSS, UPDATE_NORM,
+    RECORD_EPSILON, ROUND_SPEND, RUN_ID, SERVER_ROUND, STEPS, TRAIN_LOSS, UPDATE_NORM,
 )
 
 NODES_DIR = "nodes"
@@ -126,10 +126,16 @@ def _metrics(result: TrainResult, client_id: int) -> dict[str, float | int | str
     }
 
 
-def _prior_spending(context: Context, guard: NodeBudgetGuard) -> str:
-    """What this node spent before this run, read from its ledger on its first round of the run
-    and repeated in every reply: a reply can be lost (a dropout), and the server records the
-    carried spending once, the first time it arrives."""
+def _prior_spending(context: Context, guard: NodeBudgetGuard, run_id: str | None) -> str:
+    """What this node spent before this run, repeated in every reply: a reply can be lost (a
+    dropout), and the server records the carried spending once, the first time it arrives.
+
+    "This run" is the fedpriv run ``run_id`` the server names, which survives a server restart
+    and resume: spends tagged with it are the run's own and never declared as prior. Without a
+    run id (an older server), it is read once per Flower run and kept in the node's context.
+    """
+    if run_id:
+        return json.dumps([s.to_json() for s in merge_spends(guard.spends_before(run_id))])
     record = context.state.config_records.get(RUN_MARKER)
     if record is None or PRIOR_SPENDS not in record:
         prior = json.dumps([s.to_json() for s in merge_spends(guard.spends)])
@@ -201,6 +207,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         weights = parameters_to_ndarrays(fitins.parameters)
         server_round = int(fitins.config.get(SERVER_ROUND, 0)) or None
         clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
+        run_id = str(fitins.config.get(RUN_ID, "")) or None
         planned = trainer.planned_spend(len(y))
         metrics: dict[str, float | int | str]
         if planned is None:  # no record-level DP: nothing to spend, nothing to guard
@@ -212,10 +219,10 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                     guard.check(planned)
                 except BudgetExhausted as exc:
                     return _refuse(msg, str(exc))
-                prior = _prior_spending(context, guard)
+                prior = _prior_spending(context, guard, run_id)
                 result = trainer.train(weights, x, y)
                 metrics = _metrics(result, node.client_id)
-                metrics[RECORD_EPSILON] = guard.record(result.spend, server_round)
+                metrics[RECORD_EPSILON] = guard.record(result.spend, server_round, run_id)
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
         update, info = encode_update(cfg, weights, result.weights, clients_sampled)

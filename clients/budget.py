@@ -21,6 +21,7 @@ from common.ledger import LedgerWriter, load_or_create_signing_key
 NODE_KEY = "node.key"
 LOCK = ".lock"
 RECORD_LEVEL = "record_level"
+RUN_ID = "run_id"  # the fedpriv run a spend was made in (entry parameters)
 
 
 class BudgetExhausted(FedprivError):
@@ -55,10 +56,14 @@ class NodeBudgetGuard:
         self.delta = delta
         key = load_or_create_signing_key(state_dir / NODE_KEY)
         self.ledger = LedgerWriter(state_dir, key)  # verifies what is already there
-        self.spends = [
-            DPSGDSpend.from_json(entry["parameters"])
-            for entry in self.ledger.existing if entry["kind"] == RECORD_LEVEL
-        ]
+        recorded = [entry for entry in self.ledger.existing if entry["kind"] == RECORD_LEVEL]
+        self.spends = [DPSGDSpend.from_json(entry["parameters"]) for entry in recorded]
+        self.run_ids: list[str | None] = [entry["parameters"].get(RUN_ID) for entry in recorded]
+
+    def spends_before(self, run_id: str) -> list[DPSGDSpend]:
+        """Spending outside the fedpriv run ``run_id``: every spend not tagged with it (untagged
+        spends from older versions count as outside). Budget checks always use all spends."""
+        return [s for s, tag in zip(self.spends, self.run_ids, strict=True) if tag != run_id]
 
     def epsilon(self, extra: DPSGDSpend | None = None) -> float:
         return record_level_epsilon(self.spends + ([extra] if extra else []), self.delta)
@@ -74,12 +79,15 @@ class NodeBudgetGuard:
                 f"to {after:.3f}, above the node's budget of {self.budget:g}"
             )
 
-    def record(self, spend: DPSGDSpend, server_round: int | None) -> float:
-        """Persist a spend (fsynced before the update leaves the node); return the new epsilon."""
+    def record(self, spend: DPSGDSpend, server_round: int | None, run_id: str | None = None) -> float:
+        """Persist a spend (fsynced before the update leaves the node), tagged with the fedpriv
+        run it was made in; return the new epsilon."""
         self.spends.append(spend)
+        self.run_ids.append(run_id)
         epsilon = self.epsilon()
+        parameters = {**spend.to_json(), **({RUN_ID: run_id} if run_id else {})}
         self.ledger.append(
             actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
-            parameters=spend.to_json(), sampling="poisson", epsilon={"rdp": epsilon},
+            parameters=parameters, sampling="poisson", epsilon={"rdp": epsilon},
         )
         return epsilon

@@ -61,13 +61,26 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
 
     delta, budgets = None, {"record_level": None, "user_level": None}
     actors: dict[str, _Actor] = {}
-    refusals, stopped, recorded_final = 0, None, None
+    refusals, stopped, recorded_final, run_id, resumes = 0, None, None, None, 0
     for entry in verified.entries:
         kind, params = entry.get("kind"), entry.get("parameters") or {}
         where = f"ledger entry {entry['seq']}"
         if kind == "run_start":
-            delta = params.get("delta")
+            delta, run_id = params.get("delta"), params.get("run_id")
             budgets = {"record_level": params.get("record_budget"), "user_level": params.get("user_budget")}
+            continue
+        if kind == "run_resume":  # the same run, continued: every entry before it stays counted
+            resumes += 1
+            if delta is None:
+                failures.append(f"{where}: a run_resume before the run_start entry")
+                break
+            if params.get("delta") != delta:
+                failures.append(f"{where}: the run was resumed at delta {params.get('delta')}, not at the "
+                                f"run's delta {delta}")
+            if params.get("run_id") != run_id:
+                failures.append(f"{where}: the run_resume names run {params.get('run_id')}, not {run_id}")
+            budgets = {"record_level": params.get("record_budget"), "user_level": params.get("user_budget")}
+            recorded_final, stopped = None, None  # an earlier end no longer describes the run
             continue
         if kind == "refusal":
             refusals += 1
@@ -139,6 +152,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "epsilon": {"user_level": user_level, "record_level": record_level},
         "budgets": {**budgets, "audit": budget},
         "refusals": refusals,
+        "resumes": resumes,
         "stopped_early": stopped,
         "failures": failures,
         "series": {

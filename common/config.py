@@ -58,6 +58,13 @@ class RunSection:
     )
     rounds: int = _setting(5, "Number of federated rounds.", min=1, max=100_000)
     out_dir: str = _setting("", "Run directory. Empty: runs/<name>-<timestamp>.")
+    resume: bool = _setting(
+        False,
+        "Continue the run in run.out_dir from its latest encrypted checkpoint, with its ledger "
+        "and accounting: rounds after the checkpoint's up to run.rounds (the run's total). Needs "
+        "the checkpoint key in the environment ($FEDPRIV_CHECKPOINT_KEY or "
+        "$FEDPRIV_CHECKPOINT_KEY_FILE). fedpriv simulate --resume RUN_DIR sets both.",
+    )
 
 
 @dataclass(frozen=True)
@@ -288,7 +295,9 @@ class SimulationSection:
         choices=("train", "setup", "share_keys", "collect_masked_vectors", "unmask"),
     )
     fail_rounds: str = _setting(
-        "", "Fault injection: comma-separated rounds in which the failures strike. Empty: every round."
+        "",
+        "Fault injection: comma-separated rounds in which the failures strike, counted by this "
+        "server process (after a resume its first round is 1). Empty: every round.",
     )
 
 
@@ -361,6 +370,8 @@ class RunConfig:
                 f"federation.min_train_clients ({fed.min_train_clients}) exceeds "
                 f"federation.num_clients ({fed.num_clients})"
             )
+        if self.run.resume and not self.run.out_dir:
+            raise ConfigError("run.resume needs run.out_dir: the directory of the run to continue")
         if self.privacy.user_budget and not self.user_dp.enabled:
             raise ConfigError("privacy.user_budget needs user-level DP: set user_dp.enabled = true")
         if self.privacy.record_budget and not self.dp.enabled:

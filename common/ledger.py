@@ -4,7 +4,8 @@ Each line is one entry, written as canonical JSON (sorted keys, no spaces). An e
 
 - ``seq`` (0, 1, 2, ...), ``time`` (UTC), ``round``, ``actor`` (``server``, ``client:<id>``) and
   ``kind`` (``run_start``, ``record_level``, ``record_level_carried``, ``user_level``,
-  ``refusal``, ``budget_stop``, ``run_end``);
+  ``refusal``, ``round_failed``, ``budget_stop``, ``run_end``, and ``run_resume`` where a run
+  continues from its checkpoint in a new server process);
 - ``event``: the mechanism as a serialised dp-accounting ``DpEvent`` (or null), with
   ``parameters`` and ``sampling`` spelled out for people;
 - ``epsilon``: the actor's cumulative epsilon after this entry, as recorded by the writer;

@@ -7,6 +7,10 @@ its config and metrics.
 # Keys of the server's fit config.
 SERVER_ROUND = "server-round"
 CLIENTS_SAMPLED = "clients-sampled"  # clients in this round's sample (sizes distributed noise)
+# fedpriv's id of the run, the same after a resume (Flower's run id changes with each server
+# process): a node tags each spend it records with it and declares as prior spending only
+# spends tagged otherwise.
+RUN_ID = "fedpriv-run-id"
 
 # Metric keys in a client's train reply.
 NUM_EXAMPLES = "num-examples"  # weighting key for FedAvg

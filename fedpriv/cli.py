@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one setting, e.g. --set dp.noise_multiplier=1.3 (repeatable)",
     )
     simulate.add_argument("--out", metavar="DIR", help="run directory (default: runs/<name>-<timestamp>)")
+    simulate.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue RUN_DIR from its latest encrypted checkpoint (needs $FEDPRIV_CHECKPOINT_KEY or "
+             "$FEDPRIV_CHECKPOINT_KEY_FILE), with the configuration it ran with; --config/--set change "
+             "it, and run.rounds is the run's total, e.g. --set run.rounds=10 after 5 rounds runs 6 to 10",
+    )
     simulate.add_argument("--verbose", action="store_true", help="show Flower, Ray and TensorFlow logs")
     simulate.set_defaults(func=cmd_simulate)
 
@@ -146,6 +152,27 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
     if file_layer is not None:
         layers.append(file_layer)
     return load_config(layers, overrides)
+
+
+def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> Any:
+    """The configuration a run last ran with (from its verified ledger), then ``--config`` and
+    ``--set``, with run.resume on and run.out_dir set to ``run_dir``."""
+    from common.config import load_config, read_toml, unflatten
+    from server.resume import recorded_config, verified_entries
+
+    if not run_dir.is_dir():
+        raise FedprivError(f"no run to resume: {run_dir} is not a directory")
+    layers = [unflatten(recorded_config(verified_entries(run_dir)))]
+    if config_file:
+        file_layer = read_toml(config_file)
+        if "extends" in file_layer:
+            raise FedprivError(f"{config_file} extends a preset; with --resume the base is the run's "
+                               f"own configuration")
+        layers.append(file_layer)
+    cfg = load_config(layers, overrides)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True, out_dir=str(run_dir.resolve())))
+    cfg.validate()
+    return cfg
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -201,10 +228,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common import rundir
 
     console = Console(stderr=False)
-    cfg = resolve_config(args.preset, args.config, args.overrides)
-    out_dir = Path(args.out or cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FedprivError(f"run directory {out_dir} already exists and is not empty; choose another --out")
+    if args.resume:
+        if args.out or args.preset:
+            raise FedprivError("--resume continues RUN_DIR in place with its recorded configuration; "
+                               "drop --out and --preset")
+        out_dir = Path(args.resume)
+        cfg = resume_config(out_dir, args.config, args.overrides)
+    else:
+        cfg = resolve_config(args.preset, args.config, args.overrides)
+        out_dir = Path(args.out or cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
+    if not cfg.run.resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise FedprivError(f"run directory {out_dir} already exists and is not empty; choose another --out "
+                           f"(or continue it with --resume {out_dir})")
     # Every process (server, virtual clients) must agree on the run directory.
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir.resolve())))
 
@@ -213,6 +248,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with console.status("Loading data and checking the configuration..."):
         run_plan = plan(cfg)
+    if run_plan.restore is not None:
+        from server.resume import NothingToResume, remaining_rounds
+
+        try:
+            remaining_rounds(cfg, run_plan.restore, out_dir)
+        except NothingToResume as done:
+            console.print(str(done), highlight=False)
+            return 0
     for note in run_plan.dataset.notes:
         console.print(f"[yellow]note:[/] {note}")
     for warning in run_plan.warnings:
@@ -232,9 +275,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     protections.append(
         f"SecAgg+ ({shares} shares, threshold {threshold})" if sa.enabled else "no secure aggregation")
     dp = ", ".join(protections)
+    done = run_plan.restore.round if run_plan.restore is not None else 0
+    rounds = (f"rounds {done + 1}-{cfg.run.rounds} (resuming after round {done})" if done
+              else f"{cfg.run.rounds} rounds")
     console.print(
         f"[bold]fedpriv simulate[/] {cfg.run.name}: {cfg.federation.num_clients} clients, "
-        f"{cfg.run.rounds} rounds, {run_plan.model_name} on {run_plan.dataset.name} "
+        f"{rounds}, {run_plan.model_name} on {run_plan.dataset.name} "
         f"({len(run_plan.dataset.y_train)} train / {len(run_plan.dataset.y_test)} test), {dp}"
     )
     summary = _run_with_progress(console, cfg, out_dir, args.verbose, run_plan)
@@ -265,7 +311,9 @@ def _run_with_progress(console: Any, cfg: Any, out_dir: Path, verbose: bool, run
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
     )
     with progress:
-        task = progress.add_task("rounds", total=cfg.run.rounds, status="starting virtual clients...")
+        done = run_plan.restore.round if run_plan.restore is not None else 0
+        task = progress.add_task("rounds", total=cfg.run.rounds, completed=done,
+                                 status="starting virtual clients...")
 
         def on_round_live(entry: Any) -> None:
             progress.update(task, completed=entry.round, status=describe(entry))

@@ -6,6 +6,9 @@ is Flower's ``SecAggPlusWorkflow``, so the server only ever unmasks sums of clie
 ``app`` is what ``flwr run .`` loads; it reads the configuration from Flower's run config
 (dotted keys, see pyproject.toml). ``fedpriv simulate`` builds its own with
 :func:`make_server_app`, passing the validated configuration and a per-round callback.
+
+With a checkpoint key in the environment the server seals a checkpoint after every round; with
+``run.resume`` it continues the run from it (see :mod:`server.resume`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from common.config import RunConfig, config_from_run_config
 from common.data import load_dataset
 from common.models import build_model, resolve_model_name
 from common.tf_runtime import keras, tf
+from server import resume
 from server.privacy import PrivacyRecorder
 from server.report import write_run
 from server.run_log import RoundEntry, RunLog
@@ -91,6 +95,12 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         log.info("fedpriv: %s", warning)
     run_log = RunLog(on_round=on_round)
     clock = {"round_start": time.perf_counter()}
+    checkpoint_key = checkpoint.key_from_environment()
+    point = None
+    if cfg.run.resume:  # every check passes before anything in the run directory changes
+        point = resume.inspect(out_dir, initial, cfg)
+        resume.remaining_rounds(cfg, point, out_dir)
+        run_log.restore(point.run_log)
 
     def evaluate(server_round: int, weights: list[np.ndarray]) -> tuple[float, float]:
         model.set_weights(weights)
@@ -98,26 +108,37 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         now = time.perf_counter()
         seconds = now - clock["round_start"] if server_round else None
         clock["round_start"] = now
-        run_log.record_evaluation(server_round, float(accuracy), float(loss), seconds)
+        if server_round == 0 and point is not None:
+            log.info("fedpriv: the model restored from round %d has accuracy %.4f", point.round, accuracy)
+        else:  # (a restored run's history already holds its initial evaluation)
+            run_log.record_evaluation(server_round, float(accuracy), float(loss), seconds)
         return float(loss), float(accuracy)
 
-    recorder = PrivacyRecorder(cfg, out_dir)
-    strategy = FedprivStrategy(cfg, initial, run_log, recorder, evaluate, grid)
-    checkpoint_key = checkpoint.key_from_environment()
+    recorder = PrivacyRecorder(cfg, out_dir, resume=point)
+    strategy = FedprivStrategy(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid)
+    before = 0.0
+    if point is not None:
+        strategy.round_offset = point.round
+        strategy.restore_optimizer(point.optimizer)
+        before = point.wall_time_s
+        log.info("fedpriv: resuming %s after round %d of %d", out_dir, point.round, cfg.run.rounds)
     if checkpoint_key is not None:
         def save_checkpoint(server_round: int, weights: list[np.ndarray]) -> None:
-            header = {"round": server_round, "run": cfg.run.name, "ledger_entries": recorder.ledger.seq,
-                      "ledger_head": recorder.ledger.prev_hash}
-            checkpoint.write_checkpoint(out_dir / checkpoint.CHECKPOINT, weights, header, checkpoint_key)
+            resume.save(out_dir / checkpoint.CHECKPOINT, checkpoint_key, server_round=server_round,
+                        run=cfg.run.name, run_id=recorder.run_id, ledger_entries=recorder.ledger.seq,
+                        ledger_head=recorder.ledger.prev_hash, weights=weights,
+                        optimizer=strategy.optimizer_state(), run_log=run_log.state(),
+                        wall_time_s=before + time.perf_counter() - clock["started"])
 
-        strategy.on_model = save_checkpoint
+        strategy.on_round_end = save_checkpoint
     observed = ObservedGrid(grid, strategy, on_exchange)
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=cfg.run.rounds, round_timeout=cfg.federation.round_timeout),
+        config=ServerConfig(num_rounds=cfg.run.rounds - strategy.round_offset,
+                            round_timeout=cfg.federation.round_timeout),
         strategy=strategy,
     )
-    started = time.perf_counter()
+    clock["started"] = time.perf_counter()
     DefaultWorkflow(fit_workflow=fit_workflow(cfg))(observed, legacy)
     if strategy.stopped:
         log.warning("fedpriv: %s", strategy.stopped)
@@ -133,7 +154,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
             "notes": list(dataset.notes),
         },
         "secure_aggregation": secagg.settings_summary(cfg, dimension),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": before + time.perf_counter() - clock["started"],
     }
     return write_run(out_dir, cfg, run_log, strategy.latest, extra, privacy, recorder)
 

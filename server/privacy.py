@@ -4,6 +4,8 @@ Every privacy-relevant thing the server learns or does goes into the run's ledge
 each client's record-level spend (and what it had spent before this run), each round of
 user-level DP, each refusal, and the stop before a round that would exceed the user-level budget.
 Cumulative epsilon is always recomputed from the recorded events, never kept as a running sum.
+A resumed run (:mod:`server.resume`) rebuilds its state from the verified ledger, every entry
+counted, and continues the same ledger after a ``run_resume`` entry.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,9 @@ from common import accounting
 from common.accounting import DPSGDSpend
 from common.config import RunConfig
 from common.errors import FedprivError
-from common.ledger import LedgerWriter, load_or_create_signing_key
+from common.ledger import LedgerWriter, event_from_json, load_or_create_signing_key
+from server import resume as resume_checks
+from server.resume import RestorePoint
 
 ENFORCEMENT_ACCOUNTANT = "rdp"
 USER_LEVEL_SAMPLING = "poisson"  # with user-level DP the strategy samples clients independently
@@ -67,7 +72,9 @@ def signing_key_path() -> Path:
 
 
 class PrivacyRecorder:
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    """The run's ledger and accounting state; with ``resume``, continued from the run's ledger."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: RestorePoint | None = None) -> None:
         self.cfg = cfg
         self.delta = cfg.privacy.delta
         self.ledger = LedgerWriter(run_dir, load_or_create_signing_key(signing_key_path()))
@@ -77,16 +84,53 @@ class PrivacyRecorder:
         self.failed_rounds: list[dict[str, Any]] = []
         self.carried: set[str] = set()  # clients whose spending before this run is recorded
         self.stopped: dict[str, Any] | None = None
+        parameters = {
+            "config": cfg.to_flat(),
+            "delta": self.delta,
+            "record_budget": cfg.privacy.record_budget or None,
+            "user_budget": cfg.privacy.user_budget or None,
+            "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
+        }
+        if resume is None:
+            if self.ledger.existing:
+                raise FedprivError(f"{self.ledger.path} already holds a run; continue it with "
+                                   f"run.resume = true (fedpriv simulate --resume {run_dir})")
+            self.run_id = uuid.uuid4().hex  # fedpriv's run id: nodes tag their spends with it
+            self.ledger.append(actor="server", kind="run_start", parameters={**parameters, "run_id": self.run_id})
+            return
+        entries = self.ledger.existing
+        resume_checks.check_ledger(resume, entries, run_dir)
+        resume_checks.check_settings(entries, cfg)
+        self.run_id = resume.run_id
+        for entry in entries:
+            self._replay(entry)
         self.ledger.append(
-            actor="server", kind="run_start",
-            parameters={
-                "config": cfg.to_flat(),
-                "delta": self.delta,
-                "record_budget": cfg.privacy.record_budget or None,
-                "user_budget": cfg.privacy.user_budget or None,
-                "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
-            },
+            actor="server", kind="run_resume", round=resume.round + 1,
+            parameters={**parameters, "run_id": self.run_id, "checkpoint_round": resume.round,
+                        "checkpoint_ledger_entries": resume.ledger_entries},
+            note=f"resumed from the checkpoint of round {resume.round}; every entry before this one "
+                 f"stays counted, those after the checkpoint included",
         )
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        """Rebuild the accounting state from one verified entry of the run's ledger."""
+        kind, actor = entry["kind"], entry["actor"]
+        try:
+            event = event_from_json(entry["event"]) if entry.get("event") is not None else None
+        except (ValueError, TypeError) as exc:
+            raise FedprivError(f"ledger entry {entry['seq']}: its DpEvent cannot be read ({exc})") from None
+        if kind in ("record_level", "record_level_carried") and event is not None:
+            client_id = actor.removeprefix("client:")
+            self.client_events.setdefault(client_id, []).append(event)
+            if kind == "record_level_carried":
+                self.carried.add(client_id)
+        elif kind == "user_level" and event is not None:
+            self.user_events.append(event)
+        elif kind == "refusal":
+            self.refusals.append({"round": entry["round"], "node": actor.removeprefix("node:"),
+                                  "reason": entry["note"]})
+        elif kind == "round_failed":
+            self.failed_rounds.append({"round": entry["round"], "reason": entry["note"]})
 
     # ---- record level -------------------------------------------------------------------
     @staticmethod

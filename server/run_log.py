@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from common.protocol import CLIENT_ID, NUM_EXAMPLES, RECORD_EPSILON, TRAIN_LOSS
@@ -62,6 +62,24 @@ class RunLog:
     def record_round_failure(self, server_round: int, reason: str) -> None:
         self.entry(server_round).failed = reason
         self.failures.append({"round": server_round, "reason": f"round failed: {reason}"})
+
+    def state(self) -> dict[str, Any]:
+        """Everything but the callback, as JSON (a checkpoint keeps it for a resume)."""
+        return {
+            "rounds": [asdict(self.rounds[r]) for r in sorted(self.rounds)],
+            "initial_accuracy": self.initial_accuracy,
+            "initial_loss": self.initial_loss,
+            "client_epsilon": dict(self.client_epsilon),
+            "failures": list(self.failures),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` (raises KeyError/TypeError if it is malformed)."""
+        self.rounds = {int(r["round"]): RoundEntry(**r) for r in state["rounds"]}
+        self.initial_accuracy = state["initial_accuracy"]
+        self.initial_loss = state["initial_loss"]
+        self.client_epsilon = {str(k): float(v) for k, v in state["client_epsilon"].items()}
+        self.failures = list(state["failures"])
 
     def record_evaluation(self, server_round: int, accuracy: float, loss: float, seconds: float | None) -> None:
         if server_round == 0:

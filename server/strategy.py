@@ -12,6 +12,11 @@ FedAdam's server optimizer) produce the next global model.
 :class:`ObservedGrid` wraps the Grid the workflow talks through. It records, as replies arrive,
 what each client declares it spent and which nodes refused a round, so that a round that never
 aggregates (too many SecAgg+ dropouts) still leaves its spending in the ledger.
+
+Rounds: Flower's workflow counts from 1 in every server process. A resumed run continues after
+its checkpoint's round, so every round Flower names (``server_round`` arguments, a message's
+``group_id``) is shifted by :attr:`FedprivStrategy.round_offset` before anything uses it; the
+workflow's initial evaluation (round 0) of a restored model is not recorded again.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from common import secagg
 from common.config import RunConfig
 from common.errors import FedprivError
 from common.protocol import (
-    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, SERVER_ROUND,
+    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, RUN_ID, SERVER_ROUND,
 )
 from server.privacy import PrivacyRecorder, UserBudgetExhausted
 from server.run_log import RunLog
@@ -129,7 +134,8 @@ class FedprivStrategy(Strategy):
         self.inner = build_inner_strategy(cfg, ndarrays_to_parameters(initial))
         self.latest: list[np.ndarray] = [np.asarray(a) for a in initial]
         self.stopped: str | None = None
-        self.on_model: Callable[[int, list[np.ndarray]], None] | None = None  # after each aggregate
+        self.round_offset = 0  # rounds done before this process (a resumed run)
+        self.on_round_end: Callable[[int, list[np.ndarray]], None] | None = None  # checkpoints
         self._plan: dict[int, tuple[int, float]] = {}  # round -> (population, expected clients)
         self._aggregated: set[int] = set()
         self._failed: dict[int, str] = {}
@@ -139,11 +145,33 @@ class FedprivStrategy(Strategy):
         self._errors: dict[int, dict[int, str]] = {}
         self._sampled_nodes: dict[int, set[int]] = {}
 
+    # ---- rounds and server optimizer state (a resume) -----------------------------------
+    def fedpriv_round(self, flower_round: int) -> int:
+        """The run's round number of the round Flower's workflow calls ``flower_round``."""
+        return flower_round + self.round_offset if flower_round > 0 else flower_round
+
+    def message_round(self, message: Any) -> int | None:
+        """The run's round of a message the workflow sent or received (its group_id)."""
+        try:
+            return self.fedpriv_round(int(message.metadata.group_id))
+        except (TypeError, ValueError):
+            return None
+
+    def optimizer_state(self) -> dict[str, list[np.ndarray]]:
+        """The server optimizer's state (FedAdam's moments), for a checkpoint."""
+        return {name: list(getattr(self.inner, name)) for name in ("m_t", "v_t")
+                if getattr(self.inner, name, None) is not None}
+
+    def restore_optimizer(self, state: dict[str, list[np.ndarray]]) -> None:
+        """Continue the server optimizer from a checkpoint (state a strategy lacks is dropped)."""
+        for name, arrays in state.items():
+            if hasattr(self.inner, name):
+                setattr(self.inner, name, [np.asarray(a) for a in arrays])
+
     # ---- observation (called by ObservedGrid) -------------------------------------------
     def observe_reply(self, reply: Any) -> None:
-        try:
-            server_round = int(reply.metadata.group_id)
-        except (TypeError, ValueError):
+        server_round = self.message_round(reply)
+        if server_round is None:
             return
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -170,9 +198,8 @@ class FedprivStrategy(Strategy):
     def observe_exchange(self, sent: list, replies: list) -> None:
         answered = {r.metadata.src_node_id for r in replies}
         for msg in sent:
-            try:
-                server_round = int(msg.metadata.group_id)
-            except (TypeError, ValueError):
+            server_round = self.message_round(msg)
+            if server_round is None:
                 continue
             if msg.metadata.dst_node_id not in answered:
                 self._dropped.setdefault(server_round, set()).add(msg.metadata.dst_node_id)
@@ -183,6 +210,7 @@ class FedprivStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        server_round = self.fedpriv_round(server_round)
         if self.stopped:
             return []
         federation = self.cfg.federation
@@ -220,11 +248,13 @@ class FedprivStrategy(Strategy):
                                     {"noise_mode": self.cfg.user_dp.noise_mode, "skipped": True})
             return []
         self._sampled_nodes[server_round] = {c.node_id for c in clients}
-        config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients)}
+        config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
+                                     RUN_ID: self.recorder.run_id}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round = self.fedpriv_round(server_round)
         replies = self._replies.get(server_round, {})
         malformed = self._malformed.get(server_round, {})
         errors = self._round_errors(server_round)
@@ -266,8 +296,6 @@ class FedprivStrategy(Strategy):
             return self._fail(server_round, ok, errors, "the server strategy produced no model")
         self.latest = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
         self._aggregated.add(server_round)
-        if self.on_model is not None:
-            self.on_model(server_round, self.latest)
         self.run_log.record_train(server_round, ok, errors)
         return parameters, {}
 
@@ -280,12 +308,17 @@ class FedprivStrategy(Strategy):
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """Evaluate the global model after each round (0: before the first), then let
+        ``on_round_end`` checkpoint the round, aggregated or failed."""
+        server_round = self.fedpriv_round(server_round)
         if server_round > 0:
             if server_round not in self._plan:
                 return None  # the run has stopped; no round happened
             if server_round not in self._aggregated:
                 self._record_failure(server_round)
         loss, accuracy = self.evaluate_fn(server_round, self.latest)
+        if server_round > 0 and self.on_round_end is not None:
+            self.on_round_end(server_round, self.latest)
         return loss, {"accuracy": accuracy}
 
     # ---- helpers ------------------------------------------------------------------------

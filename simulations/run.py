@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from clients.app import local_data, make_client_app
 from common import checkpoint, secagg
 from common.config import RunConfig
@@ -15,7 +17,9 @@ from common.data import Dataset, load_dataset
 from common.errors import FedprivError
 from common.models import build_model, resolve_model_name
 from common.tf_runtime import RUNTIME_ENV, gpu_count
+from server import resume
 from server.app import make_server_app
+from server.resume import RestorePoint
 from server.run_log import RoundEntry
 from simulations.faults import make_fault_mod
 
@@ -30,6 +34,7 @@ class Plan:
     gpus_per_client: float
     model_parameters: int
     warnings: list[str]
+    restore: RestorePoint | None = None  # where a resumed run continues (run.resume)
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -44,7 +49,10 @@ def plan(cfg: RunConfig) -> Plan:
     dimension = int(model.count_params())
     warnings = secagg.precision_warnings(cfg, dimension)  # raises ConfigError if unworkable
     checkpoint.key_from_environment()  # a configured but unusable checkpoint key fails here
-    return Plan(dataset, model_name, sizes, gpus, dimension, warnings)
+    restore = None
+    if cfg.run.resume:  # key, checkpoint, model and ledger: refused here, before any process starts
+        restore = resume.inspect(Path(cfg.run.out_dir), [np.asarray(w) for w in model.get_weights()], cfg)
+    return Plan(dataset, model_name, sizes, gpus, dimension, warnings, restore)
 
 
 def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool) -> dict[str, Any]:

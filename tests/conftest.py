@@ -22,9 +22,11 @@ def _isolated_fedpriv_home(tmp_path_factory):
     yield
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``fedpriv`` as a user would, in a fresh interpreter."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``fedpriv`` as a user would, in a fresh interpreter (``env``: its environment, default
+    this process's)."""
+    env = {**(os.environ if env is None else env), "FLWR_TELEMETRY_ENABLED": "0"}
     return subprocess.run(
         [sys.executable, "-m", "fedpriv", *args], cwd=cwd or ROOT, env=env, capture_output=True,
         text=True, timeout=timeout,
@@ -36,9 +38,15 @@ def cli():
     return run_cli
 
 
-def simulate_run(out: Path, settings: list[str], preset: str = "quickstart") -> tuple[subprocess.CompletedProcess, dict | None]:
-    """``fedpriv simulate`` with ``--set`` settings; its process and summary.json (None if absent)."""
-    args = ["simulate", "--preset", preset] + [x for s in settings for x in ("--set", s)] + ["--out", str(out)]
-    proc = run_cli(*args)
+def simulate_run(out: Path, settings: list[str], preset: str = "quickstart", env: dict[str, str] | None = None,
+                 resume: bool = False) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """``fedpriv simulate`` with ``--set`` settings (``resume``: ``--resume out`` instead of
+    ``--preset``/``--out``); its process and summary.json (None if absent)."""
+    sets = [x for s in settings for x in ("--set", s)]
+    if resume:
+        args = ["simulate", "--resume", str(out), *sets]
+    else:
+        args = ["simulate", "--preset", preset, *sets, "--out", str(out)]
+    proc = run_cli(*args, env=env)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return proc, summary
