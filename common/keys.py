@@ -1,7 +1,8 @@
 """Key material for a real federation, made with the ``cryptography`` package.
 
 - a federation CA (EC P-384, self-signed) that signs the SuperLink's TLS certificate;
-- the SuperLink's certificate, with every ``--host`` as a subject alternative name;
+- the SuperLink's certificate, with every ``--host`` (and localhost, 127.0.0.1) as a subject
+  alternative name;
 - node authentication key pairs in the OpenSSH format Flower's SuperNode reads
   (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts (EC, NIST P-384);
 - the server's Ed25519 ledger-signing key;
@@ -65,7 +66,8 @@ def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[
         raise FedprivError("--nodes must be 0 or more")
     if days < 1:
         raise FedprivError("--days must be at least 1")
-    hosts = list(dict.fromkeys(hosts or DEFAULT_HOSTS))
+    # Loopback names are always included: operators administer the SuperLink from its machine.
+    hosts = list(dict.fromkeys([*hosts, *DEFAULT_HOSTS]))
     now = datetime.datetime.now(datetime.timezone.utc)
     until = now + datetime.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP384R1())

@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
     keys.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the keys")
     keys.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
                       help="a DNS name or IP address the SuperLink is reached at (repeatable; "
-                           "default: localhost and 127.0.0.1)")
+                           "localhost and 127.0.0.1 are always included)")
     keys.add_argument("--nodes", type=int, default=2, metavar="N", help="node key pairs to create (default 2)")
     keys.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
     keys.add_argument("--force", action="store_true", help="replace existing key files")

@@ -53,7 +53,8 @@ def make_server_app(
         cfg = config_from_run_config(context.run_config, config)
         target = out_dir or Path(cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
         summary = run_server(grid, context, cfg, target, on_round, on_exchange)
-        log.info("fedpriv: run written to %s", target)
+        # Through Flower's logger: in a deployment, `flwr run --stream` relays it to the submitter.
+        logging.getLogger("flwr").info("fedpriv: run written to %s", target)
         if on_finish is not None:
             on_finish(target, summary)
 

@@ -43,8 +43,8 @@ def test_keys_are_complete_valid_and_private(cli, tmp_path):
     link.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     san = link.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1"]
     # Node keys are in the format Flower's SuperNode and `flwr supernode register` read.
     from flwr.cli.supernode.register import try_load_public_key
 

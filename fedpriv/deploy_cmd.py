@@ -1,0 +1,205 @@
+"""Real federations: ``fedpriv server start|run``, ``fedpriv node join``, ``fedpriv split-data``."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 9092
+
+
+def _config_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--preset", default=None, help=f"named configuration of {what} (default: quickstart)")
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings, applied on the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (repeatable); 'fedpriv config' lists them")
+
+
+def add_parser(sub: Any) -> None:
+    server = sub.add_parser(
+        "server", help="run a real federation's SuperLink, and submit runs to it",
+        description="Run Flower's SuperLink with TLS and node authentication (start), and submit "
+                    "fedpriv runs to it (run).")
+    server_sub = server.add_subparsers(dest="server_command", metavar="COMMAND", required=True)
+
+    start = server_sub.add_parser(
+        "start", help="run the SuperLink: TLS, node authentication, persistent state",
+        description=(
+            "Check the key material in --keys (see 'fedpriv keys'), then run flower-superlink with "
+            "TLS, --enable-supernode-auth, a persistent --database in STATE and runtime dependency "
+            "installation off on the operators' port (--admin-host/--admin-port, loopback by "
+            "default), register the node public keys (every KEYS/nodes/*.pub unless --register is "
+            "given; keys already registered are kept), and open the nodes' port (--host/--port): "
+            "a TLS gateway that serves Flower's Fleet API and refuses everything else, so nobody "
+            "who can reach it can register nodes or submit runs. Runs sign their ledgers with "
+            "KEYS/ledger-signing.key, seal checkpoints with KEYS/checkpoint.key and are written under "
+            "STATE/runs. Runs until stopped (Ctrl-C or SIGTERM)."),
+    )
+    start.add_argument("--keys", required=True, type=Path, metavar="DIR", help="the output of fedpriv keys")
+    start.add_argument("--state", type=Path, default=Path("fedpriv-server"), metavar="DIR",
+                       help="database, run directories and flwr connection (default: ./fedpriv-server)")
+    start.add_argument("--host", default="0.0.0.0",
+                       help="interface the nodes' port listens on (default 0.0.0.0: every interface)")
+    start.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"the nodes' TLS port: Flower's Fleet API only (default {DEFAULT_PORT})")
+    start.add_argument("--admin-host", default="127.0.0.1",
+                       help="interface of the operators' port, the SuperLink itself with its Control API "
+                            "(default 127.0.0.1: this machine only; it must be a name in the certificate)")
+    start.add_argument("--admin-port", type=int, metavar="PORT",
+                       help="the operators' TLS port (default: --port + 1)")
+    start.add_argument("--register", action="append", type=Path, metavar="FILE.pub",
+                       help="a node public key to register (repeatable; default: KEYS/nodes/*.pub)")
+    start.add_argument("--dry-run", action="store_true", help="check everything, print the command, start nothing")
+    start.set_defaults(func=cmd_server_start)
+
+    run = server_sub.add_parser(
+        "run", help="submit a fedpriv run to a SuperLink and stream it",
+        description=(
+            "Validate the run configuration (--preset/--config/--set, as for simulate), then submit "
+            "fedpriv's Flower app with it (flwr run --stream) to the SuperLink of --state, or to "
+            "--superlink HOST:PORT verified against --root-cert. Prints the run directory (on the "
+            "SuperLink's machine) when the run ends; audit it there with 'fedpriv audit'."),
+    )
+    run.add_argument("--state", type=Path, metavar="DIR", help="the --state of fedpriv server start")
+    run.add_argument("--superlink", metavar="HOST:PORT", help="a SuperLink elsewhere (needs --root-cert)")
+    run.add_argument("--root-cert", type=Path, metavar="CA", help="the federation's CA certificate")
+    run.add_argument("--app", type=Path, metavar="DIR", help="fedpriv's Flower app (default: this installation)")
+    run.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                     help="with --state: how long to wait for a SuperLink that is still starting (default 120)")
+    _config_options(run, "the run")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue this run (a directory on the SuperLink's machine) from its latest "
+                          "checkpoint, with the settings it used; --set run.rounds=N to extend it")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the command, submit nothing")
+    run.set_defaults(func=cmd_server_run)
+
+    node = sub.add_parser("node", help="join a real federation as a client node",
+                          description="Join a federation with this machine's own data (join).")
+    node_sub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    join = node_sub.add_parser(
+        "join", help="connect this machine and its data file to a federation",
+        description=(
+            "Check the data file against the federation's configuration (--preset/--config/--set; "
+            "the same as the server's), the node key and the CA certificate, that the SuperLink is "
+            "reachable (bounded retries) and presents a certificate the CA signed; then run a "
+            "SuperNode with TLS and node authentication and fedpriv's ClientApp. The node enforces "
+            "its own record-level budget (--budget), kept in a signed ledger under --state, so its "
+            "spending carries across runs and restarts. Refuses to run without TLS unless --insecure."),
+    )
+    join.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    join.add_argument("--root-cert", type=Path, metavar="CA", help="the federation's CA certificate (ca.crt)")
+    join.add_argument("--auth-key", type=Path, metavar="KEY",
+                      help="this node's private key (nodes/node-N from fedpriv keys)")
+    join.add_argument("--data", required=True, type=Path, metavar="PATH",
+                      help="this node's training data: .npz (arrays x, y) or .csv")
+    join.add_argument("--budget", type=float, metavar="EPS",
+                      help="this node's record-level epsilon budget over all runs "
+                           "(default: the federation's privacy.record_budget)")
+    join.add_argument("--name", help="this node's name (default: the key file's name)")
+    join.add_argument("--state", type=Path, metavar="DIR",
+                      help="where the node keeps its spending ledger (default: $FEDPRIV_HOME/nodes, "
+                           "~/.fedpriv/nodes)")
+    join.add_argument("--port", type=int, default=9094,
+                      help="local port of the SuperNode's ClientApp API (default 9094; one per node)")
+    join.add_argument("--max-retries", type=int, default=5,
+                      help="connection attempts before giving up (default 5)")
+    join.add_argument("--max-wait", type=float, default=120.0, metavar="SECONDS",
+                      help="longest time to keep reconnecting (default 120)")
+    join.add_argument("--insecure", action="store_true",
+                      help="no TLS and no node authentication (trusted test networks only)")
+    _config_options(join, "the federation")
+    join.add_argument("--dry-run", action="store_true", help="check everything, print the command, start nothing")
+    join.set_defaults(func=cmd_node_join)
+
+    split = sub.add_parser(
+        "split-data", help="write the configured dataset's training partitions as node data files",
+        description=(
+            "Split the training data of the configured dataset (default: the built-in 5,000 MNIST "
+            "digits) with the configured partitioning into one .npz file per node (arrays x, y): "
+            "data files to try a real federation with 'fedpriv node join --data'."),
+    )
+    split.add_argument("--out", required=True, type=Path, metavar="DIR")
+    split.add_argument("--nodes", type=int, default=2, metavar="N", help="number of files (default 2)")
+    _config_options(split, "the federation")
+    split.set_defaults(func=cmd_split_data)
+
+
+def _resolve(args: argparse.Namespace) -> Any:
+    from fedpriv.cli import resolve_config
+
+    return resolve_config(args.preset, args.config, args.overrides)
+
+
+def cmd_server_start(args: argparse.Namespace) -> int:
+    from server.superlink import plan_superlink, start_superlink
+
+    plan = plan_superlink(args.keys, args.state, args.host, args.port, args.register,
+                          args.admin_host, args.admin_port)
+    if args.dry_run:
+        print(shlex.join(plan.argv))
+        for path in plan.node_keys:
+            print(f"register {path}")
+        return 0
+    return start_superlink(plan)
+
+
+def cmd_server_run(args: argparse.Namespace) -> int:
+    from server.superlink import default_app_dir, run_config_string, submit_run
+
+    if args.resume:
+        args.overrides = [*args.overrides, "run.resume=true", f"run.out_dir={args.resume}"]
+    cfg = _resolve(args)
+    if args.dry_run:
+        app = (args.app or default_app_dir()).resolve()
+        print(shlex.join(["flwr", "run", str(app), "fedpriv", "--run-config", run_config_string(cfg, app),
+                          "--stream"]))
+        return 0
+    code, run_dir = submit_run(cfg, args.state, args.superlink, args.root_cert, args.app, wait=args.wait)
+    if run_dir:
+        print(f"fedpriv: run directory (on the SuperLink's machine): {run_dir}")
+        print(f"fedpriv: audit it with: fedpriv audit {run_dir}")
+    return code
+
+
+def cmd_node_join(args: argparse.Namespace) -> int:
+    from clients.supernode import INSECURE_WARNING, describe, join, plan_join
+
+    if args.insecure and (args.root_cert or args.auth_key):
+        print("fedpriv: --insecure ignores --root-cert and --auth-key", file=sys.stderr)
+    plan = plan_join(_resolve(args), args.superlink, args.data, args.root_cert, args.auth_key,
+                     args.budget, args.name, args.state, args.insecure, args.port,
+                     args.max_retries, args.max_wait)
+    if args.dry_run:
+        if args.insecure:
+            print(INSECURE_WARNING, file=sys.stderr)
+        print(f"fedpriv: {describe(plan)}")
+        print(shlex.join(plan.argv))
+        return 0
+    return join(plan)
+
+
+def cmd_split_data(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from common.data import load_dataset
+    from common.errors import FedprivError
+    from common.partition import partition
+    from common.rundir import write_atomic
+
+    if args.nodes < 1:
+        raise FedprivError(f"--nodes must be at least 1, got {args.nodes}")
+    cfg = _resolve(args)
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    parts = partition(dataset.y_train, args.nodes, cfg.data, cfg.run.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for number, indices in enumerate(parts, start=1):
+        buffer = io.BytesIO()
+        np.savez(buffer, x=dataset.x_train[indices], y=dataset.y_train[indices])
+        path = args.out / f"node-{number}.npz"
+        write_atomic(path, buffer.getvalue())
+        print(f"{path}  {len(indices)} examples of {dataset.name}")
+    return 0

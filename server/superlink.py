@@ -1,0 +1,280 @@
+"""``fedpriv server start`` and ``fedpriv server run``: Flower's SuperLink, safe by default.
+
+``start`` checks the federation's key material (see ``fedpriv keys``), then runs
+``flower-superlink`` with TLS, SuperNode authentication, a persistent database and runtime
+dependency installation off; once it answers over TLS, it registers the node public keys and
+writes a connection (``fedpriv``) for ``flwr`` into the state directory. The ServerApps it
+runs sign their ledgers with the federation's ledger key, seal checkpoints with its checkpoint
+key and write run directories under ``STATE/runs``.
+
+``run`` submits fedpriv's Flower app to a SuperLink with a validated configuration, through
+``flwr run --stream``, and reports where the run directory is.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import checkpoint
+from common.config import RunConfig
+from common.process import Child, flower_environment, flower_executable, terminate_as_exit
+from common.tls import (
+    Address, DeploymentError, check_issued_by, check_key_pair, check_node_public_key, check_tls,
+    load_certificate, parse_address, read_file, subject_names,
+)
+from server.gateway import Gateway
+
+CONNECTION = "fedpriv"
+DATABASE = "superlink.db"
+RUNS = "runs"
+FLWR_HOME = "flwr"
+READY_TIMEOUT = 60.0
+RUN_WRITTEN = re.compile(r"fedpriv: run written to (\S+)")
+
+
+@dataclass(frozen=True)
+class SuperLinkPlan:
+    argv: list[str]
+    env: dict[str, str]
+    state: Path
+    ca: Path
+    cert: Path
+    key: Path
+    admin: Address  # the SuperLink itself: Control, Runtime and Fleet APIs (operators only)
+    public: Address  # the gateway: the Fleet API only (nodes)
+    node_keys: list[Path]
+
+
+def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list[Path] | None = None,
+                   admin_host: str = "127.0.0.1", admin_port: int | None = None) -> SuperLinkPlan:
+    """Check everything ``start`` needs; nothing is started or written."""
+    keys, state = keys.resolve(), state.resolve()
+    if not keys.is_dir():
+        raise DeploymentError(f"key directory {keys} does not exist (create it with fedpriv keys --out {keys})")
+    ca_path, cert_path, key_path = keys / "ca.crt", keys / "superlink.crt", keys / "superlink.key"
+    ca = load_certificate(ca_path, "CA certificate")
+    cert = load_certificate(cert_path, "SuperLink certificate")
+    check_key_pair(cert, key_path, "SuperLink key")
+    check_issued_by(cert, ca, f"SuperLink certificate {cert_path}")
+    ledger_key = keys / "ledger-signing.key"
+    read_file(ledger_key, "ledger-signing key")
+    env = {
+        "FLWR_HOME": str(state / FLWR_HOME),
+        "FEDPRIV_RUNS_DIR": str(state / RUNS),
+        "FEDPRIV_LEDGER_KEY": str(ledger_key),
+    }
+    checkpoint_key = keys / "checkpoint.key"
+    if checkpoint_key.exists():
+        checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(checkpoint_key)})  # validates it
+        env[checkpoint.KEY_FILE_ENV] = str(checkpoint_key)
+    node_keys = [p.resolve() for p in register] if register else sorted((keys / "nodes").glob("*.pub"))
+    if not node_keys:
+        raise DeploymentError(f"no node public keys to register in {keys / 'nodes'}; give --register FILE.pub")
+    for path in node_keys:
+        check_node_public_key(path)
+    admin_port = port + 1 if admin_port is None else admin_port
+    for flag, value in (("--port", port), ("--admin-port", admin_port)):
+        if not 0 < value < 65536:
+            raise DeploymentError(f"{flag} {value} is not a TCP port")
+    if admin_port == port:
+        raise DeploymentError("--admin-port must differ from --port")
+    # Operators (and this command, to register nodes) reach the admin port by a name the
+    # certificate carries: loopback when the SuperLink listens on every interface.
+    names = subject_names(cert)
+    admin_name = "127.0.0.1" if admin_host in ("0.0.0.0", "::", "") else admin_host
+    if admin_name not in names:
+        raise DeploymentError(f"the SuperLink certificate {cert_path} does not name {admin_name} (it names "
+                              f"{', '.join(names) or 'nothing'}); create keys with --host {admin_name}")
+    argv = [
+        flower_executable("flower-superlink"),
+        "--ssl-ca-certfile", str(ca_path), "--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path),
+        "--enable-supernode-auth",
+        "--database", str(state / DATABASE),
+        "--disable-runtime-dependency-installation",
+        "--host", admin_host, "--port", str(admin_port),
+    ]
+    return SuperLinkPlan(argv, flower_environment(env), state, ca_path, cert_path, key_path,
+                         Address(admin_name, admin_port), Address(host, port), node_keys)
+
+
+def write_connection(flwr_home: Path, address: Address, root_cert: Path) -> None:
+    """A ``[superlink.fedpriv]`` connection in ``$FLWR_HOME/config.toml``, used by flwr."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{address}"\nroot-certificates = "{root_cert.resolve()}"\n'
+    )
+
+
+def register_node(public_key: Path, env: dict[str, str]) -> str:
+    """Register one node key with the SuperLink; 'registered' or 'already registered'."""
+    proc = subprocess.run(
+        [flower_executable("flwr"), "supernode", "register", str(public_key), CONNECTION],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    text = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+        return "registered"
+    if "already in use" in text:
+        return "already registered"
+    detail = next((ln.strip(" │") for ln in text.splitlines() if "code" in ln or "rror" in ln), text.strip())
+    raise DeploymentError(f"the SuperLink refused to register {public_key}: {detail.strip()}")
+
+
+def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
+    """Run the SuperLink until it exits or this process is stopped; register the nodes, then
+    open the public port (the Fleet-only gateway)."""
+    plan.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (plan.state / RUNS).mkdir(exist_ok=True)
+    write_connection(plan.state / FLWR_HOME, plan.admin, plan.ca)
+    terminate_as_exit()  # a SIGTERM while starting up must still stop the SuperLink
+    child = Child(plan.argv, plan.env)
+    gateway = Gateway(plan.public.host, plan.public.port, plan.cert, plan.key,
+                      plan.admin.host, plan.admin.port, plan.ca)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if not child.running():
+                errors = [ln for ln in child.tail if "ERROR" in ln or "rror" in ln]
+                raise DeploymentError(f"flower-superlink exited with code {child.proc.returncode}"
+                                      + (f": {errors[-1].strip()}" if errors else ""))
+            try:
+                check_tls(plan.admin, plan.ca, timeout=2.0)
+                break
+            except DeploymentError:
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"the SuperLink did not answer on {plan.admin} within "
+                                          f"{READY_TIMEOUT:.0f} s") from None
+                time.sleep(0.5)
+        results = [(path, register_node(path, plan.env)) for path in plan.node_keys]
+        try:
+            gateway.start()
+        except OSError as exc:
+            raise DeploymentError(f"cannot listen on {plan.public}: {exc.strerror or exc}") from None
+    except BaseException:
+        child.stop()
+        raise
+    for path, result in results:
+        print(f"fedpriv: node key {path.name}: {result}", file=out)
+    print(f"fedpriv: SuperLink ready: nodes connect to {plan.public} (TLS, node authentication, Fleet API "
+          f"only); operators use {plan.admin} (database {plan.state / DATABASE}); runs are written "
+          f"under {plan.state / RUNS}", file=out)
+    print(f"fedpriv: submit a run with: fedpriv server run --state {plan.state}", file=out, flush=True)
+    try:
+        return child.wait()
+    finally:
+        gateway.stop()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def app_defaults(app: Path) -> dict[str, Any]:
+    """The app's run config defaults: ``[tool.flwr.app.config]`` of its pyproject.toml, flattened."""
+    import tomllib
+
+    try:
+        table = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        raise DeploymentError(f"{app} is not a Flower app (no [tool.flwr.app.config] in pyproject.toml)") from None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+    walk("", table)
+    return flat
+
+
+def run_config_string(cfg: RunConfig, app: Path) -> str:
+    """The validated configuration as Flower ``--run-config``: every setting that differs from
+    the app's defaults (Flower refuses keys the app does not declare)."""
+    defaults = app_defaults(app)
+    changed = {k: v for k, v in cfg.to_flat().items() if k not in defaults or defaults[k] != v}
+    unknown = sorted(k for k in changed if k not in defaults)
+    if unknown:
+        raise DeploymentError(f"the Flower app in {app} does not declare {', '.join(unknown)}; "
+                              "it is older than this fedpriv")
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in changed.items())
+
+
+def default_app_dir() -> Path:
+    """fedpriv's Flower app: the project directory holding pyproject.toml's [tool.flwr.app]."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").exists():
+        raise DeploymentError("cannot find fedpriv's Flower app (pyproject.toml); give --app DIR")
+    return root
+
+
+def wait_for_superlink(connection: Path, wait: float, state: Path) -> None:
+    """Wait (at most ``wait`` seconds) until the SuperLink of ``fedpriv server start --state``
+    has written its connection and answers over TLS: a run may be submitted as it starts."""
+    import tomllib
+
+    deadline, last = time.monotonic() + wait, ""
+    while True:
+        if connection.exists():
+            try:
+                link = tomllib.loads(connection.read_text())["superlink"][CONNECTION]
+                check_tls(parse_address(link["address"]), Path(link["root-certificates"]), timeout=2.0)
+                return
+            except (KeyError, tomllib.TOMLDecodeError, OSError):
+                raise DeploymentError(f"{connection} is not a connection fedpriv server start wrote") from None
+            except DeploymentError as exc:
+                last = str(exc)
+        if time.monotonic() >= deadline:
+            raise DeploymentError(last or f"no SuperLink connection in {state} after {wait:g} s; start one "
+                                  f"with fedpriv server start --state {state}, or give --superlink and --root-cert")
+        time.sleep(1.0)
+
+
+def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_cert: Path | None,
+               app: Path | None = None, out: Any = sys.stdout, wait: float = 120.0) -> tuple[int, str | None]:
+    """``flwr run APP fedpriv --stream``; returns its exit code and the run directory it reported."""
+    app = (app or default_app_dir()).resolve()
+    if not (app / "pyproject.toml").exists():
+        raise DeploymentError(f"{app} is not a Flower app (no pyproject.toml)")
+    with tempfile.TemporaryDirectory(prefix="fedpriv-flwr-") as scratch:
+        if superlink:
+            if root_cert is None:
+                raise DeploymentError("--superlink needs --root-cert (the federation's CA certificate)")
+            address = parse_address(superlink, "--superlink")
+            load_certificate(root_cert, "root certificate")
+            check_tls(address, root_cert)
+            flwr_home = Path(scratch)
+            write_connection(flwr_home, address, root_cert)
+        else:
+            if state is None:
+                raise DeploymentError("give --state (the directory of fedpriv server start) or --superlink")
+            flwr_home = state.resolve() / FLWR_HOME
+            wait_for_superlink(flwr_home / "config.toml", wait, state)
+        found: dict[str, str] = {}
+
+        def on_line(line: str) -> None:
+            match = RUN_WRITTEN.search(line)
+            if match:
+                found["run_dir"] = match.group(1)
+
+        argv = [flower_executable("flwr"), "run", str(app), CONNECTION,
+                "--run-config", run_config_string(cfg, app), "--stream"]
+        child = Child(argv, flower_environment({"FLWR_HOME": str(flwr_home)}), sink=out, on_line=on_line)
+        code = child.wait()
+        if code != 0 and not found:
+            errors = [ln for ln in child.tail if "rror" in ln]
+            raise DeploymentError(f"flwr run failed with code {code}" + (f": {errors[-1].strip()}" if errors else ""))
+        return code, found.get("run_dir")

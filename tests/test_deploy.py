@@ -1,0 +1,303 @@
+"""Real federations: fedpriv server start / node join refuse what they must, with one clear line.
+
+The fast tests check bad input before anything starts. The slow ones start a real SuperLink
+with TLS and node authentication on loopback (``fedpriv server start``) and try to join it with
+an unregistered key, the wrong CA and in plaintext; each is refused, and the test says where.
+The full training run over TLS is tests/test_tutorial.py (it runs the README's walk-through).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from common.tls import DeploymentError, load_certificate
+from server.gateway import allowed
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (the nodes' port and the operators' port)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            if port < 65535 and s.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The command failed with exit 2 and exactly one ``error:`` line, no traceback."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
+def expired_certificate(path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=30))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """Federation keys for 3 nodes, a foreign federation's keys, and node data files."""
+    root = tmp_path_factory.mktemp("federation")
+    for args in (["keys", "--out", str(root / "keys"), "--nodes", "3"],
+                 ["keys", "--out", str(root / "other"), "--nodes", "1"],
+                 ["split-data", "--out", str(root / "data"), "--nodes", "3"]):
+        proc = subprocess.run([sys.executable, "-m", "fedpriv", *args], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def join_args(material: Path, port: int, *extra: str, node: str = "node-1") -> list[str]:
+    return ["node", "join", "--superlink", f"127.0.0.1:{port}", "--root-cert", str(material / "keys/ca.crt"),
+            "--auth-key", str(material / "keys/nodes" / node), "--data", str(material / f"data/{node}.npz"),
+            "--state", str(material / "node-state"), "--port", str(free_port()), *extra]
+
+
+# ---- bad input, before anything starts ----------------------------------------------------------
+def test_certificates_that_expired_or_are_not_certificates_are_refused(tmp_path):
+    expired_certificate(tmp_path / "old.crt")
+    with pytest.raises(DeploymentError, match="expired on"):
+        load_certificate(tmp_path / "old.crt", "root certificate")
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    with pytest.raises(DeploymentError, match="not a PEM certificate"):
+        load_certificate(tmp_path / "junk.crt", "root certificate")
+    with pytest.raises(DeploymentError, match="does not exist"):
+        load_certificate(tmp_path / "missing.crt", "root certificate")
+    with pytest.raises(DeploymentError, match="is a directory"):
+        load_certificate(tmp_path, "root certificate")
+
+
+def test_node_join_refuses_bad_input_with_one_line(cli, material, tmp_path):
+    port = free_port()
+    expired_certificate(tmp_path / "old.crt")
+    bad = {
+        "expired on": ["--root-cert", str(tmp_path / "old.crt")],
+        "node key": ["--auth-key", str(material / "keys/ca.crt")],
+        "does not exist": ["--auth-key", str(tmp_path / "no-such-key")],
+    }
+    for expected, override in bad.items():
+        args = join_args(material, port)
+        i = args.index(override[0])
+        args[i + 1] = override[1]
+        line = one_error_line(cli(*args, "--dry-run"))
+        assert expected in line, line
+    np.savez(tmp_path / "small.npz", x=np.zeros((20, 8, 8), np.float32), y=np.zeros(20, np.int64))
+    args = join_args(material, port)
+    args[args.index("--data") + 1] = str(tmp_path / "small.npz")
+    line = one_error_line(cli(*args, "--dry-run"))
+    assert "shape (8, 8, 1)" in line and "(28, 28, 1)" in line, line
+    line = one_error_line(cli("node", "join", "--superlink", "127.0.0.1:1", "--data",
+                              str(material / "data/node-1.npz")))
+    assert "--root-cert and --auth-key are required" in line and "--insecure" in line
+
+
+def test_node_join_gives_up_on_an_unreachable_superlink_after_bounded_retries(cli, material):
+    state = material / "node-state" / "node-1"
+    before = {p.name: p.read_bytes() for p in state.iterdir()} if state.exists() else {}
+    started = time.monotonic()
+    line = one_error_line(cli(*join_args(material, free_port(), "--max-retries", "2")))
+    assert "cannot reach the SuperLink" in line and "after 3 attempts" in line, line
+    assert time.monotonic() - started < 60
+    after = {p.name: p.read_bytes() for p in state.iterdir()} if state.exists() else {}
+    assert after == before  # nothing the node had recorded is touched
+
+
+def test_server_start_checks_its_key_material(cli, material, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("ca.crt", "superlink.crt", "ledger-signing.key"):
+        (keys / name).write_bytes((material / "keys" / name).read_bytes())
+    (keys / "nodes").mkdir()
+    (keys / "nodes/node-1.pub").write_bytes((material / "keys/nodes/node-1.pub").read_bytes())
+    base = ["server", "start", "--keys", str(keys), "--state", str(tmp_path / "state"), "--dry-run"]
+    assert "SuperLink key" in one_error_line(cli(*base)) and "does not exist" in one_error_line(cli(*base))
+    (keys / "superlink.key").write_bytes((material / "other/superlink.key").read_bytes())
+    assert "does not belong to the certificate" in one_error_line(cli(*base))
+    (keys / "superlink.key").write_bytes((material / "keys/superlink.key").read_bytes())
+    (keys / "ca.crt").write_bytes((material / "other/ca.crt").read_bytes())
+    assert "not signed by the federation CA" in one_error_line(cli(*base))
+    (keys / "ca.crt").write_bytes((material / "keys/ca.crt").read_bytes())
+    (keys / "nodes/node-1.pub").write_text("ssh-ed25519 AAAA nonsense")
+    assert "not an OpenSSH public key" in one_error_line(cli(*base))
+    (keys / "nodes/node-1.pub").write_bytes((material / "keys/nodes/node-1.pub").read_bytes())
+    proc = cli(*base)
+    assert proc.returncode == 0, proc.stderr
+    assert "--enable-supernode-auth" in proc.stdout and "--ssl-certfile" in proc.stdout
+    assert "--disable-runtime-dependency-installation" in proc.stdout and "--database" in proc.stdout
+    assert not (tmp_path / "state").exists()  # a dry run writes nothing
+
+
+# ---- a real SuperLink on loopback -----------------------------------------------------------
+class SuperLink:
+    def __init__(self, material: Path, state: Path, port: int, log: Path) -> None:
+        self.port, self.log = port, log
+        args = ["server", "start", "--keys", str(material / "keys"), "--state", str(state),
+                "--host", "127.0.0.1", "--port", str(port)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedpriv", *args], cwd=ROOT,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+        deadline = time.monotonic() + 120
+        while "SuperLink ready" not in self.output():
+            assert self.proc.poll() is None, self.output()[-3000:]
+            assert time.monotonic() < deadline, self.output()[-3000:]
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+
+@pytest.fixture(scope="module")
+def superlink(material, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    link = SuperLink(material, material / "server-state", free_port_pair(), logs / "superlink.log")
+    yield link
+    if link.proc.poll() is None:
+        link.stop()
+
+
+@pytest.mark.slow
+def test_an_unregistered_node_key_is_refused(cli, material, superlink):
+    args = join_args(material, superlink.port, "--max-retries", "1")
+    args[args.index("--auth-key") + 1] = str(material / "other/nodes/node-1")  # not registered here
+    proc = cli(*args)
+    line = one_error_line(proc)
+    assert "refused this node" in line and "not registered" in line, line
+    assert proc.stderr.count("trying again") == 1  # bounded: --max-retries 1 means two attempts
+    # The refusal is the SuperLink's: it found no registered node with this key.
+    assert "No SuperNode found with the given public key" in superlink.output()
+
+
+@pytest.mark.slow
+def test_a_node_with_the_wrong_ca_is_refused(cli, material, superlink):
+    args = join_args(material, superlink.port)
+    args[args.index("--root-cert") + 1] = str(material / "other/ca.crt")
+    line = one_error_line(cli(*args))
+    assert "failed TLS verification" in line, line
+    # Flower's own SuperNode refuses the same certificate, with fedpriv's checks out of the way.
+    log = material / "wrong-ca-supernode.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink.port}",
+         "--root-certificates", str(material / "other/ca.crt"),
+         "--auth-supernode-private-key", str(material / "keys/nodes/node-1"),
+         "--port", str(free_port()), "--max-retries", "1", "--max-wait-time", "10"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec helper
+        except ProcessLookupError:
+            pass
+    assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log.read_text()
+
+
+@pytest.mark.slow
+def test_plaintext_connections_to_the_tls_port_are_refused(cli, material, superlink):
+    proc = cli(*join_args(material, superlink.port, "--insecure", "--max-retries", "1", "--max-wait", "10"))
+    assert "WITHOUT TLS" in proc.stderr  # the loud warning
+    line = one_error_line(proc)
+    assert "lost the SuperLink" in line or "exited with code" in line, line
+    # A plaintext HTTP request gets no HTTP answer: the port only speaks TLS.
+    with socket.create_connection(("127.0.0.1", superlink.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/fleet/activate-node HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        sock.settimeout(10)
+        try:
+            answer = sock.recv(4096)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+    assert not answer.startswith(b"HTTP/"), answer[:100]
+
+
+def test_the_gateway_lets_only_the_fleet_api_through():
+    assert allowed("POST", "/v1/fleet/pull-messages") and allowed("GET", "/health")
+    for method, path in [("POST", "/v1/control/register-node"), ("POST", "/v1/control/start-run"),
+                         ("POST", "/v1/runtime/pull-messages"), ("GET", "/v1/fleet/pull-messages"),
+                         ("POST", "/v1/fleet/../control/register-node"), ("POST", "/v1/fleet%2F..%2Fcontrol"),
+                         ("GET", "/docs"), ("POST", "/v1/fleetx")]:
+        assert not allowed(method, path), (method, path)
+
+
+def https(port: int, ca: Path, method: str, path: str) -> int:
+    """The HTTP status of one request over verified TLS."""
+    import http.client
+    import ssl
+
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                       context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_the_nodes_port_refuses_registration_and_runs(material, superlink, tmp_path):
+    ca = material / "keys/ca.crt"
+    assert https(superlink.port, ca, "GET", "/health") == 200
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs",
+                 "/v1/runtime/pull-messages"):
+        assert https(superlink.port, ca, "POST", path) == 403, path
+    # Flower's own CLI, pointed at the nodes' port, cannot register a key there...
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "x"\n[superlink.x]\naddress = "127.0.0.1:{superlink.port}"\n'
+        f'root-certificates = "{ca}"\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    flwr = str(Path(sys.executable).parent / "flwr")
+    proc = subprocess.run([flwr, "supernode", "register", str(material / "other/nodes/node-1.pub"), "x"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    # ...while the operators' port (loopback) is the SuperLink itself.
+    admin = superlink.port + 1
+    assert https(admin, ca, "POST", "/v1/control/list-runs") != 403
+
+
+@pytest.mark.slow
+def test_restarted_superlink_keeps_its_registrations(material, superlink, tmp_path):
+    assert superlink.stop() == 0
+    again = SuperLink(material, material / "server-state", superlink.port, tmp_path / "again.log")
+    try:
+        assert again.output().count("already registered") == 3, again.output()[-2000:]
+    finally:
+        assert again.stop() == 0

@@ -1,0 +1,98 @@
+"""The README's deployment walk-through, run as written: a real federation on loopback.
+
+Real Flower processes: ``fedpriv server start`` runs flower-superlink with TLS and node
+authentication, three ``fedpriv node join`` run flower-supernode with fedpriv's ClientApp,
+``fedpriv server run`` trains 2 rounds under DP-SGD and SecAgg+, and ``fedpriv audit`` verifies
+the ledger. The test then checks the run directory and every node's own ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.ledger import verify_ledger
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+HEADING = "## A real federation"
+
+
+def walkthrough() -> str:
+    """The first bash block under the deployment heading of README.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(HEADING):]
+    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert match, "the deployment section has a bash block"
+    return match.group(1)
+
+
+def ports_in(script: str) -> set[int]:
+    return {int(p) for p in re.findall(r"(?:--port |127\.0\.0\.1:)(\d+)", script)} | {9092, 9093}
+
+
+def test_readme_walkthrough_runs_a_real_federation(tmp_path):
+    script = walkthrough()
+    for port in ports_in(script):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is busy; the walk-through needs it"
+    home = tmp_path / "home"
+    env = {**os.environ, "FEDPRIV_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "walkthrough.log"
+    proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=tmp_path, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait(timeout=1500)
+    finally:  # the server and nodes it left in the background
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    output = log.read_text(errors="replace")
+    assert code == 0, output[-5000:]
+    assert "PASS" in output and "budgets held" in output, output[-3000:]
+
+    runs = list((tmp_path / "fed/server/runs").glob("federation-*"))
+    assert len(runs) == 1
+    run = runs[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["clients_trained"] == 3 and r["clients_failed"] == 0 for r in summary["rounds"])
+    assert summary["secure_aggregation"]["enabled"] and summary["secure_aggregation"]["num_shares"] == 3
+    assert summary["final_accuracy"] > summary["initial_accuracy"]
+    record = summary["privacy"]["record_level"]
+    assert len(record["clients"]) == 3 and 0 < record["max_epsilon"] <= 8
+    assert (run / "checkpoint.fpck").exists()  # sealed with the federation's checkpoint key
+
+    ledger = verify_ledger(run)
+    assert ledger.ok, ledger.failures
+    assert ledger.entries[0]["parameters"]["config"]["federation.num_clients"] == 3
+    spends = [e for e in ledger.entries if e["kind"] == "record_level"]
+    assert len(spends) == 6  # 3 nodes x 2 rounds, each recorded once
+    # The ledger is signed with the federation's key from fedpriv keys.
+    assert (run / "ledger.pub").read_bytes() == (tmp_path / "fed/keys/ledger-signing.pub").read_bytes()
+
+    for n in (1, 2, 3):  # each node kept its own signed spending ledger
+        node = verify_ledger(home / "nodes" / f"node-{n}")
+        assert node.ok, node.failures
+        assert sum(e["kind"] == "record_level" for e in node.entries) == 2
+
+    # The spending persists: joining again (here with a smaller budget) starts from it.
+    spent = max(summary["privacy"]["record_level"]["clients"].values())
+    again = subprocess.run(
+        ["fedpriv", "node", "join", "--superlink", "127.0.0.1:9092", "--root-cert", "fed/keys/ca.crt",
+         "--auth-key", "fed/keys/nodes/node-1", "--data", "fed/data/node-1.npz", "--budget", "1",
+         "--preset", "federation", "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"spent so far {spent:.3f}" in again.stdout and "will refuse to train" in again.stdout, again.stdout
