@@ -8,7 +8,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-secagg generated sync clean
+.PHONY: demo test test-fast bench bench-secagg bench-dp-step generated sync clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -31,6 +31,9 @@ bench: sync
 
 bench-secagg: sync
 	$(UV) run --locked python benchmarks/secagg.py
+
+bench-dp-step: sync
+	$(UV) run --locked python benchmarks/dp_step.py
 
 generated: sync
 	$(UV) run --locked python docs/generate.py
