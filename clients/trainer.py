@@ -36,10 +36,11 @@ class TrainResult:
 def choose_implementation(dp: DPSection, model_name: str) -> str:
     """'auto': TF Privacy's DPSequential unless microbatches are asked for.
 
-    DPSequential uses ghost clipping for Dense layers and per-example gradients for the rest
-    (Conv2D); measured on a 2-core CPU it ran the seed CNN about 4x faster than the vectorized
-    DP optimizer (see benchmarks/). It clips per example only, so microbatching goes to the
-    vectorized optimizer.
+    DPSequential computes every example's gradient norm layer by layer from one backward pass
+    (fast clipping), with TF Privacy's registry functions for Dense and fedpriv's for Conv2D
+    (:mod:`clients.conv_clipping`), so both seed models take that path; benchmarks/dp_step.py
+    measures it against the other implementations. It clips per example only, so
+    microbatching goes to the vectorized optimizer.
     """
     if dp.implementation != "auto":
         return dp.implementation
@@ -64,16 +65,15 @@ class LocalTrainer:
         k = keras()
         layers = build_layers(model_name, model, input_shape, num_classes)
         if self.implementation == "fast":
-            from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import (
-                make_default_layer_registry,
-            )
             from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPSequential
+
+            from clients.conv_clipping import layer_registry
 
             # use_xla=False: Poisson batches change shape every step, and XLA would recompile.
             self.model = DPSequential(
                 l2_norm_clip=dp.l2_norm_clip,
                 noise_multiplier=dp.noise_multiplier,
-                layer_registry=make_default_layer_registry(),
+                layer_registry=layer_registry(),
                 use_xla=False,
                 layers=layers,
             )

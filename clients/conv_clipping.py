@@ -1,0 +1,109 @@
+"""Fast per-example gradient norms for ``Conv2D``: a layer-registry function for TF Privacy.
+
+TF Privacy's fast gradient clipping (``DPSequential`` with a ``LayerRegistry``) computes each
+example's gradient norm from one backward pass, layer by layer, without materialising per-example
+gradients of the whole model; it ships registry functions for Dense, Embedding and a few NLP
+layers, not for ``Conv2D``. A model with an unregistered trainable layer falls back to
+per-example gradients for everything. This module adds ``Conv2D``.
+
+For one example, let ``U`` be its input patches (``P`` output positions by ``K = kh*kw*c_in``
+values, what ``tf.image.extract_patches`` returns) and ``G`` the loss gradient with respect to the
+layer's pre-activation output (``P`` by ``c_out``). The kernel gradient is ``U^T G`` and the bias
+gradient is the column sums of ``G``, so
+
+    ||kernel grad||^2 = ||U^T G||_F^2 = <U U^T, G G^T>_F       (the "ghost norm")
+
+Either side is exact. The direct form costs about ``P*K*c_out`` per example, the ghost form
+``P^2 * (K + c_out)``; each layer uses the cheaper one (early layers: many positions, few
+channels, direct; late layers: few positions, many channels, ghost). Only what the optimiser
+needs is computed: squared norms, one per example (or per microbatch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from common.tf_runtime import keras, tf
+
+
+def _patches(layer: Any, x: Any) -> Any:
+    t = tf()
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    if (sh > 1 or sw > 1) and (dh > 1 or dw > 1):
+        raise NotImplementedError("Conv2D with both strides and dilation")
+    return t.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
+                                   padding=layer.padding.upper())
+
+
+def use_ghost_norm(positions: int, patch_size: int, filters: int) -> bool:
+    """The ghost form is cheaper when ``P * (K + c_out) < K * c_out``."""
+    return positions * (patch_size + filters) < patch_size * filters
+
+
+def conv2d_squared_norms(layer: Any, x: Any, grads: Any, num_microbatches: Any = None) -> Any:
+    """Per-example (or per-microbatch) squared norms of the gradients of ``layer``'s kernel and
+    bias, from its input ``x`` and the gradient ``grads`` of the summed loss with respect to its
+    pre-activation output."""
+    from tensorflow_privacy.privacy.fast_gradient_clipping import common_manip_utils
+
+    t = tf()
+    u = _patches(layer, x)                                   # (b, h', w', K)
+    shape = t.shape(u)
+    u = t.reshape(u, [shape[0], shape[1] * shape[2], shape[3]])          # (b, P, K)
+    g = t.reshape(grads, [shape[0], shape[1] * shape[2], layer.filters])  # (b, P, C)
+    if num_microbatches is not None:
+        # A microbatch's gradient sums its examples': stack their positions.
+        u = common_manip_utils.maybe_add_microbatch_axis(u, num_microbatches)
+        g = common_manip_utils.maybe_add_microbatch_axis(g, num_microbatches)
+        su, sg = t.shape(u), t.shape(g)
+        u = t.reshape(u, [su[0], su[1] * su[2], su[3]])
+        g = t.reshape(g, [sg[0], sg[1] * sg[2], sg[3]])
+    positions = u.shape[1] if u.shape[1] is not None else None
+    patch = int(u.shape[2])
+    if positions is not None and use_ghost_norm(int(positions), patch, layer.filters):
+        uut = t.matmul(u, u, transpose_b=True)               # (b, P, P)
+        ggt = t.matmul(g, g, transpose_b=True)
+        squared = t.reduce_sum(uut * ggt, axis=[1, 2])
+    else:
+        kernel_grads = t.matmul(u, g, transpose_a=True)      # (b, K, C)
+        squared = t.reduce_sum(t.square(kernel_grads), axis=[1, 2])
+    if layer.use_bias:
+        squared += t.reduce_sum(t.square(t.reduce_sum(g, axis=1)), axis=1)
+    return squared
+
+
+def conv2d_layer_computation(layer_instance: Any, input_args: Sequence[Any], input_kwargs: Mapping[str, Any],
+                             tape: Any, num_microbatches: Any = None) -> tuple[Any, Any, Any]:
+    """Registry function for ``tf.keras.layers.Conv2D`` (channels last, groups 1), in TF
+    Privacy's registry protocol: ``(base_vars, outputs, sqr_norm_fn)``."""
+    if input_kwargs:
+        raise ValueError("Conv2D layer calls should not receive kwargs")
+    if len(input_args) != 1:
+        raise ValueError("Only layer inputs of length 1 are permitted")
+    if layer_instance.data_format != "channels_last" or getattr(layer_instance, "groups", 1) != 1:
+        raise NotImplementedError("Conv2D fast clipping needs channels_last and groups=1")
+    x = input_args[0]
+    activation = layer_instance.activation
+    layer_instance.activation = None
+    try:
+        base_vars = layer_instance(x)  # the pre-activation output, bias included
+    finally:
+        layer_instance.activation = activation
+    tape.watch(base_vars)
+    outputs = activation(base_vars) if activation else base_vars
+
+    def sqr_norm_fn(base_vars_grads: Any) -> Any:
+        return conv2d_squared_norms(layer_instance, x, base_vars_grads, num_microbatches)
+
+    return base_vars, outputs, sqr_norm_fn
+
+
+def layer_registry() -> Any:
+    """TF Privacy's default registry (Dense, Embedding) plus Conv2D."""
+    from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import make_default_layer_registry
+
+    registry = make_default_layer_registry()
+    registry.insert(keras().layers.Conv2D, conv2d_layer_computation)
+    return registry
