@@ -6,7 +6,9 @@ batch size, this times ``train_on_batch`` on the same fixed batches for:
 - ``nonprivate``: plain Keras SGD (the baseline);
 - ``textbook``: TF Privacy's DPKerasSGDOptimizer with one microbatch per example;
 - ``vectorized``: TF Privacy's VectorizedDPKerasSGDOptimizer, one microbatch per example;
-- ``fast``: TF Privacy's DPSequential (ghost clipping where its layer registry allows);
+- ``fast``: TF Privacy's DPSequential with fast clipping (its Dense registry function and
+  fedpriv's Conv2D one, clients/conv_clipping.py);
+- ``bookkeeping``: fedpriv's book-keeping DP-SGD (clients/bk_clipping.py);
 - ``default``: what a fedpriv client runs with ``dp.implementation = "auto"``.
 
 Every variant is built by fedpriv's own :class:`clients.trainer.LocalTrainer`, so the numbers
@@ -50,10 +52,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 from dp_vs_nodp import RESULTS, machine  # noqa: E402
 
-VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "default")
+VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")
 # The DPSection.implementation each variant is built with (None: DP off).
 IMPLEMENTATION = {"nonprivate": None, "textbook": "keras", "vectorized": "vectorized",
-                  "fast": "fast", "default": "auto"}
+                  "fast": "fast", "bookkeeping": "bookkeeping", "default": "auto"}
 MODELS = ("cnn", "mlp")
 INPUT_SHAPE = (28, 28, 1)  # the built-in data (real MNIST digits)
 NUM_CLASSES = 10

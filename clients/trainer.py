@@ -13,7 +13,9 @@ clients do not rebuild and retrace the model for each one.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,20 @@ from common.config import ClientSection, DPSection, ModelSection
 from common.models import build_layers
 from common.tf_runtime import keras
 
+log = logging.getLogger("fedpriv")
+
+# TEST HOOK, never for real use: with this set to 1, DP-SGD clips but adds no noise, while the
+# client still declares and records the configured spend. It exists so that the tests can show
+# the empirical audit (fedpriv audit --empirical) catching an implementation that does not do
+# what its ledger claims.
+BREAK_NOISE_ENV = "FEDPRIV_TEST_BREAK_NOISE"
+
+
+def noise_broken() -> bool:
+    """Whether the :data:`BREAK_NOISE_ENV` test hook is on in this process."""
+    return os.environ.get(BREAK_NOISE_ENV) == "1"
+
+
 @dataclass(frozen=True)
 class TrainResult:
     weights: list[np.ndarray]
@@ -33,18 +49,22 @@ class TrainResult:
     spend: DPSGDSpend | None  # None when DP is off
 
 
-def choose_implementation(dp: DPSection, model_name: str) -> str:
-    """'auto': TF Privacy's DPSequential unless microbatches are asked for.
+def choose_implementation(dp: DPSection, model_name: str, layers: list[Any] | None = None) -> str:
+    """'auto': book-keeping DP-SGD where the model allows, else TF Privacy's DPSequential;
+    the vectorized optimizer when microbatches are asked for.
 
-    DPSequential computes every example's gradient norm layer by layer from one backward pass
-    (fast clipping), with TF Privacy's registry functions for Dense and fedpriv's for Conv2D
-    (:mod:`clients.conv_clipping`), so both seed models take that path; benchmarks/dp_step.py
-    measures it against the other implementations. It clips per example only, so
-    microbatching goes to the vectorized optimizer.
+    Book-keeping (:mod:`clients.bk_clipping`) takes each example's gradient norm and the clipped
+    gradient from one forward and one backward pass; DPSequential's fast clipping (TF Privacy's
+    registry for Dense, fedpriv's for Conv2D, :mod:`clients.conv_clipping`) needs two of each.
+    Both clip per example only. benchmarks/dp_step.py measures every implementation side by side.
     """
     if dp.implementation != "auto":
         return dp.implementation
-    return "fast" if dp.microbatches == 0 else "vectorized"
+    if dp.microbatches:
+        return "vectorized"
+    from clients.bk_clipping import supported
+
+    return "bookkeeping" if layers is None or supported(layers) else "fast"
 
 
 class LocalTrainer:
@@ -61,10 +81,21 @@ class LocalTrainer:
     ) -> None:
         self.client = client
         self.dp = dp
-        self.implementation = choose_implementation(dp, model_name) if dp.enabled else "none"
         k = keras()
         layers = build_layers(model_name, model, input_shape, num_classes)
-        if self.implementation == "fast":
+        self.implementation = choose_implementation(dp, model_name, layers) if dp.enabled else "none"
+        self.applied_noise_multiplier = dp.noise_multiplier
+        if dp.enabled and noise_broken():
+            self.applied_noise_multiplier = 0.0
+            log.warning("fedpriv: %s=1: DP-SGD noise is OFF while the configured spend is still "
+                        "declared and recorded (a test hook; never use it for real)", BREAK_NOISE_ENV)
+        if self.implementation == "bookkeeping":
+            from clients.bk_clipping import make_model
+
+            self.model = make_model(layers, dp.l2_norm_clip, self.applied_noise_multiplier)
+            loss = k.losses.SparseCategoricalCrossentropy(from_logits=True)  # train_step clips per example
+            optimizer = self._plain_optimizer()
+        elif self.implementation == "fast":
             from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPSequential
 
             from clients.conv_clipping import layer_registry
@@ -72,7 +103,7 @@ class LocalTrainer:
             # use_xla=False: Poisson batches change shape every step, and XLA would recompile.
             self.model = DPSequential(
                 l2_norm_clip=dp.l2_norm_clip,
-                noise_multiplier=dp.noise_multiplier,
+                noise_multiplier=self.applied_noise_multiplier,
                 layer_registry=layer_registry(),
                 use_xla=False,
                 layers=layers,
@@ -110,7 +141,7 @@ class LocalTrainer:
         dp = self.dp
         common = {
             "l2_norm_clip": dp.l2_norm_clip,
-            "noise_multiplier": dp.noise_multiplier,
+            "noise_multiplier": self.applied_noise_multiplier,
             "num_microbatches": dp.microbatches or None,
             "learning_rate": self.client.learning_rate,
         }

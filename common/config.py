@@ -146,10 +146,12 @@ class DPSection:
     )
     implementation: str = _setting(
         "auto",
-        "vectorized (TF Privacy's vectorized DP optimizer), keras (TF Privacy's DPKeras "
-        "optimizer), fast (TF Privacy's DPSequential: ghost clipping for Dense layers, "
-        "per-example gradients for the rest), or auto (fast unless microbatches are set).",
-        choices=("auto", "vectorized", "keras", "fast"),
+        "bookkeeping (fedpriv's book-keeping DP-SGD: per-example norms and clipped gradients "
+        "from one backward pass; Dense and Conv2D models), fast (TF Privacy's DPSequential with "
+        "fast clipping for Dense and, from fedpriv, Conv2D), vectorized (TF Privacy's vectorized "
+        "DP optimizer), keras (TF Privacy's DPKeras optimizer), or auto (bookkeeping where the "
+        "model allows, else fast; vectorized when microbatches are set).",
+        choices=("auto", "bookkeeping", "fast", "vectorized", "keras"),
     )
 
 
@@ -388,10 +390,10 @@ class RunConfig:
             value = getattr(self.simulation, key)
             if value and not all(part.strip().isdigit() for part in value.split(",")):
                 raise ConfigError(f"simulation.{key} must be comma-separated integers, got {value!r}")
-        if self.dp.enabled and self.dp.microbatches and self.dp.implementation == "fast":
+        if self.dp.enabled and self.dp.microbatches and self.dp.implementation in ("fast", "bookkeeping"):
             raise ConfigError(
-                "dp.implementation = 'fast' clips per example; set dp.microbatches = 0 or "
-                "choose 'vectorized' or 'keras'"
+                f"dp.implementation = '{self.dp.implementation}' clips per example; set "
+                "dp.microbatches = 0 or choose 'vectorized' or 'keras'"
             )
 
 

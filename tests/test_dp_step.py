@@ -10,7 +10,7 @@ import pytest
 from clients.trainer import LocalTrainer, choose_implementation
 from common.config import ClientSection, DPSection, ModelSection
 
-IMPLEMENTATIONS = ["vectorized", "keras", "fast"]
+IMPLEMENTATIONS = ["vectorized", "keras", "fast", "bookkeeping"]
 LR = 1.0
 
 
@@ -103,7 +103,7 @@ def test_no_dp_mode_takes_exact_gradient_steps():
 
 
 def test_train_reports_poisson_steps_and_the_spend():
-    trainer = _trainer("fast", clip=1.0, noise=1.1)
+    trainer = _trainer("bookkeeping", clip=1.0, noise=1.1)
     x = np.random.default_rng(2).normal(size=(40, 4)).astype(np.float32)
     y = np.arange(40) % 3
     result = trainer.train(trainer.model.get_weights(), x, y)
@@ -122,6 +122,14 @@ def test_microbatching_halves_the_effective_noise_in_the_spend():
 
 
 def test_auto_implementation():
-    assert choose_implementation(DPSection(implementation="auto"), "cnn") == "fast"
+    from common.config import ModelSection
+    from common.models import build_layers
+    from common.tf_runtime import keras
+
+    cnn = build_layers("cnn", ModelSection(), (28, 28, 1), 10)
+    assert choose_implementation(DPSection(implementation="auto"), "cnn", cnn) == "bookkeeping"
+    other = [keras().layers.InputLayer(input_shape=(4,)), keras().layers.LayerNormalization(),
+             keras().layers.Dense(2)]
+    assert choose_implementation(DPSection(implementation="auto"), "mlp", other) == "fast"
     assert choose_implementation(DPSection(implementation="auto", microbatches=4), "cnn") == "vectorized"
     assert choose_implementation(DPSection(implementation="keras"), "mlp") == "keras"
