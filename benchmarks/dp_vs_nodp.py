@@ -5,7 +5,7 @@ the machine, versions and seed under benchmarks/results/. Target on the built-in
 is within 10 percentage points of the no-DP run's accuracy at record-level epsilon <= 8
 (delta = 1e-5).
 
-    uv run python benchmarks/dp_vs_nodp.py [--set key=value ...] [--check]
+    uv run python benchmarks/dp_vs_nodp.py [--set key=value ...] [--check] [--out DIR]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="applied to both runs")
     parser.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="default benchmarks/results")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as tmp:
@@ -104,11 +105,11 @@ def main() -> int:
     )
     report = f"{table(rows)}\n\n{verdict}\n"
     print(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     payload = {"rows": rows, "accuracy_gap_pp": gap_pp, "target_met": met,
                "overrides": args.overrides, "machine": machine()}
-    (RESULTS / "dp_vs_nodp.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "dp_vs_nodp.md").write_text(
+    (args.out / "dp_vs_nodp.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "dp_vs_nodp.md").write_text(
         f"# quickstart vs no-dp\n\nSame data and seed, run one after the other on "
         f"{payload['machine']['cpus']} CPUs ({payload['machine']['platform']}).\n\n{report}"
     )

@@ -4,7 +4,9 @@ Timings on a shared 2-core machine are noisy, so only what always holds is check
 file has the expected shape, every ratio is a positive number, and on the seed CNN per-example
 clipping with one microbatch per example (the textbook baseline) is slower than non-private
 training (by 10x or more; on the small MLP at the quick batch size the gap is small enough for
-noise to blur it, so it is not asserted there).
+noise to blur it, so it is not asserted there). The one-command harness (run_all.py) runs its
+quick mode too: its summary and the scale benchmark's results have their shape, and client state
+is created only for clients that trained.
 """
 
 import json
@@ -18,8 +20,8 @@ from clients.trainer import choose_implementation
 from common.config import DPSection
 from tests.conftest import ROOT
 
-VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "default")
-RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "default_ratio")
+VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")
+RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio", "default_ratio")
 
 
 @pytest.mark.slow
@@ -48,3 +50,41 @@ def test_dp_step_quick(tmp_path):
             assert entry["default_implementation"] == choose_implementation(DPSection(), model)
     for entry in results["cnn"].values():
         assert entry["textbook_ratio"] > 1, entry
+
+
+@pytest.mark.slow
+def test_run_all_quick(tmp_path):
+    """The one-command harness in quick mode: dp_step and scale (populations 100 and 1,000, 3
+    clients a round, 2 rounds), then the summary with machine, versions, seed and targets."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    report = (tmp_path / "summary.md").read_text()
+    assert "| benchmark | figure | measured | target | result |" in proc.stdout
+    assert "## dp_step" in report and "## scale" in report and "| population |" in report
+    assert summary["quick"] is True and isinstance(summary["seed"], int)
+    assert summary["benchmarks"] == ["dp_step", "scale"]
+    assert all(r["exit_code"] == 0 for r in summary["runs"])
+    assert summary["versions"]["flwr"] and summary["versions"]["tensorflow"]
+    assert summary["machine"]["cpus"] >= 1
+    assert {f["benchmark"] for f in summary["figures"]} == {"dp_step", "scale", "harness"}
+
+    assert json.loads((tmp_path / "dp_step.json").read_text())["complete"] is True
+    scale = json.loads((tmp_path / "scale.json").read_text())
+    assert set(scale["populations"]) == {"100", "1000"} and scale["seed"] == summary["seed"]
+    for key in ("rss_ratio", "pss_ratio", "round_time_ratio"):
+        assert math.isfinite(scale[key]) and scale[key] > 0, (key, scale[key])
+    rounds = scale["settings"]["rounds"]
+    for population in scale["populations"].values():
+        (run,) = population["runs"]
+        assert run["clients_trained"] == [3] * rounds and run["failed_rounds"] == 0
+        assert population["peak_rss_bytes"] > 0 and population["median_round_s"] > 0
+        # client state is created when a client trains, not for the whole population
+        assert run["node_dirs"] <= 3 * rounds
+    # a loose guard (the full run's target is 1.2x): per-client state created eagerly for
+    # 1,000 clients would show here
+    assert scale["rss_ratio"] < 1.5
+    assert (tmp_path / "scale.png").stat().st_size > 0

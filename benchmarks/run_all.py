@@ -1,0 +1,188 @@
+"""The whole benchmark harness in one command: every benchmark, then one summary with targets.
+
+Runs, one after the other, each in its own process (so none inherits another's warm caches):
+
+- ``dp_step.py``: DP-SGD step cost against non-private training (dp_step.json, .md);
+- ``scale.py``: peak memory and seconds per round at 100 and 1,000 virtual clients
+  (scale.json, .md, .png);
+- ``dp_vs_nodp.py`` (full mode only): the quickstart against its no-DP baseline (dp_vs_nodp.json, .md).
+
+Then prints every Markdown table and writes summary.md and summary.json beside them: the machine,
+the versions, the seed, and each figure with its target and whether it was met, the harness's own
+wall time included (target: under 15 minutes on 2 CPU cores). ``secagg.py`` (SecAgg+ overhead and
+accuracy against epsilon, about 35 minutes) is not part of it: run ``make bench-secagg``.
+
+    uv run python benchmarks/run_all.py [--quick] [--skip NAME,...] [--seed N] [--out DIR] [--check]
+
+``--quick`` runs tiny versions (dp_step and scale only) into a temporary folder unless --out is
+given, so a quick run never replaces the full results; the test suite runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from dp_step import cpu_model, versions  # noqa: E402
+from dp_vs_nodp import RESULTS, machine  # noqa: E402
+
+SEED = 42
+TARGET_WALL_S = 15 * 60
+BENCHMARKS = ("dp_step", "scale", "dp_vs_nodp")
+QUICK_BENCHMARKS = ("dp_step", "scale")
+
+
+def command(name: str, quick: bool, seed: int, out: Path) -> list[str]:
+    args = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out)]
+    if name == "dp_vs_nodp":
+        return args + ["--set", f"run.seed={seed}"]
+    args += ["--seed", str(seed)]
+    if name == "dp_step":
+        args += ["--device", "cpu"]  # the GPU path has its own check (gpu_check.sh)
+    return args + (["--quick"] if quick else [])
+
+
+def run(name: str, quick: bool, seed: int, out: Path) -> dict[str, Any]:
+    """Run one benchmark (its progress goes to stderr as it comes); its table and wall time."""
+    print(f"== {name}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(command(name, quick, seed, out), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - started
+    print(f"   {name}: {wall:.0f} s", file=sys.stderr, flush=True)
+    return {"name": name, "exit_code": proc.returncode, "wall_time_s": wall, "table": proc.stdout.strip()}
+
+
+# ---- figures and targets ----------------------------------------------------------------------
+def dp_step_figures(results: dict) -> list[dict]:
+    """The default path's step time against non-private, per model and batch size (its own
+    ``targets``, if the benchmark states any, are taken as they are)."""
+    if results.get("targets"):
+        return list(results["targets"])
+    figures = []
+    for model in ("cnn", "mlp"):
+        for batch, entry in results.get(model, {}).items():
+            ratio = entry.get("default_ratio")
+            if ratio is not None:
+                figures.append({"figure": f"DP-SGD step time / non-private, {model}, batch {batch} "
+                                          f"(default: {entry.get('default_implementation')})",
+                                "value": ratio, "unit": "x", "target": None, "met": None})
+    return figures
+
+
+def scale_figures(results: dict) -> list[dict]:
+    figures = [{**t, "unit": "x"} for t in results["targets"]]
+    for population, p in results["populations"].items():
+        figures.append({"figure": f"peak RSS of the process tree at {int(population):,} clients",
+                        "value": p["peak_rss_bytes"] / 2**30, "unit": " GiB", "target": None, "met": None})
+        figures.append({"figure": f"seconds per round at {int(population):,} clients (median)",
+                        "value": p["median_round_s"], "unit": " s", "target": None, "met": None})
+    return figures
+
+
+def dp_vs_nodp_figures(results: dict) -> list[dict]:
+    dp = results["rows"][0]
+    return [{"figure": f"accuracy gap, quickstart vs no-dp (record-level epsilon {dp['record_epsilon']:.2f})",
+             "value": results["accuracy_gap_pp"], "unit": " pp", "target": "<= 10 pp at epsilon <= 8",
+             "met": bool(results["target_met"])}]
+
+
+FIGURES = {"dp_step": dp_step_figures, "scale": scale_figures, "dp_vs_nodp": dp_vs_nodp_figures}
+
+
+def figures_of(name: str, out: Path, since: float) -> list[dict]:
+    """The figures of ``name``'s results, if this harness run wrote them (at or after ``since``)."""
+    path = out / f"{name}.json"
+    if not path.is_file() or path.stat().st_mtime < since:
+        return [{"figure": f"{name}: no results", "value": None, "unit": "", "target": "runs", "met": False}]
+    return FIGURES[name](json.loads(path.read_text()))
+
+
+def verdict(figure: dict) -> str:
+    if figure["met"] is None:
+        return "-"
+    return "pass" if figure["met"] else "FAIL"
+
+
+def value(figure: dict) -> str:
+    if figure["value"] is None:
+        return "-"
+    return f"{figure['value']:.2f}{figure['unit']}"
+
+
+def summary_table(figures: list[dict]) -> str:
+    lines = ["| benchmark | figure | measured | target | result |", "|---|---|---:|---|---|"]
+    for f in figures:
+        lines.append(f"| {f['benchmark']} | {f['figure']} | {value(f)} | {f['target'] or '-'} | {verdict(f)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny versions of dp_step and scale (for tests)")
+    parser.add_argument("--skip", default="", help=f"comma-separated, from {', '.join(BENCHMARKS)}")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if unknown := skip - set(BENCHMARKS):
+        parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    names = [n for n in (QUICK_BENCHMARKS if args.quick else BENCHMARKS) if n not in skip]
+    out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-bench-quick-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started, since = time.perf_counter(), time.time()
+    runs = [run(name, args.quick, args.seed, out) for name in names]
+    wall = time.perf_counter() - started
+
+    figures = []
+    for r in runs:
+        if r["exit_code"] != 0:
+            figures.append({"benchmark": r["name"], "figure": f"exit code {r['exit_code']}", "value": None,
+                            "unit": "", "target": "0", "met": False})
+        for f in figures_of(r["name"], out, since):
+            figures.append({"benchmark": r["name"], **f})
+    figures.append({"benchmark": "harness", "figure": "wall time" + (" (quick mode)" if args.quick else ""),
+                    "value": wall / 60, "unit": " min",
+                    "target": None if args.quick else f"< {TARGET_WALL_S // 60} min on 2 CPU cores",
+                    "met": None if args.quick else wall < TARGET_WALL_S})
+    info = {**{k: v for k, v in machine().items() if k != "versions"}, "cpu": cpu_model()}
+    payload = {"quick": args.quick, "seed": args.seed, "benchmarks": names, "wall_time_s": wall,
+               "runs": [{k: v for k, v in r.items() if k != "table"} for r in runs],
+               "figures": figures, "machine": info, "versions": versions(),
+               "all_targets_met": all(f["met"] is not False for f in figures)}
+    vs = payload["versions"]
+    header = (f"`benchmarks/run_all.py{' --quick' if args.quick else ''}` on {info['cpus']} CPUs "
+              f"({info['cpu']}, {info['platform']}), seed {args.seed}, {wall / 60:.1f} min in all. "
+              f"Python {vs.get('python')}, flwr {vs.get('flwr')}, TensorFlow {vs.get('tensorflow')}, "
+              f"tf-keras {vs.get('tf-keras')}, TF Privacy {vs.get('tensorflow-privacy')}, dp-accounting "
+              f"{vs.get('dp-accounting')}, numpy {vs.get('numpy')}. Every figure is a ratio measured side "
+              f"by side in one process or one harness run; the details are in each benchmark's file. "
+              f"Not run here: `make bench-secagg` (SecAgg+ overhead, about 35 minutes; "
+              f"[secagg.md](secagg.md)).")
+    sections = [f"# Benchmarks\n\n{header}\n\n{summary_table(figures)}\n"]
+    for r in runs:
+        sections.append(f"## {r['name']} ([{r['name']}.md]({r['name']}.md))\n\n{r['table']}\n")
+    report = "\n".join(sections)
+    (out / "summary.md").write_text(report)
+    (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(report)
+    print(f"wrote {out / 'summary.md'} and summary.json ({wall:.0f} s)", file=sys.stderr)
+    failed = [r["name"] for r in runs if r["exit_code"] != 0]
+    if failed:
+        print(f"error: {', '.join(failed)} failed", file=sys.stderr)
+        return 1
+    return 0 if payload["all_targets_met"] or not args.check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
