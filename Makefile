@@ -8,7 +8,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-secagg bench-dp-step generated sync clean
+.PHONY: demo test test-fast bench bench-secagg bench-dp-step bench-scale bench-all bench-audit generated sync clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -34,6 +34,15 @@ bench-secagg: sync
 
 bench-dp-step: sync
 	$(UV) run --locked python benchmarks/dp_step.py
+
+bench-audit: sync
+	$(UV) run --locked python benchmarks/empirical_audit.py
+
+bench-scale: sync
+	$(UV) run --locked python benchmarks/scale.py
+
+bench-all: sync
+	$(UV) run --locked python benchmarks/run_all.py
 
 generated: sync
 	$(UV) run --locked python docs/generate.py

@@ -31,6 +31,7 @@ from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from clients.trainer import TrainResult, get_trainer
 from common import secagg
 from common.accounting import merge_spends
+from common.canaries import Canaries
 from common.config import DataSection, RunConfig, config_from_run_config
 from common.data import load_dataset, load_node_data
 from common.errors import DataError
@@ -99,9 +100,10 @@ class NodeSetup:
     record_budget: float
 
 
-def node_setup(context: Context, cfg: RunConfig, dataset: Any) -> NodeSetup:
+def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canaries | None = None) -> NodeSetup:
     """A real node (``data-path`` in its node config, as ``fedpriv node join`` sets it) trains on
-    its own file; a simulated one on its partition of the configured dataset."""
+    its own file; a simulated one on its partition of the configured dataset, with its share of
+    ``canaries`` appended (the empirical audit's, see :mod:`common.canaries`)."""
     config = context.node_config
     budget = float(config.get("record-budget", cfg.privacy.record_budget))
     if "data-path" in config:
@@ -113,6 +115,9 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any) -> NodeSetup:
         return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget)
     partition_id = node_partition(context, cfg)
     x, y = local_data(cfg, partition_id)
+    if canaries is not None:
+        extra_x, extra_y = canaries.for_client(cfg.data, cfg.run.seed, cfg.federation.num_clients, partition_id)
+        x, y = np.concatenate([x, extra_x]), np.concatenate([y, extra_y])
     name = f"sim-{partition_id}"
     return NodeSetup(partition_id, name, x, y, node_state_dir(cfg, name), budget)
 
@@ -188,16 +193,17 @@ def _refuse(msg: Message, reason: str) -> Message:
 
 
 def make_client_app(config: RunConfig | None = None, extra_mods: list | None = None,
-                    inner_mods: list | None = None) -> ClientApp:
+                    inner_mods: list | None = None, canaries: Canaries | None = None) -> ClientApp:
     """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
-    ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked."""
+    ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked;
+    ``canaries`` join simulated nodes' training data (the empirical audit)."""
     app = ClientApp(mods=[*(extra_mods or []), secure_aggregation_mod, *(inner_mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = config_from_run_config(context.run_config, config)
         dataset = load_dataset(cfg.data, cfg.run.seed)
-        node = node_setup(context, cfg, dataset)
+        node = node_setup(context, cfg, dataset, canaries)
         x, y = node.x, node.y
         model_name = resolve_model_name(cfg.model, dataset.input_shape)
         trainer = get_trainer(

@@ -21,6 +21,7 @@ from common.ledger import LEDGER, event_from_json, load_public_key, verify_ledge
 RELATIVE_TOLERANCE = 1e-6
 AUDIT_MD = "audit.md"
 AUDIT_PNG = "audit.png"
+AUDIT_EMPIRICAL = "audit-empirical.json"  # the latest empirical audit (fedpriv audit --empirical)
 
 
 @dataclass

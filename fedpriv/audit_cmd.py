@@ -1,4 +1,5 @@
-"""``fedpriv audit RUN_DIR``: verify a run's privacy ledger and recompute its epsilon."""
+"""``fedpriv audit RUN_DIR``: verify a run's privacy ledger and recompute its epsilon; with
+``--empirical``, also measure a lower bound on epsilon (see :mod:`simulations.empirical_audit`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.audit import AUDIT_MD, AUDIT_PNG, audit_run
-from common.rundir import json_safe, write_atomic
+from common.audit import AUDIT_EMPIRICAL, AUDIT_MD, AUDIT_PNG, audit_run
+from common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
+from common.empirical import DEFAULT_CONFIDENCE
+from common.errors import FedprivError
+from common.rundir import json_safe, write_atomic, write_json
 
 EXIT_FAILED = 1
+EMPIRICAL_OPTIONS = ("canaries", "confidence", "rounds", "seed", "work_dir")
 
 
 def add_parser(sub: Any) -> None:
@@ -21,8 +26,11 @@ def add_parser(sub: Any) -> None:
             "Verify the hash chain and every Ed25519 signature of RUN_DIR/ledger.jsonl, replay "
             "its DpEvents through fresh RDP and PLD accountants, compare with the recorded "
             "epsilon and summary.json, and check the budgets. Writes audit.md and audit.png into "
-            "RUN_DIR. Exit status 0 when everything holds, 1 when anything fails (each failure "
-            "is named), 2 for bad input."
+            "RUN_DIR. With --empirical, also train the run's configuration once more with canaries "
+            "and measure a lower bound on epsilon (Steinke, Nasr and Jagielski 2023) and a "
+            "membership-inference attack, beside the accounted upper bound (also written to "
+            f"RUN_DIR/{AUDIT_EMPIRICAL}). Exit status 0 when everything holds, 1 when anything "
+            "fails (each failure is named, a VIOLATION included), 2 for bad input."
         ),
     )
     audit.add_argument("run_dir", metavar="RUN_DIR", type=Path)
@@ -31,6 +39,24 @@ def add_parser(sub: Any) -> None:
     audit.add_argument("--public-key", type=Path, metavar="FILE",
                        help="trusted ledger public key (PEM); default: RUN_DIR/ledger.pub")
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    empirical = audit.add_argument_group("empirical audit")
+    empirical.add_argument(
+        "--empirical", action="store_true",
+        help="train the run's configuration once more with canaries (about the run's own wall time) and "
+             "report a measured lower bound on epsilon beside the accounted one",
+    )
+    empirical.add_argument("--canaries", type=int, metavar="M",
+                           help=f"canaries, each included with probability 1/2 (default {DEFAULT_CANARIES})")
+    empirical.add_argument("--confidence", type=float, metavar="C",
+                           help=f"confidence of the lower bound (default {DEFAULT_CONFIDENCE})")
+    empirical.add_argument("--rounds", type=int, metavar="N",
+                           help="train N rounds instead of the run's own (faster; the canary run's "
+                                "own accounting is what the bound is compared with)")
+    empirical.add_argument("--seed", type=int, metavar="S",
+                           help="seed of the canaries and their inclusion (default: from the OS; reported)")
+    empirical.add_argument("--work-dir", type=Path, metavar="DIR",
+                           help="keep the canary run in DIR (default: a temporary directory, removed)")
+    empirical.add_argument("--verbose", action="store_true", help="show Flower, Ray and TensorFlow logs")
     audit.set_defaults(func=cmd_audit)
 
 
@@ -65,10 +91,55 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Refusals recorded: {report['refusals']}."]
     if report["stopped_early"]:
         lines.append(f"Stopped early: {report['stopped_early']['reason']}.")
+    if report.get("empirical"):
+        lines += ["", *empirical_markdown(report["empirical"])]
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     lines += ["", f"![epsilon per round]({AUDIT_PNG})", ""]
     return "\n".join(lines)
+
+
+def empirical_markdown(result: dict[str, Any]) -> list[str]:
+    """The report's "Empirical audit" section."""
+    lines = ["## Empirical audit", ""]
+    if result.get("skipped"):
+        return lines + [f"Not run: {result['skipped']}."]
+    accounted, run = result["accounted_epsilon"], result["accounted"]["run"]
+    lines += [
+        f"**{result['verdict']}**",
+        "",
+        "| | epsilon |",
+        "|---|---:|",
+        f"| accounted, upper bound (canary run, tightest of RDP/PLD, max over clients) | "
+        f"{_fmt(accounted) if accounted is not None else 'none (no record-level DP)'} |",
+        f"| accounted for this run (RDP / PLD, max over clients) | "
+        f"{_fmt(run['rdp']) + ' / ' + _fmt(run['pld']) if run else 'none'} |",
+        f"| **measured lower bound** at {result['confidence'] * 100:g}% confidence | "
+        f"**{_fmt(result['epsilon_lower_bound'])}** |",
+        "",
+        f"One-run audit (Steinke, Nasr and Jagielski 2023) at delta = {result['delta']:g}: "
+        f"{result['canaries']} canaries ({result['canaries_included']} included), "
+        f"{result['guesses']} guesses ({result['guesses_in']} \"in\", {result['guesses_out']} \"out\"), "
+        f"{result['correct']} correct; best of {result['guess_plans_tried']} guess counts fixed in "
+        f"advance, Bonferroni-corrected. Canaries: {result['canary_design']}; seed {result['canary_seed']}. "
+        f"Canary run: {result['num_clients']} clients, {result['rounds']} rounds, final accuracy "
+        f"{_fmt(result['canary_run_final_accuracy'])}, {result['training_s']:.0f} s of training "
+        f"({result['wall_time_s']:.0f} s in all).",
+        "",
+        "Loss-threshold membership inference on ordinary training examples against held-out ones:",
+        "",
+        "| model | AUC | TPR at FPR 0.1% | TPR at FPR 1% | members / non-members |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, label in (("run_model", "the run's model.npz"), ("canary_run_model", "the canary run's model")):
+        attack = result["membership_inference"].get(name)
+        if attack:
+            tpr = attack["tpr_at_fpr"]
+            lines.append(f"| {label} | {attack['auc']:.4f} | {tpr['0.001']:.4f} | {tpr['0.01']:.4f} | "
+                         f"{attack['members']} / {attack['nonmembers']} |")
+    if result["notes"]:
+        lines += [""] + [f"Note: {note}." for note in result["notes"]]
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -105,8 +176,48 @@ def plot(report: dict[str, Any], path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def _empirical(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
+    """Run the empirical audit and fold its verdict into ``report``."""
+    if not report["ledger_ok"]:
+        return {"skipped": "the ledger does not verify, so the run's configuration cannot be trusted"}
+    from clients.trainer import BREAK_NOISE_ENV, noise_broken
+    from simulations.empirical_audit import check_options, run_empirical_audit, verdict_line
+
+    options = {k: getattr(args, k) for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None}
+    check_options(**options)
+    console = _stderr_console()
+    if noise_broken():
+        console.print(f"[bold red]warning:[/] {BREAK_NOISE_ENV}=1: DP-SGD noise is OFF while the ledger "
+                      f"claims it (a test hook)", highlight=False)
+
+    def on_round(entry: Any) -> None:
+        if not args.json:
+            console.print(f"empirical audit: canary run round {entry.round}", highlight=False)
+
+    if not args.json:
+        console.print("empirical audit: training the run's configuration once more, with canaries...")
+    result = run_empirical_audit(args.run_dir, report, public_key=args.public_key, verbose=args.verbose,
+                                 on_round=on_round, **options)
+    if not result["consistent"]:
+        report["failures"].append(f"empirical audit: {verdict_line(result)}")
+        report["ok"] = False
+    return result
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
+    given = [f"--{k.replace('_', '-')}" for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None]
+    if given and not args.empirical:
+        raise FedprivError(f"{', '.join(given)} only apply with --empirical")
     report = audit_run(args.run_dir, args.budget, args.public_key)
+    if args.empirical:
+        report["empirical"] = _empirical(args, report)
+        write_json(args.run_dir / AUDIT_EMPIRICAL, report["empirical"])
     write_atomic(args.run_dir / AUDIT_MD, markdown(report).encode())
     plot(report, args.run_dir / AUDIT_PNG)
     if args.json:
@@ -131,7 +242,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       f"({report['entries']} entries); recorded figures "
                       f"{'reproduced' if report['consistent'] else 'NOT REPRODUCED'}; budgets "
                       f"{'held' if report['budget_ok'] else 'EXCEEDED'}", highlight=False)
+        if report.get("empirical"):
+            _print_empirical(console, report["empirical"])
         for failure in report["failures"]:
             console.print(f"[red]FAIL[/] {failure}", highlight=False)
         console.print(f"{'PASS' if report['ok'] else 'FAIL'}; wrote {args.run_dir / AUDIT_MD}", highlight=False)
     return 0 if report["ok"] else EXIT_FAILED
+
+
+def _print_empirical(console: Any, result: dict[str, Any]) -> None:
+    if result.get("skipped"):
+        console.print(f"empirical audit not run: {result['skipped']}", highlight=False)
+        return
+    from simulations.empirical_audit import verdict_line
+
+    tpr = result["tpr_at_fpr"]
+    console.print(
+        f"empirical: {result['canaries']} canaries, {result['correct']} of {result['guesses']} guesses "
+        f"correct -> epsilon >= {result['epsilon_lower_bound']:.3f} ({result['confidence'] * 100:g}% confidence); "
+        f"membership inference AUC {result['auc']:.3f}, TPR {tpr['0.001']:.3f} at FPR 0.1%, "
+        f"{tpr['0.01']:.3f} at FPR 1%", highlight=False, soft_wrap=True)
+    style = "green" if result["consistent"] else "bold red"
+    console.print(f"[{style}]{verdict_line(result)}[/]", highlight=False, soft_wrap=True)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)

@@ -12,6 +12,7 @@ import numpy as np
 
 from clients.app import local_data, make_client_app
 from common import checkpoint, secagg
+from common.canaries import Canaries
 from common.config import RunConfig
 from common.data import Dataset, load_dataset
 from common.errors import FedprivError
@@ -91,8 +92,10 @@ def simulate(
     verbose: bool = False,
     on_round: Callable[[RoundEntry], None] | None = None,
     run_plan: Plan | None = None,
+    canaries: Canaries | None = None,
 ) -> dict[str, Any]:
-    """Run the whole federation in this process; return the run summary."""
+    """Run the whole federation in this process; return the run summary. ``canaries`` join the
+    clients' training data (the empirical audit's canary run)."""
     from flwr.simulation import run_simulation
 
     run_plan = run_plan or plan(cfg)
@@ -109,7 +112,8 @@ def simulate(
 
     run_simulation(
         server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
-        client_app=make_client_app(cfg, extra_mods=[make_fault_mod(cfg)] if cfg.simulation.fail_clients else None),
+        client_app=make_client_app(cfg, extra_mods=[make_fault_mod(cfg)] if cfg.simulation.fail_clients else None,
+                                   canaries=canaries),
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose),
         verbose_logging=verbose,

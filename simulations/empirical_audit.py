@@ -1,0 +1,253 @@
+"""The empirical privacy audit of a run (``fedpriv audit RUN_DIR --empirical``).
+
+One-run auditing (Steinke, Nasr and Jagielski 2023) needs canaries in the training data, so the
+audit trains the run's own configuration, read from its verified ledger, once more in a scratch
+run directory, with :mod:`common.canaries` added to the simulated clients' data. It then scores
+every canary by its loss under the final model, turns the scores into the one-run lower bound on
+epsilon (:mod:`common.empirical`), and sets it beside the accounted upper bound. The original
+run directory is only read.
+
+The upper bound the verdict uses is the canary run's own accounting: that is the run whose
+privacy was measured (its clients hold the canaries too, so their sampling rates, and epsilon,
+differ a little from the original run's; with ``--rounds`` the difference is larger). Each
+client's tightest accounted figure (the smaller of RDP and PLD) is a valid claim for the canaries
+it holds; the largest over clients covers them all. The original run's epsilon is reported
+beside it.
+
+The audit re-runs the implementation installed here on the run's configuration: it tests the code
+and the configuration, not the model the run produced. For runs of a real federation, whose nodes
+trained on their own files, it simulates the configured dataset's partitions instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from clients.app import local_data
+from clients.trainer import BREAK_NOISE_ENV, noise_broken
+from common import empirical, rundir
+from common.audit import audit_run
+from common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
+from common.canaries import DESIGN, Canaries
+from common.config import RunConfig
+from common.data import load_dataset
+from common.errors import FedprivError
+from common.ledger import load_public_key, verify_ledger
+from common.models import build_model, resolve_model_name
+from server.resume import recorded_config
+from server.run_log import RoundEntry
+
+MAX_CANARIES = 1_000_000
+VERDICT_CONSISTENT = "consistent"
+VERDICT_VIOLATION = "VIOLATION: measured leakage exceeds the accounted bound"
+
+
+def audit_config(run_dir: Path, public_key: Path | None, rounds: int | None,
+                 work_dir: Path) -> tuple[RunConfig, RunConfig]:
+    """The configuration the run last ran with (from its verified ledger), and the same
+    retargeted at the scratch directory: a fresh run (no resume) whose nodes keep their state
+    there too, never in the run's own or a shared ``client.state_dir``."""
+    verified = verify_ledger(run_dir, load_public_key(public_key) if public_key else None)
+    if not verified.ok:
+        raise FedprivError(f"cannot audit {run_dir} empirically: its ledger does not verify "
+                           f"({verified.failures[0]})")
+    recorded = RunConfig.from_flat(recorded_config(verified.entries))
+    run = dataclasses.replace(recorded.run, name=f"{recorded.run.name}-empirical",
+                              out_dir=str(work_dir.resolve()), resume=False, rounds=rounds or recorded.run.rounds)
+    cfg = dataclasses.replace(recorded, run=run, client=dataclasses.replace(recorded.client, state_dir=""))
+    cfg.validate()
+    return recorded, cfg
+
+
+def accounted(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The largest record-level epsilon over clients, by RDP and PLD, and the tightest claim
+    (per client the smaller of the two, then the largest over clients); None without DP-SGD."""
+    clients = report["epsilon"]["record_level"]
+    if not clients:
+        return None
+
+    def largest(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return max(known) if known else None
+
+    tightest = [min(v for v in (f["rdp"], f["pld"]) if v is not None) for f in clients.values()
+                if f["rdp"] is not None or f["pld"] is not None]
+    return {
+        "rdp": largest([f["rdp"] for f in clients.values()]),
+        "pld": largest([f["pld"] for f in clients.values()]),
+        "tightest": max(tightest) if tightest else None,
+    }
+
+
+def _losses(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from common.tf_runtime import keras
+
+    loss = keras().losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    out = []
+    for start in range(0, len(y), 2048):
+        logits = model(x[start:start + 2048], training=False)
+        out.append(np.asarray(loss(y[start:start + 2048], logits)))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _load_model(cfg: RunConfig, path: Path) -> Any | None:
+    """The model in ``path`` (model.npz), or None if it is absent or does not fit ``cfg``."""
+    if not path.is_file():
+        return None
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    name = resolve_model_name(cfg.model, dataset.input_shape)
+    model = build_model(name, cfg.model, dataset.input_shape, dataset.num_classes)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            weights = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+        model.set_weights(weights)
+    except (ValueError, KeyError, OSError):
+        return None
+    return model
+
+
+def _training_data(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    parts = [local_data(cfg, pid) for pid in range(cfg.federation.num_clients)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def check_options(canaries: int = DEFAULT_CANARIES, confidence: float = empirical.DEFAULT_CONFIDENCE,
+                  rounds: int | None = None, seed: int | None = None, work_dir: Path | None = None) -> None:
+    """Refuse bad options with one line, before anything is trained."""
+    if not 2 <= canaries <= MAX_CANARIES:
+        raise FedprivError(f"--canaries must be between 2 and {MAX_CANARIES:,}, got {canaries}")
+    if not 0 < confidence < 1:
+        raise FedprivError(f"--confidence must be between 0 and 1 (exclusive), got {confidence}")
+    if rounds is not None and rounds < 1:
+        raise FedprivError(f"--rounds must be at least 1, got {rounds}")
+    if seed is not None and seed < 0:
+        raise FedprivError(f"--seed must be a non-negative integer, got {seed}")
+    if work_dir is not None and work_dir.exists() and (not work_dir.is_dir() or any(work_dir.iterdir())):
+        raise FedprivError(f"--work-dir {work_dir} already exists and is not an empty directory")
+
+
+def run_empirical_audit(
+    run_dir: Path,
+    run_report: dict[str, Any],
+    *,
+    canaries: int = DEFAULT_CANARIES,
+    confidence: float = empirical.DEFAULT_CONFIDENCE,
+    rounds: int | None = None,
+    seed: int | None = None,
+    work_dir: Path | None = None,
+    public_key: Path | None = None,
+    verbose: bool = False,
+    on_round: Callable[[RoundEntry], None] | None = None,
+) -> dict[str, Any]:
+    """Train the run's configuration with canaries once, measure, and compare (see the module
+    docstring). ``run_report`` is :func:`common.audit.audit_run`'s report of ``run_dir``;
+    ``work_dir`` keeps the canary run (default: a temporary directory, removed afterwards)."""
+    check_options(canaries, confidence, rounds, seed, work_dir)
+    keep = work_dir is not None
+    scratch = work_dir or Path(tempfile.mkdtemp(prefix="fedpriv-empirical-"))
+    try:
+        return _audit(run_dir, run_report, scratch, keep, canaries, confidence, rounds, seed,
+                      public_key, verbose, on_round)
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool, count: int,
+           confidence: float, rounds: int | None, seed: int | None, public_key: Path | None,
+           verbose: bool, on_round: Callable[[RoundEntry], None] | None) -> dict[str, Any]:
+    from simulations.run import plan, simulate
+
+    started = time.perf_counter()
+    recorded, cfg = audit_config(run_dir, public_key, rounds, scratch)
+    seed = secrets.randbits(63) if seed is None else seed
+    canary_set = Canaries(seed=seed, count=count)
+    run_plan = plan(cfg)
+    training_started = time.perf_counter()
+    summary = simulate(cfg, scratch, verbose=verbose, on_round=on_round, run_plan=run_plan,
+                       canaries=canary_set)
+    training_s = time.perf_counter() - training_started
+    canary_report = audit_run(scratch)
+    if not canary_report["ledger_ok"]:
+        raise FedprivError(f"the canary run's own ledger does not verify: {canary_report['failures'][0]}")
+
+    model = _load_model(cfg, scratch / rundir.MODEL)
+    if model is None:
+        raise FedprivError(f"the canary run left no usable model in {scratch / rundir.MODEL}")
+    x_canary, y_canary = canary_set.records(cfg.data, cfg.run.seed)
+    included = canary_set.included()
+    canary_losses = _losses(model, x_canary, y_canary)
+    delta = cfg.privacy.delta
+    bound = empirical.one_run_audit(-np.nan_to_num(canary_losses, nan=np.inf), included, delta, confidence)
+
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    x_train, y_train = _training_data(cfg)
+    attacks = {"canary_run_model": empirical.membership_inference(
+        _losses(model, x_train, y_train), _losses(model, dataset.x_test, dataset.y_test))}
+    run_model = _load_model(cfg, run_dir / rundir.MODEL)
+    if run_model is not None:
+        attacks["run_model"] = empirical.membership_inference(
+            _losses(run_model, x_train, y_train), _losses(run_model, dataset.x_test, dataset.y_test))
+    primary = attacks.get("run_model", attacks["canary_run_model"])
+
+    run_eps, canary_eps = accounted(run_report), accounted(canary_report)
+    upper = canary_eps["tightest"] if canary_eps else None
+    lower = bound["epsilon_lower_bound"]
+    consistent = upper is None or not lower > upper
+    notes = []
+    if upper is None:
+        notes.append("the run has no record-level DP (no DP-SGD), so there is no accounted bound to "
+                     "violate: consistent trivially; the lower bound measures the leakage")
+    if run_report["epsilon"]["user_level"] is not None:
+        notes.append("record-level canaries do not test the user-level (DP-FedAvg) claim, which "
+                     "would need whole canary clients")
+    if cfg.run.rounds != recorded.run.rounds:
+        notes.append(f"trained {cfg.run.rounds} rounds (--rounds), not the run's {recorded.run.rounds}: "
+                     f"the run's accounted epsilon is not comparable, the canary run's is")
+    if noise_broken():
+        notes.append(f"{BREAK_NOISE_ENV}=1 was set: DP-SGD ran without noise while claiming it (test hook)")
+    return {
+        "epsilon_lower_bound": lower,
+        "confidence": confidence,
+        "delta": delta,
+        "canaries": count,
+        "canaries_included": bound["included"],
+        "guesses": bound["guesses"],
+        "correct": bound["correct"],
+        "guesses_in": bound["guesses_in"],
+        "guesses_out": bound["guesses_out"],
+        "guess_plans_tried": bound["plans_tried"],
+        "accounted_epsilon": upper,
+        "accounted": {"canary_run": canary_eps, "run": run_eps},
+        "consistent": consistent,
+        "verdict": VERDICT_CONSISTENT if consistent else VERDICT_VIOLATION,
+        "auc": primary["auc"],
+        "tpr_at_fpr": primary["tpr_at_fpr"],
+        "membership_inference": attacks,
+        "canary_design": DESIGN,
+        "canary_seed": seed,
+        "rounds": cfg.run.rounds,
+        "num_clients": cfg.federation.num_clients,
+        "canary_run_final_accuracy": summary.get("final_accuracy"),
+        "training_s": training_s,
+        "wall_time_s": time.perf_counter() - started,
+        "work_dir": str(scratch) if keep else None,
+        "notes": notes,
+    }
+
+
+def verdict_line(result: dict[str, Any]) -> str:
+    """One line: the verdict, the measured lower bound and the accounted upper bound."""
+    upper = result["accounted_epsilon"]
+    claim = "no record-level claim" if upper is None else f"accounted epsilon {upper:.3f}"
+    return (f"{result['verdict']}: lower bound {result['epsilon_lower_bound']:.3f} at "
+            f"{result['confidence'] * 100:g}% confidence vs {claim}")
+
