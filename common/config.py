@@ -477,6 +477,15 @@ def parse_override(text: str) -> tuple[str, Scalar]:
     return key, value
 
 
+def toml_value(value: Any) -> str:
+    """A setting's value as a TOML literal (also Flower's ``--run-config`` syntax)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, turning every failure into a one-line ConfigError."""
     path = Path(path)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import load_config
-from fedpriv.cli import _toml_value, settings_markdown
+from common.config import toml_value
+from fedpriv.cli import settings_markdown
 from simulations.presets import preset_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def main() -> None:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"\n[tool.flwr.app.config.{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     pyproject = ROOT / "pyproject.toml"
     text = pyproject.read_text()
     head = text[: text.index(FLOWER_CONFIG) + len(FLOWER_CONFIG)]

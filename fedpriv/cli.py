@@ -187,14 +187,14 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from common.config import describe_settings
+    from common.config import describe_settings, toml_value
 
     if args.preset or args.config or args.overrides:
         cfg = resolve_config(args.preset, args.config, args.overrides)
         for section, values in cfg.to_dict().items():
             print(f"[{section}]")
             for key, value in values.items():
-                print(f"{key} = {_toml_value(value)}")
+                print(f"{key} = {toml_value(value)}")
             print()
         return 0
     if args.markdown:
@@ -213,14 +213,6 @@ def settings_markdown() -> str:
     for key, default, help_text in describe_settings():
         lines.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
     return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common import checkpoint
-from common.config import RunConfig
+from common.config import RunConfig, toml_value
 from common.process import Child, flower_environment, flower_executable, terminate_as_exit
 from common.tls import (
     Address, DeploymentError, check_issued_by, check_key_pair, check_node_public_key, check_tls,
@@ -173,14 +173,6 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
         gateway.stop()
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
-
-
 def app_defaults(app: Path) -> dict[str, Any]:
     """The app's run config defaults: ``[tool.flwr.app.config]`` of its pyproject.toml, flattened."""
     import tomllib
@@ -210,7 +202,7 @@ def run_config_string(cfg: RunConfig, app: Path) -> str:
     if unknown:
         raise DeploymentError(f"the Flower app in {app} does not declare {', '.join(unknown)}; "
                               "it is older than this fedpriv")
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in changed.items())
+    return " ".join(f"{k}={toml_value(v)}" for k, v in changed.items())
 
 
 def default_app_dir() -> Path:
