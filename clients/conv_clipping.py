@@ -17,6 +17,14 @@ Either side is exact. The direct form costs about ``P*K*c_out`` per example, the
 ``P^2 * (K + c_out)``; each layer uses the cheaper one (early layers: many positions, few
 channels, direct; late layers: few positions, many channels, ghost). Only what the optimiser
 needs is computed: squared norms, one per example (or per microbatch).
+
+Neither form calls ``tf.image.extract_patches``, which is slow on CPU. The direct form takes, for
+each kernel offset ``(i, j)``, the strided slice of the (padded) input that offset multiplies, and
+contracts it with ``G`` over positions: that is the kernel gradient's ``(i, j)`` block, and the
+squared blocks sum to the squared norm, without the patch matrix ever being built. The ghost form
+builds ``U`` by concatenating the same slices (the layer has few positions there, so ``U`` is
+small). Measured on 2 CPU cores at batch 64, the seed CNN's three layers' norms take 2-3x less
+time this way.
 """
 
 from __future__ import annotations
@@ -26,15 +34,43 @@ from typing import Any, Mapping, Sequence
 from common.tf_runtime import keras, tf
 
 
-def _patches(layer: Any, x: Any) -> Any:
+def _padded(layer: Any, x: Any, out_h: int, out_w: int) -> Any:
+    """``x`` with the zero padding the convolution applies (none for ``valid``)."""
+    if layer.padding != "same":
+        return x
     t = tf()
+    pads = [[0, 0]]
+    for size, out, k, s, d in zip(x.shape[1:3], (out_h, out_w), layer.kernel_size, layer.strides,
+                                  layer.dilation_rate):
+        total = max((out - 1) * s + (k - 1) * d + 1 - int(size), 0)
+        pads.append([total // 2, total - total // 2])
+    return t.pad(x, pads + [[0, 0]])
+
+
+def _shifted_inputs(layer: Any, x: Any, out_h: int, out_w: int) -> list[Any]:
+    """One slice of the (padded) input per kernel offset, in (row, column) order: slice ``(i, j)``
+    holds, at each output position, the input value kernel tap ``(i, j)`` multiplies, so the
+    kernel gradient at ``(i, j)`` is ``sum over positions of slice^T G``. Strided slices of ``x``
+    cost far less than ``tf.image.extract_patches`` on CPU (measured: 2-3x)."""
     kh, kw = layer.kernel_size
     sh, sw = layer.strides
     dh, dw = layer.dilation_rate
-    if (sh > 1 or sw > 1) and (dh > 1 or dw > 1):
-        raise NotImplementedError("Conv2D with both strides and dilation")
-    return t.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-                                   padding=layer.padding.upper())
+    xp = _padded(layer, x, out_h, out_w)
+    return [xp[:, i * dh: i * dh + (out_h - 1) * sh + 1: sh, j * dw: j * dw + (out_w - 1) * sw + 1: sw, :]
+            for i in range(kh) for j in range(kw)]
+
+
+def _patches(layer: Any, x: Any, out_h: int | None, out_w: int | None) -> Any:
+    """Each output position's input patch, ``(b, h', w', kh*kw*c_in)`` in
+    ``tf.image.extract_patches``'s order (kernel row, kernel column, channel)."""
+    t = tf()
+    if None in (out_h, out_w, x.shape[1], x.shape[2]):  # spatial size unknown at trace time
+        kh, kw = layer.kernel_size
+        sh, sw = layer.strides
+        dh, dw = layer.dilation_rate
+        return t.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
+                                       padding=layer.padding.upper())
+    return t.concat(_shifted_inputs(layer, x, out_h, out_w), axis=-1)
 
 
 def use_ghost_norm(positions: int, patch_size: int, filters: int) -> bool:
@@ -46,23 +82,40 @@ def conv2d_squared_norms(layer: Any, x: Any, grads: Any, num_microbatches: Any =
     """Per-example (or per-microbatch) squared norms of the gradients of ``layer``'s kernel and
     bias, from its input ``x`` and the gradient ``grads`` of the summed loss with respect to its
     pre-activation output."""
-    from tensorflow_privacy.privacy.fast_gradient_clipping import common_manip_utils
+    from tensorflow_privacy.privacy.fast_gradient_clipping.common_manip_utils import maybe_add_microbatch_axis
 
     t = tf()
-    u = _patches(layer, x)                                   # (b, h', w', K)
+    out_h, out_w = grads.shape[1], grads.shape[2]
+    kh, kw = layer.kernel_size
+    patch = kh * kw * int(x.shape[-1])
+    static = None not in (out_h, out_w, x.shape[1], x.shape[2])
+    if static and not use_ghost_norm(out_h * out_w, patch, layer.filters):
+        # Direct form, one kernel offset at a time: kernel gradient (i, j) = slice_ij^T G.
+        g = grads
+        slices = _shifted_inputs(layer, x, out_h, out_w)
+        equation = "bhwi,bhwc->bic"
+        if num_microbatches is not None:
+            # A microbatch's gradient sums its examples': one more summed axis.
+            g = maybe_add_microbatch_axis(g, num_microbatches)
+            slices = [maybe_add_microbatch_axis(s, num_microbatches) for s in slices]
+            equation = "bmhwi,bmhwc->bic"
+        squared = t.add_n([t.reduce_sum(t.square(t.einsum(equation, s, g)), axis=[1, 2]) for s in slices])
+        if layer.use_bias:
+            sums = t.reduce_sum(g, axis=list(range(1, g.shape.rank - 1)))
+            squared += t.reduce_sum(t.square(sums), axis=1)
+        return squared
+    u = _patches(layer, x, out_h, out_w)                     # (b, h', w', K)
     shape = t.shape(u)
     u = t.reshape(u, [shape[0], shape[1] * shape[2], shape[3]])          # (b, P, K)
     g = t.reshape(grads, [shape[0], shape[1] * shape[2], layer.filters])  # (b, P, C)
     if num_microbatches is not None:
         # A microbatch's gradient sums its examples': stack their positions.
-        u = common_manip_utils.maybe_add_microbatch_axis(u, num_microbatches)
-        g = common_manip_utils.maybe_add_microbatch_axis(g, num_microbatches)
+        u = maybe_add_microbatch_axis(u, num_microbatches)
+        g = maybe_add_microbatch_axis(g, num_microbatches)
         su, sg = t.shape(u), t.shape(g)
         u = t.reshape(u, [su[0], su[1] * su[2], su[3]])
         g = t.reshape(g, [sg[0], sg[1] * sg[2], sg[3]])
-    positions = u.shape[1] if u.shape[1] is not None else None
-    patch = int(u.shape[2])
-    if positions is not None and use_ghost_norm(int(positions), patch, layer.filters):
+    if static:  # ghost form
         uut = t.matmul(u, u, transpose_b=True)               # (b, P, P)
         ggt = t.matmul(g, g, transpose_b=True)
         squared = t.reduce_sum(uut * ggt, axis=[1, 2])

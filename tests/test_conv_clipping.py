@@ -37,6 +37,9 @@ CASES = {
     "valid, bias, tanh": dict(filters=4, kernel_size=3, activation="tanh"),
     "same padding, stride 2": dict(filters=5, kernel_size=3, strides=2, padding="same"),
     "dilation 2, no bias": dict(filters=3, kernel_size=(3, 2), dilation_rate=2, use_bias=False),
+    "even kernel, same padding (uneven pads)": dict(filters=4, kernel_size=(2, 4), padding="same"),
+    "strides (2, 3), same padding, kernel 4": dict(filters=4, kernel_size=4, strides=(2, 3), padding="same"),
+    "dilation 2, same padding": dict(filters=3, kernel_size=3, dilation_rate=(2, 1), padding="same"),
     "1x1, many channels (ghost)": dict(filters=64, kernel_size=1),
     "wide kernel, many channels (ghost)": dict(filters=48, kernel_size=5, padding="valid"),
 }
