@@ -16,7 +16,7 @@ import dp_accounting
 
 from common import accounting
 from common.errors import FedprivError
-from common.ledger import LEDGER, event_from_json, load_public_key, verify_ledger
+from common.ledger import LEDGER, RECOVERY, event_from_json, load_public_key, verify_ledger
 
 RELATIVE_TOLERANCE = 1e-6
 AUDIT_MD = "audit.md"
@@ -55,7 +55,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise FedprivError(f"--budget must be a positive number, got {budget}")
     key = load_public_key(public_key) if public_key else None
-    verified = verify_ledger(run_dir, key)
+    verified = verify_ledger(run_dir, key, crash_tail=True)  # a killed writer's tail is reported, not fatal
     failures = list(verified.failures)
     mismatches: list[str] = []  # recorded figures that the events do not reproduce
     ledger_ok = verified.ok
@@ -154,6 +154,9 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "budgets": {**budgets, "audit": budget},
         "refusals": refusals,
         "resumes": resumes,
+        # What a crash left at the ledger's end: repaired on reopening (entries), or still there.
+        "crash_recoveries": [e.get("note") for e in verified.entries if e.get("kind") == RECOVERY]
+        + verified.crash_notes,
         "stopped_early": stopped,
         "failures": failures,
         "series": {

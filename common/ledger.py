@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attr
 import dp_accounting
@@ -43,6 +43,8 @@ GENESIS = "0" * 64
 LEDGER = "ledger.jsonl"
 HEAD = "ledger.head.json"
 PUBLIC_KEY = "ledger.pub"
+TORN = "ledger.torn"  # what crash recovery cut off the end of a ledger (see LedgerWriter)
+RECOVERY = "ledger_recovery"  # the entry kind that records it
 
 
 # ---- DpEvent (de)serialisation ----------------------------------------------------------------
@@ -149,11 +151,31 @@ class LedgerWriter:
         self.seq, self.prev_hash = 0, GENESIS
         self.existing: list[dict[str, Any]] = []  # verified entries found when opened
         if self.path.exists():
-            report = verify_ledger(directory, signing_key.public_key())
+            report = verify_ledger(directory, signing_key.public_key(), crash_tail=True)
             if not report.ok:
                 raise FedprivError(f"refusing to extend ledger {self.path}: {report.failures[0]}")
             self.existing = report.entries
             self.seq, self.prev_hash = len(report.entries), report.head_hash
+            if report.crash_notes:
+                self._recover(report)
+            elif self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+                with self.path.open("ab") as handle:  # a complete last entry cut before its newline
+                    handle.write(b"\n")
+
+    def _recover(self, report: VerifyReport) -> None:
+        """Finish what a killed writer left (see :func:`verify_ledger`'s ``crash_tail``), and
+        say so in the ledger: the torn bytes are kept beside it in ``ledger.torn``."""
+        if report.torn_tail is not None:
+            with (self.directory / TORN).open("ab") as handle:
+                handle.write(report.torn_tail + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            size = self.path.stat().st_size - len(report.torn_tail)
+            with self.path.open("r+b") as handle:
+                handle.truncate(size)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.append(actor="ledger", kind=RECOVERY, note="; ".join(report.crash_notes))
 
     def append(self, *, actor: str, kind: str, round: int | None = None,
                event: dp_accounting.DpEvent | None = None, parameters: dict[str, Any] | None = None,
@@ -198,23 +220,47 @@ class VerifyReport:
     entries: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     head_hash: str = GENESIS
+    # What a writer killed mid-append left behind, found with ``crash_tail=True`` (see there).
+    torn_tail: bytes | None = None  # an unterminated, unreadable last line
+    head_behind: bool = False  # the last entry is complete but the head was not yet re-signed
+
+    @property
+    def crash_notes(self) -> list[str]:
+        notes = []
+        if self.torn_tail is not None:
+            notes.append(f"the ledger ended in a torn, unterminated line of {len(self.torn_tail)} bytes (a "
+                         "write cut short by a crash); it holds no complete entry and was left out")
+        if self.head_behind:
+            notes.append(f"entry {len(self.entries) - 1} was written, signed and chained, but the writer "
+                         "stopped before re-signing the ledger head")
+        return notes
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _lines(path: Path) -> tuple[list[bytes], bool]:
+    """The ledger's lines, and whether the last one is terminated by a newline."""
     lines = path.read_bytes().split(b"\n")
-    if lines and lines[-1] == b"":
+    terminated = bool(lines) and lines[-1] == b""
+    if terminated:
         lines.pop()
-    yield from enumerate(lines, start=1)
+    return lines, terminated
 
 
-def verify_ledger(directory: Path, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
+def verify_ledger(directory: Path, public_key: Ed25519PublicKey | None = None,
+                  crash_tail: bool = False) -> VerifyReport:
     """Check every line, the hash chain, every signature and the signed head.
 
     ``public_key``: the key entries must be signed with; default, ``ledger.pub`` beside it.
+
+    ``crash_tail``: accept the two states a writer killed in :meth:`LedgerWriter.append` can
+    leave (and say so in :attr:`VerifyReport.crash_notes`): an unterminated last line that is not
+    an entry (the write was cut short; only a power loss can do that, a killed process's
+    single write is whole), and a head one entry behind a last entry that is itself complete,
+    chained and signed (killed between the append and the head). Nothing else is accepted: no
+    entry can be removed, and only an entry signed with the ledger key can be beyond the head.
     """
     report = VerifyReport()
     path = directory / LEDGER
@@ -224,11 +270,15 @@ def verify_ledger(directory: Path, public_key: Ed25519PublicKey | None = None) -
     key = public_key or load_public_key(directory / PUBLIC_KEY)
     expected_key_id = key_id(key)
     prev = GENESIS
-    for number, raw in _lines(path):
+    lines, terminated = _lines(path)
+    for number, raw in enumerate(lines, start=1):
         where = f"ledger line {number}"
         try:
             entry = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
+            if crash_tail and number == len(lines) and not terminated:
+                report.torn_tail = raw
+                break
             report.failures.append(f"{where} is not valid JSON (altered or corrupt)")
             return report
         if not isinstance(entry, dict):
@@ -263,21 +313,29 @@ def verify_ledger(directory: Path, public_key: Ed25519PublicKey | None = None) -
         report.entries.append(entry)
         prev = entry["hash"]
     report.head_hash = prev
-    _verify_head(directory, key, report)
+    _verify_head(directory, key, report, crash_tail)
     return report
 
 
-def _verify_head(directory: Path, key: Ed25519PublicKey, report: VerifyReport) -> None:
+def _verify_head(directory: Path, key: Ed25519PublicKey, report: VerifyReport, crash_tail: bool) -> None:
     path = directory / HEAD
+    entries = report.entries
+    before_last = entries[-2]["hash"] if len(entries) >= 2 else GENESIS
     try:
         head = json.loads(path.read_text())
         signature = base64.b64decode(head.pop("signature"), validate=True)
         key.verify(signature, hashlib.sha256(canonical(head)).digest())
     except FileNotFoundError:
+        if crash_tail and len(entries) == 1:  # killed before the first head was written
+            report.head_behind = True
+            return
         report.failures.append(f"no signed ledger head ({HEAD})")
         return
     except (ValueError, KeyError, TypeError, AttributeError, InvalidSignature):
         report.failures.append(f"{HEAD} is corrupt or not signed by the ledger key")
+        return
+    if crash_tail and entries and head.get("entries") == len(entries) - 1 and head.get("head_hash") == before_last:
+        report.head_behind = True
         return
     if head.get("entries") != len(report.entries) or head.get("head_hash") != report.head_hash:
         report.failures.append(

@@ -242,6 +242,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       f"({report['entries']} entries); recorded figures "
                       f"{'reproduced' if report['consistent'] else 'NOT REPRODUCED'}; budgets "
                       f"{'held' if report['budget_ok'] else 'EXCEEDED'}", highlight=False)
+        for note in report.get("crash_recoveries", []):
+            console.print(f"[yellow]crash recovery:[/] {note}", highlight=False, soft_wrap=True)
         if report.get("empirical"):
             _print_empirical(console, report["empirical"])
         for failure in report["failures"]:

@@ -135,3 +135,92 @@ def test_writer_continues_a_valid_ledger_and_refuses_a_tampered_one(ledger_dir, 
         LedgerWriter(ledger_dir, key)
     with pytest.raises(FedprivError, match="another key"):
         LedgerWriter(ledger_dir, load_or_create_signing_key(tmp_path / "other.key"))
+
+
+# ---- a writer killed mid-append ---------------------------------------------------------------
+def _kill_writer_before_head(directory, key_path):
+    """A real SIGKILL: a fresh interpreter appends one entry and is killed as it is about to
+    re-sign the head (the window between the fsynced append and the head)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import common.ledger as ledger\n"
+        "def killed(path, data):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "writer = ledger.LedgerWriter(Path(sys.argv[1]), ledger.load_or_create_signing_key(Path(sys.argv[2])))\n"
+        "ledger.write_atomic = killed\n"
+        "writer.append(actor='client:1', kind='record_level', round=2, note='in flight')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script, str(directory), str(key_path)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_a_writer_killed_before_the_head_leaves_a_ledger_reopening_repairs(ledger_dir, tmp_path):
+    key_path = tmp_path / "keys" / "server.key"
+    _kill_writer_before_head(ledger_dir, key_path)
+    strict = verify_ledger(ledger_dir)
+    assert not strict.ok and "appended without signing" in strict.failures[0]
+    tolerant = verify_ledger(ledger_dir, crash_tail=True)
+    assert tolerant.ok and tolerant.head_behind and len(tolerant.entries) == 4
+    assert tolerant.entries[-1]["note"] == "in flight"  # the killed append is kept, not dropped
+    writer = LedgerWriter(ledger_dir, load_or_create_signing_key(key_path))
+    assert [e["kind"] for e in writer.existing][-1] == "record_level"
+    repaired = verify_ledger(ledger_dir)
+    assert repaired.ok, repaired.failures
+    assert [e["kind"] for e in repaired.entries] == [
+        "run_start", "record_level", "user_level", "record_level", "ledger_recovery"]
+    assert "stopped before re-signing the ledger head" in repaired.entries[-1]["note"]
+
+
+def test_a_torn_last_line_is_cut_off_kept_aside_and_recorded(ledger_dir, tmp_path):
+    before = (ledger_dir / LEDGER).read_bytes()
+    torn = before.splitlines()[1][: 150]  # half an entry, no newline: a write cut short
+    (ledger_dir / LEDGER).write_bytes(before + torn)
+    assert not verify_ledger(ledger_dir).ok
+    assert verify_ledger(ledger_dir, crash_tail=True).torn_tail == torn
+    LedgerWriter(ledger_dir, load_or_create_signing_key(tmp_path / "keys" / "server.key"))
+    repaired = verify_ledger(ledger_dir)
+    assert repaired.ok and len(repaired.entries) == 4
+    assert (ledger_dir / LEDGER).read_bytes().startswith(before)
+    assert (ledger_dir / "ledger.torn").read_bytes() == torn + b"\n"
+    assert "torn, unterminated line of 150 bytes" in repaired.entries[-1]["note"]
+
+
+def test_crash_tolerance_accepts_nothing_else(ledger_dir, tmp_path):
+    ledger = ledger_dir / LEDGER
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    # A deleted last entry: the head is ahead, not behind.
+    ledger.write_bytes(b"".join(lines[:-1]))
+    assert not verify_ledger(ledger_dir, crash_tail=True).ok
+    # A torn line anywhere but at the end.
+    ledger.write_bytes(lines[0] + lines[1][:100] + b"\n" + lines[2])
+    assert not verify_ledger(ledger_dir, crash_tail=True).ok
+    # A head two entries behind.
+    ledger.write_bytes(b"".join(lines))
+    head = (ledger_dir / HEAD).read_bytes()
+    key = load_or_create_signing_key(tmp_path / "keys" / "server.key")
+    writer = LedgerWriter(ledger_dir, key)
+    writer.append(actor="client:1", kind="record_level", round=2)
+    writer.append(actor="client:2", kind="record_level", round=2)
+    (ledger_dir / HEAD).write_bytes(head)
+    report = verify_ledger(ledger_dir, crash_tail=True)
+    assert not report.ok and "appended without signing" in report.failures[0]
+    with pytest.raises(FedprivError, match="refusing to extend"):
+        LedgerWriter(ledger_dir, key)
+    # An extra entry signed by another key is not a crash tail either.
+    ledger.write_bytes(b"".join(lines))
+    (ledger_dir / HEAD).write_bytes(head)
+    other = LedgerWriter(tmp_path / "other", load_or_create_signing_key(tmp_path / "keys" / "other.key"))
+    for _ in range(4):
+        other.append(actor="x", kind="note")
+    forged = (tmp_path / "other" / LEDGER).read_bytes().splitlines(keepends=True)[3]
+    ledger.write_bytes(b"".join(lines) + forged)
+    assert not verify_ledger(ledger_dir, crash_tail=True).ok
