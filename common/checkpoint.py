@@ -33,6 +33,7 @@ KEY_BYTES = 32
 KEY_ENV = "FEDPRIV_CHECKPOINT_KEY"
 KEY_FILE_ENV = "FEDPRIV_CHECKPOINT_KEY_FILE"
 CHECKPOINT = "checkpoint.fpck"
+DEFAULT_KEY_FILE = "checkpoint.key"
 
 
 class CheckpointError(FedprivError):
@@ -58,8 +59,41 @@ def _decode_key(raw: bytes, where: str) -> bytes:
     return key
 
 
+def default_key_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where simulations keep their checkpoint key: ``$FEDPRIV_HOME/keys/checkpoint.key``
+    (beside the ledger-signing key, never in a run directory)."""
+    env = os.environ if env is None else env
+    return Path(env.get("FEDPRIV_HOME") or Path.home() / ".fedpriv") / "keys" / DEFAULT_KEY_FILE
+
+
+def ensure_key() -> bytes:
+    """The configured checkpoint key; with none configured, the default key file, created on
+    first use (0600), which this process then names in ``$FEDPRIV_CHECKPOINT_KEY_FILE`` so the
+    server seals a checkpoint after every round. ``fedpriv simulate`` calls it."""
+    key = key_from_environment()
+    if key is not None:
+        return key
+    path = default_key_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another run created it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(encode_key(new_key()))
+                handle.flush()
+                os.fsync(handle.fileno())
+    os.environ[KEY_FILE_ENV] = str(path)
+    key = key_from_environment()
+    assert key is not None
+    return key
+
+
 def key_from_environment(env: Mapping[str, str] | None = None) -> bytes | None:
-    """The checkpoint key from the environment, or None when none is configured."""
+    """The checkpoint key from the environment (``$FEDPRIV_CHECKPOINT_KEY``, else the file
+    ``$FEDPRIV_CHECKPOINT_KEY_FILE`` names), or None when none is configured."""
     env = os.environ if env is None else env
     if env.get(KEY_ENV):
         return _decode_key(env[KEY_ENV].encode(), f"${KEY_ENV}")

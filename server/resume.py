@@ -65,16 +65,21 @@ def save(path: Path, key: bytes, *, server_round: int, run: str, run_id: str, le
 
 def require_key() -> bytes:
     key = checkpoint.key_from_environment()
+    if key is None and checkpoint.default_key_path().is_file():  # what fedpriv simulate sealed with
+        key = checkpoint.ensure_key()
     if key is None:
         raise CheckpointError(
             f"resuming needs the key the run's checkpoint was sealed with: set ${checkpoint.KEY_ENV} "
-            f"or ${checkpoint.KEY_FILE_ENV}")
+            f"or ${checkpoint.KEY_FILE_ENV} (no default key at {checkpoint.default_key_path()})")
     return key
 
 
 def read(run_dir: Path, key: bytes) -> RestorePoint:
     """The run's checkpoint, authenticated and parsed."""
     path = run_dir / checkpoint.CHECKPOINT
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint in {run_dir} ({checkpoint.CHECKPOINT}): the run stopped before "
+                              f"its first round ended, or ran without a checkpoint key")
     arrays, header = checkpoint.read_checkpoint(path, key)
     try:
         models = int(header["model_arrays"])
@@ -128,7 +133,7 @@ def verified_entries(run_dir: Path) -> list[dict[str, Any]]:
     """The run's ledger entries, verified against ``ledger.pub`` beside it."""
     if not (run_dir / LEDGER).is_file():
         raise FedprivError(f"no run to resume in {run_dir} (no {LEDGER})")
-    report = verify_ledger(run_dir)
+    report = verify_ledger(run_dir, crash_tail=True)  # what a killed writer left: repaired on reopening
     if not report.ok:
         raise FedprivError(f"cannot resume {run_dir}: {report.failures[0]}")
     return report.entries

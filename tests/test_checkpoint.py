@@ -68,3 +68,36 @@ def test_an_unusable_key_stops_a_run_before_it_starts(cli, tmp_path, monkeypatch
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "FEDPRIV_CHECKPOINT_KEY is not a checkpoint key" in lines[0]
     assert not out.exists()
+
+
+def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    """A real SIGKILL while the new checkpoint is being written (its bytes on disk, not yet
+    renamed into place): the previous checkpoint is still there, whole, and still opens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    key = checkpoint.new_key()
+    path = tmp_path / checkpoint.CHECKPOINT
+    checkpoint.write_checkpoint(path, _arrays(), {"round": 1}, key)
+    before = path.read_bytes()
+    script = (
+        "import base64, os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "from common import checkpoint\n"
+        "def killed(fd):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.fsync = killed\n"
+        "checkpoint.write_checkpoint(Path(sys.argv[1]), [np.ones(1000)], {'round': 2}, base64.b64decode(sys.argv[2]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script, str(path), base64.b64encode(key).decode()], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert path.read_bytes() == before
+    _, header = checkpoint.read_checkpoint(path, key)
+    assert header == {"round": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{checkpoint.CHECKPOINT}.")]  # the torn temp

@@ -298,6 +298,7 @@ def test_resume_refusals_leave_the_run_untouched(two_rounds, tmp_path):
     original, env, _ = two_rounds
     run = _copy(original, tmp_path)
     without_key = {k: v for k, v in env.items() if k not in (checkpoint.KEY_ENV, checkpoint.KEY_FILE_ENV)}
+    without_key["FEDPRIV_HOME"] = str(tmp_path / "no-keys-here")  # no default checkpoint key either
     wrong_key = {**env, checkpoint.KEY_ENV: base64.b64encode(checkpoint.new_key()).decode()}
     sealed = run / checkpoint.CHECKPOINT
     flipped = bytearray(sealed.read_bytes())
@@ -322,3 +323,29 @@ def test_resume_refusals_leave_the_run_untouched(two_rounds, tmp_path):
     proc = run_cli("simulate", "--resume", str(run), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "nothing left to resume" in proc.stdout and (run / LEDGER).read_bytes() == ledger
+
+
+@pytest.mark.slow
+def test_missing_partial_or_older_run_directories_are_one_clear_error(two_rounds, tmp_path):
+    """Resuming what is not a complete run of this fedpriv: one error line, exit 2, nothing changed."""
+    original, env, _ = two_rounds
+    key = base64.b64decode(env[checkpoint.KEY_ENV])
+    partial = _copy(original, tmp_path / "partial")
+    (partial / checkpoint.CHECKPOINT).unlink()
+    older = _copy(original, tmp_path / "older")  # a checkpoint without the state a resume needs
+    checkpoint.write_checkpoint(older / checkpoint.CHECKPOINT, [np.zeros(3)], {"round": 2}, key)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (tmp_path / "missing", "not a directory"),
+        (tmp_path / "empty", "no ledger.jsonl"),
+        (partial, "no checkpoint in"),
+        (older, "holds no resumable run state (written by an older fedpriv?)"),
+    ]
+    for run, message in cases:
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} if run.is_dir() else None
+        proc = run_cli("simulate", "--resume", str(run), "--set", "run.rounds=4", env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (message, proc.stderr)
+        after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} if run.is_dir() else None
+        assert after == before
