@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from clients.mods import secure_aggregation_mod
+from clients.mods import make_secure_aggregation_mod
 from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from clients.trainer import TrainResult, get_trainer
 from common import secagg
@@ -197,7 +197,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
     """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
     ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked;
     ``canaries`` join simulated nodes' training data (the empirical audit)."""
-    app = ClientApp(mods=[*(extra_mods or []), secure_aggregation_mod, *(inner_mods or [])])
+    app = ClientApp(mods=[*(extra_mods or []), make_secure_aggregation_mod(config), *(inner_mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

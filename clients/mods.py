@@ -1,10 +1,13 @@
 """Flower mods of the fedpriv ClientApp.
 
-:func:`secure_aggregation_mod` runs Flower's own ``secaggplus_mod`` for the messages of a SecAgg+
-round and lets every other message through, so one ClientApp serves runs with and without secure
-aggregation. It also keeps a node's budget refusal visible to the server: inside SecAgg+, the
+The mod :func:`make_secure_aggregation_mod` makes runs Flower's own ``secaggplus_mod`` for the
+messages of a SecAgg+ round and lets every other message through, so one ClientApp serves runs
+with and without secure aggregation. It also keeps a node's budget refusal visible to the server: inside SecAgg+, the
 training reply is consumed by ``secaggplus_mod``, which cannot carry an error, so the refusal is
-raised past it and turned back into the refusal reply here.
+raised past it and turned back into the refusal reply here. Before its update is masked, the
+client checks it (:func:`common.updates.update_problem`: array count, shapes, dtypes, finite
+values, the user-level clip bound): the server cannot see a masked update, so a malformed one is
+refused here, and the node drops out of the round (SecAgg+'s dropout rules then apply).
 """
 
 from __future__ import annotations
@@ -13,6 +16,30 @@ from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from common.config import RunConfig, config_from_run_config
+from common.protocol import MALFORMED_UPDATE_CODE
+
+
+def _own_update_problem(request: Message, reply: Message, context: Context,
+                        config: RunConfig | None) -> str | None:
+    """Why this client's plain training reply is not a well-formed update of the model it was
+    sent (None when it is)."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import parameters_to_ndarrays
+
+    from common import secagg
+    from common.updates import update_problem
+
+    cfg = config_from_run_config(context.run_config, config)
+    shapes = [a.shape for a in parameters_to_ndarrays(compat.recorddict_to_fitins(request.content, True).parameters)]
+    try:
+        arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, True).parameters)
+    except Exception as exc:  # not arrays at all
+        return f"undecodable arrays ({type(exc).__name__})"
+    udp = cfg.user_dp
+    clip = udp.clipping_norm if udp.enabled and not secagg.distributed(cfg) else None
+    return update_problem(arrays, shapes, clip)
 
 
 class _Refused(Exception):
@@ -26,7 +53,17 @@ def is_secagg_message(msg: Message) -> bool:
             and RECORD_KEY_CONFIGS in msg.content.config_records)
 
 
-def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+def make_secure_aggregation_mod(config: RunConfig | None = None):
+    """The mod (``config``: the run's configuration when the app was given one, as in
+    simulations; else it comes from Flower's run config)."""
+
+    def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+        return _secure_aggregation(msg, context, call_next, config)
+
+    return secure_aggregation_mod
+
+
+def _secure_aggregation(msg: Message, context: Context, call_next, config: RunConfig | None) -> Message:
     if not is_secagg_message(msg):
         return call_next(msg, context)
 
@@ -34,6 +71,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
         reply = call_next(inner, ctx)
         if reply.has_error():
             raise _Refused(reply.error)
+        problem = _own_update_problem(inner, reply, ctx, config)
+        if problem:
+            raise _Refused(Error(code=MALFORMED_UPDATE_CODE,
+                                 reason=f"refusing to mask a malformed update ({problem})"))
         return reply
 
     try:

@@ -239,8 +239,9 @@ class SecureAggregationSection:
     num_shares: int = _setting(
         0,
         "Each client's secrets are split into this many shares, one per neighbour (itself "
-        "included): at least 3, at most the clients sampled per round, odd is best. 0: auto, "
-        "5 or the clients per round if fewer.",
+        "included): at least 3, at most the clients sampled per round, and odd unless it equals "
+        "the clients a round can sample (Flower's SecAgg+ fails otherwise). 0: auto, 5 or the "
+        "clients per round if fewer (odd under Poisson sampling).",
         min=0,
     )
     reconstruction_threshold: int = _setting(
@@ -273,6 +274,10 @@ class SecureAggregationSection:
     )
 
 
+FAIL_MODES = ("crash", "hang", "wrong_count", "wrong_shape", "wrong_dtype", "nan", "inf", "over_clip",
+              "bad_record")
+
+
 @dataclass(frozen=True)
 class SimulationSection:
     cpus_per_client: float = _setting(
@@ -300,6 +305,16 @@ class SimulationSection:
         "",
         "Fault injection: comma-separated rounds in which the failures strike, counted by this "
         "server process (after a resume its first round is 1). Empty: every round.",
+    )
+    fail_mode: str = _setting(
+        "crash",
+        "Fault injection: how the chosen clients fail. crash: raise an error at fail_stage; "
+        "hang: answer nothing at fail_stage until federation.round_timeout (and, under SecAgg+, "
+        "secure_aggregation.timeout) has passed, then give up without training; or return a "
+        "malformed training reply: wrong_count (an array missing), wrong_shape, wrong_dtype "
+        "(integers), nan, inf, over_clip (an update 10x the user-level clip bound; needs "
+        "user_dp.enabled) or bad_record (an unreadable privacy record). One mode for every "
+        "client of fail_clients, or a comma-separated list, one mode per client.",
     )
 
 
@@ -390,6 +405,18 @@ class RunConfig:
             value = getattr(self.simulation, key)
             if value and not all(part.strip().isdigit() for part in value.split(",")):
                 raise ConfigError(f"simulation.{key} must be comma-separated integers, got {value!r}")
+        modes = [m.strip() for m in self.simulation.fail_mode.split(",")]
+        unknown = [m for m in modes if m not in FAIL_MODES]
+        if unknown:
+            raise ConfigError(f"simulation.fail_mode: unknown mode {unknown[0]!r} (choose from "
+                              f"{', '.join(FAIL_MODES)})")
+        clients = [c for c in self.simulation.fail_clients.split(",") if c.strip()]
+        if len(modes) > 1 and len(modes) != len(clients):
+            raise ConfigError(f"simulation.fail_mode lists {len(modes)} modes for {len(clients)} fail_clients; "
+                              "give one mode, or one per client")
+        if clients and "over_clip" in modes and not self.user_dp.enabled:
+            raise ConfigError("simulation.fail_mode = 'over_clip' needs user_dp.enabled (the clip bound is "
+                              "user_dp.clipping_norm)")
         if self.dp.enabled and self.dp.microbatches and self.dp.implementation in ("fast", "bookkeeping"):
             raise ConfigError(
                 f"dp.implementation = '{self.dp.implementation}' clips per example; set "
@@ -406,9 +433,22 @@ class RunConfig:
     def secagg_shares(self) -> tuple[int, int]:
         """(num_shares, reconstruction_threshold) in effect, with the 0 = auto defaults resolved."""
         sa = self.secure_aggregation
-        shares = sa.num_shares or max(3, min(AUTO_SHARES, self.clients_per_round()))
+        shares = sa.num_shares
+        if not shares:
+            shares = max(3, min(AUTO_SHARES, self.clients_per_round()))
+            if self._even_shares_break(shares):
+                shares -= 1
         threshold = sa.reconstruction_threshold or max(2, shares // 2 + 1)
         return shares, threshold
+
+    def _even_shares_break(self, shares: int) -> bool:
+        """Whether ``shares`` is even and a round may sample more clients than that. Flower 1.42's
+        SecAggPlusWorkflow then sends clients the even count but gives each one neighbour more
+        (it makes the count odd after sending it), and every client fails (IndexError)."""
+        if shares % 2:
+            return False
+        most = self.federation.num_clients if self.user_dp.enabled else self.clients_per_round()
+        return shares < most
 
     def _validate_secure_aggregation(self) -> None:
         sa = self.secure_aggregation
@@ -425,6 +465,13 @@ class RunConfig:
         if sa.reconstruction_threshold == 1:
             raise ConfigError(f"{where}.reconstruction_threshold must be at least 2 (or 0 for auto)")
         shares, threshold = self.secagg_shares()
+        if self._even_shares_break(shares):
+            sampling = ("Poisson sampling may draw more clients than that" if self.user_dp.enabled
+                        else f"{self.clients_per_round()} clients are sampled per round")
+            raise ConfigError(
+                f"{where}.num_shares ({shares}) must be odd here ({sampling}, and Flower's SecAgg+ "
+                f"fails with an even share count below the number sampled); use {shares - 1} or {shares + 1}"
+            )
         if threshold >= shares:
             raise ConfigError(
                 f"{where}.reconstruction_threshold ({threshold}) must be below {where}.num_shares ({shares})"

@@ -28,3 +28,5 @@ PRIOR_SPENDS = "prior-spends"  # spending before this run (from the node's own l
 
 # Error code of a client that refuses a round because its budget would be exceeded.
 BUDGET_EXHAUSTED_CODE = 4001
+# Error code of a client that refuses to mask its own malformed update (SecAgg+; clients.mods).
+MALFORMED_UPDATE_CODE = 4002

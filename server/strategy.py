@@ -22,7 +22,9 @@ workflow's initial evaluation (round 0) of a restored model is not recorded agai
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -39,6 +41,7 @@ from flwr.server.strategy.aggregate import aggregate
 from common import secagg
 from common.config import RunConfig
 from common.errors import FedprivError
+from common.updates import update_problem
 from common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, RUN_ID, SERVER_ROUND,
 )
@@ -47,6 +50,16 @@ from server.run_log import RunLog
 
 log = logging.getLogger("fedpriv")
 FIT_METRICS = "fitres.metrics"  # where Flower's legacy FitRes keeps its metrics in a reply
+# Test hooks for the kill-and-resume tests: the server stops (sleeps) at a known point of round N,
+# says so on stderr, and waits there to be killed. Never set in real runs.
+PAUSE_AFTER_ROUND_ENV = "FEDPRIV_TEST_PAUSE_AFTER_ROUND"  # after round N's checkpoint
+PAUSE_IN_ROUND_ENV = "FEDPRIV_TEST_PAUSE_IN_ROUND"  # round N's replies recorded, before aggregating
+
+
+def _test_pause(env: str, server_round: int) -> None:
+    if os.environ.get(env) == str(server_round):
+        print(f"fedpriv-test: paused ({env}={server_round})", file=sys.stderr, flush=True)
+        time.sleep(3600)
 
 
 class NotEnoughClients(FedprivError):
@@ -255,21 +268,32 @@ class FedprivStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round = self.fedpriv_round(server_round)
+        _test_pause(PAUSE_IN_ROUND_ENV, server_round)
         replies = self._replies.get(server_round, {})
         malformed = self._malformed.get(server_round, {})
         errors = self._round_errors(server_round)
         secure = self.cfg.secure_aggregation.enabled
         usable = [(p, r) for p, r in results if p.node_id not in malformed]
-        if not secure:  # individual updates: reject any of the wrong shape or with non-finite values
+        if not secure:  # individual updates: reject malformed ones (common.updates)
             checked = []
             for proxy, res in usable:
-                problem = self._update_problem(parameters_to_ndarrays(res.parameters))
+                try:
+                    arrays = parameters_to_ndarrays(res.parameters)
+                except Exception as exc:  # bytes that are not arrays at all
+                    problem = f"undecodable arrays ({type(exc).__name__})"
+                else:
+                    problem = self._update_problem(arrays, individual=True)
                 if problem:
                     errors.append(f"node {proxy.node_id}: update rejected ({problem})")
                 else:
                     checked.append((proxy, res))
             usable = checked
         ok = [replies[p.node_id] for p, _ in usable if p.node_id in replies]
+        needed = self.cfg.federation.min_train_clients
+        if not secure and usable and len(usable) < needed:  # (SecAgg+ applies its own threshold)
+            return self._fail(server_round, ok, errors,
+                              f"only {len(usable)} usable update(s), fewer than federation.min_train_clients "
+                              f"({needed})")
         if secure and malformed:
             # Under SecAgg+ the malformed client's update is already inside the sum.
             return self._fail(server_round, ok, errors,
@@ -296,7 +320,7 @@ class FedprivStrategy(Strategy):
             return self._fail(server_round, ok, errors, "the server strategy produced no model")
         self.latest = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
         self._aggregated.add(server_round)
-        self.run_log.record_train(server_round, ok, errors)
+        self._record_train(server_round, ok, errors)
         return parameters, {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -319,6 +343,8 @@ class FedprivStrategy(Strategy):
         loss, accuracy = self.evaluate_fn(server_round, self.latest)
         if server_round > 0 and self.on_round_end is not None:
             self.on_round_end(server_round, self.latest)
+        if server_round > 0:
+            _test_pause(PAUSE_AFTER_ROUND_ENV, server_round)
         return loss, {"accuracy": accuracy}
 
     # ---- helpers ------------------------------------------------------------------------
@@ -354,14 +380,11 @@ class FedprivStrategy(Strategy):
                                                   contributors, applied, mechanism)
         self.run_log.entry(server_round).user_epsilon = epsilon
 
-    def _update_problem(self, arrays: list[np.ndarray]) -> str | None:
-        shapes = [tuple(a.shape) for a in arrays]
-        expected = [tuple(a.shape) for a in self.latest]
-        if shapes != expected:
-            return f"{len(arrays)} arrays of shapes {shapes[:3]}..., expected {len(expected)} like the model"
-        if not all(np.all(np.isfinite(a)) for a in arrays):
-            return "non-finite values"
-        return None
+    def _update_problem(self, arrays: list[np.ndarray], individual: bool = False) -> str | None:
+        """Why an update (an individual one: also its norm, under user-level DP) is malformed."""
+        udp = self.cfg.user_dp
+        clip = udp.clipping_norm if individual and udp.enabled and not secagg.distributed(self.cfg) else None
+        return update_problem(arrays, [a.shape for a in self.latest], clip)
 
     def _round_errors(self, server_round: int) -> list[str]:
         """One line per sampled node that failed this round (however many stages it missed)."""
@@ -375,8 +398,14 @@ class FedprivStrategy(Strategy):
     def _fail(self, server_round: int, ok: list[dict[str, Any]], errors: list[str],
               reason: str) -> tuple[None, dict[str, Scalar]]:
         self._failed[server_round] = reason
-        self.run_log.record_train(server_round, ok, errors)
+        self._record_train(server_round, ok, errors)
         return None, {}
+
+    def _record_train(self, server_round: int, ok: list[dict[str, Any]], errors: list[str]) -> None:
+        """Record (summary.json's failures, metrics.csv) and log the round's client outcomes."""
+        for error in errors:
+            log.warning("fedpriv: round %d: %s", server_round, error)
+        self.run_log.record_train(server_round, ok, errors)
 
     def _record_failure(self, server_round: int) -> None:
         reason = self._failed.get(server_round)
@@ -387,8 +416,8 @@ class FedprivStrategy(Strategy):
                       f"dropped out (at most {secagg.tolerated_dropouts(self.cfg)} tolerated: "
                       f"num_shares - reconstruction_threshold)")
             # Clients that trained still spent their record-level budget (already recorded).
-            self.run_log.record_train(server_round, list(self._replies.get(server_round, {}).values()),
-                                      self._round_errors(server_round))
+            self._record_train(server_round, list(self._replies.get(server_round, {}).values()),
+                               self._round_errors(server_round))
         self.recorder.record_round_failure(server_round, reason)
         self.run_log.record_round_failure(server_round, reason)
         log.warning("fedpriv: round %d failed: %s", server_round, reason)

@@ -22,7 +22,7 @@ from server import resume
 from server.app import make_server_app
 from server.resume import RestorePoint
 from server.run_log import RoundEntry
-from simulations.faults import make_fault_mod
+from simulations.faults import make_fault_mods
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,10 @@ def plan(cfg: RunConfig) -> Plan:
     model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
     dimension = int(model.count_params())
     warnings = secagg.precision_warnings(cfg, dimension)  # raises ConfigError if unworkable
-    checkpoint.key_from_environment()  # a configured but unusable checkpoint key fails here
+    # A configured but unusable checkpoint key fails here; with none configured, the default
+    # key (created on first use) seals a checkpoint after every round, so any run can resume.
+    if not cfg.run.resume:  # (a resume never creates a key: it needs the one the run used)
+        checkpoint.ensure_key()
     restore = None
     if cfg.run.resume:  # key, checkpoint, model and ledger: refused here, before any process starts
         restore = resume.inspect(Path(cfg.run.out_dir), [np.asarray(w) for w in model.get_weights()], cfg)
@@ -110,10 +113,11 @@ def simulate(
     def on_finish(path: Path, summary: dict[str, Any]) -> None:
         finished["summary"] = summary
 
+    faults = make_fault_mods(cfg) if cfg.simulation.fail_clients else None
     run_simulation(
         server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
-        client_app=make_client_app(cfg, extra_mods=[make_fault_mod(cfg)] if cfg.simulation.fail_clients else None,
-                                   canaries=canaries),
+        client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
+                                   inner_mods=[faults[1]] if faults else None, canaries=canaries),
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose),
         verbose_logging=verbose,

@@ -130,6 +130,13 @@ def test_secure_aggregation_settings_are_validated():
     assert load_config().secagg_shares() == (5, 3)  # auto
     small = load_config(overrides=["federation.num_clients=3", "federation.min_available_clients=3"])
     assert small.secagg_shares() == (3, 2)
+    # An even share count works when it is the number sampled (every client a neighbour)...
+    four = ["federation.num_clients=4", "federation.min_available_clients=4"]
+    assert load_config(overrides=four).secagg_shares() == (4, 3)
+    assert load_config(overrides=[*four, "secure_aggregation.num_shares=4"]).secagg_shares() == (4, 3)
+    # ...but not under Poisson sampling, which may draw more: auto picks the odd count below.
+    poisson = ["federation.num_clients=10", "federation.fraction_train=0.4", "user_dp.enabled=true"]
+    assert load_config(overrides=poisson).secagg_shares() == (3, 2)
     cases = {
         "must be below secure_aggregation.num_shares": ["secure_aggregation.reconstruction_threshold=5"],
         "exceeds the 10 clients sampled": ["secure_aggregation.num_shares=11",
@@ -141,6 +148,11 @@ def test_secure_aggregation_settings_are_validated():
         "secure_aggregation.num_shares must be at least 3": ["secure_aggregation.num_shares=2"],
         "at least 3 clients per round": ["federation.num_clients=2", "federation.min_available_clients=2"],
         "secure_aggregation.timeout must be > 0": ["secure_aggregation.timeout=0"],
+        "num_shares (4) must be odd here (10 clients are sampled": ["secure_aggregation.num_shares=4",
+                                                                    "secure_aggregation.reconstruction_threshold=3"],
+        "num_shares (4) must be odd here (Poisson sampling": [
+            "secure_aggregation.num_shares=4", "secure_aggregation.reconstruction_threshold=3",
+            "federation.fraction_train=0.4", "user_dp.enabled=true"],
     }
     for message, overrides in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
