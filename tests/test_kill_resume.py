@@ -1,0 +1,140 @@
+"""Kill the server process with SIGKILL in the middle of a run, resume it, and finish: the ledger
+audits clean, epsilon is what an uninterrupted run with the same seed reaches (plus, for a kill
+after replies arrived, exactly the spends the killed attempt made), and no round is counted twice."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dp_accounting
+import pytest
+from dp_accounting import rdp
+
+from common import checkpoint
+from common.accounting import DPSGDSpend
+from common.ledger import verify_ledger
+from server.strategy import PAUSE_AFTER_ROUND_ENV, PAUSE_IN_ROUND_ENV
+from tests.conftest import ROOT, run_cli, simulate_run
+
+DELTA = 1e-5
+ROUNDS = 4
+SETTINGS = [
+    f"run.rounds={ROUNDS}", f"privacy.delta={DELTA}", "federation.num_clients=4", "federation.min_available_clients=4",
+    "client.local_epochs=1", "client.batch_size=64", "secure_aggregation.num_shares=3",
+    "secure_aggregation.reconstruction_threshold=2", "user_dp.enabled=true",
+]
+ACCURACY_TOLERANCE = 0.1  # DP noise is drawn afresh in every process; the accounting is exact
+
+
+def _rdp(spends: list[DPSGDSpend]) -> float:
+    accountant = rdp.RdpAccountant()
+    for s in spends:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(
+            s.sampling_probability, dp_accounting.GaussianDpEvent(s.noise_multiplier)), s.steps)
+    return accountant.get_epsilon(DELTA)
+
+
+def _killed_run(out: Path, env: dict[str, str], hook: str, at_round: int) -> None:
+    """Start ``fedpriv simulate``, wait until the test hook holds the server at ``at_round``,
+    then SIGKILL the whole process group (server, Flower and its workers): a machine crash."""
+    args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", "quickstart", "--out", str(out)]
+    args += [x for s in SETTINGS for x in ("--set", s)]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**env, hook: str(at_round)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, seen = time.monotonic() + 600, []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("fedpriv-test: paused"):
+                break
+            assert time.monotonic() < deadline, "the run never reached the pause"
+        else:
+            pytest.fail("the run ended before the pause:\n" + "".join(seen[-30:]))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()  # it really died mid-run
+
+
+@pytest.fixture(scope="module")
+def key_env():
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+            checkpoint.KEY_ENV: base64.b64encode(checkpoint.new_key()).decode()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, key_env):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc, summary = simulate_run(out, SETTINGS, env=key_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, summary
+
+
+def _spends(entries: list[dict], cid: str) -> list[DPSGDSpend]:
+    return [DPSGDSpend.from_json(e["parameters"]) for e in entries
+            if e["kind"] == "record_level" and e["actor"] == f"client:{cid}"]
+
+
+def _resume_and_check(out: Path, env: dict[str, str], uninterrupted: tuple[Path, dict]) -> tuple[dict, list[dict]]:
+    proc, summary = simulate_run(out, [], env=env, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    _, reference = uninterrupted
+    assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))  # each round once
+    assert all(r["failed"] is None and r["clients_trained"] == 4 for r in summary["rounds"])
+    assert abs(summary["final_accuracy"] - reference["final_accuracy"]) <= ACCURACY_TOLERANCE
+    audit = run_cli("audit", str(out), "--json", env=env)
+    assert audit.returncode == 0, audit.stdout[-3000:]
+    report = json.loads(audit.stdout)
+    assert report["ok"] and report["resumes"] == 1
+    entries = verify_ledger(out).entries
+    kinds = [e["kind"] for e in entries]
+    assert kinds.count("run_start") == 1 and kinds.count("run_resume") == 1 and kinds.count("run_end") == 1
+    # One user-level event per round: rounds are not counted twice.
+    assert sorted(e["round"] for e in entries if e["kind"] == "user_level") == list(range(1, ROUNDS + 1))
+    user = summary["privacy"]["user_level"]["epsilon"]
+    assert user == pytest.approx(reference["privacy"]["user_level"]["epsilon"], rel=1e-9)
+    return summary, entries
+
+
+@pytest.mark.slow
+def test_sigkill_between_rounds_then_resume_reaches_the_uninterrupted_epsilon(tmp_path, key_env, uninterrupted):
+    out = tmp_path / "run"
+    _killed_run(out, key_env, PAUSE_AFTER_ROUND_ENV, 2)
+    summary, entries = _resume_and_check(out, key_env, uninterrupted)
+    reference_dir, reference = uninterrupted
+    reference_entries = verify_ledger(reference_dir).entries
+    for cid, eps in summary["privacy"]["record_level"]["clients"].items():
+        spends = _spends(entries, cid)
+        assert sorted(e["round"] for e in entries if e["actor"] == f"client:{cid}") == list(range(1, ROUNDS + 1))
+        assert spends == _spends(reference_entries, cid)
+        assert eps == pytest.approx(reference["privacy"]["record_level"]["clients"][cid], rel=1e-9)
+        assert eps == pytest.approx(_rdp(spends), rel=1e-6)  # and what dp-accounting says
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_round_keeps_the_killed_attempts_spends(tmp_path, key_env, uninterrupted):
+    """Killed after round 3's replies arrived (their spends are in the ledger) but before it was
+    aggregated: the resume reruns round 3, and both attempts' spends count, because the server saw
+    both updates. Epsilon is the uninterrupted run's plus exactly one round-3 spend per client."""
+    out = tmp_path / "run"
+    _killed_run(out, key_env, PAUSE_IN_ROUND_ENV, 3)
+    summary, entries = _resume_and_check(out, key_env, uninterrupted)
+    reference_dir, reference = uninterrupted
+    reference_entries = verify_ledger(reference_dir).entries
+    for cid, eps in summary["privacy"]["record_level"]["clients"].items():
+        rounds = sorted(e["round"] for e in entries if e["actor"] == f"client:{cid}")
+        assert rounds == [1, 2, 3, 3, 4]
+        spends = _spends(entries, cid)
+        expected = _spends(reference_entries, cid)
+        assert sorted(spends, key=str) == sorted(expected + [expected[2]], key=str)
+        assert eps == pytest.approx(_rdp(spends), rel=1e-6)
+        assert eps > reference["privacy"]["record_level"]["clients"][cid]

@@ -1,0 +1,72 @@
+"""Load: 50 clients per round for 10 rounds completes with no lost update and no memory growth
+across rounds (peak RSS of the whole process tree in the last round at most 1.1x that in round 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+
+import pytest
+
+from benchmarks.scale import descendants, rss_bytes
+from common.ledger import verify_ledger
+from tests.conftest import ROOT
+
+CLIENTS, ROUNDS = 50, 10
+GROWTH_LIMIT = 1.1
+ROUND_LINE = re.compile(r"^round (\d+)/(\d+)\s")
+
+
+@pytest.mark.slow
+def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_path):
+    out = tmp_path / "run"
+    settings = [f"federation.num_clients={CLIENTS}", f"federation.min_available_clients={CLIENTS}",
+                "federation.fraction_train=1.0", f"run.rounds={ROUNDS}", "client.batch_size=64",
+                "secure_aggregation.num_shares=11", "secure_aggregation.reconstruction_threshold=6"]
+    args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", "quickstart", "--out", str(out)]
+    args += [x for s in settings for x in ("--set", s)]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    current = {"round": 1}  # the round in progress: samples count towards it
+    peaks: dict[int, int] = defaultdict(int)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = sum(rss_bytes(pid) for pid in descendants(proc.pid))
+            peaks[current["round"]] = max(peaks[current["round"]], total)
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        match = ROUND_LINE.match(line)
+        if match:
+            current["round"] = int(match.group(1)) + 1
+    stderr = proc.stderr.read()
+    proc.wait(timeout=1200)
+    stop.set()
+    sampler.join()
+    assert proc.returncode == 0, stderr[-3000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    # No lost update: every client trained and was aggregated in every round, no failure.
+    assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
+    assert all(r["clients_trained"] == CLIENTS and r["clients_failed"] == 0 and r["failed"] is None
+               for r in summary["rounds"]), summary["rounds"]
+    assert summary["failures"] == []
+    spends = [e for e in verify_ledger(out).entries if e["kind"] == "record_level"]
+    assert len(spends) == CLIENTS * ROUNDS
+    # No growth: the last round's peak against round 2's (round 1 starts the workers).
+    assert all(peaks[r] > 0 for r in range(2, ROUNDS + 1)), dict(peaks)
+    ratio = peaks[ROUNDS] / peaks[2]
+    print(f"peak RSS per round (MiB): { {r: peaks[r] // 2**20 for r in sorted(peaks)} }; "
+          f"round {ROUNDS} / round 2 = {ratio:.3f}")
+    assert ratio <= GROWTH_LIMIT, dict(peaks)
