@@ -185,8 +185,14 @@ def test_checkpoint_state_round_trip_and_model_check(tmp_path, monkeypatch):
         resume.read(tmp_path, key)
     monkeypatch.delenv(checkpoint.KEY_ENV, raising=False)
     monkeypatch.delenv(checkpoint.KEY_FILE_ENV, raising=False)
+    monkeypatch.setenv("FEDPRIV_HOME", str(tmp_path / "home"))
     with pytest.raises(CheckpointError, match="resuming needs the key"):
         resume.require_key()
+    # The default key fedpriv simulate creates is the one a resume then finds.
+    created = checkpoint.ensure_key()
+    assert checkpoint.default_key_path().stat().st_mode & 0o777 == 0o600
+    monkeypatch.delenv(checkpoint.KEY_FILE_ENV)
+    assert resume.require_key() == created
 
 
 class _Message:
