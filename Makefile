@@ -6,7 +6,7 @@
 
 UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: demo test test-fast bench bench-secagg bench-dp-step bench-scale bench-all bench-audit generated sync clean
 
