@@ -28,8 +28,7 @@ def _own_update_problem(request: Message, reply: Message, context: Context,
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import parameters_to_ndarrays
 
-    from common import secagg
-    from common.updates import update_problem
+    from common.updates import clip_bound, update_problem
 
     cfg = config_from_run_config(context.run_config, config)
     shapes = [a.shape for a in parameters_to_ndarrays(compat.recorddict_to_fitins(request.content, True).parameters)]
@@ -37,9 +36,7 @@ def _own_update_problem(request: Message, reply: Message, context: Context,
         arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, True).parameters)
     except Exception as exc:  # not arrays at all
         return f"undecodable arrays ({type(exc).__name__})"
-    udp = cfg.user_dp
-    clip = udp.clipping_norm if udp.enabled and not secagg.distributed(cfg) else None
-    return update_problem(arrays, shapes, clip)
+    return update_problem(arrays, shapes, clip_bound(cfg))
 
 
 class _Refused(Exception):

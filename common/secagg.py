@@ -83,9 +83,14 @@ def randomized_round(x: np.ndarray, random_bytes: RandomBytes = os.urandom) -> n
     return (floor + up).astype(np.int64)
 
 
+def l2_norm(arrays: Sequence[np.ndarray]) -> float:
+    """The joint L2 norm of ``arrays`` (in float64)."""
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+
+
 def clip_l2(arrays: Sequence[np.ndarray], bound: float) -> tuple[list[np.ndarray], float]:
     """Scale ``arrays`` jointly to L2 norm at most ``bound``; return them and the norm before."""
-    norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+    norm = l2_norm(arrays)
     factor = min(1.0, bound / norm) if norm > 0 else 1.0
     return [np.asarray(a, dtype=np.float64) * factor for a in arrays], norm
 

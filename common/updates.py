@@ -10,13 +10,23 @@ and SecAgg+'s dropout rules decide whether the round completes.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
+from common import secagg
+from common.config import RunConfig
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 NORM_TOLERANCE = 1e-5  # relative: an update clipped in float64 and sent as float32
+
+
+def clip_bound(cfg: RunConfig) -> float | None:
+    """The L2 bound every individual update must respect: user-level DP's clipping norm, unless
+    updates are not clipped (user-level DP off) or are sent scaled and noised as integers
+    (distributed noise)."""
+    udp = cfg.user_dp
+    return udp.clipping_norm if udp.enabled and not secagg.distributed(cfg) else None
 
 
 def update_problem(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]],
@@ -33,7 +43,7 @@ def update_problem(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...
     if not all(np.all(np.isfinite(a)) for a in arrays):
         return "non-finite values (NaN or infinity)"
     if clip is not None:
-        norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+        norm = secagg.l2_norm(arrays)
         if norm > clip * (1 + NORM_TOLERANCE):
             return f"L2 norm {norm:.6g} above the clip bound {clip:g}"
     return None

@@ -41,7 +41,7 @@ from flwr.server.strategy.aggregate import aggregate
 from common import secagg
 from common.config import RunConfig
 from common.errors import FedprivError
-from common.updates import update_problem
+from common.updates import clip_bound, update_problem
 from common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, RUN_ID, SERVER_ROUND,
 )
@@ -382,8 +382,7 @@ class FedprivStrategy(Strategy):
 
     def _update_problem(self, arrays: list[np.ndarray], individual: bool = False) -> str | None:
         """Why an update (an individual one: also its norm, under user-level DP) is malformed."""
-        udp = self.cfg.user_dp
-        clip = udp.clipping_norm if individual and udp.enabled and not secagg.distributed(self.cfg) else None
+        clip = clip_bound(self.cfg) if individual else None
         return update_problem(arrays, [a.shape for a in self.latest], clip)
 
     def _round_errors(self, server_round: int) -> list[str]:

@@ -27,6 +27,7 @@ from flwr.app.message_type import MessageType
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from common import secagg
 from common.config import RunConfig, config_from_run_config
 from common.protocol import PRIVACY, ROUND_SPEND
 
@@ -88,10 +89,10 @@ def corrupt(arrays: list[np.ndarray], mode: str, clip: float) -> list[np.ndarray
     elif mode == "inf":
         arrays[-1].flat[0] = np.inf
     elif mode == "over_clip":
-        norm = float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+        norm = secagg.l2_norm(arrays)
         if norm == 0:
             arrays = [np.ones_like(a) for a in arrays]
-            norm = float(np.sqrt(sum(a.size for a in arrays)))
+            norm = secagg.l2_norm(arrays)
         arrays = [a * (10 * clip / norm) for a in arrays]
     return arrays
 
