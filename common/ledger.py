@@ -158,7 +158,7 @@ class LedgerWriter:
             self.seq, self.prev_hash = len(report.entries), report.head_hash
             if report.crash_notes:
                 self._recover(report)
-            elif self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            elif report.unterminated:
                 with self.path.open("ab") as handle:  # a complete last entry cut before its newline
                     handle.write(b"\n")
 
@@ -223,6 +223,7 @@ class VerifyReport:
     # What a writer killed mid-append left behind, found with ``crash_tail=True`` (see there).
     torn_tail: bytes | None = None  # an unterminated, unreadable last line
     head_behind: bool = False  # the last entry is complete but the head was not yet re-signed
+    unterminated: bool = False  # the last line (an entry, or torn) lacks its newline
 
     @property
     def crash_notes(self) -> list[str]:
@@ -271,6 +272,7 @@ def verify_ledger(directory: Path, public_key: Ed25519PublicKey | None = None,
     expected_key_id = key_id(key)
     prev = GENESIS
     lines, terminated = _lines(path)
+    report.unterminated = bool(lines) and not terminated
     for number, raw in enumerate(lines, start=1):
         where = f"ledger line {number}"
         try:
