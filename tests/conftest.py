@@ -50,3 +50,16 @@ def simulate_run(out: Path, settings: list[str], preset: str = "quickstart", env
     proc = run_cli(*args, env=env)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return proc, summary
+
+
+def dp_sgd_epsilon(spends: list, delta: float) -> float:
+    """Record-level epsilon from dp-accounting directly (RDP): each spend (a DPSGDSpend) is
+    ``steps`` Poisson-sampled Gaussian steps."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    for s in spends:
+        gaussian = dp_accounting.GaussianDpEvent(s.noise_multiplier)
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(s.sampling_probability, gaussian), s.steps)
+    return accountant.get_epsilon(delta)

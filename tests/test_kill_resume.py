@@ -13,15 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import dp_accounting
 import pytest
-from dp_accounting import rdp
 
 from common import checkpoint
 from common.accounting import DPSGDSpend
 from common.ledger import verify_ledger
 from server.strategy import PAUSE_AFTER_ROUND_ENV, PAUSE_IN_ROUND_ENV
-from tests.conftest import ROOT, run_cli, simulate_run
+from tests.conftest import ROOT, dp_sgd_epsilon, run_cli, simulate_run
 
 DELTA = 1e-5
 ROUNDS = 4
@@ -34,11 +32,7 @@ ACCURACY_TOLERANCE = 0.1  # DP noise is drawn afresh in every process; the accou
 
 
 def _rdp(spends: list[DPSGDSpend]) -> float:
-    accountant = rdp.RdpAccountant()
-    for s in spends:
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(
-            s.sampling_probability, dp_accounting.GaussianDpEvent(s.noise_multiplier)), s.steps)
-    return accountant.get_epsilon(DELTA)
+    return dp_sgd_epsilon(spends, DELTA)
 
 
 def _killed_run(out: Path, env: dict[str, str], hook: str, at_round: int) -> None:
@@ -75,7 +69,7 @@ def uninterrupted(tmp_path_factory, key_env):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     proc, summary = simulate_run(out, SETTINGS, env=key_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, summary
+    return verify_ledger(out).entries, summary
 
 
 def _spends(entries: list[dict], cid: str) -> list[DPSGDSpend]:
@@ -83,7 +77,7 @@ def _spends(entries: list[dict], cid: str) -> list[DPSGDSpend]:
             if e["kind"] == "record_level" and e["actor"] == f"client:{cid}"]
 
 
-def _resume_and_check(out: Path, env: dict[str, str], uninterrupted: tuple[Path, dict]) -> tuple[dict, list[dict]]:
+def _resume_and_check(out: Path, env: dict[str, str], uninterrupted: tuple[list[dict], dict]) -> tuple[dict, list[dict]]:
     proc, summary = simulate_run(out, [], env=env, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -110,8 +104,7 @@ def test_sigkill_between_rounds_then_resume_reaches_the_uninterrupted_epsilon(tm
     out = tmp_path / "run"
     _killed_run(out, key_env, PAUSE_AFTER_ROUND_ENV, 2)
     summary, entries = _resume_and_check(out, key_env, uninterrupted)
-    reference_dir, reference = uninterrupted
-    reference_entries = verify_ledger(reference_dir).entries
+    reference_entries, reference = uninterrupted
     for cid, eps in summary["privacy"]["record_level"]["clients"].items():
         spends = _spends(entries, cid)
         assert sorted(e["round"] for e in entries if e["actor"] == f"client:{cid}") == list(range(1, ROUNDS + 1))
@@ -128,8 +121,7 @@ def test_sigkill_inside_a_round_keeps_the_killed_attempts_spends(tmp_path, key_e
     out = tmp_path / "run"
     _killed_run(out, key_env, PAUSE_IN_ROUND_ENV, 3)
     summary, entries = _resume_and_check(out, key_env, uninterrupted)
-    reference_dir, reference = uninterrupted
-    reference_entries = verify_ledger(reference_dir).entries
+    reference_entries, reference = uninterrupted
     for cid, eps in summary["privacy"]["record_level"]["clients"].items():
         rounds = sorted(e["round"] for e in entries if e["actor"] == f"client:{cid}")
         assert rounds == [1, 2, 3, 3, 4]

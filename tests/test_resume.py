@@ -28,21 +28,15 @@ from server.privacy import PrivacyRecorder
 from server.resume import RestorePoint
 from server.run_log import RunLog
 from server.strategy import FedprivStrategy
-from tests.conftest import run_cli, simulate_run
+from tests.conftest import dp_sgd_epsilon, run_cli, simulate_run
 
 DELTA = 1e-5
 SPEND = DPSGDSpend(0.08, 1.2, 13)
 PRIOR = DPSGDSpend(0.05, 1.0, 40)
 
 
-def _rdp(spends: list[DPSGDSpend], delta: float = DELTA) -> float:
-    """dp-accounting directly: each spend is ``steps`` Poisson-sampled Gaussian steps."""
-    accountant = rdp.RdpAccountant()
-    for s in spends:
-        gaussian = dp_accounting.GaussianDpEvent(s.noise_multiplier)
-        step = dp_accounting.PoissonSampledDpEvent(s.sampling_probability, gaussian)
-        accountant.compose(step, s.steps)
-    return accountant.get_epsilon(delta)
+def _rdp(spends: list[DPSGDSpend]) -> float:
+    return dp_sgd_epsilon(spends, DELTA)
 
 
 # ---- the node: prior spending of a resumed run ---------------------------------------------------
