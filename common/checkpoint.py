@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import FedprivError
-from common.rundir import write_atomic
+from common.rundir import create_private, write_atomic
 
 MAGIC = b"FPCKPT01"
 NONCE_BYTES = 12
@@ -75,16 +75,10 @@ def ensure_key() -> bytes:
         return key
     path = default_key_path()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            create_private(path, encode_key(new_key()))
         except FileExistsError:  # another run created it meanwhile
             pass
-        else:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(encode_key(new_key()))
-                handle.flush()
-                os.fsync(handle.fileno())
     os.environ[KEY_FILE_ENV] = str(path)
     key = key_from_environment()
     assert key is not None

@@ -65,5 +65,17 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def create_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (owner-only, 0600) holding ``data``, fsynced; FileExistsError if it is
+    already there (never overwrites, even when another process creates it meanwhile)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_directory(path.parent)
+
+
 def write_json(path: Path, payload: Any) -> None:
     write_atomic(path, (json.dumps(json_safe(payload), indent=2, sort_keys=False) + "\n").encode())
