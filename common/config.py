@@ -317,6 +317,13 @@ class SimulationSection:
         "client of fail_clients, or a comma-separated list, one mode per client.",
     )
 
+    def fault_modes(self) -> dict[int, str]:
+        """Each failing client's partition id and its mode: ``fail_mode`` is one mode for all of
+        ``fail_clients`` or one per client (what :meth:`RunConfig.validate` checks)."""
+        clients = [int(c) for c in self.fail_clients.split(",") if c.strip()]
+        modes = [m.strip() for m in self.fail_mode.split(",")]
+        return {c: modes[0] if len(modes) == 1 else modes[i] for i, c in enumerate(clients)}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -414,7 +421,7 @@ class RunConfig:
         if len(modes) > 1 and len(modes) != len(clients):
             raise ConfigError(f"simulation.fail_mode lists {len(modes)} modes for {len(clients)} fail_clients; "
                               "give one mode, or one per client")
-        if clients and "over_clip" in modes and not self.user_dp.enabled:
+        if "over_clip" in self.simulation.fault_modes().values() and not self.user_dp.enabled:
             raise ConfigError("simulation.fail_mode = 'over_clip' needs user_dp.enabled (the clip bound is "
                               "user_dp.clipping_norm)")
         if self.dp.enabled and self.dp.microbatches and self.dp.implementation in ("fast", "bookkeeping"):

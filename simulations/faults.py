@@ -54,21 +54,11 @@ def _stage_and_round(msg: Message) -> tuple[str, int | None]:
     return str(configs.get(Key.STAGE, "")), server_round
 
 
-def mode_of(cfg: RunConfig, partition: int) -> str | None:
-    """The fault mode of virtual client ``partition`` (None: it does not fail)."""
-    sim = cfg.simulation
-    clients = [int(c) for c in sim.fail_clients.split(",") if c.strip()]
-    modes = [m.strip() for m in sim.fail_mode.split(",")]
-    if partition not in clients:
-        return None
-    return modes[0] if len(modes) == 1 else modes[clients.index(partition)]
-
-
 def _chosen(msg: Message, context: Context, cfg: RunConfig) -> tuple[str | None, str, int | None]:
     """The fault mode that strikes this message to this client (None: none), its stage and round."""
     partition = context.node_config.get("partition-id")
     stage, server_round = _stage_and_round(msg)
-    mode = mode_of(cfg, int(partition)) if partition is not None else None
+    mode = cfg.simulation.fault_modes().get(int(partition)) if partition is not None else None
     rounds = _ids(cfg.simulation.fail_rounds)
     if mode is None or (rounds and server_round not in rounds):
         return None, stage, server_round
