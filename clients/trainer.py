@@ -49,7 +49,7 @@ class TrainResult:
     spend: DPSGDSpend | None  # None when DP is off
 
 
-def choose_implementation(dp: DPSection, model_name: str, layers: list[Any] | None = None) -> str:
+def choose_implementation(dp: DPSection, layers: list[Any] | None = None) -> str:
     """'auto': book-keeping DP-SGD where the model allows, else TF Privacy's DPSequential;
     the vectorized optimizer when microbatches are asked for.
 
@@ -83,7 +83,7 @@ class LocalTrainer:
         self.dp = dp
         k = keras()
         layers = build_layers(model_name, model, input_shape, num_classes)
-        self.implementation = choose_implementation(dp, model_name, layers) if dp.enabled else "none"
+        self.implementation = choose_implementation(dp, layers) if dp.enabled else "none"
         self.applied_noise_multiplier = dp.noise_multiplier
         if dp.enabled and noise_broken():
             self.applied_noise_multiplier = 0.0

@@ -47,7 +47,7 @@ def test_dp_step_quick(tmp_path):
             assert set(entry["examples_per_s"]) == set(VARIANTS)
             assert all(v > 0 for v in entry["examples_per_s"].values())
             # "default" is what a client with the default [dp] section runs
-            assert entry["default_implementation"] == choose_implementation(DPSection(), model)
+            assert entry["default_implementation"] == choose_implementation(DPSection())
     for entry in results["cnn"].values():
         assert entry["textbook_ratio"] > 1, entry
 

@@ -127,9 +127,9 @@ def test_auto_implementation():
     from common.tf_runtime import keras
 
     cnn = build_layers("cnn", ModelSection(), (28, 28, 1), 10)
-    assert choose_implementation(DPSection(implementation="auto"), "cnn", cnn) == "bookkeeping"
+    assert choose_implementation(DPSection(implementation="auto"), cnn) == "bookkeeping"
     other = [keras().layers.InputLayer(input_shape=(4,)), keras().layers.LayerNormalization(),
              keras().layers.Dense(2)]
-    assert choose_implementation(DPSection(implementation="auto"), "mlp", other) == "fast"
-    assert choose_implementation(DPSection(implementation="auto", microbatches=4), "cnn") == "vectorized"
-    assert choose_implementation(DPSection(implementation="keras"), "mlp") == "keras"
+    assert choose_implementation(DPSection(implementation="auto"), other) == "fast"
+    assert choose_implementation(DPSection(implementation="auto", microbatches=4)) == "vectorized"
+    assert choose_implementation(DPSection(implementation="keras")) == "keras"
