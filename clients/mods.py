@@ -8,6 +8,12 @@ raised past it and turned back into the refusal reply here. Before its update is
 client checks it (:func:`common.updates.update_problem`: array count, shapes, dtypes, finite
 values, the user-level clip bound): the server cannot see a masked update, so a malformed one is
 refused here, and the node drops out of the round (SecAgg+'s dropout rules then apply).
+
+Every SecAgg+ message first passes :class:`clients.secagg_guard.SecAggGuard`, which refuses a
+server that deviates from the protocol and signs this node's public keys; its refusals are
+recorded in the node's ledger. Masks come from fedpriv's generator (:mod:`common.secagg_masks`,
+installed when this module is imported). After masking, the reply's plain example count (Flower
+leaves ``fitres.num_examples`` beside the masked vector, which carries the weight) is cleared.
 """
 
 from __future__ import annotations
@@ -17,8 +23,50 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from pathlib import Path
+
+from clients.secagg_guard import NodeIdentity, SecAggGuard, SecAggRefusal
+from common import rundir, secagg_masks
 from common.config import RunConfig, config_from_run_config
-from common.protocol import MALFORMED_UPDATE_CODE
+from common.protocol import MALFORMED_UPDATE_CODE, SECAGG_REFUSED_CODE
+from common.roster import SIM_ANCHOR_PUB, SIM_NODE_KEY
+
+secagg_masks.install()
+PLAIN_WEIGHT_KEY = "fitres.num_examples"  # where Flower's legacy FitRes keeps the example count
+
+
+def node_name_and_state_dir(context: Context, cfg: RunConfig) -> tuple[str, Path]:
+    """A node's name and state directory: a real node's (``data-path`` in its node config, as
+    ``fedpriv node join`` sets it) from its node config, a simulated one's from its partition."""
+    config = context.node_config
+    if "data-path" in config:
+        name = str(config.get("node-name") or f"node-{context.node_id}")
+        root = Path(str(config["state-dir"])) if config.get("state-dir") else rundir.nodes_root(cfg)
+        return name, root / name
+    name = f"sim-{int(config.get('partition-id', -1))}"
+    return name, rundir.node_state_dir(cfg, name)
+
+
+def node_identity(context: Context, cfg: RunConfig) -> NodeIdentity | None:
+    """What this node signs its SecAgg+ keys with: a real node's authentication key and the CA
+    it trusts (``auth-key``, ``ca-cert`` in its node config); a simulated node's key in its state
+    directory and the simulation's anchor (:func:`common.roster.simulated_federation`)."""
+    config = context.node_config
+    if "data-path" in config:
+        if not config.get("auth-key") or not config.get("ca-cert"):
+            return None
+        return NodeIdentity(Path(str(config["auth-key"])), Path(str(config["ca-cert"])))
+    _, state_dir = node_name_and_state_dir(context, cfg)
+    return NodeIdentity(state_dir / SIM_NODE_KEY, state_dir.parent / SIM_ANCHOR_PUB)
+
+
+def record_refusal(context: Context, cfg: RunConfig, server_round: int | None, reason: str) -> None:
+    """Put a SecAgg+ refusal in the node's own signed ledger (before the reply leaves)."""
+    from clients.budget import open_guard
+
+    _, state_dir = node_name_and_state_dir(context, cfg)
+    with open_guard(state_dir, 0.0, cfg.privacy.delta) as guard:
+        guard.ledger.append(actor="node", kind="secagg_refusal", round=server_round, note=reason)
 
 
 def _own_update_problem(request: Message, reply: Message, context: Context,
@@ -63,6 +111,19 @@ def make_secure_aggregation_mod(config: RunConfig | None = None):
 def _secure_aggregation(msg: Message, context: Context, call_next, config: RunConfig | None) -> Message:
     if not is_secagg_message(msg):
         return call_next(msg, context)
+    cfg = config_from_run_config(context.run_config, config)
+    guard = SecAggGuard(context, lambda: node_identity(context, cfg))
+    try:
+        guard.check(msg)
+    except SecAggRefusal as refusal:
+        guard.save()
+        reason = f"SecAgg+ refused: {refusal}"
+        try:
+            server_round = int(msg.metadata.group_id)
+        except ValueError:
+            server_round = None
+        record_refusal(context, cfg, server_round, reason)
+        return Message(Error(code=SECAGG_REFUSED_CODE, reason=reason), reply_to=msg)
 
     def train_or_raise(inner: Message, ctx: Context) -> Message:
         reply = call_next(inner, ctx)
@@ -75,6 +136,13 @@ def _secure_aggregation(msg: Message, context: Context, call_next, config: RunCo
         return reply
 
     try:
-        return secaggplus_mod(msg, context, train_or_raise)
+        reply = secaggplus_mod(msg, context, train_or_raise)
     except _Refused as refused:
+        guard.save()
         return Message(Error(code=refused.error.code, reason=refused.error.reason), reply_to=msg)
+    guard.sign_reply(msg, reply)
+    guard.save()
+    if reply.has_content() and PLAIN_WEIGHT_KEY in reply.content.metric_records:
+        # The weight travels inside the masked vector; the plain count stays on the node.
+        reply.content.metric_records[PLAIN_WEIGHT_KEY]["num_examples"] = 0
+    return reply

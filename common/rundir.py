@@ -8,7 +8,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 SUMMARY = "summary.json"  # final results, per-round metrics, privacy, the full configuration
 METRICS = "metrics.csv"  # one row per round
@@ -16,6 +19,22 @@ PLOT = "progress.png"  # accuracy and record-level epsilon per round
 MODEL = "model.npz"  # final global model weights, arrays in layer order
 
 DEFAULT_RUNS_DIR = "runs"
+NODES_DIR = "nodes"  # node state directories (signed ledgers, simulated nodes' keys)
+
+
+def nodes_root(cfg: RunConfig) -> Path:
+    """Where nodes keep their state when their node config names no state directory:
+    ``client.state_dir``, else ``<run.out_dir>/nodes``, else ``$FEDPRIV_HOME/nodes``."""
+    if cfg.client.state_dir:
+        return Path(cfg.client.state_dir)
+    if cfg.run.out_dir:
+        return Path(cfg.run.out_dir) / NODES_DIR
+    return Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / NODES_DIR
+
+
+def node_state_dir(cfg: RunConfig, name: str) -> Path:
+    """The state directory of node ``name`` (see the client.state_dir help)."""
+    return nodes_root(cfg) / name
 
 
 def default_run_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:

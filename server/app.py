@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from common import checkpoint, rundir, secagg
@@ -33,6 +33,7 @@ from server import resume
 from server.privacy import PrivacyRecorder
 from server.report import write_run
 from server.run_log import RoundEntry, RunLog
+from server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
 from server.strategy import FedprivStrategy, ObservedGrid
 
 log = logging.getLogger("fedpriv")
@@ -62,12 +63,14 @@ def make_server_app(
 
 
 def fit_workflow(cfg: RunConfig) -> Any:
-    """Flower's SecAgg+ workflow with the run's settings, or Flower's plain fit workflow."""
+    """Flower's SecAgg+ workflow (fedpriv's generator and roster) with the run's settings, or
+    Flower's plain fit workflow."""
     sa = cfg.secure_aggregation
     if not sa.enabled:
         return None  # DefaultWorkflow's own
     shares, threshold = cfg.secagg_shares()
-    return SecAggPlusWorkflow(
+    return FedprivSecAggPlusWorkflow(
+        roster=federation_roster(cfg),
         num_shares=shares,
         reconstruction_threshold=threshold,
         max_weight=secagg.flower_max_weight(cfg),
