@@ -1,0 +1,379 @@
+"""The SecAgg+ attack harness: a server that plays the attacker against Flower's own protocol code.
+
+Each test runs Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod`` in one process
+(tests/secagg_protocol.py) and deviates from the protocol the way a curious server could:
+first against stock Flower 1.42, where the attack works, then against fedpriv, where every node
+refuses before anything leaves it, the round fails, and each refusal is in the node's ledger.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract, parameters_mod
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation import secaggplus_utils
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from clients.mods import make_secure_aggregation_mod, node_name_and_state_dir
+from common import roster as rosters
+from common import secagg_masks
+from common.config import load_config
+from common.ledger import verify_ledger
+from server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
+from tests.secagg_protocol import make_nodes, run_round, stock_mod
+
+M = 2**32
+CLIP, TARGET = 8.0, 2**20
+VICTIM = 1000  # node ids are 1000, 1001, ...
+
+
+# ---- the generator -------------------------------------------------------------------------
+def _fold(seed: bytes) -> int:
+    out = 0
+    for i in range(0, len(seed), 4):
+        out ^= int.from_bytes(seed[i:i + 4], "little")
+    return out
+
+
+def test_seeds_with_the_same_32_bit_fold_share_flowers_masks_but_not_fedprivs():
+    seed = os.urandom(32)
+    flip = int.from_bytes(os.urandom(4), "little") | 1
+    words = [int.from_bytes(seed[i:i + 4], "little") for i in range(0, 32, 4)]
+    words[0] ^= flip
+    words[5] ^= flip  # the XOR-fold is unchanged
+    other = b"".join(w.to_bytes(4, "little") for w in words)
+    assert other != seed and _fold(other) == _fold(seed)
+    shapes = [(64, 32), (100,)]
+    stock = [secaggplus_utils.pseudo_rand_gen(s, M, shapes) for s in (seed, other)]
+    assert all(np.array_equal(a, b) for a, b in zip(*stock, strict=True))  # Flower: the same masks
+    ours = [secagg_masks.expand_masks(s, M, shapes) for s in (seed, other)]
+    equal = sum(int(np.sum(a == b)) for a, b in zip(*ours, strict=True))
+    assert equal <= 2  # of 2,148 values, each equal with probability 2^-32
+
+
+def test_flowers_pairwise_seeds_fold_to_at_most_2_to_the_28_values():
+    """A pairwise seed is base64 text: bit 7 of every byte of its fold is zero."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    for _ in range(50):
+        ours, theirs = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+        seed = generate_shared_key(ours, theirs.public_key())
+        assert len(seed) == 44 and _fold(seed) & 0x80808080 == 0  # 4 bits of 32 always zero
+
+
+@pytest.mark.parametrize("modulus", [16, 64])
+def test_fedprivs_masks_are_uniform_over_z_m_and_flowers_never_reach_m_minus_1(modulus):
+    draws = np.concatenate([secagg_masks.expand_masks(os.urandom(32), modulus, [(4000,)])[0] for _ in range(40)])
+    counts = np.bincount(draws, minlength=modulus)
+    expected = draws.size / modulus
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    # chi-square with modulus - 1 degrees of freedom: 99.9% quantiles are 37.7 (15) and 103.4 (63)
+    assert chi2 < {16: 37.7, 64: 103.4}[modulus], chi2
+    assert counts[modulus - 1] > 0
+    stock = np.concatenate([secaggplus_utils.pseudo_rand_gen(os.urandom(32), modulus, [(4000,)])[0]
+                            for _ in range(40)])
+    assert np.sum(stock == modulus - 1) == 0  # randint(0, M - 1) excludes M - 1
+    assert stock.max() == modulus - 2
+
+
+def test_masks_match_between_clients_and_server():
+    assert secagg_masks.installed()  # clients.mods installs it for both sides in this process
+    seed = os.urandom(32)
+    a = secagg_masks.expand_masks(seed, M, [(3, 5), ()])
+    b = secagg_masks.expand_masks(seed, M, [(3, 5), ()])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) and a[1].shape == ()
+
+
+# ---- a federation in one process -----------------------------------------------------------
+def _config(tmp_path, clients: int, shares: int, threshold: int):
+    return load_config(overrides=[
+        f"run.out_dir={tmp_path}", f"federation.num_clients={clients}", "federation.fraction_train=1.0",
+        f"federation.min_train_clients={clients}", f"federation.min_available_clients={clients}",
+        f"secure_aggregation.num_shares={shares}", f"secure_aggregation.reconstruction_threshold={threshold}",
+    ])
+
+
+def _updates(clients: int) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return [[rng.uniform(-1, 1, (6, 4)), rng.uniform(-1, 1, 9)] for _ in range(clients)]
+
+
+def _workflow(cls, shares, threshold, **extra):
+    return cls(num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0, clipping_range=CLIP,
+               quantization_range=TARGET, modulus_range=M, timeout=10, **extra)
+
+
+def _fedpriv_round(tmp_path, clients=5, shares=5, threshold=3, tamper=None, observe=None):
+    cfg = _config(tmp_path, clients, shares, threshold)
+    updates = _updates(clients)
+    nodes = make_nodes(updates, make_secure_aggregation_mod(cfg))
+    workflow = _workflow(FedprivSecAggPlusWorkflow, shares, threshold, roster=federation_roster(cfg))
+    model = [np.zeros_like(a) for a in updates[0]]
+    strategy, grid = run_round(workflow, nodes, model, tamper=tamper, observe=observe)
+    return cfg, nodes, strategy, grid
+
+
+def _stage(msg) -> str | None:
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    return None if configs is None else configs.get(Key.STAGE)
+
+
+def _node_refusals(cfg, node) -> list[str]:
+    """The SecAgg+ refusals in a node's own signed ledger (verified)."""
+    _, state_dir = node_name_and_state_dir(node.context, cfg)
+    if not (state_dir / "ledger.jsonl").exists():
+        return []
+    from clients.budget import NODE_KEY
+    from common.ledger import load_or_create_signing_key
+
+    report = verify_ledger(state_dir, load_or_create_signing_key(state_dir / NODE_KEY).public_key())
+    assert report.ok, report.failures
+    return [e["note"] for e in report.entries if e["kind"] == "secagg_refusal"]
+
+
+def test_an_honest_round_unmasks_the_mean_with_signed_keys(tmp_path):
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path)
+    assert grid.refusals == {}
+    mean = [np.mean([n.update[i] for n in nodes.values()], axis=0) for i in range(2)]
+    step = 2 * CLIP / TARGET
+    assert all(np.abs(a - b).max() <= step for a, b in zip(strategy.aggregate, mean, strict=True))
+
+
+# ---- attack 1: a node listed as both surviving and dropped ---------------------------------
+class BothListsAttack:
+    """A server that lists the victim as surviving and dropped in every neighbour's unmask
+    request, keeps both kinds of share aside, and hands Flower's workflow the rest."""
+
+    def __init__(self, victim: int) -> None:
+        self.victim = victim
+        self.pk1: dict[int, bytes] = {}
+        self.neighbours: list[int] = []
+        self.masked: list[np.ndarray] | None = None
+        self.seed_shares: list[bytes] = []
+        self.key_shares: list[bytes] = []
+
+    def tamper(self, msg):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        if stage == Stage.SHARE_KEYS and msg.metadata.dst_node_id == self.victim:
+            self.neighbours = [int(k) for k in configs if k != Key.STAGE]
+            self.pk1 = {int(k): v[0] for k, v in configs.items() if k != Key.STAGE}
+        if stage == Stage.UNMASK:
+            active, dead = list(configs[Key.ACTIVE_NODE_ID_LIST]), list(configs[Key.DEAD_NODE_ID_LIST])
+            if self.victim in active and msg.metadata.dst_node_id != self.victim:
+                configs[Key.DEAD_NODE_ID_LIST] = [*dead, self.victim]
+        return msg
+
+    def observe(self, reply):
+        if reply.has_error() or RECORD_KEY_CONFIGS not in reply.content.config_records:
+            return
+        record = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in record and reply.metadata.src_node_id == self.victim:
+            self.masked = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
+        if Key.NODE_ID_LIST in record:
+            nids, shares = list(record[Key.NODE_ID_LIST]), list(record[Key.SHARE_LIST])
+            hits = [i for i, n in enumerate(nids) if n == self.victim]
+            if len(hits) == 2:  # the first is the self-mask seed share, the second the key share
+                self.seed_shares.append(shares[hits[0]])
+                self.key_shares.append(shares[hits[1]])
+                del nids[hits[1]], shares[hits[1]]  # the workflow sees an ordinary reply
+                record[Key.NODE_ID_LIST], record[Key.SHARE_LIST] = nids, shares
+
+    def recover(self, generator) -> list[np.ndarray]:
+        """The victim's individual update, from its masked vector and both of its secrets."""
+        seed, key = combine_shares(self.seed_shares), combine_shares(self.key_shares)
+        shapes = [a.shape for a in self.masked]
+        vector = [a.astype(np.int64) - m for a, m in zip(self.masked, generator(seed, M, shapes), strict=True)]
+        for other in self.neighbours:
+            if other == self.victim:
+                continue
+            shared = generate_shared_key(bytes_to_private_key(key), bytes_to_public_key(self.pk1[other]))
+            mask = generator(shared, M, shapes)
+            sign = -1 if self.victim > other else 1  # undo the victim's own +/- of the pairwise mask
+            vector = [v + sign * m for v, m in zip(vector, mask, strict=True)]
+        ratio, quantized = factor_extract(parameters_mod(vector, M))
+        return [a * (TARGET / ratio) for a in dequantize(quantized, CLIP, TARGET)]
+
+
+@pytest.fixture
+def stock_flower(monkeypatch):
+    """Flower 1.42 as shipped: its own generator on both sides (undoing fedpriv's install)."""
+    import importlib
+
+    for name in secagg_masks.FLOWER_CALLERS:
+        monkeypatch.setattr(importlib.import_module(name), "pseudo_rand_gen", secaggplus_utils.pseudo_rand_gen)
+
+
+def test_a_server_listing_a_node_as_surviving_and_dropped_recovers_it_from_stock_flower(stock_flower):
+    updates = _updates(5)
+    nodes = make_nodes(updates, stock_mod)
+    attack = BothListsAttack(VICTIM)
+    model = [np.zeros_like(a) for a in updates[0]]
+    strategy, grid = run_round(_workflow(SecAggPlusWorkflow, 5, 3), nodes, model,
+                               tamper=attack.tamper, observe=attack.observe)
+    assert grid.refusals == {} and strategy.aggregate is not None  # nobody noticed
+    assert len(attack.seed_shares) >= 3 and len(attack.key_shares) >= 3
+    recovered = attack.recover(secaggplus_utils.pseudo_rand_gen)
+    step = 2 * CLIP / TARGET
+    for got, true in zip(recovered, updates[0], strict=True):
+        assert np.abs(got - true).max() <= step  # the victim's own update, to one quantization step
+
+
+def test_fedpriv_nodes_refuse_to_unmask_a_node_listed_as_surviving_and_dropped(tmp_path):
+    attack = BothListsAttack(VICTIM)
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=attack.tamper, observe=attack.observe)
+    assert strategy.aggregate is None  # the round fails: too few shares reach the server
+    assert attack.seed_shares == [] and attack.key_shares == []  # no share of the victim left a node
+    refused = {n for n in nodes if n != VICTIM}
+    assert set(grid.refusals) == refused
+    for node_id in refused:
+        assert "listed as both surviving and dropped" in grid.refusals[node_id][0]
+        notes = _node_refusals(cfg, nodes[node_id])
+        assert len(notes) == 1 and "listed as both surviving and dropped" in notes[0]
+
+
+# ---- attacks 2-5: substituted keys, a repeated unmask, too few survivors, too many neighbours ---
+def _substitute_unsigned(configs, target):
+    pk1, _ = configs[target]
+    configs[target] = [pk1, b"a public key of the server's choosing"]
+
+
+def _substitute_foreign_signature(configs, target, msg):
+    """Keys re-signed with a key that is not on the roster (for the right run, round and node)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    pk1 = public_key_to_bytes(generate_key_pairs()[1])
+    pk2 = public_key_to_bytes(generate_key_pairs()[1])
+    context = f"flower-run:{msg.metadata.run_id}/round:{msg.metadata.group_id}"
+    configs[target] = [pk1, rosters.advertise(ec.generate_private_key(ec.SECP384R1()), context, int(target), pk1, pk2)]
+
+
+def _substitute_first_key(configs, target):
+    """The neighbour's genuine advertisement, with its mask key swapped for the server's."""
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    configs[target] = [public_key_to_bytes(generate_key_pairs()[1]), configs[target][1]]
+
+
+@pytest.mark.parametrize("variant", ["unsigned", "foreign signer", "swapped mask key"])
+def test_substituted_public_keys_are_refused(tmp_path, variant):
+    def tamper(msg):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if _stage(msg) == Stage.SHARE_KEYS and msg.metadata.dst_node_id == VICTIM:
+            target = str(VICTIM + 1)
+            if variant == "unsigned":
+                _substitute_unsigned(configs, target)
+            elif variant == "foreign signer":
+                _substitute_foreign_signature(configs, target, msg)
+            else:
+                _substitute_first_key(configs, target)
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=tamper)
+    expected = {"unsigned": "no signed advertisement", "foreign signer": "not on the federation's roster",
+                "swapped mask key": "signature does not verify"}[variant]
+    assert expected in grid.refusals[VICTIM][0]
+    assert expected in _node_refusals(cfg, nodes[VICTIM])[0]
+
+
+def test_a_repeated_unmask_request_is_refused(tmp_path):
+    first: dict[str, object] = {}
+
+    def tamper(msg):
+        if _stage(msg) == Stage.UNMASK and msg.metadata.dst_node_id == VICTIM:
+            node = nodes_holder["nodes"][VICTIM]
+            first["reply"] = node.handler(copy.deepcopy(msg), node.context)  # answered once...
+        return msg  # ...then the same request again
+
+    nodes_holder: dict[str, object] = {}
+    cfg = _config(tmp_path, 5, 5, 3)
+    updates = _updates(5)
+    nodes = make_nodes(updates, make_secure_aggregation_mod(cfg))
+    nodes_holder["nodes"] = nodes
+    workflow = _workflow(FedprivSecAggPlusWorkflow, 5, 3, roster=federation_roster(cfg))
+    run_round(workflow, nodes, [np.zeros_like(a) for a in updates[0]], tamper=tamper)
+    assert not first["reply"].has_error()
+    notes = _node_refusals(cfg, nodes[VICTIM])
+    assert notes and "a second unmask request in one round" in notes[0]
+
+
+def test_too_few_survivors_are_refused(tmp_path):
+    def tamper(msg):
+        if _stage(msg) == Stage.UNMASK:
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            me = msg.metadata.dst_node_id
+            others = [n for n in configs[Key.ACTIVE_NODE_ID_LIST] if n != me]
+            configs[Key.ACTIVE_NODE_ID_LIST] = [me, *others[:1]]  # 2 survivors, threshold 3
+            configs[Key.DEAD_NODE_ID_LIST] = list(configs[Key.DEAD_NODE_ID_LIST]) + others[1:]
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=tamper)
+    assert strategy.aggregate is None and set(grid.refusals) == set(nodes)
+    for node in nodes.values():
+        assert "fewer than the threshold 3" in _node_refusals(cfg, node)[0]
+
+
+def test_a_wrong_neighbour_count_is_refused(tmp_path):
+    keys: dict[int, list[bytes]] = {}
+
+    def observe(reply):
+        if not reply.has_error() and RECORD_KEY_CONFIGS in reply.content.config_records:
+            record = reply.content.config_records[RECORD_KEY_CONFIGS]
+            if Key.PUBLIC_KEY_1 in record:
+                keys[reply.metadata.src_node_id] = [record[Key.PUBLIC_KEY_1], record[Key.PUBLIC_KEY_2]]
+
+    def tamper(msg):
+        if _stage(msg) == Stage.SHARE_KEYS and msg.metadata.dst_node_id == VICTIM:
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            extra = next(n for n in keys if str(n) not in configs)
+            configs[str(extra)] = keys[extra]  # a genuine, signed neighbour too many
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, clients=5, shares=3, threshold=2,
+                                                tamper=tamper, observe=observe)
+    assert "named 4 neighbours for 3 shares" in _node_refusals(cfg, nodes[VICTIM])[0]
+
+
+@pytest.mark.parametrize("setting, value, reason", [
+    (None, None, "stock Flower generator"),
+    (Key.THRESHOLD, 2, "not a strict majority"),
+    (Key.SHARE_NUMBER, 2, "below this node's floor"),
+    (Key.MOD_RANGE, 3 * 2**30, "not a power of two"),
+    (rosters.ROSTER_KEY, b"{}", "roster is malformed"),
+])
+def test_a_setup_below_the_nodes_floor_is_refused(tmp_path, setting, value, reason):
+    def tamper(msg):
+        if _stage(msg) == Stage.SETUP:
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            if setting is None:
+                del configs[secagg_masks.GENERATOR_KEY]  # a server running Flower's own generator
+            else:
+                configs[setting] = value
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=tamper)
+    assert strategy.aggregate is None and set(grid.refusals) == set(nodes)
+    assert all(reason in _node_refusals(cfg, node)[0] for node in nodes.values())
+
+
+def test_a_roster_signed_by_another_anchor_is_refused(tmp_path):
+    foreign = rosters.sign_roster(Ed25519PrivateKey.generate(), [])
+
+    def tamper(msg):
+        if _stage(msg) == Stage.SETUP:
+            msg.content.config_records[RECORD_KEY_CONFIGS][rosters.ROSTER_KEY] = foreign
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=tamper)
+    assert all("does not verify against this node's trust anchor" in grid.refusals[n][0] for n in nodes)
