@@ -7,7 +7,8 @@ neighbour's individual update. :class:`SecAggGuard` runs in front of ``secaggplu
 :mod:`clients.mods`) and, before anything leaves the node, refuses a round when the server:
 
 - **setup**: does not announce fedpriv's mask generator (:mod:`common.secagg_masks`), asks for
-  fewer than :data:`MIN_SHARES` shares or a threshold that is not a strict majority of them
+  fewer shares than :data:`common.config.SECAGG_MIN_SHARES` or a threshold that is not a strict
+  majority of them
   (with a majority, two disjoint sets of a node's neighbours cannot both reach the threshold, so
   no node's two secrets can both be rebuilt), a modulus that is not a power of two, or sends no
   roster that this node's trust anchor signed, or one without this node's key;
@@ -38,11 +39,11 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from common import roster as rosters
+from common.config import secagg_floor_problem
 from common.errors import FedprivError
 from common.secagg_masks import GENERATOR, GENERATOR_KEY
 
 GUARD_RECORD = "fedpriv_secagg_guard"
-MIN_SHARES = 3  # see docs/secure-aggregation.md: a threshold majority of 3 needs 2 shares
 
 
 class SecAggRefusal(FedprivError):
@@ -107,11 +108,9 @@ class SecAggGuard:
         modulus = configs.get(Key.MOD_RANGE)
         if not isinstance(shares, int) or not isinstance(threshold, int) or not isinstance(modulus, int):
             raise SecAggRefusal("the setup lacks integer share, threshold and modulus settings")
-        if shares < MIN_SHARES:
-            raise SecAggRefusal(f"{shares} shares is below this node's floor of {MIN_SHARES}")
-        if not shares // 2 < threshold < shares + 1 or threshold < 2:
-            raise SecAggRefusal(f"a reconstruction threshold of {threshold} is not a strict majority of "
-                                f"{shares} shares")
+        floor = secagg_floor_problem(shares, threshold)
+        if floor:
+            raise SecAggRefusal(f"{floor} (this node's floor)")
         if modulus < 2 or modulus & (modulus - 1):
             raise SecAggRefusal(f"the masking modulus {modulus} is not a power of two")
         identity = self.identity()

@@ -89,6 +89,9 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
     ]
     if budget is not None:
         node_config.append(f"record-budget={float(budget)!r}")
+    if not insecure:  # the node signs its SecAgg+ keys and checks the roster with these
+        node_config += [f"auth-key={_node_config_value(str(auth_key.resolve()), '--auth-key')}",
+                        f"ca-cert={_node_config_value(str(root_cert.resolve()), '--root-cert')}"]
     argv = [flower_executable("flower-supernode"), "--superlink", str(address)]
     if insecure:
         argv.append("--insecure")

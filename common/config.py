@@ -23,6 +23,20 @@ from typing import Any, Mapping, get_type_hints
 from common.errors import ConfigError
 
 Scalar = bool | int | float | str
+SECAGG_MIN_SHARES = 3  # the floor nodes enforce (clients.secagg_guard); see docs/secure-aggregation.md
+
+
+def secagg_floor_problem(shares: int, threshold: int) -> str | None:
+    """Why SecAgg+ settings fall below the floor every fedpriv node enforces (None if they don't):
+    at least SECAGG_MIN_SHARES shares, and a threshold that is a strict majority of them, so no two
+    disjoint sets of a node's neighbours can both rebuild one of its secrets."""
+    if shares < SECAGG_MIN_SHARES:
+        return f"{shares} shares is below the floor of {SECAGG_MIN_SHARES}"
+    if not shares // 2 < threshold <= shares:
+        return f"a reconstruction threshold of {threshold} is not a strict majority of {shares} shares"
+    return None
+
+
 AUTO_SHARES = 5  # secure_aggregation.num_shares = 0 means this many, or fewer if fewer are sampled
 
 
@@ -246,8 +260,9 @@ class SecureAggregationSection:
     )
     reconstruction_threshold: int = _setting(
         0,
-        "Shares needed to rebuild a secret: at least 2, below num_shares. A round survives up to "
-        "num_shares - reconstruction_threshold dropouts. 0: auto, a majority of the shares.",
+        "Shares needed to rebuild a secret: a strict majority of num_shares, below it (nodes refuse "
+        "anything less). A round survives up to num_shares - reconstruction_threshold dropouts. "
+        "0: auto, the smallest majority.",
         min=0,
     )
     clipping_range: float = _setting(
@@ -483,6 +498,10 @@ class RunConfig:
             raise ConfigError(
                 f"{where}.reconstruction_threshold ({threshold}) must be below {where}.num_shares ({shares})"
             )
+        floor = secagg_floor_problem(shares, threshold)
+        if floor:
+            raise ConfigError(f"{where}: {floor}; fedpriv nodes refuse such rounds (set "
+                              f"{where}.reconstruction_threshold above {shares // 2}, or 0 for auto)")
         sampled = self.clients_per_round()
         if sampled < 3:
             raise ConfigError(

@@ -59,7 +59,9 @@ def uniform_mod(seed: bytes, num_range: int, count: int) -> np.ndarray:
         raise ValueError(f"the mask range must be a power of two in [2, 2^63], got {num_range}")
     word = np.uint32 if num_range <= 2**32 else np.uint64
     raw = np.frombuffer(_keystream(seed, count * np.dtype(word).itemsize), dtype=word)
-    return (raw & word(num_range - 1)).astype(np.int64)
+    if num_range != 2 ** (8 * raw.itemsize):
+        raw = raw & word(num_range - 1)
+    return raw.astype(np.int64)
 
 
 def expand_masks(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[np.ndarray]:

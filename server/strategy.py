@@ -43,7 +43,8 @@ from common.config import RunConfig
 from common.errors import FedprivError
 from common.updates import clip_bound, update_problem
 from common.protocol import (
-    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, RUN_ID, SERVER_ROUND,
+    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, RUN_ID, SECAGG_REFUSED_CODE,
+    SERVER_ROUND,
 )
 from server.privacy import PrivacyRecorder, UserBudgetExhausted
 from server.run_log import RunLog
@@ -190,8 +191,8 @@ class FedprivStrategy(Strategy):
         if reply.has_error():
             self._dropped.setdefault(server_round, set()).add(node)
             self._errors.setdefault(server_round, {})[node] = clean_reason(reply.error.reason)
-            if reply.error.code == BUDGET_EXHAUSTED_CODE:
-                self.recorder.record_refusal(server_round, str(node), reply.error.reason)
+            if reply.error.code in (BUDGET_EXHAUSTED_CODE, SECAGG_REFUSED_CODE):
+                self.recorder.record_refusal(server_round, str(node), clean_reason(reply.error.reason))
             return
         if FIT_METRICS not in reply.content.config_records:
             return
@@ -204,9 +205,12 @@ class FedprivStrategy(Strategy):
             self._malformed.setdefault(server_round, {})[node] = f"malformed privacy record ({exc})"
             return
         epsilon = self.recorder.record_client(server_round, client_id, declared)
+        # Kept: who replied and the server's own epsilon figure (from the recorded events), never
+        # anything else a client might have put in its metrics.
+        seen: dict[str, Any] = {CLIENT_ID: client_id}
         if epsilon is not None:
-            metrics[RECORD_EPSILON] = epsilon  # the server's own figure, from the events
-        self._replies.setdefault(server_round, {})[node] = metrics
+            seen[RECORD_EPSILON] = epsilon
+        self._replies.setdefault(server_round, {})[node] = seen
 
     def observe_exchange(self, sent: list, replies: list) -> None:
         answered = {r.metadata.src_node_id for r in replies}
@@ -302,7 +306,8 @@ class FedprivStrategy(Strategy):
         if not usable:
             return self._fail(server_round, ok, errors, "no client update could be aggregated")
         if secure:
-            # SecAggPlusWorkflow gives every result the same unmasked (weighted) mean.
+            # SecAggPlusWorkflow gives every result the same unmasked (weighted) mean; a result's
+            # own num_examples is never read (it would be the client's count in clear).
             mean = [a.astype(np.float64) for a in parameters_to_ndarrays(usable[0][1].parameters)]
         else:
             mean = aggregate([(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in usable])

@@ -140,8 +140,10 @@ def test_secure_aggregation_settings_are_validated():
     cases = {
         "must be below secure_aggregation.num_shares": ["secure_aggregation.reconstruction_threshold=5"],
         "exceeds the 10 clients sampled": ["secure_aggregation.num_shares=11",
-                                           "secure_aggregation.reconstruction_threshold=3"],
+                                           "secure_aggregation.reconstruction_threshold=6"],
         "power of 2": ["secure_aggregation.quantization_range=1000"],
+        "a reconstruction threshold of 2 is not a strict majority of 5 shares": [
+            "secure_aggregation.reconstruction_threshold=2"],
         "overflow the 2^32 masking modulus": ["secure_aggregation.quantization_range=1073741824"],
         "needs secure_aggregation.enabled = true": ["secure_aggregation.enabled=false", "user_dp.enabled=true",
                                                      "user_dp.noise_mode=distributed"],

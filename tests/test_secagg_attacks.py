@@ -348,7 +348,7 @@ def test_a_wrong_neighbour_count_is_refused(tmp_path):
 @pytest.mark.parametrize("setting, value, reason", [
     (None, None, "stock Flower generator"),
     (Key.THRESHOLD, 2, "not a strict majority"),
-    (Key.SHARE_NUMBER, 2, "below this node's floor"),
+    (Key.SHARE_NUMBER, 2, "below the floor of 3"),
     (Key.MOD_RANGE, 3 * 2**30, "not a power of two"),
     (rosters.ROSTER_KEY, b"{}", "roster is malformed"),
 ])
