@@ -8,7 +8,10 @@ Flower's ``secaggplus_mod`` then masks the update, so the server never sees it a
 
 Messages use Flower's legacy FitIns/FitRes layout because SecAgg+ exists only on that path in
 Flower 1.42. Privacy declarations travel as string metrics (``privacy.round-spend``,
-``privacy.prior-spends``), which SecAgg+ passes through unmasked.
+``privacy.prior-spends``), which SecAgg+ passes through unmasked; besides them a reply's metrics
+carry only the client id (:data:`REPLY_METRICS`). Nothing else about local training leaves the
+node: its training loss, example and step counts and the update's norm before clipping stay in
+the node's own training log (``training.jsonl`` in its state directory).
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ from common.errors import DataError
 from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
-    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, NUM_EXAMPLES, PRIOR_SPENDS, PRIVACY,
-    RECORD_EPSILON, ROUND_SPEND, RUN_ID, SERVER_ROUND, STEPS, TRAIN_LOSS, UPDATE_NORM,
+    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIOR_SPENDS, PRIVACY, REPLY_METRICS, ROUND_SPEND,
+    RUN_ID, SERVER_ROUND,
 )
 
 NODES_DIR = "nodes"
 RUN_MARKER = "fedpriv-run"
+TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent
 
 
 @functools.lru_cache(maxsize=4)
@@ -122,13 +126,22 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canarie
     return NodeSetup(partition_id, name, x, y, node_state_dir(cfg, name), budget)
 
 
-def _metrics(result: TrainResult, client_id: int) -> dict[str, float | int | str]:
-    return {
-        NUM_EXAMPLES: result.num_examples,
-        TRAIN_LOSS: result.mean_loss,
-        STEPS: result.steps,
-        CLIENT_ID: client_id,
-    }
+def log_training(state_dir: Path, server_round: int | None, run_id: str | None, result: TrainResult,
+                 update_norm: float | None) -> None:
+    """Append this round's training figures to the node's own log (``training.jsonl``, 0600).
+
+    They are statistics of the node's private data that no accounting covers, so they stay here:
+    the reply carries none of them (see docs/secure-aggregation.md, "What the server sees of each
+    client").
+    """
+    line = {"round": server_round, "run_id": run_id, "train_loss": result.mean_loss,
+            "examples": result.num_examples, "steps": result.steps}
+    if update_norm is not None:
+        line["update_norm"] = update_norm  # before user-level clipping: helps choose clipping_norm
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / TRAINING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line, allow_nan=True) + "\n")
 
 
 def _prior_spending(context: Context, guard: NodeBudgetGuard, run_id: str | None) -> str:
@@ -152,18 +165,18 @@ def _prior_spending(context: Context, guard: NodeBudgetGuard, run_id: str | None
 def encode_update(
     cfg: RunConfig, start: list[np.ndarray], trained: list[np.ndarray], clients_sampled: int,
     random_bytes: secagg.RandomBytes = os.urandom,
-) -> tuple[list[np.ndarray], dict[str, float]]:
+) -> tuple[list[np.ndarray], float | None]:
     """The update this client sends: ``trained - start``, clipped to the user-level norm and, in
     distributed mode, rounded to integers with this client's share of the noise added.
 
-    Returns the arrays and metrics about them (the norm before clipping).
+    Returns the arrays and, with user-level DP, the update's L2 norm before clipping (None
+    without): for the node's own log only, never for the reply.
     """
     delta = [np.asarray(t, dtype=np.float64) - np.asarray(s, dtype=np.float64)
              for s, t in zip(start, trained, strict=True)]
-    info: dict[str, float] = {}
+    norm: float | None = None
     if cfg.user_dp.enabled:
         delta, norm = secagg.clip_l2(delta, cfg.user_dp.clipping_norm)
-        info[UPDATE_NORM] = norm
         if secagg.distributed(cfg):
             dimension = sum(a.size for a in delta)
             plan = secagg.distributed_noise(cfg, dimension, clients_sampled)
@@ -172,15 +185,21 @@ def encode_update(
                  + secagg.discrete_gaussian(a.shape, plan.local_std, random_bytes)).astype(np.float64)
                 for a in delta
             ]
-            return delta, info
+            return delta, norm
     if not cfg.secure_aggregation.enabled:
         delta = [a.astype(np.float32) for a in delta]
-    return delta, info
+    return delta, norm
 
 
 def _weight(cfg: RunConfig, num_examples: int) -> int:
-    """FedAvg weight: 1 with user-level DP (bounded sensitivity), else the example count,
-    capped at secure_aggregation.max_weight under SecAgg+ (its quantizer needs the bound)."""
+    """FedAvg weight (``FitRes.num_examples``): 1 with user-level DP (bounded sensitivity), else
+    the example count, capped at secure_aggregation.max_weight under SecAgg+.
+
+    Under SecAgg+ the count is needed only inside the masked vector (``secaggplus_mod`` masks
+    ``[weight, weight * update]``), so the server learns only the sum over the round's clients;
+    the server never reads a client's own ``num_examples`` there (clients.mods scrubs the copy
+    Flower's mod leaves in the reply). Without SecAgg+ the server averages individual updates,
+    which it sees anyway, and needs each weight in clear."""
     if cfg.user_dp.enabled:
         return 1
     if cfg.secure_aggregation.enabled:
@@ -215,10 +234,11 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
         run_id = str(fitins.config.get(RUN_ID, "")) or None
         planned = trainer.planned_spend(len(y))
-        metrics: dict[str, float | int | str]
+        # What the reply says besides the update (REPLY_METRICS): who the client is and, with
+        # record-level DP, what it spent. Its loss, counts and update norm stay on the node.
+        metrics: dict[str, int | str] = {CLIENT_ID: node.client_id}
         if planned is None:  # no record-level DP: nothing to spend, nothing to guard
             result = trainer.train(weights, x, y)
-            metrics = _metrics(result, node.client_id)
         else:
             with open_guard(node.state_dir, node.record_budget, cfg.privacy.delta) as guard:
                 try:
@@ -227,12 +247,12 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                     return _refuse(msg, str(exc))
                 prior = _prior_spending(context, guard, run_id)
                 result = trainer.train(weights, x, y)
-                metrics = _metrics(result, node.client_id)
-                metrics[RECORD_EPSILON] = guard.record(result.spend, server_round, run_id)
+                guard.record(result.spend, server_round, run_id)  # the server computes its own epsilon
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
-        update, info = encode_update(cfg, weights, result.weights, clients_sampled)
-        metrics.update(info)
+        update, norm = encode_update(cfg, weights, result.weights, clients_sampled)
+        log_training(node.state_dir, server_round, run_id, result, norm)
+        assert set(metrics) <= set(REPLY_METRICS), sorted(metrics)
         fitres = FitRes(
             status=Status(code=Code.OK, message="ok"),
             parameters=ndarrays_to_parameters(update),

@@ -12,21 +12,28 @@ CLIENTS_SAMPLED = "clients-sampled"  # clients in this round's sample (sizes dis
 # spends tagged otherwise.
 RUN_ID = "fedpriv-run-id"
 
-# Metric keys in a client's train reply.
-NUM_EXAMPLES = "num-examples"  # weighting key for FedAvg
-TRAIN_LOSS = "train-loss"
-RECORD_EPSILON = "record-epsilon"  # cumulative over every round the client trained in
+# Metric keys in a client's train reply. Nothing about local training that no accounting covers
+# (loss, example or step counts, the update's norm) is sent: it stays in the node's own log.
 CLIENT_ID = "client-id"
-STEPS = "steps"
-UPDATE_NORM = "update-norm"  # L2 norm of the update before user-level clipping
 
-# Prefix of the metrics in a client's train reply describing what it spent (JSON strings):
-# "privacy.round-spend" and, on a node's first round of a run, "privacy.prior-spends".
+# Prefix of the metrics in a client's train reply describing what it spent (JSON strings), with
+# record-level DP: "privacy.round-spend" and "privacy.prior-spends" (repeated in every reply).
 PRIVACY = "privacy"
 ROUND_SPEND = "round-spend"  # this round's DPSGDSpend
 PRIOR_SPENDS = "prior-spends"  # spending before this run (from the node's own ledger)
+
+# Every metric a client's train reply may carry (see docs/secure-aggregation.md, "What the server
+# sees of each client").
+REPLY_METRICS = (CLIENT_ID, f"{PRIVACY}.{ROUND_SPEND}", f"{PRIVACY}.{PRIOR_SPENDS}")
+
+# The server's own key (not sent by clients): a client's cumulative record-level epsilon,
+# computed from the spends recorded in the run's ledger.
+RECORD_EPSILON = "record-epsilon"
 
 # Error code of a client that refuses a round because its budget would be exceeded.
 BUDGET_EXHAUSTED_CODE = 4001
 # Error code of a client that refuses to mask its own malformed update (SecAgg+; clients.mods).
 MALFORMED_UPDATE_CODE = 4002
+# Error code of a client that refuses a SecAgg+ request because the server deviated from the
+# protocol or asked for less than the node's floor (clients.secagg_guard).
+SECAGG_REFUSED_CODE = 4003

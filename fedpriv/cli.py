@@ -324,7 +324,8 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
 
     user_dp = summary["privacy"]["user_level"]["enabled"]
     table = Table(title=f"{summary['name']} finished in {seconds:.0f} s")
-    columns = ["round", "accuracy", "loss", "record epsilon (max)"]
+    # The server's own evaluation on its test data; clients' training loss never reaches it.
+    columns = ["round", "test accuracy", "test loss", "record epsilon (max)"]
     columns += ["user epsilon"] if user_dp else []
     for column in columns + ["clients"]:
         table.add_column(column, justify="right")

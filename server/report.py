@@ -15,9 +15,11 @@ from common.config import RunConfig
 from server.privacy import PrivacyRecorder
 from server.run_log import RunLog
 
+# One row per round: the server's evaluation on its own test data (accuracy, loss), the
+# accounted epsilons, client counts the server knows itself, wall time. No client statistic.
 CSV_COLUMNS = (
     "round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained", "clients_failed",
-    "train_loss", "seconds",
+    "seconds",
 )
 
 USER_MECHANISM = {

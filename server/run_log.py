@@ -1,24 +1,31 @@
-"""What the server learns during a run, round by round: the source of the run's report."""
+"""What the server learns during a run, round by round: the source of the run's report.
+
+Only what the server knows itself or what the accounting covers: its evaluation of each round's
+global model on its own test data, the record- and user-level epsilons from the ledger's events,
+how many sampled clients replied or failed, and the round's wall time. Clients' training loss,
+example counts and update norms never reach the server (see clients.app).
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from common.protocol import CLIENT_ID, NUM_EXAMPLES, RECORD_EPSILON, TRAIN_LOSS
+from common.protocol import CLIENT_ID, RECORD_EPSILON
+
+# Per-round fields of older checkpoints that are no longer kept (a resume drops them).
+RETIRED_FIELDS = frozenset({"train_loss"})
 
 
 @dataclass
 class RoundEntry:
     round: int
-    accuracy: float | None = None
+    accuracy: float | None = None  # accuracy and loss: the server's evaluation on its own test data
     loss: float | None = None
     record_epsilon_max: float | None = None
     user_epsilon: float | None = None
     clients_trained: int = 0
     clients_failed: int = 0
-    train_loss: float | None = None
     seconds: float | None = None
     failed: str | None = None  # why the round produced no aggregate
 
@@ -38,26 +45,19 @@ class RunLog:
         return self.rounds.setdefault(server_round, RoundEntry(server_round))
 
     def record_train(self, server_round: int, replies: list[dict[str, Any]], errors: list[str]) -> None:
-        """``replies``: the metric dicts of successful replies; ``errors``: failure reasons."""
+        """``replies``: one dict per successful reply, the client's id and the server's own
+        record-level epsilon for it (:data:`CLIENT_ID`, :data:`RECORD_EPSILON`); ``errors``:
+        failure reasons."""
         entry = self.entry(server_round)
         entry.clients_trained = len(replies)
         entry.clients_failed = len(errors)
         self.failures += [{"round": server_round, "reason": reason} for reason in errors]
-        epsilons = []
-        weighted_loss, examples = 0.0, 0
-        for metrics in replies:
-            if RECORD_EPSILON in metrics:
-                eps = float(metrics[RECORD_EPSILON])
-                self.client_epsilon[str(int(metrics.get(CLIENT_ID, -1)))] = eps
-                epsilons.append(eps)
-            loss = float(metrics.get(TRAIN_LOSS, math.nan))
-            if math.isfinite(loss):
-                weighted_loss += loss * int(metrics.get(NUM_EXAMPLES, 0))
-                examples += int(metrics.get(NUM_EXAMPLES, 0))
+        for seen in replies:
+            if RECORD_EPSILON in seen:
+                self.client_epsilon[str(int(seen.get(CLIENT_ID, -1)))] = float(seen[RECORD_EPSILON])
         # The run's record-level figure is the largest any client has reached so far.
         if self.client_epsilon:
             entry.record_epsilon_max = max(self.client_epsilon.values())
-        entry.train_loss = weighted_loss / examples if examples else None
 
     def record_round_failure(self, server_round: int, reason: str) -> None:
         self.entry(server_round).failed = reason
@@ -75,7 +75,12 @@ class RunLog:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state` (raises KeyError/TypeError if it is malformed)."""
-        self.rounds = {int(r["round"]): RoundEntry(**r) for r in state["rounds"]}
+        known = {f.name for f in fields(RoundEntry)}
+        unknown = {key for r in state["rounds"] for key in r} - known - RETIRED_FIELDS
+        if unknown:
+            raise TypeError(f"unknown round fields {sorted(unknown)}")
+        self.rounds = {int(r["round"]): RoundEntry(**{k: v for k, v in r.items() if k in known})
+                       for r in state["rounds"]}
         self.initial_accuracy = state["initial_accuracy"]
         self.initial_loss = state["initial_loss"]
         self.client_epsilon = {str(k): float(v) for k, v in state["client_epsilon"].items()}

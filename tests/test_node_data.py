@@ -3,6 +3,8 @@ own budget and ledger; a bad file is refused with a clear error."""
 
 from __future__ import annotations
 
+import json
+
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
@@ -56,9 +58,15 @@ def test_a_node_trains_on_its_own_file_and_keeps_its_own_ledger(tmp_path):
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     update = parameters_to_ndarrays(fitres.parameters)
     assert [u.shape for u in update] == [w.shape for w in weights]
-    assert fitres.num_examples == 80 and fitres.metrics["steps"] == 5  # ceil(80 / 16), its own data
-    assert (tmp_path / "state" / "alice" / "ledger.jsonl").exists()
-    assert fitres.metrics["record-epsilon"] > 0
+    assert fitres.num_examples == 80  # without SecAgg+ or user-level DP: the FedAvg weight, in clear
+    assert json.loads(fitres.metrics["privacy.round-spend"])["steps"] == 5  # ceil(80 / 16), its own data
+    state = tmp_path / "state" / "alice"
+    entries = [json.loads(line) for line in (state / "ledger.jsonl").read_text().splitlines()]
+    assert [e["epsilon"]["rdp"] > 0 for e in entries if e["kind"] == "record_level"] == [True]
+    # Its loss and counts stay in its own training log, not in the reply.
+    (logged,) = [json.loads(line) for line in (state / "training.jsonl").read_text().splitlines()]
+    assert logged["examples"] == 80 and logged["steps"] == 5 and logged["round"] == 1
+    assert set(fitres.metrics) == {"client-id", "privacy.round-spend", "privacy.prior-spends"}
 
 
 def test_a_node_with_a_wrong_shaped_file_is_refused_clearly(tmp_path):

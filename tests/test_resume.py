@@ -156,7 +156,7 @@ def test_checkpoint_state_round_trip_and_model_check(tmp_path, monkeypatch):
     key = checkpoint.new_key()
     run_log = RunLog()
     run_log.record_evaluation(0, 0.1, 2.3, None)
-    run_log.record_train(1, [{"client-id": 0, "record-epsilon": 0.7, "num-examples": 10, "train-loss": 1.0}], [])
+    run_log.record_train(1, [{"client-id": 0, "record-epsilon": 0.7}], [])
     run_log.record_evaluation(1, 0.5, 1.2, 3.0)
     run_log.record_round_failure(2, "secure aggregation halted")
     weights = [np.ones((2, 3), np.float32), np.zeros(3, np.float32)]
