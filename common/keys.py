@@ -6,7 +6,11 @@
 - node authentication key pairs in the OpenSSH format Flower's SuperNode reads
   (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts (EC, NIST P-384);
 - the server's Ed25519 ledger-signing key;
-- an AES-256 key for encrypting checkpoints at rest (``$FEDPRIV_CHECKPOINT_KEY_FILE``).
+- an AES-256 key for encrypting checkpoints at rest (``$FEDPRIV_CHECKPOINT_KEY_FILE``);
+- the node roster (``roster.signed``): the node public keys, signed by the CA key, which the
+  SuperLink's ServerApps send to nodes so that they can check each other's SecAgg+ keys
+  (:mod:`common.roster`). Re-sign it when nodes join (:func:`roster_file`); the CA key never
+  needs to be on the server.
 
 Private keys are written with mode 0600, and nothing is ever overwritten unless asked to.
 """
@@ -27,12 +31,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.checkpoint import encode_key, new_key
 from common.errors import FedprivError
+from common.roster import sign_roster
 from common.rundir import write_atomic
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"
 LEDGER_KEY, LEDGER_PUB = "ledger-signing.key", "ledger-signing.pub"
 CHECKPOINT_KEY = "checkpoint.key"
+ROSTER = "roster.signed"
 NODES_DIR = "nodes"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
@@ -114,7 +120,34 @@ def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[
     files.append(KeyFile(out / LEDGER_PUB, ledger_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), False))
     files.append(KeyFile(out / CHECKPOINT_KEY, encode_key(new_key()), True))
+    node_pubs = [f.data.decode() for f in files if f.path.parent == out / NODES_DIR and f.path.suffix == ".pub"]
+    files.append(KeyFile(out / ROSTER, sign_roster(ca_key, [_key_text(p) for p in node_pubs]), False))
     return files
+
+
+def _key_text(openssh_line: str) -> str:
+    """An OpenSSH public key line without its comment (the roster's form)."""
+    return " ".join(openssh_line.split()[:2])
+
+
+def roster_file(keys: Path, extra: list[Path]) -> KeyFile:
+    """``keys/roster.signed`` re-signed with ``keys/ca.key`` over every ``keys/nodes/*.pub`` and
+    the ``extra`` node public keys (how a node that joins later gets on the roster)."""
+    try:
+        ca_key = serialization.load_pem_private_key((keys / CA_KEY).read_bytes(), None)
+    except OSError as exc:
+        raise FedprivError(f"cannot read the CA key {keys / CA_KEY} ({exc.strerror})") from None
+    except (ValueError, TypeError):
+        raise FedprivError(f"{keys / CA_KEY} is not an unencrypted PEM key") from None
+    members = []
+    for path in [*sorted((keys / NODES_DIR).glob("*.pub")), *extra]:
+        try:
+            text = _key_text(path.read_text())
+            serialization.load_ssh_public_key(text.encode())
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise FedprivError(f"{path} is not a readable OpenSSH public key") from None
+        members.append(text)
+    return KeyFile(keys / ROSTER, sign_roster(ca_key, members), False)
 
 
 def write_keys(files: list[KeyFile], force: bool) -> None:

@@ -36,8 +36,9 @@ def add_parser(sub: Any) -> None:
             "given; keys already registered are kept), and open the nodes' port (--host/--port): "
             "a TLS gateway that serves Flower's Fleet API and refuses everything else, so nobody "
             "who can reach it can register nodes or submit runs. Runs sign their ledgers with "
-            "KEYS/ledger-signing.key, seal checkpoints with KEYS/checkpoint.key and are written under "
-            "STATE/runs. Runs until stopped (Ctrl-C or SIGTERM)."),
+            "KEYS/ledger-signing.key, seal checkpoints with KEYS/checkpoint.key, send nodes the node "
+            "roster KEYS/roster.signed (signed by the CA; every registered key must be on it) and are "
+            "written under STATE/runs. Runs until stopped (Ctrl-C or SIGTERM)."),
     )
     start.add_argument("--keys", required=True, type=Path, metavar="DIR", help="the output of fedpriv keys")
     start.add_argument("--state", type=Path, default=Path("fedpriv-server"), metavar="DIR",
@@ -53,6 +54,9 @@ def add_parser(sub: Any) -> None:
                        help="the operators' TLS port (default: --port + 1)")
     start.add_argument("--register", action="append", type=Path, metavar="FILE.pub",
                        help="a node public key to register (repeatable; default: KEYS/nodes/*.pub)")
+    start.add_argument("--roster", type=Path, metavar="FILE",
+                       help="the signed node roster (default: KEYS/roster.signed; re-sign it with "
+                            "fedpriv keys --sign-roster where the CA key is)")
     start.add_argument("--dry-run", action="store_true", help="check everything, print the command, start nothing")
     start.set_defaults(func=cmd_server_start)
 
@@ -138,7 +142,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     from server.superlink import plan_superlink, start_superlink
 
     plan = plan_superlink(args.keys, args.state, args.host, args.port, args.register,
-                          args.admin_host, args.admin_port)
+                          args.admin_host, args.admin_port, args.roster)
     if args.dry_run:
         print(shlex.join(plan.argv))
         for path in plan.node_keys:

@@ -18,9 +18,12 @@ def add_parser(sub: Any) -> None:
             "superlink.key), node authentication key pairs in the OpenSSH format Flower's "
             "SuperNode reads (nodes/node-N, nodes/node-N.pub; register the .pub files with the "
             "SuperLink), the server's ledger-signing key (ledger-signing.key, "
-            "ledger-signing.pub), and an AES-256 checkpoint key (checkpoint.key; point "
-            "$FEDPRIV_CHECKPOINT_KEY_FILE at it). Private keys get mode 0600. Existing files are never replaced "
-            "unless --force is given; then nothing at all is written."
+            "ledger-signing.pub), an AES-256 checkpoint key (checkpoint.key; point "
+            "$FEDPRIV_CHECKPOINT_KEY_FILE at it), and the node roster (roster.signed: the node keys "
+            "signed by the CA, against which nodes check each other's SecAgg+ keys). Private keys get "
+            "mode 0600. Existing files are never replaced unless --force is given; then nothing at all "
+            "is written. With --sign-roster, only roster.signed is written again, over DIR/nodes/*.pub "
+            "and every --node-key (keep ca.key offline: sign there, copy roster.signed to the server)."
         ),
     )
     keys.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the keys")
@@ -30,12 +33,27 @@ def add_parser(sub: Any) -> None:
     keys.add_argument("--nodes", type=int, default=2, metavar="N", help="node key pairs to create (default 2)")
     keys.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
     keys.add_argument("--force", action="store_true", help="replace existing key files")
+    keys.add_argument("--sign-roster", action="store_true",
+                      help="only re-sign DIR/roster.signed with DIR/ca.key (after nodes join)")
+    keys.add_argument("--node-key", dest="node_keys", action="append", default=[], type=Path, metavar="F.pub",
+                      help="with --sign-roster: a further node public key to put on the roster (repeatable)")
     keys.set_defaults(func=cmd_keys)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from common.keys import federation_keys, write_keys
+    from common.keys import federation_keys, roster_file, write_keys
+    from common.rundir import write_atomic
 
+    if args.sign_roster:
+        roster = roster_file(args.out, args.node_keys)
+        write_atomic(roster.path, roster.data)
+        print(f"public   {roster.path}")
+        print("next: give it to fedpriv server start (DIR/roster.signed, or --roster FILE) and restart it")
+        return EXIT_OK
+    if args.node_keys:
+        from common.errors import FedprivError
+
+        raise FedprivError("--node-key goes with --sign-roster")
     files = federation_keys(args.out, args.hosts, args.nodes, args.days)
     write_keys(files, args.force)
     for f in files:

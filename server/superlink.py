@@ -22,13 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from common import checkpoint
-from common.roster import ROSTER_ENV, sign_roster
-from common.rundir import write_atomic
+from common.keys import ROSTER
+from common.roster import ROSTER_ENV
 from common.config import RunConfig, toml_value
 from common.process import Child, flower_environment, flower_executable, terminate_as_exit
 from common.tls import (
@@ -40,8 +36,6 @@ from server.gateway import Gateway
 CONNECTION = "fedpriv"
 DATABASE = "superlink.db"
 RUNS = "runs"
-ROSTER = "roster.signed"  # the signed node roster (common.roster)
-ROSTER_KEYS = "roster.keys"  # every node key ever registered here, one per line
 FLWR_HOME = "flwr"
 READY_TIMEOUT = 60.0
 RUN_WRITTEN = re.compile(r"fedpriv: run written to (\S+)")
@@ -58,12 +52,12 @@ class SuperLinkPlan:
     admin: Address  # the SuperLink itself: Control, Runtime and Fleet APIs (operators only)
     public: Address  # the gateway: the Fleet API only (nodes)
     node_keys: list[Path]
-    roster: bytes  # the signed node roster the ServerApp sends nodes ($FEDPRIV_ROSTER)
-    roster_keys: list[str]  # the node keys on it (OpenSSH text)
+    roster: Path  # the signed node roster the ServerApp sends nodes ($FEDPRIV_ROSTER)
 
 
 def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list[Path] | None = None,
-                   admin_host: str = "127.0.0.1", admin_port: int | None = None) -> SuperLinkPlan:
+                   admin_host: str = "127.0.0.1", admin_port: int | None = None,
+                   roster: Path | None = None) -> SuperLinkPlan:
     """Check everything ``start`` needs; nothing is started or written."""
     keys, state = keys.resolve(), state.resolve()
     if not keys.is_dir():
@@ -89,8 +83,9 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
         raise DeploymentError(f"no node public keys to register in {keys / 'nodes'}; give --register FILE.pub")
     for path in node_keys:
         check_node_public_key(path)
-    roster_keys, roster = sign_node_roster(keys / "ca.key", state, node_keys)
-    env[ROSTER_ENV] = str(state / ROSTER)
+    roster = (roster or keys / ROSTER).resolve()
+    check_roster(roster, ca_path, node_keys)
+    env[ROSTER_ENV] = str(roster)
     admin_port = port + 1 if admin_port is None else admin_port
     for flag, value in (("--port", port), ("--admin-port", admin_port)):
         if not 0 < value < 65536:
@@ -113,23 +108,22 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
         "--host", admin_host, "--port", str(admin_port),
     ]
     return SuperLinkPlan(argv, flower_environment(env), state, ca_path, cert_path, key_path,
-                         Address(admin_name, admin_port), Address(host, port), node_keys, roster, roster_keys)
+                         Address(admin_name, admin_port), Address(host, port), node_keys, roster)
 
 
-def sign_node_roster(ca_key_path: Path, state: Path, node_keys: list[Path]) -> tuple[list[str], bytes]:
-    """The roster of every node key registered at this start or an earlier one (those are kept
-    in ``STATE/roster.keys``), signed with the federation CA's key; nodes verify it with the CA
-    certificate they already trust, and with it each other's SecAgg+ keys (common.roster)."""
+def check_roster(path: Path, ca_path: Path, node_keys: list[Path]) -> None:
+    """The signed node roster must verify against the CA and name every node key registered."""
+    from common.roster import RosterError, load_trust_anchor, open_roster
+
     try:
-        ca_key = serialization.load_pem_private_key(read_file(ca_key_path, "CA key"), None)
-    except (ValueError, TypeError):
-        raise DeploymentError(f"{ca_key_path} is not an unencrypted PEM key") from None
-    if not isinstance(ca_key, (ec.EllipticCurvePrivateKey, Ed25519PrivateKey)):
-        raise DeploymentError(f"{ca_key_path}: the CA key must be EC or Ed25519 to sign the node roster")
-    known = (state / ROSTER_KEYS).read_text().split("\n") if (state / ROSTER_KEYS).exists() else []
-    fresh = [" ".join(read_file(p, "node public key").decode().split()[:2]) for p in node_keys]
-    members = sorted({k.strip() for k in [*known, *fresh] if k.strip()})
-    return members, sign_roster(ca_key, members)
+        roster = open_roster(read_file(path, "node roster"), load_trust_anchor(ca_path))
+    except RosterError as exc:
+        raise DeploymentError(f"node roster {path}: {exc}") from None
+    for key in node_keys:
+        if " ".join(read_file(key, "node public key").decode().split()[:2]) not in roster:
+            raise DeploymentError(
+                f"node key {key} is not on the roster {path}, so other nodes would refuse its SecAgg+ "
+                f"keys; re-sign it where the CA key is: fedpriv keys --out DIR --sign-roster --node-key {key.name}")
 
 
 def write_connection(flwr_home: Path, address: Address, root_cert: Path) -> None:
@@ -162,8 +156,6 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
     plan.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     (plan.state / RUNS).mkdir(exist_ok=True)
     write_connection(plan.state / FLWR_HOME, plan.admin, plan.ca)
-    write_atomic(plan.state / ROSTER, plan.roster)
-    write_atomic(plan.state / ROSTER_KEYS, "\n".join(plan.roster_keys).encode())
     terminate_as_exit()  # a SIGTERM while starting up must still stop the SuperLink
     child = Child(plan.argv, plan.env)
     gateway = Gateway(plan.public.host, plan.public.port, plan.cert, plan.key,

@@ -8,6 +8,9 @@ directory ``OUT_DIR/run``:
   sent (``global``), and each client's weight (``weight_<client>``);
 - ``OUT_DIR/updates/update-<client>.npz``: what each client really sent into SecAgg+ (its
   update before masking), written by a mod inside secure aggregation on the client.
+
+With ``--deviate`` first, the server deviates from the protocol in every round: its unmask requests
+list one node (the lowest id) as both surviving and dropped, asking for both of its secrets.
 """
 
 from __future__ import annotations
@@ -36,6 +39,30 @@ def capture_mod(msg, context, call_next):
     return reply
 
 
+def deviate_in_unmask() -> None:
+    """Make the server list one node as surviving and dropped in its neighbours' unmask requests
+    (the server process's grid, just before the requests leave)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from server.strategy import ObservedGrid
+
+    honest = ObservedGrid.send_and_receive
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        unmask = [m for m in messages if m.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
+                  == Stage.UNMASK]
+        if unmask:
+            victim = min(m.metadata.dst_node_id for m in unmask)
+            for msg in unmask:
+                configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+                if msg.metadata.dst_node_id != victim and victim in configs[Key.ACTIVE_NODE_ID_LIST]:
+                    configs[Key.DEAD_NODE_ID_LIST] = [*configs[Key.DEAD_NODE_ID_LIST], victim]
+        return honest(self, messages, timeout=timeout)
+
+    ObservedGrid.send_and_receive = send_and_receive
+
+
 def main(argv: list[str]) -> int:
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
@@ -48,6 +75,9 @@ def main(argv: list[str]) -> int:
     from simulations.presets import preset_layers
     from simulations.run import backend_config, plan, quiet_flower
 
+    if argv[0] == "--deviate":
+        argv = argv[1:]
+        deviate_in_unmask()
     out = Path(argv[0])
     updates = out / "updates"
     updates.mkdir(parents=True)

@@ -153,6 +153,17 @@ def test_server_start_checks_its_key_material(cli, material, tmp_path):
     (keys / "nodes/node-1.pub").write_text("ssh-ed25519 AAAA nonsense")
     assert "not an OpenSSH public key" in one_error_line(cli(*base))
     (keys / "nodes/node-1.pub").write_bytes((material / "keys/nodes/node-1.pub").read_bytes())
+    line = one_error_line(cli(*base))
+    assert "node roster" in line and "roster.signed" in line  # none yet
+    (keys / "roster.signed").write_bytes((material / "other/roster.signed").read_bytes())
+    assert "does not verify against this node's trust anchor" in one_error_line(cli(*base))
+    from common.roster import sign_roster
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ca_key = load_pem_private_key((material / "keys/ca.key").read_bytes(), None)
+    (keys / "roster.signed").write_bytes(sign_roster(ca_key, []))  # the CA's, without node-1
+    assert "is not on the roster" in one_error_line(cli(*base))
+    (keys / "roster.signed").write_bytes((material / "keys/roster.signed").read_bytes())
     proc = cli(*base)
     assert proc.returncode == 0, proc.stderr
     assert "--enable-supernode-auth" in proc.stdout and "--ssl-certfile" in proc.stdout

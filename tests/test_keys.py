@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from common.ledger import load_or_create_signing_key, load_public_key
 
 PRIVATE = ["ca.key", "superlink.key", "nodes/node-1", "nodes/node-2", "ledger-signing.key", "checkpoint.key"]
-PUBLIC = ["ca.crt", "superlink.crt", "nodes/node-1.pub", "nodes/node-2.pub", "ledger-signing.pub"]
+PUBLIC = ["ca.crt", "superlink.crt", "nodes/node-1.pub", "nodes/node-2.pub", "ledger-signing.pub", "roster.signed"]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -55,6 +55,28 @@ def test_keys_are_complete_valid_and_private(cli, tmp_path):
     assert (out / "nodes/node-1.pub").read_bytes() != (out / "nodes/node-2.pub").read_bytes()
     ledger_key = load_or_create_signing_key(out / "ledger-signing.key")
     assert ledger_key.public_key() == load_public_key(out / "ledger-signing.pub")
+    # The roster names exactly the node keys, signed by the CA.
+    from common.roster import load_trust_anchor, open_roster
+
+    roster = open_roster((out / "roster.signed").read_bytes(), load_trust_anchor(out / "ca.crt"))
+    assert roster.nodes == {" ".join((out / "nodes" / f"{n}.pub").read_text().split()[:2])
+                            for n in ("node-1", "node-2")}
+
+
+def test_the_roster_is_re_signed_with_a_new_node_key(cli, tmp_path):
+    from common.roster import load_trust_anchor, open_roster
+
+    out, other = tmp_path / "keys", tmp_path / "other"
+    assert cli("keys", "--out", str(out), "--nodes", "1").returncode == 0
+    assert cli("keys", "--out", str(other), "--nodes", "1").returncode == 0
+    newcomer = other / "nodes" / "node-1.pub"
+    proc = cli("keys", "--out", str(out), "--sign-roster", "--node-key", str(newcomer))
+    assert proc.returncode == 0, proc.stderr
+    roster = open_roster((out / "roster.signed").read_bytes(), load_trust_anchor(out / "ca.crt"))
+    assert " ".join(newcomer.read_text().split()[:2]) in roster and len(roster.nodes) == 2
+    (tmp_path / "bad.pub").write_text("not a key")
+    proc = cli("keys", "--out", str(out), "--sign-roster", "--node-key", str(tmp_path / "bad.pub"))
+    assert proc.returncode != 0 and "is not a readable OpenSSH public key" in proc.stderr
 
 
 def test_existing_keys_are_never_overwritten_without_force(cli, tmp_path):

@@ -377,3 +377,51 @@ def test_a_roster_signed_by_another_anchor_is_refused(tmp_path):
 
     cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=tamper)
     assert all("does not verify against this node's trust anchor" in grid.refusals[n][0] for n in nodes)
+
+
+# ---- end to end: the fedpriv ServerApp deviating, in a simulation --------------------------
+@pytest.mark.slow
+def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_the_ledgers(tmp_path):
+    """``fedpriv``'s own ServerApp, patched in its process to list one node as surviving and
+    dropped (tests/secagg_harness.py --deviate), against simulated fedpriv nodes: every neighbour
+    refuses, the round fails, the model is untouched, and each refusal is in the run's ledger and
+    in the refusing node's."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    small = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
+             "client.batch_size=64", "secure_aggregation.num_shares=5",
+             "secure_aggregation.reconstruction_threshold=3"]
+    proc = subprocess.run([sys.executable, "-m", "tests.secagg_harness", "--deviate", str(tmp_path), *small],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    report = verify_ledger(run)
+    assert report.ok, report.failures
+    refusals = [e for e in report.entries if e["kind"] == "refusal"]
+    assert len(refusals) == 4  # every neighbour of the victim
+    assert all("listed as both surviving and dropped" in e["note"] for e in refusals)
+    failed = [e for e in report.entries if e["kind"] == "round_failed"]
+    assert [e["round"] for e in failed] == [1]
+    assert summary["privacy"]["failed_rounds"][0]["round"] == 1
+    # The global model is the initial one: nothing was unmasked.
+    view = np.load(tmp_path / "server-view.npz")
+    model = np.load(run / "model.npz")
+    final = np.concatenate([model[k].ravel() for k in model.files]).astype(np.float64)
+    assert np.array_equal(final, view["global"].astype(np.float64))
+    # Each refusing node recorded it in its own ledger before replying.
+    from clients.budget import NODE_KEY
+    from common.ledger import load_or_create_signing_key
+
+    noted = 0
+    for node_dir in sorted((run / "nodes").glob("sim-*")):
+        node_report = verify_ledger(node_dir, load_or_create_signing_key(node_dir / NODE_KEY).public_key())
+        assert node_report.ok, node_report.failures
+        noted += sum("listed as both surviving and dropped" in e.get("note", "")
+                     for e in node_report.entries if e["kind"] == "secagg_refusal")
+    assert noted == 4

@@ -52,7 +52,9 @@ def test_server_sees_only_masked_vectors_whose_sum_is_the_clipped_sum(tmp_path):
     others = view["masked_1"][1:].astype(np.float64)
     assert abs(np.corrcoef(view["masked_0"][1:].astype(np.float64), others)[0, 1]) < 5 / math.sqrt(d)
     # The unmasked sum equals the plain (weighted) sum of the updates up to quantization error.
-    weights = np.array([float(view[f"weight_{c}"]) for c in clients])
+    # The weight travels inside the masked vector; the plain count in the reply is cleared.
+    assert all(float(view[f"weight_{c}"]) == 0 for c in clients)
+    weights = np.array([float(updates[c]["weight"]) for c in clients])
     expected = sum(w * updates[c]["update"] for c, w in zip(clients, weights)) / weights.sum()
     model = np.load(tmp_path / "run" / "model.npz")
     final = np.concatenate([model[k].ravel() for k in model.files]).astype(np.float64)
