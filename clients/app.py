@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from clients.mods import make_secure_aggregation_mod
+from clients.node import is_real_node, node_name_and_state_dir
 from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from clients.trainer import TrainResult, get_trainer
 from common import secagg
@@ -45,7 +46,6 @@ from common.protocol import (
     RUN_ID, SERVER_ROUND,
 )
 
-NODES_DIR = "nodes"
 RUN_MARKER = "fedpriv-run"
 TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent
 
@@ -65,17 +65,6 @@ def local_data(cfg: RunConfig, partition_id: int) -> tuple[np.ndarray, np.ndarra
     dataset = load_dataset(cfg.data, cfg.run.seed)
     indices = _partitions(cfg.data, cfg.run.seed, cfg.federation.num_clients)[partition_id]
     return dataset.x_train[indices], dataset.y_train[indices]
-
-
-def node_state_dir(cfg: RunConfig, node_id: str) -> Path:
-    """Where this node keeps its key and signed spending ledger (see the client.state_dir help)."""
-    if cfg.client.state_dir:
-        root = Path(cfg.client.state_dir)
-    elif cfg.run.out_dir:
-        root = Path(cfg.run.out_dir) / NODES_DIR
-    else:
-        root = Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / NODES_DIR
-    return root / node_id
 
 
 def node_partition(context: Context, cfg: RunConfig) -> int:
@@ -110,20 +99,18 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canarie
     ``canaries`` appended (the empirical audit's, see :mod:`common.canaries`)."""
     config = context.node_config
     budget = float(config.get("record-budget", cfg.privacy.record_budget))
-    if "data-path" in config:
-        name = str(config.get("node-name") or f"node-{context.node_id}")
+    if is_real_node(context):
+        name, state_dir = node_name_and_state_dir(context, cfg)
         x, y = load_node_data(str(config["data-path"]), dataset.input_shape, dataset.num_classes,
                               cfg.data.label_column)
-        root = Path(str(config["state-dir"])) if config.get("state-dir") else None
-        state_dir = root / name if root else node_state_dir(cfg, name)
         return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget)
     partition_id = node_partition(context, cfg)
     x, y = local_data(cfg, partition_id)
     if canaries is not None:
         extra_x, extra_y = canaries.for_client(cfg.data, cfg.run.seed, cfg.federation.num_clients, partition_id)
         x, y = np.concatenate([x, extra_x]), np.concatenate([y, extra_y])
-    name = f"sim-{partition_id}"
-    return NodeSetup(partition_id, name, x, y, node_state_dir(cfg, name), budget)
+    name, state_dir = node_name_and_state_dir(context, cfg)
+    return NodeSetup(partition_id, name, x, y, state_dir, budget)
 
 
 def log_training(state_dir: Path, server_round: int | None, run_id: str | None, result: TrainResult,

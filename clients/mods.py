@@ -23,41 +23,14 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from pathlib import Path
-
-from clients.secagg_guard import NodeIdentity, SecAggGuard, SecAggRefusal
-from common import rundir, secagg_masks
+from clients.node import node_identity, node_name_and_state_dir
+from clients.secagg_guard import SecAggGuard, SecAggRefusal
+from common import secagg_masks
 from common.config import RunConfig, config_from_run_config
 from common.protocol import MALFORMED_UPDATE_CODE, SECAGG_REFUSED_CODE
-from common.roster import SIM_ANCHOR_PUB, SIM_NODE_KEY
 
 secagg_masks.install()
 PLAIN_WEIGHT_KEY = "fitres.num_examples"  # where Flower's legacy FitRes keeps the example count
-
-
-def node_name_and_state_dir(context: Context, cfg: RunConfig) -> tuple[str, Path]:
-    """A node's name and state directory: a real node's (``data-path`` in its node config, as
-    ``fedpriv node join`` sets it) from its node config, a simulated one's from its partition."""
-    config = context.node_config
-    if "data-path" in config:
-        name = str(config.get("node-name") or f"node-{context.node_id}")
-        root = Path(str(config["state-dir"])) if config.get("state-dir") else rundir.nodes_root(cfg)
-        return name, root / name
-    name = f"sim-{int(config.get('partition-id', -1))}"
-    return name, rundir.node_state_dir(cfg, name)
-
-
-def node_identity(context: Context, cfg: RunConfig) -> NodeIdentity | None:
-    """What this node signs its SecAgg+ keys with: a real node's authentication key and the CA
-    it trusts (``auth-key``, ``ca-cert`` in its node config); a simulated node's key in its state
-    directory and the simulation's anchor (:func:`common.roster.simulated_federation`)."""
-    config = context.node_config
-    if "data-path" in config:
-        if not config.get("auth-key") or not config.get("ca-cert"):
-            return None
-        return NodeIdentity(Path(str(config["auth-key"])), Path(str(config["ca-cert"])))
-    _, state_dir = node_name_and_state_dir(context, cfg)
-    return NodeIdentity(state_dir / SIM_NODE_KEY, state_dir.parent / SIM_ANCHOR_PUB)
 
 
 def record_refusal(context: Context, cfg: RunConfig, server_round: int | None, reason: str) -> None:

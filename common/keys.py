@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -144,7 +145,7 @@ def roster_file(keys: Path, extra: list[Path]) -> KeyFile:
         try:
             text = _key_text(path.read_text())
             serialization.load_ssh_public_key(text.encode())
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, UnsupportedAlgorithm):
             raise FedprivError(f"{path} is not a readable OpenSSH public key") from None
         members.append(text)
     return KeyFile(keys / ROSTER, sign_roster(ca_key, members), False)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -93,7 +93,7 @@ def load_node_private_key(path: Path) -> PrivateKey:
     try:
         key = (serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH")
                else serialization.load_pem_private_key(data, None))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise RosterError(f"{path} is not an unencrypted node key ({exc})") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, Ed25519PrivateKey)):
         raise RosterError(f"{path}: node keys must be EC or Ed25519")
@@ -111,7 +111,7 @@ def load_trust_anchor(path: Path) -> PublicKey:
             key = x509.load_pem_x509_certificate(data).public_key()
         else:
             key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise RosterError(f"{path} is not a certificate or public key ({exc})") from None
     if not isinstance(key, (ec.EllipticCurvePublicKey, Ed25519PublicKey)):
         raise RosterError(f"{path}: the trust anchor must be an EC or Ed25519 key")
@@ -200,7 +200,7 @@ def open_advertisement(blob: bytes, roster: Roster, context: str, node_id: int, 
         raise RosterError(f"node {node_id}'s keys are signed by a key that is not on the federation's roster")
     try:
         public = serialization.load_ssh_public_key(signer.encode())
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise RosterError(f"node {node_id}'s signer key cannot be read") from None
     if not isinstance(public, (ec.EllipticCurvePublicKey, Ed25519PublicKey)) or not verify(
             public, signature, _advert_message(context, node_id, pk1, pk2)):
