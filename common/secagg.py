@@ -32,6 +32,7 @@ import numpy as np
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.secagg_masks import GENERATOR
 
 RandomBytes = Callable[[int], bytes]
 MODULUS = 2**32  # Flower's SecAgg+ masking modulus (its default modulus_range)
@@ -261,6 +262,8 @@ def settings_summary(cfg: RunConfig, dimension: int | None = None) -> dict[str, 
     shares, threshold = cfg.secagg_shares()
     out.update({
         "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod)",
+        "mask_generator": GENERATOR,
+        "public_keys": "signed by each node, checked against the federation's signed roster",
         "num_shares": shares,
         "reconstruction_threshold": threshold,
         "tolerated_dropouts": tolerated_dropouts(cfg),

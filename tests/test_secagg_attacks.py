@@ -409,6 +409,7 @@ def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_
     failed = [e for e in report.entries if e["kind"] == "round_failed"]
     assert [e["round"] for e in failed] == [1]
     assert summary["privacy"]["failed_rounds"][0]["round"] == 1
+    assert summary["secure_aggregation"]["mask_generator"] == secagg_masks.GENERATOR
     # The global model is the initial one: nothing was unmasked.
     view = np.load(tmp_path / "server-view.npz")
     model = np.load(run / "model.npz")
