@@ -1,7 +1,8 @@
 """DP-SGD step cost: local training throughput of each DP-SGD implementation, side by side.
 
 For the seed CNN and the MLP (on 28x28x1 images of the built-in data, 10 classes) and each
-batch size, this times ``train_on_batch`` on the same fixed batches for:
+batch size, this times the trainer's step (:meth:`clients.trainer.LocalTrainer.step`: the DP noise
+generator's reseed from ``os.urandom``, then ``train_on_batch``) on the same fixed batches for:
 
 - ``nonprivate``: plain Keras SGD (the baseline);
 - ``textbook``: TF Privacy's DPKerasSGDOptimizer with one microbatch per example;
@@ -145,7 +146,7 @@ class Timer:
     """Runs a trainer's compiled step on the fixed batches and times blocks of steps."""
 
     def __init__(self, trainer: Any, batches: list[Any], gpu: bool, tf: Any) -> None:
-        self.model, self.batches, self.gpu, self.tf = trainer.model, batches, gpu, tf
+        self.trainer, self.model, self.batches, self.gpu, self.tf = trainer, trainer.model, batches, gpu, tf
         self.implementation = trainer.implementation
         self.step = 0
         self.peak_bytes = 0
@@ -157,7 +158,7 @@ class Timer:
         started = time.perf_counter()
         for _ in range(steps):
             x, y = self.batches[self.step % len(self.batches)]
-            self.model.train_on_batch(x, y)
+            self.trainer.step(x, y)
             self.step += 1
         elapsed = time.perf_counter() - started
         self._memory_stats(reset=False)

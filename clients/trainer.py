@@ -3,7 +3,11 @@
 Batches are drawn by Poisson sampling -- each local record joins a step's batch independently
 with probability ``q = batch_size / n`` -- because that is what the record-level accounting in
 :mod:`common.accounting` assumes. The sampling and the DP noise draw from the operating system's
-entropy, never from the run seed: an adversary who knew the seed could otherwise replay them.
+CSPRNG (:mod:`common.entropy`), never from the run seed nor from TensorFlow's 32-bit OS seeding:
+an adversary who could reproduce them could subtract the noise. Every implementation's noise
+comes from one :class:`common.entropy.GaussianNoise`, whose whole Philox state is replaced with
+fresh ``os.urandom`` bytes before each step (:meth:`LocalTrainer.step`); the batches come from a
+numpy Philox generator keyed from ``os.urandom`` each round.
 
 One trainer (model plus compiled optimizer) is kept per process and configuration, and its
 weights and optimizer state are reset for every round, so Ray workers that host many virtual
@@ -23,6 +27,7 @@ import numpy as np
 
 from common.accounting import DPSGDSpend, effective_noise_multiplier
 from common.config import ClientSection, DPSection, ModelSection
+from common.entropy import GaussianNoise, numpy_generator
 from common.models import build_layers
 from common.tf_runtime import keras
 
@@ -89,19 +94,21 @@ class LocalTrainer:
             self.applied_noise_multiplier = 0.0
             log.warning("fedpriv: %s=1: DP-SGD noise is OFF while the configured spend is still "
                         "declared and recorded (a test hook; never use it for real)", BREAK_NOISE_ENV)
+        # The one source of DP-SGD noise, whichever implementation runs (see common.entropy).
+        self.noise = GaussianNoise() if dp.enabled else None
         if self.implementation == "bookkeeping":
             from clients.bk_clipping import make_model
 
-            self.model = make_model(layers, dp.l2_norm_clip, self.applied_noise_multiplier)
+            self.model = make_model(layers, dp.l2_norm_clip, self.applied_noise_multiplier, self.noise)
             loss = k.losses.SparseCategoricalCrossentropy(from_logits=True)  # train_step clips per example
             optimizer = self._plain_optimizer()
         elif self.implementation == "fast":
-            from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPSequential
-
             from clients.conv_clipping import layer_registry
+            from clients.dp_noise import dp_sequential
 
             # use_xla=False: Poisson batches change shape every step, and XLA would recompile.
-            self.model = DPSequential(
+            self.model = dp_sequential(
+                self.noise,
                 l2_norm_clip=dp.l2_norm_clip,
                 noise_multiplier=self.applied_noise_multiplier,
                 layer_registry=layer_registry(),
@@ -133,24 +140,17 @@ class LocalTrainer:
         return opts.SGD(learning_rate=self.client.learning_rate, momentum=self.client.momentum)
 
     def _dp_optimizer(self) -> Any:
-        from tensorflow_privacy.privacy.optimizers import (
-            dp_optimizer_keras,
-            dp_optimizer_keras_vectorized,
-        )
+        """TF Privacy's textbook or vectorized DP optimizer, its noise from ``self.noise``."""
+        from clients.dp_noise import keras_optimizer, vectorized_optimizer
 
         dp = self.dp
-        common = {
-            "l2_norm_clip": dp.l2_norm_clip,
-            "noise_multiplier": self.applied_noise_multiplier,
-            "num_microbatches": dp.microbatches or None,
-            "learning_rate": self.client.learning_rate,
-        }
+        hyper: dict[str, Any] = {"learning_rate": self.client.learning_rate}
         if self.client.optimizer == "sgd":
-            common["momentum"] = self.client.momentum
-        family = dp_optimizer_keras_vectorized if self.implementation == "vectorized" else dp_optimizer_keras
-        prefix = "VectorizedDPKeras" if self.implementation == "vectorized" else "DPKeras"
-        name = prefix + ("AdamOptimizer" if self.client.optimizer == "adam" else "SGDOptimizer")
-        return getattr(family, name)(**common)
+            hyper["momentum"] = self.client.momentum
+        make = vectorized_optimizer if self.implementation == "vectorized" else keras_optimizer
+        return make(self.noise, self.client.optimizer, l2_norm_clip=dp.l2_norm_clip,
+                    noise_multiplier=self.applied_noise_multiplier,
+                    num_microbatches=dp.microbatches or None, **hyper)
 
     # ---- training -----------------------------------------------------------------------
     def _reset_optimizer(self) -> None:
@@ -174,6 +174,13 @@ class LocalTrainer:
         z = effective_noise_multiplier(self.dp.noise_multiplier, self.dp.microbatches, self.client.batch_size)
         return DPSGDSpend(sampling_probability=q, noise_multiplier=z, steps=steps)
 
+    def step(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """One training step on this batch (``train_on_batch``'s result), with the DP noise
+        generator's key and counter first replaced by fresh bytes from ``os.urandom``."""
+        if self.noise is not None:
+            self.noise.reseed()
+        return self.model.train_on_batch(x, y)
+
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> TrainResult:
         """Run ``local_epochs * ceil(n / batch_size)`` Poisson-sampled steps from ``weights``."""
         n = len(y)
@@ -181,7 +188,7 @@ class LocalTrainer:
         self.model.set_weights(weights)
         if self.optimizer.variables():
             self._reset_optimizer()
-        rng = np.random.default_rng()  # fresh OS entropy: the sampling must stay secret
+        rng = numpy_generator()  # 384 bits from os.urandom: the sampling must stay secret
         microbatches = self.dp.microbatches if self.dp.enabled else 0
         losses = []
         for _ in range(steps):
@@ -190,7 +197,7 @@ class LocalTrainer:
                 chosen = chosen[: len(chosen) - len(chosen) % microbatches]
             if len(chosen) == 0:
                 continue  # still counted as a step below: accounting stays an upper bound
-            loss = self.model.train_on_batch(x[chosen], y[chosen])
+            loss = self.step(x[chosen], y[chosen])
             losses.append(float(np.ravel(loss)[0]))  # a scalar, or [loss, *metrics]
         spend = self.planned_spend(n)
         mean_loss = float(np.mean(losses)) if losses else math.nan
