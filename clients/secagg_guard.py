@@ -58,10 +58,28 @@ class NodeIdentity:
     anchor_path: Path
 
     def key(self) -> rosters.PrivateKey:
-        return rosters.load_node_private_key(self.key_path)
+        return _cached(rosters.load_node_private_key, self.key_path)
 
     def anchor(self) -> rosters.PublicKey:
-        return rosters.load_trust_anchor(self.anchor_path)
+        return _cached(rosters.load_trust_anchor, self.anchor_path)
+
+
+_KEYS: dict[tuple[Any, Path], tuple[tuple[int, int], Any]] = {}
+
+
+def _cached(load: Callable[[Path], Any], path: Path) -> Any:
+    """``load(path)``, parsed again only when the file changes (size or modification time): a
+    node answers four SecAgg+ messages a round with the same keys."""
+    try:
+        info = path.stat()
+    except OSError:
+        return load(path)  # (which names the problem)
+    stamp = (info.st_mtime_ns, info.st_size)
+    hit = _KEYS.get((load, path))
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, load(path))
+        _KEYS[(load, path)] = hit
+    return hit[1]
 
 
 def _round_context(msg: Message) -> str:
@@ -128,7 +146,7 @@ class SecAggGuard:
             raise SecAggRefusal("this node's own key is not on the roster the server sent")
         self.state.update({"shares": shares, "threshold": threshold,
                            "sample": int(configs.get(Key.SAMPLE_NUMBER, shares)),
-                           "roster": sorted(roster.nodes), "node": msg.metadata.dst_node_id})
+                           "roster": "\n".join(sorted(roster.nodes)), "node": msg.metadata.dst_node_id})
 
     def _check_share_keys(self, msg: Message, configs: ConfigRecord) -> None:
         if self.state.get("stage") != Stage.SETUP:
@@ -140,7 +158,7 @@ class SecAggGuard:
         if len(entries) < int(self.state["threshold"]):
             raise SecAggRefusal(f"the server named {len(entries)} neighbours, fewer than the threshold "
                                 f"{self.state['threshold']}")
-        roster = rosters.Roster(frozenset(self.state["roster"]), "", "")
+        roster = rosters.Roster(frozenset(str(self.state["roster"]).split("\n")), "", "")
         context, signers = _round_context(msg), set()
         own = str(self.state["node"])
         if own not in entries:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -84,12 +85,16 @@ def public_key_text(key: PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RosterError(f"cannot read {what} {path} ({exc.strerror})") from None
+
+
 def load_node_private_key(path: Path) -> PrivateKey:
     """A node authentication key: OpenSSH (as ``fedpriv keys`` writes it) or PEM."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RosterError(f"cannot read the node key {path} ({exc.strerror})") from None
+    data = _read(path, "the node key")
     try:
         key = (serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH")
                else serialization.load_pem_private_key(data, None))
@@ -102,10 +107,7 @@ def load_node_private_key(path: Path) -> PrivateKey:
 
 def load_trust_anchor(path: Path) -> PublicKey:
     """The key a roster must be signed by: from a CA certificate or a public key (PEM)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RosterError(f"cannot read the federation trust anchor {path} ({exc.strerror})") from None
+    data = _read(path, "the federation trust anchor")
     try:
         if b"CERTIFICATE" in data:
             key = x509.load_pem_x509_certificate(data).public_key()
@@ -181,6 +183,16 @@ def advertise(key: PrivateKey, context: str, node_id: int, pk1: bytes, pk2: byte
     return ADVERT_MAGIC + json.dumps(body, sort_keys=True).encode()
 
 
+@functools.lru_cache(maxsize=4096)
+def _signer_key(text: str) -> PublicKey | None:
+    """A roster member's key, parsed once per process (None if it is not an EC or Ed25519 key)."""
+    try:
+        key = serialization.load_ssh_public_key(text.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return key if isinstance(key, (ec.EllipticCurvePublicKey, Ed25519PublicKey)) else None
+
+
 @dataclass(frozen=True)
 class Advertisement:
     pk2: bytes
@@ -198,11 +210,10 @@ def open_advertisement(blob: bytes, roster: Roster, context: str, node_id: int, 
         raise RosterError(f"node {node_id}'s advertisement is malformed ({type(exc).__name__})") from None
     if signer not in roster:
         raise RosterError(f"node {node_id}'s keys are signed by a key that is not on the federation's roster")
-    try:
-        public = serialization.load_ssh_public_key(signer.encode())
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise RosterError(f"node {node_id}'s signer key cannot be read") from None
-    if not isinstance(public, (ec.EllipticCurvePublicKey, Ed25519PublicKey)) or not verify(
+    public = _signer_key(signer)
+    if public is None:
+        raise RosterError(f"node {node_id}'s signer key cannot be read")
+    if not verify(
             public, signature, _advert_message(context, node_id, pk1, pk2)):
         raise RosterError(f"node {node_id}'s key advertisement signature does not verify "
                           f"(substituted or replayed keys)")

@@ -21,8 +21,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
+
+from tests.conftest import task_identity
 
 RUN_ID = 77
 
@@ -106,18 +107,20 @@ class CaptureStrategy(Strategy):
         return None
 
 
-def train_step(update: list[np.ndarray]):
-    """A ClientApp step that replies with ``update`` (weight 1)."""
+def train_step(update: list[np.ndarray] | Callable[[], list[np.ndarray]]):
+    """A ClientApp step that replies with ``update`` (or what calling it returns; weight 1)."""
 
     def step(msg: Message, context: Context) -> Message:
-        fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), 1, {})
+        arrays = update() if callable(update) else update
+        fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), 1, {})
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     return step
 
 
-def make_nodes(updates: list[list[np.ndarray]], mod, run_config: dict | None = None) -> dict[int, Node]:
-    """One node per update; ``mod(msg, ctx, call_next)`` is the SecAgg+ mod they run."""
+def make_nodes(updates: list, mod, run_config: dict | None = None) -> dict[int, Node]:
+    """One node per update (arrays, or a function that trains and returns them); ``mod(msg, ctx,
+    call_next)`` is the SecAgg+ mod they run."""
     nodes = {}
     for i, update in enumerate(updates):
         node_id = 1000 + i
@@ -138,12 +141,8 @@ def run_round(workflow, nodes: dict[int, Node], model: list[np.ndarray], tamper=
                         MAIN_PARAMS_RECORD: compat.parameters_to_arrayrecord(ndarrays_to_parameters(model), True)})
     context = Context(run_id=RUN_ID, node_id=0, node_config={}, state=state, run_config={})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1  # the server's
-    try:
+    with task_identity(run_id=RUN_ID, node_id=1):  # the server's
         workflow(grid, legacy)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return strategy, grid
 
 

@@ -88,3 +88,16 @@ def test_run_all_quick(tmp_path):
     # 1,000 clients would show here
     assert scale["rss_ratio"] < 1.5
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_secagg_hardening_quick(tmp_path):
+    """Stock Flower SecAgg+ and fedpriv's hardened rounds both complete (the benchmark exits
+    non-zero otherwise) and give a positive ratio, protocol only and with local training."""
+    proc = subprocess.run([sys.executable, "benchmarks/secagg_hardening.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "secagg_hardening.json").read_text())["rows"]
+    assert [(r["kind"], r["clients"]) for r in rows] == [("protocol only", 10), ("round", 10)]
+    assert all(r["ratio"] > 0 and math.isfinite(r["ratio"]) for r in rows)
+    assert "| round | 10 |" in (tmp_path / "secagg_hardening.md").read_text()
