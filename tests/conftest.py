@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -36,6 +38,28 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def run_harness(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m tests.<module> ARGS`` (a simulation harness that captures what the server
+    process sees) in a fresh interpreter."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    return subprocess.run([sys.executable, "-m", f"tests.{module}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> Iterator[None]:
+    """The identity Flower's runtime gives a process, under which it creates messages (tests that
+    create messages outside a Flower runtime set it; it is restored afterwards)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run_id, node_id
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def simulate_run(out: Path, settings: list[str], preset: str = "quickstart", env: dict[str, str] | None = None,

@@ -8,12 +8,8 @@ import csv
 import io
 import json
 import math
-import os
 import struct
-import subprocess
-import sys
 from dataclasses import fields
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -31,7 +27,7 @@ from server.privacy import PrivacyRecorder
 from server.report import build_summary, metrics_csv
 from server.run_log import RoundEntry, RunLog
 from server.strategy import FedprivStrategy
-from tests.conftest import ROOT
+from tests.conftest import run_harness, task_identity
 
 # What a reply's metrics may carry (docs/secure-aggregation.md, "What the server sees of each client").
 REPLY_METRICS = {"client-id", "privacy.round-spend", "privacy.prior-spends"}
@@ -53,12 +49,8 @@ CSV_HEADER = ["round", "accuracy", "loss", "record_epsilon_max", "user_epsilon",
 @pytest.fixture(autouse=True)
 def _task_identity():
     """Flower's runtime sets the task identity that messages are created under; so does this test."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with task_identity():
+        yield
 
 
 def numbers(value: Any, *, parse_strings: bool = True) -> Iterator[float | int]:
@@ -218,9 +210,7 @@ SMALL = [
 
 @pytest.mark.slow
 def test_under_secagg_and_user_dp_no_reply_or_report_carries_a_client_statistic(tmp_path):
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    proc = subprocess.run([sys.executable, "-m", "tests.leakage_harness", str(tmp_path), *SMALL],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_harness("leakage_harness", str(tmp_path), *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

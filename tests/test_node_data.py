@@ -16,16 +16,14 @@ from common.config import load_config
 from common.data import load_dataset
 from common.errors import DataError
 from common.models import build_model, resolve_model_name
+from tests.conftest import task_identity
+
 
 @pytest.fixture(autouse=True)
 def _task_identity():
     """Flower's runtime sets the task identity that messages are created under; so does this test."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with task_identity():
+        yield
 
 
 SETTINGS = ["data.dataset=digits", "model.name=mlp", "model.mlp_units=16", "client.batch_size=16",

@@ -387,17 +387,13 @@ def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_
     refuses, the round fails, the model is untouched, and each refusal is in the run's ledger and
     in the refusing node's."""
     import json
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import run_harness
 
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     small = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
              "client.batch_size=64", "secure_aggregation.num_shares=5",
              "secure_aggregation.reconstruction_threshold=3"]
-    proc = subprocess.run([sys.executable, "-m", "tests.secagg_harness", "--deviate", str(tmp_path), *small],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_harness("secagg_harness", "--deviate", str(tmp_path), *small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

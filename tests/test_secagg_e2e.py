@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import dp_accounting
 import numpy as np
@@ -15,7 +12,7 @@ from flwr.common.secure_aggregation.quantization import quantize
 from scipy import stats
 
 from common.ledger import verify_ledger
-from tests.conftest import ROOT, simulate_run
+from tests.conftest import run_harness, simulate_run
 
 SMALL = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
          "client.batch_size=64"]
@@ -29,9 +26,7 @@ def _uniformity_p(values: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_server_sees_only_masked_vectors_whose_sum_is_the_clipped_sum(tmp_path):
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    proc = subprocess.run([sys.executable, "-m", "tests.secagg_harness", str(tmp_path), *SMALL],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_harness("secagg_harness", str(tmp_path), *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     view = np.load(tmp_path / "server-view.npz")
     clients = range(5)
