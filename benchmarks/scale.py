@@ -179,7 +179,7 @@ def simulate(population: int, settings: dict, seed: int, out: Path, interval: fl
         "clients_trained": [r["clients_trained"] for r in rounds],
         "failed_rounds": sum(1 for r in rounds if r.get("failed")),
         "distinct_clients_trained": len(summary["privacy"]["record_level"]["clients"]),
-        "node_dirs": sum(1 for _ in nodes.iterdir()) if nodes.is_dir() else 0,
+        "node_dirs": sum(1 for p in nodes.iterdir() if p.is_dir()) if nodes.is_dir() else 0,
         "examples_per_client": summary["dataset"]["train_examples"] / population,
         "final_accuracy": summary["final_accuracy"],
         "wall_time_s": wall,

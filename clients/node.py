@@ -13,7 +13,7 @@ from flwr.app import Context
 from clients.secagg_guard import NodeIdentity
 from common import rundir
 from common.config import RunConfig
-from common.roster import SIM_ANCHOR_PUB, SIM_NODE_KEY
+from common.roster import SIM_ANCHOR_PUB, SIM_NODE_SECRET
 
 
 def is_real_node(context: Context) -> bool:
@@ -28,18 +28,19 @@ def node_name_and_state_dir(context: Context, cfg: RunConfig) -> tuple[str, Path
         name = str(config.get("node-name") or f"node-{context.node_id}")
         root = Path(str(config["state-dir"])) if config.get("state-dir") else rundir.nodes_root(cfg)
         return name, root / name
-    name = f"sim-{int(config.get('partition-id', -1))}"
+    name = rundir.simulated_node_name(int(config.get("partition-id", -1)))
     return name, rundir.node_state_dir(cfg, name)
 
 
 def node_identity(context: Context, cfg: RunConfig) -> NodeIdentity | None:
     """What this node signs its SecAgg+ keys with: a real node's authentication key and the CA
-    it trusts (``auth-key``, ``ca-cert`` in its node config); a simulated node's key in its state
-    directory and the simulation's anchor (:func:`common.roster.simulated_federation`)."""
+    it trusts (``auth-key``, ``ca-cert`` in its node config); a simulated node's key derived from
+    the simulation's node secret, and its anchor (:func:`common.roster.simulated_federation`)."""
     config = context.node_config
     if is_real_node(context):
         if not config.get("auth-key") or not config.get("ca-cert"):
             return None
         return NodeIdentity(Path(str(config["auth-key"])), Path(str(config["ca-cert"])))
-    _, state_dir = node_name_and_state_dir(context, cfg)
-    return NodeIdentity(state_dir / SIM_NODE_KEY, rundir.nodes_root(cfg) / SIM_ANCHOR_PUB)
+    name, _ = node_name_and_state_dir(context, cfg)
+    root = rundir.nodes_root(cfg)
+    return NodeIdentity(root / SIM_NODE_SECRET, root / SIM_ANCHOR_PUB, simulated=name)

@@ -52,33 +52,37 @@ class SecAggRefusal(FedprivError):
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """What a node signs its SecAgg+ keys with, and what it trusts a roster from."""
+    """What a node signs its SecAgg+ keys with, and what it trusts a roster from: a key file, or
+    (``simulated`` names the virtual node) the simulation's node secret its key derives from."""
 
     key_path: Path
     anchor_path: Path
+    simulated: str | None = None
 
     def key(self) -> rosters.PrivateKey:
+        if self.simulated is not None:
+            return _cached(rosters.simulated_node_key, self.key_path, self.simulated)
         return _cached(rosters.load_node_private_key, self.key_path)
 
     def anchor(self) -> rosters.PublicKey:
         return _cached(rosters.load_trust_anchor, self.anchor_path)
 
 
-_KEYS: dict[tuple[Any, Path], tuple[tuple[int, int], Any]] = {}
+_KEYS: dict[tuple[Any, ...], tuple[tuple[int, int], Any]] = {}  # (loader, path, args) -> (stamp, key)
 
 
-def _cached(load: Callable[[Path], Any], path: Path) -> Any:
-    """``load(path)``, parsed again only when the file changes (size or modification time): a
-    node answers four SecAgg+ messages a round with the same keys."""
+def _cached(load: Callable[..., Any], path: Path, *args: Any) -> Any:
+    """``load(path, *args)``, run again only when the file changes (size or modification time):
+    a node answers four SecAgg+ messages a round with the same keys."""
     try:
         info = path.stat()
     except OSError:
-        return load(path)  # (which names the problem)
+        return load(path, *args)  # (which names the problem)
     stamp = (info.st_mtime_ns, info.st_size)
-    hit = _KEYS.get((load, path))
+    hit = _KEYS.get((load, path, *args))
     if hit is None or hit[0] != stamp:
-        hit = (stamp, load(path))
-        _KEYS[(load, path)] = hit
+        hit = (stamp, load(path, *args))
+        _KEYS[(load, path, *args)] = hit
     return hit[1]
 
 

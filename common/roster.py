@@ -24,15 +24,17 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.errors import FedprivError
 
@@ -223,32 +225,42 @@ def open_advertisement(blob: bytes, roster: Roster, context: str, node_id: int, 
 # ---- simulated federations ------------------------------------------------------------------
 SIM_ANCHOR_KEY = "federation-anchor.key"
 SIM_ANCHOR_PUB = "federation-anchor.pub"
-SIM_NODE_KEY = "node-auth.key"
+SIM_NODE_SECRET = "federation-nodes.secret"  # the simulated nodes' keys are derived from it
 
 
-def _private_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _load_or_create(path: Path) -> Ed25519PrivateKey:
+def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     from common.rundir import create_private
 
     try:
-        create_private(path, _private_pem(Ed25519PrivateKey.generate()))
+        create_private(path, make())
     except FileExistsError:
         pass
-    key = serialization.load_pem_private_key(path.read_bytes(), None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise RosterError(f"{path} is not an Ed25519 key")
-    return key
+    return _read(path, "the simulated federation's key")
 
 
-def simulated_federation(nodes_root: Path, node_dirs: Iterable[Path]) -> bytes:
+def simulated_node_key(secret_path: Path, name: str) -> Ed25519PrivateKey:
+    """Virtual node ``name``'s authentication key, derived (HKDF-SHA256) from the simulation's
+    node secret: a population of any size costs no file and no state until a node trains."""
+    secret = _read(secret_path, "the simulated nodes' secret")
+    if len(secret) != 32:
+        raise RosterError(f"{secret_path} is not a 32-byte secret")
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"fedpriv simulated node key v1/" + name.encode()).derive(secret)
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def simulated_federation(nodes_root: Path, names: Iterable[str]) -> bytes:
     """Keys for a simulation's virtual nodes, made the way a real federation's are: a trust
-    anchor under ``nodes_root`` and one authentication key in each node's state directory
-    (each created once, then kept), and the roster of those keys signed by the anchor."""
-    anchor = _load_or_create(nodes_root / SIM_ANCHOR_KEY)
+    anchor and the nodes' secret under ``nodes_root`` (each created once, 0600, then kept), each
+    node's key derived from the secret (:func:`simulated_node_key`), and the roster of their
+    public keys signed by the anchor."""
+    def new_anchor() -> bytes:
+        return Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    anchor = serialization.load_pem_private_key(_load_or_create(nodes_root / SIM_ANCHOR_KEY, new_anchor), None)
+    if not isinstance(anchor, Ed25519PrivateKey):
+        raise RosterError(f"{nodes_root / SIM_ANCHOR_KEY} is not an Ed25519 key")
     anchor_pub = anchor.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     pub_path = nodes_root / SIM_ANCHOR_PUB
@@ -256,4 +268,6 @@ def simulated_federation(nodes_root: Path, node_dirs: Iterable[Path]) -> bytes:
         from common.rundir import write_atomic
 
         write_atomic(pub_path, anchor_pub)
-    return sign_roster(anchor, [_load_or_create(d / SIM_NODE_KEY).public_key() for d in node_dirs])
+    secret_path = nodes_root / SIM_NODE_SECRET
+    _load_or_create(secret_path, lambda: os.urandom(32))
+    return sign_roster(anchor, [simulated_node_key(secret_path, n).public_key() for n in names])

@@ -32,6 +32,10 @@ def nodes_root(cfg: RunConfig) -> Path:
     return Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / NODES_DIR
 
 
+def simulated_node_name(partition: int) -> str:
+    return f"sim-{partition}"
+
+
 def node_state_dir(cfg: RunConfig, name: str) -> Path:
     """The state directory of node ``name`` (see the client.state_dir help)."""
     return nodes_root(cfg) / name

@@ -38,8 +38,8 @@ def federation_roster(cfg: RunConfig) -> bytes:
             return Path(path).read_bytes()
         except OSError as exc:
             raise FedprivError(f"cannot read the node roster {path} ({exc.strerror})") from None
-    names = [f"sim-{i}" for i in range(cfg.federation.num_clients)]
-    return rosters.simulated_federation(rundir.nodes_root(cfg), [rundir.node_state_dir(cfg, n) for n in names])
+    names = [rundir.simulated_node_name(i) for i in range(cfg.federation.num_clients)]
+    return rosters.simulated_federation(rundir.nodes_root(cfg), names)
 
 
 class _AnnouncingGrid:
