@@ -44,6 +44,7 @@ from common.errors import FedprivError
 from common.secagg_masks import GENERATOR, GENERATOR_KEY
 
 GUARD_RECORD = "fedpriv_secagg_guard"
+REFUSED = "refused"  # the guard's stage after a refused setup: the round goes no further here
 
 
 class SecAggRefusal(FedprivError):
@@ -120,7 +121,7 @@ class SecAggGuard:
             raise SecAggRefusal(f"unknown SecAgg+ stage {stage!r}")
 
     def _check_setup(self, msg: Message, configs: ConfigRecord) -> None:
-        self.state = {"round": _round_context(msg), "stage": Stage.SETUP}
+        self.state = {"round": _round_context(msg), "stage": REFUSED}  # until every check passes
         generator = configs.get(GENERATOR_KEY)
         if generator != GENERATOR:
             raise SecAggRefusal(
@@ -148,13 +149,13 @@ class SecAggGuard:
             raise SecAggRefusal(str(exc)) from None
         if own not in roster:
             raise SecAggRefusal("this node's own key is not on the roster the server sent")
-        self.state.update({"shares": shares, "threshold": threshold,
+        self.state.update({"stage": Stage.SETUP, "shares": shares, "threshold": threshold,
                            "sample": int(configs.get(Key.SAMPLE_NUMBER, shares)),
                            "roster": "\n".join(sorted(roster.nodes)), "node": msg.metadata.dst_node_id})
 
     def _check_share_keys(self, msg: Message, configs: ConfigRecord) -> None:
         if self.state.get("stage") != Stage.SETUP:
-            raise SecAggRefusal("a second share-keys request in one round")
+            raise SecAggRefusal("a share-keys request out of order (or after a refused setup)")
         entries = {key: value for key, value in configs.items() if key != Key.STAGE}
         expected = min(int(self.state["shares"]), int(self.state["sample"]))
         if len(entries) > expected:

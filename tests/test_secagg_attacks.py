@@ -424,3 +424,29 @@ def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_
         noted += sum("listed as both surviving and dropped" in e.get("note", "")
                      for e in node_report.entries if e["kind"] == "secagg_refusal")
     assert noted == 4
+
+
+def test_after_a_refused_setup_the_round_goes_no_further(tmp_path):
+    """A server that carries on with a node that refused its setup gets refusals, not shares."""
+    def tamper(msg):
+        if _stage(msg) == Stage.SETUP and msg.metadata.dst_node_id == VICTIM:
+            del msg.content.config_records[RECORD_KEY_CONFIGS][secagg_masks.GENERATOR_KEY]
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=tamper)
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app.message_type import MessageType
+
+    from tests.conftest import task_identity
+    from tests.secagg_protocol import RUN_ID
+
+    assert "stock Flower generator" in grid.refusals[VICTIM][0]
+    victim = nodes[VICTIM]
+    for stage in (Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK):
+        with task_identity(run_id=RUN_ID, node_id=1):
+            msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage})}),
+                          dst_node_id=VICTIM, message_type=MessageType.TRAIN, group_id="1")
+        msg.metadata.__dict__["_message_id"] = "m"
+        reply = victim.handler(msg, victim.context)
+        assert reply.has_error(), stage
+        assert "out of order" in reply.error.reason or "before this node sent" in reply.error.reason, reply.error.reason
