@@ -11,7 +11,6 @@ authenticate (Flower only authenticates nodes over TLS).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from clients.budget import NodeBudgetGuard
 from common.config import RunConfig
 from common.data import load_dataset, load_node_data
 from common.process import Child, flower_environment, flower_executable
+from common.rundir import home_nodes_root
 from common.tls import (
     Address, DeploymentError, check_node_key, check_tls, load_certificate, parse_address, wait_for_port,
 )
@@ -31,10 +31,6 @@ INSECURE_WARNING = (
     "privacy records cross the network in plaintext, anyone on the path can read or alter them, "
     "and the node cannot authenticate. Use it only on a trusted test network."
 )
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / "nodes"
 
 
 @dataclass(frozen=True)
@@ -76,7 +72,7 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
     dataset = load_dataset(cfg.data, cfg.run.seed)  # the federation's input shape and classes
     x, _ = load_node_data(str(data), dataset.input_shape, dataset.num_classes, cfg.data.label_column)
     name = name or (auth_key.name if auth_key else "node")
-    state_dir = (state or default_state_dir()).resolve()
+    state_dir = (state or home_nodes_root()).resolve()
     record_budget = cfg.privacy.record_budget if budget is None else budget
     spent = 0.0
     if (state_dir / name / "ledger.jsonl").exists():  # verify what this node has spent before

@@ -29,6 +29,12 @@ def nodes_root(cfg: RunConfig) -> Path:
         return Path(cfg.client.state_dir)
     if cfg.run.out_dir:
         return Path(cfg.run.out_dir) / NODES_DIR
+    return home_nodes_root()
+
+
+def home_nodes_root() -> Path:
+    """``$FEDPRIV_HOME/nodes``: node state outside any run directory (and fedpriv node join's
+    default)."""
     return Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / NODES_DIR
 
 
