@@ -69,7 +69,7 @@ def local_training(cfg, clients: int):
 
     def train(partition: int):
         x, y = local_data(cfg, partition)
-        result = trainer.train(start, x, y)
+        result = trainer.train(start, x, y, cfg.schedule_examples(len(dataset.y_train)))
         return [np.asarray(t, dtype=np.float64) - s for s, t in zip(start, result.weights, strict=True)]
 
     return start, [lambda i=i: train(i) for i in range(clients)]

@@ -178,22 +178,6 @@ def encode_update(
     return delta, norm
 
 
-def _weight(cfg: RunConfig, num_examples: int) -> int:
-    """FedAvg weight (``FitRes.num_examples``): 1 with user-level DP (bounded sensitivity), else
-    the example count, capped at secure_aggregation.max_weight under SecAgg+.
-
-    Under SecAgg+ the count is needed only inside the masked vector (``secaggplus_mod`` masks
-    ``[weight, weight * update]``), so the server learns only the sum over the round's clients;
-    the server never reads a client's own ``num_examples`` there (clients.mods scrubs the copy
-    Flower's mod leaves in the reply). Without SecAgg+ the server averages individual updates,
-    which it sees anyway, and needs each weight in clear."""
-    if cfg.user_dp.enabled:
-        return 1
-    if cfg.secure_aggregation.enabled:
-        return min(num_examples, cfg.secure_aggregation.max_weight)
-    return num_examples
-
-
 def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason), reply_to=msg)
 
@@ -220,12 +204,15 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         server_round = int(fitins.config.get(SERVER_ROUND, 0)) or None
         clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
         run_id = str(fitins.config.get(RUN_ID, "")) or None
-        planned = trainer.planned_spend(len(y))
+        # The public record count the DP-SGD schedule is planned for, not len(y): the spend
+        # declared below must not reveal how much data this node holds.
+        schedule = cfg.schedule_examples(len(dataset.y_train))
+        planned = trainer.planned_spend(schedule)
         # What the reply says besides the update (REPLY_METRICS): who the client is and, with
         # record-level DP, what it spent. Its loss, counts and update norm stay on the node.
         metrics: dict[str, int | str] = {CLIENT_ID: node.client_id}
         if planned is None:  # no record-level DP: nothing to spend, nothing to guard
-            result = trainer.train(weights, x, y)
+            result = trainer.train(weights, x, y, schedule)
         else:
             with open_guard(node.state_dir, node.record_budget, cfg.privacy.delta) as guard:
                 try:
@@ -233,7 +220,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                 except BudgetExhausted as exc:
                     return _refuse(msg, str(exc))
                 prior = _prior_spending(context, guard, run_id)
-                result = trainer.train(weights, x, y)
+                result = trainer.train(weights, x, y, schedule)
                 guard.record(result.spend, server_round, run_id)  # the server computes its own epsilon
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
@@ -243,7 +230,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         fitres = FitRes(
             status=Status(code=Code.OK, message="ok"),
             parameters=ndarrays_to_parameters(update),
-            num_examples=_weight(cfg, result.num_examples),
+            num_examples=secagg.client_weight(cfg, result.num_examples),
             metrics=metrics,
         )
         return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

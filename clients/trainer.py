@@ -1,8 +1,11 @@
 """Local training on one client: DP-SGD with TF Privacy, or plain Keras for baselines.
 
 Batches are drawn by Poisson sampling -- each local record joins a step's batch independently
-with probability ``q = batch_size / n`` -- because that is what the record-level accounting in
-:mod:`common.accounting` assumes. The sampling and the DP noise draw from the operating system's
+with probability ``q`` -- because that is what the record-level accounting in
+:mod:`common.accounting` assumes. The rate and the number of steps follow
+:func:`common.accounting.dpsgd_schedule` on the run's public ``schedule_examples``, not on the
+node's own record count: the spend, which the node declares to the server, is then the same for
+every node and says nothing about how much data it holds. The sampling and the DP noise draw from the operating system's
 CSPRNG (:mod:`common.entropy`), never from the run seed nor from TensorFlow's 32-bit OS seeding:
 an adversary who could reproduce them could subtract the noise. Every implementation's noise
 comes from one :class:`common.entropy.GaussianNoise`, whose whole Philox state is replaced with
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from common.accounting import DPSGDSpend, effective_noise_multiplier
+from common.accounting import DPSGDSpend, dpsgd_schedule, effective_noise_multiplier
 from common.config import ClientSection, DPSection, ModelSection
 from common.entropy import GaussianNoise, numpy_generator
 from common.models import build_layers
@@ -161,16 +164,16 @@ class LocalTrainer:
         for variable, initial in zip(variables, self._initial_optimizer_state):
             variable.assign(initial)
 
-    def _schedule(self, n: int) -> tuple[float, int]:
-        """Sampling rate and number of steps for one round on ``n`` records."""
-        batch = self.client.batch_size
-        return min(1.0, batch / n), self.client.local_epochs * math.ceil(n / batch)
+    def _schedule(self, schedule_examples: int) -> tuple[float, int]:
+        """Sampling rate and number of steps for one round, planned for ``schedule_examples``."""
+        return dpsgd_schedule(schedule_examples, self.client.batch_size, self.client.local_epochs)
 
-    def planned_spend(self, n: int) -> DPSGDSpend | None:
-        """What training on ``n`` records for one round spends (None without DP)."""
+    def planned_spend(self, schedule_examples: int) -> DPSGDSpend | None:
+        """What one round planned for ``schedule_examples`` records spends (None without DP),
+        whatever the number of local records."""
         if not self.dp.enabled:
             return None
-        q, steps = self._schedule(n)
+        q, steps = self._schedule(schedule_examples)
         z = effective_noise_multiplier(self.dp.noise_multiplier, self.dp.microbatches, self.client.batch_size)
         return DPSGDSpend(sampling_probability=q, noise_multiplier=z, steps=steps)
 
@@ -181,10 +184,12 @@ class LocalTrainer:
             self.noise.reseed()
         return self.model.train_on_batch(x, y)
 
-    def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> TrainResult:
-        """Run ``local_epochs * ceil(n / batch_size)`` Poisson-sampled steps from ``weights``."""
+    def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
+              schedule_examples: int) -> TrainResult:
+        """Run ``local_epochs * ceil(schedule_examples / batch_size)`` steps from ``weights``,
+        each sampling every local record with ``q = batch_size / schedule_examples``."""
         n = len(y)
-        q, steps = self._schedule(n)
+        q, steps = self._schedule(schedule_examples)
         self.model.set_weights(weights)
         if self.optimizer.variables():
             self._reset_optimizer()
@@ -199,7 +204,7 @@ class LocalTrainer:
                 continue  # still counted as a step below: accounting stays an upper bound
             loss = self.step(x[chosen], y[chosen])
             losses.append(float(np.ravel(loss)[0]))  # a scalar, or [loss, *metrics]
-        spend = self.planned_spend(n)
+        spend = self.planned_spend(schedule_examples)
         mean_loss = float(np.mean(losses)) if losses else math.nan
         return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
 

@@ -5,9 +5,11 @@ multiplier, number of steps). Each converts to a dp-accounting ``DpEvent``; epsi
 recomputed from the events by a fresh dp-accounting accountant, never kept as a running number.
 
 Sampling: fedpriv's client trainer draws every batch by Poisson sampling (each record joins
-independently with probability ``q = batch_size / n_local``), so the event is
-``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` per step -- what the accounting assumes is what
-the trainer does.
+independently with probability ``q``), so the event is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``
+per step -- what the accounting assumes is what the trainer does. The rate and the step count come
+from :func:`dpsgd_schedule` on a *public* record count (``client.schedule_examples``), never on the
+node's own: a node's spend is then a function of the run configuration alone, and declaring it to
+the server reveals nothing about the node's data.
 
 Microbatching: with ``k`` microbatches of more than one record, a record changes one microbatch
 mean, and the clipped difference can have norm ``2C`` under add/remove adjacency, while the noise
@@ -51,6 +53,14 @@ class DPSGDSpend:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> DPSGDSpend:
         return cls(float(raw["sampling_probability"]), float(raw["noise_multiplier"]), int(raw["steps"]))
+
+
+def dpsgd_schedule(examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """The one DP-SGD schedule: sampling rate ``q = min(1, B / N)`` and ``E * ceil(N / B)`` steps
+    for ``E`` epochs over ``N`` records with expected batch size ``B``."""
+    if examples < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"no DP-SGD schedule for N={examples}, B={batch_size}, E={epochs}")
+    return min(1.0, batch_size / examples), epochs * math.ceil(examples / batch_size)
 
 
 def effective_noise_multiplier(noise_multiplier: float, microbatches: int, batch_size: int) -> float:

@@ -127,9 +127,22 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class ClientSection:
-    local_epochs: int = _setting(1, "Local epochs per round (an epoch is n/batch_size steps).", min=1)
+    local_epochs: int = _setting(
+        1, "Local epochs per round; an epoch is ceil(schedule_examples / batch_size) steps.", min=1
+    )
     batch_size: int = _setting(
-        32, "Expected batch size; with DP each step samples records with q = batch/n.", min=1
+        32,
+        "Expected batch size at schedule_examples records: each step samples every local record "
+        "with q = batch_size / schedule_examples.",
+        min=1,
+    )
+    schedule_examples: int = _setting(
+        0,
+        "The public record count that every node's DP-SGD schedule (sampling rate and steps per "
+        "round) is planned for, whatever its own data holds, so that the spend a node declares "
+        "reveals nothing about its dataset. 0: the run's training records divided by "
+        "federation.num_clients, rounded up.",
+        min=0,
     )
     learning_rate: float = _setting(0.1, "Client learning rate.", min=0.0, min_exclusive=True)
     optimizer: str = _setting("sgd", "Client optimizer: sgd or adam.", choices=("sgd", "adam"))
@@ -280,8 +293,8 @@ class SecureAggregationSection:
     )
     max_weight: int = _setting(
         1000,
-        "Largest weight (example count) a client may give its update; larger counts are capped. "
-        "With user-level DP every client has weight 1.",
+        "Largest weight (example count) a client may give its update without DP; larger counts "
+        "are capped. With record-level or user-level DP every client has weight 1.",
         min=1,
     )
     timeout: float = _setting(
@@ -445,6 +458,13 @@ class RunConfig:
                 "dp.microbatches = 0 or choose 'vectorized' or 'keras'"
             )
 
+
+    def schedule_examples(self, train_records: int) -> int:
+        """``client.schedule_examples``, or for 0 the expected partition size of the run's data:
+        a function of the configuration and the public dataset alone, the same on every node."""
+        if self.client.schedule_examples:
+            return self.client.schedule_examples
+        return max(1, math.ceil(train_records / self.federation.num_clients))
 
     def clients_per_round(self) -> int:
         """How many clients the server samples each round once all have connected."""

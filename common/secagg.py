@@ -110,9 +110,27 @@ def flower_clipping_range(cfg: RunConfig) -> float:
     return cfg.secure_aggregation.clipping_range
 
 
+def uniform_weights(cfg: RunConfig) -> bool:
+    """Whether every client's update weighs 1 in the average: with user-level DP (bounded
+    sensitivity) and with record-level DP (a weight from the node's example count would be an
+    un-noised statistic of its data, and every node runs the same public schedule anyway)."""
+    return cfg.user_dp.enabled or cfg.dp.enabled
+
+
+def client_weight(cfg: RunConfig, num_examples: int) -> int:
+    """A client's FedAvg weight (``FitRes.num_examples``): 1 under :func:`uniform_weights`, else its
+    example count, capped at secure_aggregation.max_weight under SecAgg+ (where the weight travels
+    only inside the masked vector)."""
+    if uniform_weights(cfg):
+        return 1
+    if cfg.secure_aggregation.enabled:
+        return min(num_examples, cfg.secure_aggregation.max_weight)
+    return num_examples
+
+
 def flower_max_weight(cfg: RunConfig) -> float:
-    """With user-level DP every client weighs 1 (bounded sensitivity); otherwise the cap."""
-    return 1.0 if cfg.user_dp.enabled else float(cfg.secure_aggregation.max_weight)
+    """The cap handed to Flower's SecAgg+: 1 under :func:`uniform_weights`, else max_weight."""
+    return 1.0 if uniform_weights(cfg) else float(cfg.secure_aggregation.max_weight)
 
 
 def distributed(cfg: RunConfig) -> bool:

@@ -102,12 +102,14 @@ def test_no_dp_mode_takes_exact_gradient_steps():
                                LR * np.mean(grads, axis=0), rtol=1e-3, atol=1e-5)
 
 
-def test_train_reports_poisson_steps_and_the_spend():
+@pytest.mark.parametrize("records", [40, 13, 97])
+def test_train_follows_the_public_schedule_whatever_the_local_record_count(records):
     trainer = _trainer("bookkeeping", clip=1.0, noise=1.1)
-    x = np.random.default_rng(2).normal(size=(40, 4)).astype(np.float32)
-    y = np.arange(40) % 3
-    result = trainer.train(trainer.model.get_weights(), x, y)
-    assert result.steps == 10  # 1 epoch of ceil(40 / 4) steps
+    x = np.random.default_rng(2).normal(size=(records, 4)).astype(np.float32)
+    y = np.arange(records) % 3
+    result = trainer.train(trainer.model.get_weights(), x, y, schedule_examples=40)
+    assert result.num_examples == records
+    assert result.steps == 10  # 1 epoch of ceil(40 / 4) steps, planned for 40 records
     assert result.spend.sampling_probability == pytest.approx(4 / 40)
     assert result.spend.noise_multiplier == 1.1 and result.spend.steps == 10
 
@@ -117,7 +119,7 @@ def test_microbatching_halves_the_effective_noise_in_the_spend():
         "mlp", ModelSection(mlp_layers=0), ClientSection(batch_size=8),
         DPSection(noise_multiplier=1.2, microbatches=2, implementation="vectorized"), (4,), 3)
     x = np.random.default_rng(3).normal(size=(40, 4)).astype(np.float32)
-    result = trainer.train(trainer.model.get_weights(), x, np.arange(40) % 3)
+    result = trainer.train(trainer.model.get_weights(), x, np.arange(40) % 3, schedule_examples=40)
     assert result.spend.noise_multiplier == pytest.approx(0.6)
 
 

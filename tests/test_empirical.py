@@ -249,9 +249,9 @@ def test_the_break_noise_hook_removes_noise_but_keeps_the_claim(monkeypatch, cap
     assert broken.planned_spend(40).noise_multiplier == 1.3
     start = [np.asarray(w) for w in honest.model.get_weights()]
     # Without noise (and with the whole data in every batch) training is deterministic.
-    first, second = broken.train(start, x, y).weights, broken.train(start, x, y).weights
+    first, second = broken.train(start, x, y, 40).weights, broken.train(start, x, y, 40).weights
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(first, second))
-    first, second = honest.train(start, x, y).weights, honest.train(start, x, y).weights
+    first, second = honest.train(start, x, y, 40).weights, honest.train(start, x, y, 40).weights
     assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(first, second))
 
 

@@ -123,38 +123,54 @@ SETTINGS = ["data.dataset=digits", "model.name=mlp", "model.mlp_units=16", "clie
             "user_dp.clipping_norm=0.01"]
 
 
-def test_a_reply_under_secagg_and_user_dp_carries_only_its_id_and_its_spend(tmp_path):
-    """The plain reply a client hands to SecAgg+ (what the server sees of it besides the masked
-    vector): the client id and the spend declarations; its loss, counts and norm stay on the node."""
-    cfg = load_config(overrides=SETTINGS)
-    assert cfg.secure_aggregation.enabled and cfg.user_dp.enabled and cfg.dp.enabled
-    dataset = load_dataset(cfg.data, cfg.run.seed)
-    model = build_model(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, dataset.input_shape,
-                        dataset.num_classes)
-    weights = [np.asarray(w) for w in model.get_weights()]
-    data = tmp_path / "alice.npz"
-    np.savez(data, x=dataset.x_train[:83], y=dataset.y_train[:83])
-    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "node-name": "alice",
+def _one_reply(tmp_path, cfg, dataset, weights, name: str, records: int):
+    """A node holding ``records`` training records answers one round; its reply and its own log."""
+    data = tmp_path / f"{name}.npz"
+    np.savez(data, x=dataset.x_train[:records], y=dataset.y_train[:records])
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "node-name": name,
                                                         "state-dir": str(tmp_path / "state")},
                       state=RecordDict(), run_config=cfg.to_flat())
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {"server-round": 1}), True)
     reply = make_client_app(cfg)(Message(content=content, dst_node_id=7, message_type="train", group_id="1"),
                                  context)
     assert not reply.has_error(), reply.error if reply.has_error() else None
+    (logged,) = [json.loads(line) for line in (tmp_path / "state" / name / TRAINING_LOG).read_text().splitlines()]
+    return reply, logged
 
-    (logged,) = [json.loads(line) for line in (tmp_path / "state" / "alice" / TRAINING_LOG).read_text().splitlines()]
-    assert logged["examples"] == 83 and logged["steps"] == 6  # ceil(83 / 16)
-    assert math.isfinite(logged["train_loss"]) and logged["update_norm"] > cfg.user_dp.clipping_norm
-    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
-    assert set(fitres.metrics) == REPLY_METRICS
-    check_spend_declarations(fitres.metrics)
-    assert fitres.num_examples == 1  # user-level DP: uniform weights, the count is not needed
-    scalars = {name: {k: v for k, v in record.items()} for name, record in reply.content.config_records.items()}
-    scalars.update({name: dict(record) for name, record in reply.content.metric_records.items()})
-    secrets = {"train loss": [logged["train_loss"]], "update norm": [logged["update_norm"]],
-               "example count": [83]}
-    assert leaks(scalars, secrets) == []
-    assert statistic_keys(keys(scalars), allowed=FLOWER_WEIGHT) == []
+
+def test_a_reply_under_secagg_and_user_dp_carries_only_its_id_and_its_spend(tmp_path):
+    """The plain reply a client hands to SecAgg+ (what the server sees of it besides the masked
+    vector): the client id and the spend declarations; its loss, counts and norm stay on the node.
+    Two nodes with different amounts of data declare the same spend: the one planned for the
+    run's public schedule size, so the spend reveals neither count."""
+    cfg = load_config(overrides=SETTINGS)
+    assert cfg.secure_aggregation.enabled and cfg.user_dp.enabled and cfg.dp.enabled
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    model = build_model(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, dataset.input_shape,
+                        dataset.num_classes)
+    weights = [np.asarray(w) for w in model.get_weights()]
+    # The public schedule, written out: ceil(training records / clients) records, batch 16.
+    planned = math.ceil(len(dataset.y_train) / cfg.federation.num_clients)
+    public = {"sampling_probability": 16 / planned, "noise_multiplier": 1.1, "steps": math.ceil(planned / 16)}
+    declared = []
+    for name, records in (("alice", 83), ("bob", 301)):
+        reply, logged = _one_reply(tmp_path, cfg, dataset, weights, name, records)
+        assert logged["examples"] == records and logged["steps"] == public["steps"]
+        assert math.isfinite(logged["train_loss"]) and logged["update_norm"] > cfg.user_dp.clipping_norm
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        assert set(fitres.metrics) == REPLY_METRICS
+        check_spend_declarations(fitres.metrics)
+        declared.append(json.loads(fitres.metrics["privacy.round-spend"]))
+        assert fitres.num_examples == 1  # uniform weights under DP: the count is not needed
+        scalars = {name: {k: v for k, v in record.items()} for name, record in reply.content.config_records.items()}
+        scalars.update({name: dict(record) for name, record in reply.content.metric_records.items()})
+        secrets = {"train loss": [logged["train_loss"]], "update norm": [logged["update_norm"]],
+                   "example count": [records], "sampling rate on it": [16 / records],
+                   "steps on it": [math.ceil(records / 16)]}
+        assert leaks(scalars, secrets) == []
+        assert statistic_keys(keys(scalars), allowed=FLOWER_WEIGHT) == []
+    assert declared[0] == declared[1]
+    assert declared[0] == pytest.approx(public)
 
 
 def test_the_server_keeps_no_client_statistic_even_if_a_client_sends_one(tmp_path):

@@ -56,14 +56,17 @@ def test_a_node_trains_on_its_own_file_and_keeps_its_own_ledger(tmp_path):
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     update = parameters_to_ndarrays(fitres.parameters)
     assert [u.shape for u in update] == [w.shape for w in weights]
-    assert fitres.num_examples == 80  # without SecAgg+ or user-level DP: the FedAvg weight, in clear
-    assert json.loads(fitres.metrics["privacy.round-spend"])["steps"] == 5  # ceil(80 / 16), its own data
+    assert fitres.num_examples == 1  # record-level DP: uniform weights, its count stays on the node
+    # The schedule is the run's public one, ceil(1437 digits / 10 clients) = 144 records at batch 16,
+    # not one planned for its own 80.
+    assert json.loads(fitres.metrics["privacy.round-spend"]) == {
+        "sampling_probability": 16 / 144, "noise_multiplier": 1.1, "steps": 9}
     state = tmp_path / "state" / "alice"
     entries = [json.loads(line) for line in (state / "ledger.jsonl").read_text().splitlines()]
     assert [e["epsilon"]["rdp"] > 0 for e in entries if e["kind"] == "record_level"] == [True]
     # Its loss and counts stay in its own training log, not in the reply.
     (logged,) = [json.loads(line) for line in (state / "training.jsonl").read_text().splitlines()]
-    assert logged["examples"] == 80 and logged["steps"] == 5 and logged["round"] == 1
+    assert logged["examples"] == 80 and logged["steps"] == 9 and logged["round"] == 1
     assert set(fitres.metrics) == {"client-id", "privacy.round-spend", "privacy.prior-spends"}
 
 

@@ -205,7 +205,7 @@ def test_a_round_of_training_is_a_function_of_os_urandom_alone(monkeypatch):
         _disturb_other_seeds(seed)
         fake = FakeUrandom(label)
         monkeypatch.setattr(os, "urandom", fake)
-        rounds.append(_flat(trainer.train(start, x, y).weights))
+        rounds.append(_flat(trainer.train(start, x, y, schedule_examples=40).weights))
         # The sampler's key and counter, then 192 bits for each (non-empty) step of ceil(40 / 4).
         assert fake.sizes[:2] == [16, 32] and 5 <= len(fake.sizes[2:]) <= 10 and set(fake.sizes[2:]) == {24}
     np.testing.assert_allclose(rounds[0], rounds[1], atol=1e-6)
