@@ -29,8 +29,8 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from clients.mods import make_secure_aggregation_mod
-from clients.node import is_real_node, node_name_and_state_dir
+from clients.mods import make_policy_mod, make_secure_aggregation_mod
+from clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
 from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from clients.trainer import TrainResult, get_trainer
 from common import secagg
@@ -90,7 +90,8 @@ class NodeSetup:
     x: np.ndarray
     y: np.ndarray
     state_dir: Path
-    record_budget: float
+    record_budget: float  # over every run (0: none)
+    run_budget: float = 0.0  # within one fedpriv run, from the node's policy (0: none)
 
 
 def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canaries | None = None) -> NodeSetup:
@@ -98,19 +99,21 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canarie
     its own file; a simulated one on its partition of the configured dataset, with its share of
     ``canaries`` appended (the empirical audit's, see :mod:`common.canaries`)."""
     config = context.node_config
-    budget = float(config.get("record-budget", cfg.privacy.record_budget))
+    policy = node_policy(context)
+    budget = record_budget(context, cfg, policy)
+    per_run = policy.budget_per_run if policy is not None else 0.0
     if is_real_node(context):
         name, state_dir = node_name_and_state_dir(context, cfg)
         x, y = load_node_data(str(config["data-path"]), dataset.input_shape, dataset.num_classes,
                               cfg.data.label_column)
-        return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget)
+        return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget, per_run)
     partition_id = node_partition(context, cfg)
     x, y = local_data(cfg, partition_id)
     if canaries is not None:
         extra_x, extra_y = canaries.for_client(cfg.data, cfg.run.seed, cfg.federation.num_clients, partition_id)
         x, y = np.concatenate([x, extra_x]), np.concatenate([y, extra_y])
     name, state_dir = node_name_and_state_dir(context, cfg)
-    return NodeSetup(partition_id, name, x, y, state_dir, budget)
+    return NodeSetup(partition_id, name, x, y, state_dir, budget, per_run)
 
 
 def log_training(state_dir: Path, server_round: int | None, run_id: str | None, result: TrainResult,
@@ -187,7 +190,8 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
     """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
     ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked;
     ``canaries`` join simulated nodes' training data (the empirical audit)."""
-    app = ClientApp(mods=[*(extra_mods or []), make_secure_aggregation_mod(config), *(inner_mods or [])])
+    app = ClientApp(mods=[*(extra_mods or []), make_policy_mod(config), make_secure_aggregation_mod(config),
+                          *(inner_mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -217,6 +221,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
             with open_guard(node.state_dir, node.record_budget, cfg.privacy.delta) as guard:
                 try:
                     guard.check(planned)
+                    guard.check_run(planned, run_id, node.run_budget)
                 except BudgetExhausted as exc:
                     return _refuse(msg, str(exc))
                 prior = _prior_spending(context, guard, run_id)

@@ -79,6 +79,21 @@ class NodeBudgetGuard:
                 f"to {after:.3f}, above the node's budget of {self.budget:g}"
             )
 
+    def check_run(self, planned: DPSGDSpend, run_id: str | None, budget: float) -> None:
+        """Raise :class:`BudgetExhausted` if ``planned`` would take the spending within the fedpriv
+        run ``run_id`` past ``budget`` (0: no per-run budget). Without a run id every spend
+        counts as this run's, which can only refuse more."""
+        if not budget:
+            return
+        mine = [s for s, tag in zip(self.spends, self.run_ids, strict=True) if run_id is None or tag == run_id]
+        before = record_level_epsilon(mine, self.delta) if mine else 0.0
+        after = record_level_epsilon(mine + [planned], self.delta)
+        if after > budget:
+            raise BudgetExhausted(
+                f"budget exhausted: this round would raise this run's record-level epsilon from "
+                f"{before:.3f} to {after:.3f}, above the node's per-run budget of {budget:g}"
+            )
+
     def record(self, spend: DPSGDSpend, server_round: int | None, run_id: str | None = None) -> float:
         """Persist a spend (fsynced before the update leaves the node), tagged with the fedpriv
         run it was made in; return the new epsilon."""

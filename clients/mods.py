@@ -1,5 +1,9 @@
 """Flower mods of the fedpriv ClientApp.
 
+The outermost, :func:`make_policy_mod`, holds every training request to the node's own privacy
+floor (:mod:`clients.policy`) before anything else runs: a run that falls short is refused with
+its reason (error code 4004) and the refusal is recorded in the node's signed ledger.
+
 The mod :func:`make_secure_aggregation_mod` makes runs Flower's own ``secaggplus_mod`` for the
 messages of a SecAgg+ round and lets every other message through, so one ClientApp serves runs
 with and without secure aggregation. It also keeps a node's budget refusal visible to the server: inside SecAgg+, the
@@ -23,23 +27,53 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from clients.node import node_identity, node_name_and_state_dir
+from clients.node import node_identity, node_name_and_state_dir, node_policy
 from clients.secagg_guard import SecAggGuard, SecAggRefusal
 from common import secagg_masks
 from common.config import RunConfig, config_from_run_config
-from common.protocol import MALFORMED_UPDATE_CODE, SECAGG_REFUSED_CODE
+from common.protocol import MALFORMED_UPDATE_CODE, POLICY_REFUSED_CODE, SECAGG_REFUSED_CODE
 
 secagg_masks.install()
 PLAIN_WEIGHT_KEY = "fitres.num_examples"  # where Flower's legacy FitRes keeps the example count
 
 
-def record_refusal(context: Context, cfg: RunConfig, server_round: int | None, reason: str) -> None:
-    """Put a SecAgg+ refusal in the node's own signed ledger (before the reply leaves)."""
+def record_refusal(context: Context, cfg: RunConfig, server_round: int | None, reason: str,
+                   kind: str = "secagg_refusal") -> None:
+    """Put a refusal (SecAgg+, or of a run below the node's policy) in the node's own signed
+    ledger, before the reply leaves."""
     from clients.budget import open_guard
 
     _, state_dir = node_name_and_state_dir(context, cfg)
     with open_guard(state_dir, 0.0, cfg.privacy.delta) as guard:
-        guard.ledger.append(actor="node", kind="secagg_refusal", round=server_round, note=reason)
+        guard.ledger.append(actor="node", kind=kind, round=server_round, note=reason)
+
+
+def _message_round(msg: Message) -> int | None:
+    try:
+        return int(msg.metadata.group_id)
+    except ValueError:
+        return None
+
+
+def make_policy_mod(config: RunConfig | None = None):
+    """The mod that refuses, before any training or SecAgg+ step, a run whose configuration is
+    weaker than this node's policy (``config`` as for :func:`make_secure_aggregation_mod`)."""
+
+    def policy_mod(msg: Message, context: Context, call_next) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        policy = node_policy(context)
+        if policy is None:
+            return call_next(msg, context)
+        cfg = config_from_run_config(context.run_config, config)
+        problems = policy.problems(cfg)
+        if not problems:
+            return call_next(msg, context)
+        reason = "run refused by this node's policy: " + "; ".join(problems)
+        record_refusal(context, cfg, _message_round(msg), reason, kind="policy_refusal")
+        return Message(Error(code=POLICY_REFUSED_CODE, reason=reason), reply_to=msg)
+
+    return policy_mod
 
 
 def _own_update_problem(request: Message, reply: Message, context: Context,
@@ -85,17 +119,14 @@ def _secure_aggregation(msg: Message, context: Context, call_next, config: RunCo
     if not is_secagg_message(msg):
         return call_next(msg, context)
     cfg = config_from_run_config(context.run_config, config)
-    guard = SecAggGuard(context, lambda: node_identity(context, cfg))
+    policy = node_policy(context)
+    guard = SecAggGuard(context, lambda: node_identity(context, cfg), policy.min_shares if policy else 0)
     try:
         guard.check(msg)
     except SecAggRefusal as refusal:
         guard.save()
         reason = f"SecAgg+ refused: {refusal}"
-        try:
-            server_round = int(msg.metadata.group_id)
-        except ValueError:
-            server_round = None
-        record_refusal(context, cfg, server_round, reason)
+        record_refusal(context, cfg, _message_round(msg), reason)
         return Message(Error(code=SECAGG_REFUSED_CODE, reason=reason), reply_to=msg)
 
     def train_or_raise(inner: Message, ctx: Context) -> Message:

@@ -1,4 +1,5 @@
-"""Who a node is: its name, its state directory and the key it signs its SecAgg+ keys with.
+"""Who a node is: its name, its state directory, the key it signs its SecAgg+ keys with, and the
+privacy floor it holds runs to.
 
 A real node (``data-path`` in its node config, as ``fedpriv node join`` sets it) takes these from
 its node config; a simulated one from its partition and the run's configuration.
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from clients.policy import POLICY_PATH_KEY, NodePolicy, load_policy
 from clients.secagg_guard import NodeIdentity
 from common import rundir
 from common.config import RunConfig
@@ -44,3 +46,25 @@ def node_identity(context: Context, cfg: RunConfig) -> NodeIdentity | None:
     name, _ = node_name_and_state_dir(context, cfg)
     root = rundir.nodes_root(cfg)
     return NodeIdentity(root / SIM_NODE_SECRET, root / SIM_ANCHOR_PUB, simulated=name)
+
+
+def node_policy(context: Context) -> NodePolicy | None:
+    """The privacy floor this node holds every run to (:mod:`clients.policy`): a real node's from
+    the file in its node config (``policy-path``, as ``fedpriv node join --policy`` sets it) or
+    the defaults; a simulated node's only when its node config names a file."""
+    path = context.node_config.get(POLICY_PATH_KEY)
+    if path:
+        return load_policy(Path(str(path)))
+    return NodePolicy() if is_real_node(context) else None
+
+
+def record_budget(context: Context, cfg: RunConfig, policy: NodePolicy | None) -> float:
+    """This node's record-level budget over all runs: ``record-budget`` in its node config
+    (``fedpriv node join --budget``), else its policy's, and only for a simulated node without a
+    policy the run's ``privacy.record_budget``."""
+    config = context.node_config
+    if "record-budget" in config:
+        return float(config["record-budget"])
+    if policy is not None:
+        return policy.budget_total
+    return cfg.privacy.record_budget

@@ -94,9 +94,11 @@ def _round_context(msg: Message) -> str:
 class SecAggGuard:
     """Checks one SecAgg+ message from the server, and signs this node's keys (see module doc)."""
 
-    def __init__(self, context: Context, identity: Callable[[], NodeIdentity | None]) -> None:
+    def __init__(self, context: Context, identity: Callable[[], NodeIdentity | None],
+                 min_shares: int = 0) -> None:
         self.context = context
         self.identity = identity
+        self.min_shares = min_shares  # a node policy's minimum, above fedpriv's floor (0: the floor)
         self.state: dict[str, Any] = dict(context.state.config_records.get(GUARD_RECORD, ConfigRecord({})))
 
     def save(self) -> None:
@@ -134,6 +136,8 @@ class SecAggGuard:
         floor = secagg_floor_problem(shares, threshold)
         if floor:
             raise SecAggRefusal(f"{floor} (this node's floor)")
+        if shares < self.min_shares:
+            raise SecAggRefusal(f"{shares} shares is below this node's policy minimum of {self.min_shares}")
         if modulus < 2 or modulus & (modulus - 1):
             raise SecAggRefusal(f"the masking modulus {modulus} is not a power of two")
         identity = self.identity()

@@ -37,3 +37,7 @@ MALFORMED_UPDATE_CODE = 4002
 # Error code of a client that refuses a SecAgg+ request because the server deviated from the
 # protocol or asked for less than the node's floor (clients.secagg_guard).
 SECAGG_REFUSED_CODE = 4003
+# Error code of a node that refuses a run weaker than its own privacy policy (clients.policy).
+POLICY_REFUSED_CODE = 4004
+# The codes of a node refusing on privacy grounds: the server records each in the run's ledger.
+REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, SECAGG_REFUSED_CODE, POLICY_REFUSED_CODE)

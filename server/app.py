@@ -81,6 +81,15 @@ def fit_workflow(cfg: RunConfig) -> Any:
     )
 
 
+def nodes_are_authenticated(grid: Any) -> bool:
+    """Whether the grid's replies come from nodes a SuperLink authenticated (a deployment: Flower's
+    HTTP grid to the SuperLink, which fedpriv server start runs with node authentication), rather
+    than from the virtual nodes of a simulation engine in this process (Flower's InMemoryGrid)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return not isinstance(grid, InMemoryGrid)
+
+
 def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
                on_round: Callable[[RoundEntry], None] | None = None,
                on_exchange: Callable[[list, list], None] | None = None) -> dict:
@@ -119,7 +128,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         return float(loss), float(accuracy)
 
     recorder = PrivacyRecorder(cfg, out_dir, resume=point)
-    strategy = FedprivStrategy(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid)
+    strategy = FedprivStrategy(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid,
+                               authenticated_nodes=nodes_are_authenticated(grid))
     before = 0.0
     if point is not None:
         strategy.round_offset = point.round

@@ -43,7 +43,7 @@ from common.config import RunConfig
 from common.errors import FedprivError
 from common.updates import clip_bound, update_problem
 from common.protocol import (
-    BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, RUN_ID, SECAGG_REFUSED_CODE,
+    CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, REFUSAL_CODES, RUN_ID,
     SERVER_ROUND,
 )
 from server.privacy import PrivacyRecorder, UserBudgetExhausted
@@ -138,8 +138,12 @@ class FedprivStrategy(Strategy):
 
     def __init__(self, cfg: RunConfig, initial: list[np.ndarray], run_log: RunLog,
                  recorder: PrivacyRecorder, evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, float]],
-                 grid: Any) -> None:
+                 grid: Any, authenticated_nodes: bool = False) -> None:
         self.cfg = cfg
+        # Who a reply's spending is charged to (see account_of): the node id Flower authenticated
+        # in a deployment; in a simulation, the partition the client declares, held to one node.
+        self.authenticated_nodes = authenticated_nodes
+        self._accounts: dict[str, int] = {}  # declared client id -> the node id that first declared it
         self.run_log = run_log
         self.recorder = recorder
         self.evaluate_fn = evaluate_fn
@@ -191,14 +195,14 @@ class FedprivStrategy(Strategy):
         if reply.has_error():
             self._dropped.setdefault(server_round, set()).add(node)
             self._errors.setdefault(server_round, {})[node] = clean_reason(reply.error.reason)
-            if reply.error.code in (BUDGET_EXHAUSTED_CODE, SECAGG_REFUSED_CODE):
+            if reply.error.code in REFUSAL_CODES:
                 self.recorder.record_refusal(server_round, str(node), clean_reason(reply.error.reason))
             return
         if FIT_METRICS not in reply.content.config_records:
             return
         metrics = dict(reply.content.config_records[FIT_METRICS])
         try:
-            client_id = str(int(metrics[CLIENT_ID]))
+            client_id = self.account_of(node, metrics)
             declared = parse_declaration(metrics)
         except (KeyError, TypeError, ValueError) as exc:
             # Spending that cannot be read cannot be accounted: the update is not used.
@@ -211,6 +215,25 @@ class FedprivStrategy(Strategy):
         if epsilon is not None:
             seen[RECORD_EPSILON] = epsilon
         self._replies.setdefault(server_round, {})[node] = seen
+
+    def account_of(self, node: int, metrics: dict[str, Any]) -> str:
+        """The identity a reply's spending is recorded under.
+
+        In a deployment, the node id the SuperLink stamped on the reply: the node authenticated
+        with its registered key, and a client id it declares is ignored, so no node can charge
+        its spending to another or pre-empt another's record of prior spending. In a simulation
+        the engine runs every virtual node itself and the stable identity is the partition the
+        client declares (Flower's simulated node ids change from one process to the next, a
+        resume included); one declared id stays with the node id that first used it, and a second
+        node declaring it is refused (raises ValueError: the reply counts as malformed).
+        """
+        if self.authenticated_nodes:
+            return str(int(node))
+        declared = str(int(metrics[CLIENT_ID]))
+        holder = self._accounts.setdefault(declared, node)
+        if holder != node:
+            raise ValueError(f"client id {declared} is already held by another node in this run")
+        return declared
 
     def observe_exchange(self, sent: list, replies: list) -> None:
         answered = {r.metadata.src_node_id for r in replies}
@@ -432,13 +455,16 @@ class FedprivStrategy(Strategy):
 
 
 def clean_reason(text: str, limit: int = 300) -> str:
-    """One readable line from a client error (Flower's Ray runtime wraps it in a traceback)."""
-    text = _ANSI.sub("", str(text))
+    """One readable line from a client error (Flower's Ray runtime wraps it in a traceback), at
+    most ``limit`` characters of printable text: a client's reason goes into the run's ledger and
+    report, so it can neither grow them without bound nor smuggle control characters into them."""
+    text = _ANSI.sub("", str(text)[-64 * limit:])
     match = re.search(r"Message: (.+?)'?>?\s*$", text, re.S)
     if match:
         text = match.group(1)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     line = lines[-1] if lines else "unknown error"
+    line = "".join(c if c.isprintable() else "?" for c in line)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

@@ -120,7 +120,7 @@ def check_spend_declarations(metrics: dict[str, Any]) -> None:
 # ---- one client, in process -------------------------------------------------------------------
 SETTINGS = ["data.dataset=digits", "model.name=mlp", "model.mlp_units=16", "client.batch_size=16",
             "dp.noise_multiplier=1.1", "user_dp.enabled=true", "user_dp.noise_mode=central",
-            "user_dp.clipping_norm=0.01"]
+            "user_dp.clipping_norm=0.01", "privacy.record_budget=8"]
 
 
 def _one_reply(tmp_path, cfg, dataset, weights, name: str, records: int):

@@ -27,7 +27,14 @@ def _task_identity():
 
 
 SETTINGS = ["data.dataset=digits", "model.name=mlp", "model.mlp_units=16", "client.batch_size=16",
-            "secure_aggregation.enabled=false", "dp.noise_multiplier=1.1"]
+            "secure_aggregation.enabled=false", "dp.noise_multiplier=1.1", "privacy.record_budget=5"]
+
+
+def _policy(tmp_path):
+    """A node policy that accepts these runs without SecAgg+ (the default policy requires it)."""
+    path = tmp_path / "node-policy.toml"
+    path.write_text("[secure_aggregation]\nrequired = false\n")
+    return str(path)
 
 
 def _fit_message(weights, server_round):
@@ -48,7 +55,8 @@ def test_a_node_trains_on_its_own_file_and_keeps_its_own_ledger(tmp_path):
     data = tmp_path / "alice.npz"
     np.savez(data, x=dataset.x_train[:80], y=dataset.y_train[:80])
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "node-name": "alice",
-                                                        "state-dir": str(tmp_path / "state")},
+                                                        "state-dir": str(tmp_path / "state"),
+                                                        "policy-path": _policy(tmp_path)},
                       state=RecordDict(), run_config=cfg.to_flat())
     app = make_client_app(cfg)
     reply = app(_fit_message(weights, 1), context)
@@ -74,7 +82,8 @@ def test_a_node_with_a_wrong_shaped_file_is_refused_clearly(tmp_path):
     cfg, dataset, weights = _setup(tmp_path)
     data = tmp_path / "bad.npz"
     np.savez(data, x=np.zeros((20, 5, 5)), y=np.zeros(20))
-    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data)}, state=RecordDict(),
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "policy-path": _policy(tmp_path)},
+                      state=RecordDict(),
                       run_config=cfg.to_flat())
     with pytest.raises(DataError, match="but the federation's model takes"):
         make_client_app(cfg)(_fit_message(weights, 1), context)
