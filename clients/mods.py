@@ -117,6 +117,16 @@ def make_secure_aggregation_mod(config: RunConfig | None = None):
 
 def _secure_aggregation(msg: Message, context: Context, call_next, config: RunConfig | None) -> Message:
     if not is_secagg_message(msg):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            cfg = config_from_run_config(context.run_config, config)
+            policy = node_policy(context)
+            if cfg.secure_aggregation.enabled or (policy is not None and policy.require_secagg):
+                # A server that asks for a plain training reply in a SecAgg+ run would see this
+                # node's update alone: refused, as every other deviation.
+                reason = ("SecAgg+ refused: the server asked for a plain training reply in a run "
+                          "that uses SecAgg+ (the update would leave this node unmasked)")
+                record_refusal(context, cfg, _message_round(msg), reason)
+                return Message(Error(code=SECAGG_REFUSED_CODE, reason=reason), reply_to=msg)
         return call_next(msg, context)
     cfg = config_from_run_config(context.run_config, config)
     policy = node_policy(context)

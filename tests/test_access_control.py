@@ -26,7 +26,7 @@ from common.data import load_dataset
 from common.errors import ConfigError
 from common.ledger import verify_ledger
 from common.models import build_model, resolve_model_name
-from common.protocol import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, RUN_ID, SERVER_ROUND
+from common.protocol import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, RUN_ID, SECAGG_REFUSED_CODE, SERVER_ROUND
 from server.privacy import PrivacyRecorder
 from simulations.presets import preset_layers
 from server.run_log import RunLog
@@ -107,6 +107,17 @@ def test_a_run_the_policy_accepts_trains(tmp_path):
     reply = make_client_app(cfg)(_train_message(cfg, 1), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else None
     assert [e["kind"] for e in _node_entries(tmp_path)] == ["record_level"]
+
+
+def test_a_plain_training_request_in_a_secagg_run_is_refused(tmp_path):
+    """A server that skips SecAgg+ and asks for the update in clear gets a refusal, not the update."""
+    cfg = load_config(overrides=ACCEPTED)
+    assert cfg.secure_aggregation.enabled
+    reply = make_client_app(cfg)(_train_message(cfg, 1), _node(tmp_path, cfg))
+    assert reply.has_error() and reply.error.code == SECAGG_REFUSED_CODE
+    assert "plain training reply" in reply.error.reason
+    assert [e["kind"] for e in _node_entries(tmp_path)] == ["secagg_refusal"]
+    assert not (tmp_path / "state" / "alice" / TRAINING_LOG).exists()
 
 
 def _epsilon(rounds, q, steps, z, delta=1e-5):

@@ -120,15 +120,18 @@ def check_spend_declarations(metrics: dict[str, Any]) -> None:
 # ---- one client, in process -------------------------------------------------------------------
 SETTINGS = ["data.dataset=digits", "model.name=mlp", "model.mlp_units=16", "client.batch_size=16",
             "dp.noise_multiplier=1.1", "user_dp.enabled=true", "user_dp.noise_mode=central",
-            "user_dp.clipping_norm=0.01", "privacy.record_budget=8"]
+            "user_dp.clipping_norm=0.01", "privacy.record_budget=8", "secure_aggregation.enabled=false"]
 
 
 def _one_reply(tmp_path, cfg, dataset, weights, name: str, records: int):
     """A node holding ``records`` training records answers one round; its reply and its own log."""
     data = tmp_path / f"{name}.npz"
     np.savez(data, x=dataset.x_train[:records], y=dataset.y_train[:records])
+    policy = tmp_path / "policy.toml"  # plain replies need a node that accepts a run without SecAgg+
+    policy.write_text("[secure_aggregation]\nrequired = false\n")
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "node-name": name,
-                                                        "state-dir": str(tmp_path / "state")},
+                                                        "state-dir": str(tmp_path / "state"),
+                                                        "policy-path": str(policy)},
                       state=RecordDict(), run_config=cfg.to_flat())
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(weights), {"server-round": 1}), True)
     reply = make_client_app(cfg)(Message(content=content, dst_node_id=7, message_type="train", group_id="1"),
@@ -138,13 +141,14 @@ def _one_reply(tmp_path, cfg, dataset, weights, name: str, records: int):
     return reply, logged
 
 
-def test_a_reply_under_secagg_and_user_dp_carries_only_its_id_and_its_spend(tmp_path):
-    """The plain reply a client hands to SecAgg+ (what the server sees of it besides the masked
-    vector): the client id and the spend declarations; its loss, counts and norm stay on the node.
+def test_a_reply_under_user_dp_carries_only_its_id_and_its_spend(tmp_path):
+    """The plain reply of a client (under SecAgg+, the same reply is handed to the mask, and this is
+    what the server sees of it besides the masked vector): the client id and the spend
+    declarations; its loss, counts and norm stay on the node.
     Two nodes with different amounts of data declare the same spend: the one planned for the
     run's public schedule size, so the spend reveals neither count."""
     cfg = load_config(overrides=SETTINGS)
-    assert cfg.secure_aggregation.enabled and cfg.user_dp.enabled and cfg.dp.enabled
+    assert cfg.user_dp.enabled and cfg.dp.enabled
     dataset = load_dataset(cfg.data, cfg.run.seed)
     model = build_model(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, dataset.input_shape,
                         dataset.num_classes)
