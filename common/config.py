@@ -79,6 +79,13 @@ class RunSection:
         "the checkpoint key in the environment ($FEDPRIV_CHECKPOINT_KEY or "
         "$FEDPRIV_CHECKPOINT_KEY_FILE). fedpriv simulate --resume RUN_DIR sets both.",
     )
+    app_signature: str = _setting(
+        "",
+        "The app bundle's signature by the federation's app-signing key, which fedpriv nodes check "
+        "before they run any of the app's code (docs/deployment.md, 'Signed apps'). Set by fedpriv "
+        "server run (or printed by fedpriv app sign for a plain flwr run), never by hand; unused in "
+        "simulation.",
+    )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
 - node authentication key pairs in the OpenSSH format Flower's SuperNode reads
   (``--auth-supernode-private-key``) and ``flwr supernode register`` accepts (EC, NIST P-384);
 - the server's Ed25519 ledger-signing key;
+- the federation's Ed25519 app-signing key: nodes run only apps signed with it
+  (:mod:`common.appsign`; keep it where runs are submitted, give nodes ``app-signing.pub``);
 - an AES-256 key for encrypting checkpoints at rest (``$FEDPRIV_CHECKPOINT_KEY_FILE``);
 - the node roster (``roster.signed``): the node public keys, signed by the CA key, which the
   SuperLink's ServerApps send to nodes so that they can check each other's SecAgg+ keys
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.appsign import APP_KEY, APP_PUB, new_signing_pair
 from common.checkpoint import encode_key, new_key
 from common.errors import FedprivError
 from common.roster import sign_roster
@@ -120,10 +123,17 @@ def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[
     files.append(KeyFile(out / LEDGER_KEY, _pem_private(ledger_key), True))
     files.append(KeyFile(out / LEDGER_PUB, ledger_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), False))
+    files += app_signing_keys(out)
     files.append(KeyFile(out / CHECKPOINT_KEY, encode_key(new_key()), True))
     node_pubs = [f.data.decode() for f in files if f.path.parent == out / NODES_DIR and f.path.suffix == ".pub"]
     files.append(KeyFile(out / ROSTER, sign_roster(ca_key, [_key_text(p) for p in node_pubs]), False))
     return files
+
+
+def app_signing_keys(out: Path) -> list[KeyFile]:
+    """A fresh app-signing key pair (``app-signing.key``, ``app-signing.pub``)."""
+    private, public = new_signing_pair()
+    return [KeyFile(out / APP_KEY, private, True), KeyFile(out / APP_PUB, public, False)]
 
 
 def _key_text(openssh_line: str) -> str:

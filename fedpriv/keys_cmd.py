@@ -18,12 +18,16 @@ def add_parser(sub: Any) -> None:
             "superlink.key), node authentication key pairs in the OpenSSH format Flower's "
             "SuperNode reads (nodes/node-N, nodes/node-N.pub; register the .pub files with the "
             "SuperLink), the server's ledger-signing key (ledger-signing.key, "
-            "ledger-signing.pub), an AES-256 checkpoint key (checkpoint.key; point "
+            "ledger-signing.pub), the app-signing key (app-signing.key, app-signing.pub: nodes run "
+            "only Flower apps signed with it; fedpriv server run signs with it, give nodes the .pub), "
+            "an AES-256 checkpoint key (checkpoint.key; point "
             "$FEDPRIV_CHECKPOINT_KEY_FILE at it), and the node roster (roster.signed: the node keys "
             "signed by the CA, against which nodes check each other's SecAgg+ keys). Private keys get "
             "mode 0600. Existing files are never replaced unless --force is given; then nothing at all "
             "is written. With --sign-roster, only roster.signed is written again, over DIR/nodes/*.pub "
-            "and every --node-key (keep ca.key offline: sign there, copy roster.signed to the server)."
+            "and every --node-key (keep ca.key offline: sign there, copy roster.signed to the server). "
+            "With --app-key-only, only the app-signing key pair is written (for a key directory made "
+            "before fedpriv signed apps)."
         ),
     )
     keys.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the keys")
@@ -37,11 +41,13 @@ def add_parser(sub: Any) -> None:
                       help="only re-sign DIR/roster.signed with DIR/ca.key (after nodes join)")
     keys.add_argument("--node-key", dest="node_keys", action="append", default=[], type=Path, metavar="F.pub",
                       help="with --sign-roster: a further node public key to put on the roster (repeatable)")
+    keys.add_argument("--app-key-only", action="store_true",
+                      help="only write the app-signing key pair (app-signing.key, app-signing.pub)")
     keys.set_defaults(func=cmd_keys)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from common.keys import federation_keys, roster_file, write_keys
+    from common.keys import app_signing_keys, federation_keys, roster_file, write_keys
     from common.rundir import write_atomic
 
     if args.sign_roster:
@@ -54,10 +60,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
         from common.errors import FedprivError
 
         raise FedprivError("--node-key goes with --sign-roster")
+    if args.app_key_only:
+        files = app_signing_keys(args.out)
+        write_keys(files, args.force)
+        for f in files:
+            print(f"{'private' if f.private else 'public '}  {f.path}")
+        print(f"next: give each node {args.out / 'app-signing.pub'} (fedpriv node join --trust); "
+              f"fedpriv server run signs with {args.out / 'app-signing.key'}")
+        return EXIT_OK
     files = federation_keys(args.out, args.hosts, args.nodes, args.days)
     write_keys(files, args.force)
     for f in files:
         print(f"{'private' if f.private else 'public '}  {f.path}")
     print(f"next: start the SuperLink with {args.out / 'superlink.crt'} and register each "
-          f"{args.out / 'nodes'}/node-N.pub; give each node its private key and {args.out / 'ca.crt'}")
+          f"{args.out / 'nodes'}/node-N.pub; give each node its private key, {args.out / 'ca.crt'} "
+          f"and {args.out / 'app-signing.pub'}")
     return EXIT_OK
