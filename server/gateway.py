@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("fedpriv")
 
@@ -40,6 +42,53 @@ def allowed(method: str, path: str) -> bool:
     return any(method == m and (path == p or (p.endswith("/") and path.startswith(p))) for m, p in ALLOWED)
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+class BadRequest(ValueError):
+    """A request head this gateway will not forward (answered with 400)."""
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, list[tuple[bytes, bytes]], int]:
+    """Method, target, version, headers and Content-Length of one request head (ending CRLF CRLF),
+    parsed strictly: CRLF line ends only (no bare LF or CR), no folded or empty-named header lines,
+    header names that are tokens, values without control characters, one Content-Length of digits
+    and no Transfer-Encoding. The forwarded head is rebuilt from the parsed values, so another
+    HTTP parser upstream cannot read it differently."""
+    if not head.endswith(b"\r\n\r\n"):
+        raise BadRequest("the request head does not end with CRLF CRLF")
+    lines = head[:-4].split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        raise BadRequest("a bare LF or CR in the request head")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1] or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise BadRequest("malformed request line")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if not _TOKEN.fullmatch(parts[0]) or not target.startswith("/"):
+        raise BadRequest("malformed request line")
+    headers: list[tuple[bytes, bytes]] = []
+    length: int | None = None
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest("folded header lines are not accepted")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise BadRequest("a malformed header name")
+        value = value.strip(b" \t")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise BadRequest("a control character in a header value")
+        key = name.lower()
+        if key == b"transfer-encoding":
+            raise BadRequest("chunked requests are not forwarded")
+        if key == b"content-length":
+            if length is not None or not value.isdigit() or len(value) > 18:
+                raise BadRequest("a malformed or repeated Content-Length")
+            length = int(value)
+        headers.append((key, value))
+    return method, target, version, headers, length or 0
+
+
 def _response(status: str, text: str) -> bytes:
     body = (text + "\n").encode()
     return (f"HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
@@ -48,27 +97,39 @@ def _response(status: str, text: str) -> bytes:
 
 @dataclass
 class Gateway:
-    """Listens on ``host:port`` with TLS; forwards allowed requests to the SuperLink."""
+    """Listens on ``host:port`` with TLS (plain when ``certfile`` is None: a loopback forwarder);
+    forwards allowed requests to ``upstream`` over TLS verified against ``ca``, presenting
+    ``client_cert`` (certificate, key) there if given."""
 
     host: str
     port: int
-    certfile: Path
-    keyfile: Path
+    certfile: Path | None
+    keyfile: Path | None
     upstream_host: str
     upstream_port: int
     ca: Path
+    client_cert: tuple[Path, Path] | None = None
+    buffer_body: bool = False  # read a request's whole body before authorize() sees it
+    handshake_in_handler: bool = False  # TLS after accepting, so a refused handshake is seen
+    max_body: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.server_context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.server_context.load_cert_chain(str(self.certfile), str(self.keyfile))
+        self.server_context = self.make_server_context() if self.certfile is not None else None
         self.client_context = ssl.create_default_context(cafile=str(self.ca))
         self.client_context.check_hostname = False  # loopback; the chain is still verified
+        if self.client_cert is not None:
+            self.client_context.load_cert_chain(str(self.client_cert[0]), str(self.client_cert[1]))
         self.refused = 0
         self.forwarded = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+
+    def make_server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.certfile), str(self.keyfile))
+        return context
 
     # ---- lifecycle (a daemon thread with its own event loop) -------------------------------
     def start(self) -> None:
@@ -84,9 +145,12 @@ class Gateway:
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
         try:
+            tls = None if self.handshake_in_handler else self.server_context
             server = self._loop.run_until_complete(asyncio.start_server(
-                self._handle, self.host, self.port, ssl=self.server_context, ssl_handshake_timeout=20,
+                self._handle, self.host, self.port, ssl=tls, ssl_handshake_timeout=20 if tls else None,
                 limit=MAX_HEAD))
+            if self.port == 0:
+                self.port = server.sockets[0].getsockname()[1]
         except OSError as exc:
             self._error = exc
             self._ready.set()
@@ -98,8 +162,18 @@ class Gateway:
             server.close()
 
     # ---- one connection: one request ------------------------------------------------------
+    def handshake_refused(self, reason: str) -> None:
+        """A TLS handshake failed (only seen with ``handshake_in_handler``): a hook."""
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if self.handshake_in_handler and self.server_context is not None:
+                try:
+                    await writer.start_tls(self.server_context, ssl_handshake_timeout=20)
+                except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+                    self.refused += 1
+                    self.handshake_refused(getattr(exc, "reason", None) or type(exc).__name__)
+                    return
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError,
                 asyncio.TimeoutError, OSError):
@@ -107,36 +181,49 @@ class Gateway:
         finally:
             writer.close()
 
+    def authorize(self, method: str, path: str, peer: Any, body: bytes | None) -> str | None:
+        """Why this request is refused (None: forward it). ``peer`` is the TLS connection's
+        ``ssl_object``; ``body`` the request body with ``buffer_body`` (else None). The nodes'
+        gateway serves the Fleet API and the health check only."""
+        if allowed(method, path):
+            return None
+        return "fedpriv gateway: only the Fleet API is served here"
+
+    def forwarded_response(self, method: str, path: str, peer: Any, first: bytes) -> None:
+        """Called with the first bytes of the upstream's response to a forwarded request (its
+        status line, headers and, for small replies, the body): a hook for the operators' gateway."""
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=60)
-        lines = head[:-4].split(b"\r\n")
         try:
-            method, path, version = lines[0].decode("latin-1").split(" ")
-        except ValueError:
-            writer.write(_response("400 Bad Request", "malformed request"))
-            return
-        if not allowed(method, path):
-            self.refused += 1
-            writer.write(_response("403 Forbidden", "fedpriv gateway: only the Fleet API is served here"))
+            method, path, version, parsed, length = parse_head(head)
+        except BadRequest as exc:
+            writer.write(_response("400 Bad Request", f"fedpriv gateway: {exc}"))
             await writer.drain()
             return
-        headers, length = [], 0
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            key = name.strip().lower()
-            if key == b"transfer-encoding":
-                writer.write(_response("411 Length Required", "chunked requests are not forwarded"))
+        peer = writer.get_extra_info("ssl_object")
+        body: bytes | None = None
+        if self.buffer_body:
+            if length > self.max_body:
+                writer.write(_response("413 Content Too Large", "fedpriv gateway: request body too large"))
+                await writer.drain()
                 return
-            if key == b"content-length":
-                length = int(value.strip())
-            if key not in HOP_BY_HOP:
-                headers.append(line)
+            body = await asyncio.wait_for(reader.readexactly(length), timeout=300)
+        refusal = self.authorize(method, path, peer, body)
+        if refusal is not None:
+            self.refused += 1
+            writer.write(_response("403 Forbidden", refusal))
+            await writer.drain()
+            return
+        headers = [name + b": " + value for name, value in parsed if name not in HOP_BY_HOP]
         up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(
             self.upstream_host, self.upstream_port, ssl=self.client_context), timeout=30)
         try:
             up_writer.write(f"{method} {path} {version}\r\n".encode("latin-1")
                             + b"".join(h + b"\r\n" for h in headers) + b"connection: close\r\n\r\n")
-            remaining = length
+            remaining = 0 if body is not None else length
+            if body is not None:
+                up_writer.write(body)
             while remaining > 0:
                 chunk = await reader.read(min(CHUNK, remaining))
                 if not chunk:
@@ -146,10 +233,14 @@ class Gateway:
                 await up_writer.drain()
             await up_writer.drain()
             self.forwarded += 1
+            first = True
             while True:
                 chunk = await up_reader.read(CHUNK)
                 if not chunk:
                     break
+                if first:
+                    self.forwarded_response(method, path, peer, chunk)
+                    first = False
                 writer.write(chunk)
                 await writer.drain()
         finally:

@@ -1,0 +1,174 @@
+"""The operators' port: mutual TLS with CA-issued operator certificates, roles, revocation without
+a restart, and a signed log of every attempt.
+
+The gateway under test is real (TLS, certificate checks, forwarding); the SuperLink behind it is
+a small HTTPS stand-in that answers every forwarded Control API call, so the tests can see what
+got through.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.proto.control_pb2 import StartRunResponse, StopRunRequest
+
+from common.keys import federation_keys, write_keys
+from common.ledger import verify_ledger
+from common.operators import issue_operator
+from server.operators import OPERATOR_LOG, OperatorGateway, revoke_operator
+
+
+class _FakeSuperLink(BaseHTTPRequestHandler):
+    calls: list[str] = []
+    next_run = 41
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).calls.append(self.path)
+        body = b""
+        if self.path == "/v1/control/start-run":
+            type(self).next_run += 1
+            body = StartRunResponse(run_id=type(self).next_run).SerializeToString()
+        self.send_response(200)
+        self.send_header("content-type", "application/protobuf")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("operators")
+    keys, other = root / "keys", root / "other"
+    write_keys(federation_keys(keys, ["localhost"], 0, 1), force=False)
+    write_keys(federation_keys(other, ["localhost"], 0, 1), force=False)
+    certs = {}
+    for name, role, ca in [("ada", "admin", keys), ("rita", "researcher", keys), ("rob", "researcher", keys),
+                           ("aud", "auditor", keys), ("eve", "admin", other), ("rex", "researcher", keys)]:
+        key_pem, cert_pem = issue_operator((ca / "ca.crt").read_bytes(), (ca / "ca.key").read_bytes(), name, role)
+        (root / f"{name}.key").write_bytes(key_pem)
+        (root / f"{name}.crt").write_bytes(cert_pem)
+        certs[name] = (root / f"{name}.crt", root / f"{name}.key")
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSuperLink)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(keys / "superlink.crt"), str(keys / "superlink.key"))
+    upstream.socket = context.wrap_socket(upstream.socket, server_side=True)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    state = root / "state"
+    gateway = OperatorGateway("127.0.0.1", 0, keys / "superlink.crt", keys / "superlink.key", "127.0.0.1",
+                              upstream.server_address[1], keys / "ca.crt", state, Ed25519PrivateKey.generate())
+    gateway.start()
+    yield {"keys": keys, "certs": certs, "gateway": gateway, "state": state}
+    gateway.stop()
+    upstream.shutdown()
+
+
+def call(federation, who: str | None, action: str, body: bytes = b"") -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(federation["keys"] / "ca.crt"))
+    if who is not None:
+        cert, key = federation["certs"][who]
+        context.load_cert_chain(str(cert), str(key))
+    conn = http.client.HTTPSConnection("127.0.0.1", federation["gateway"].port, timeout=30, context=context)
+    try:
+        conn.request("POST", f"/v1/control/{action}", body=body,
+                     headers={"content-type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read().decode("latin-1")
+    except (ssl.SSLError, ConnectionError):
+        return 0, "TLS refused"
+    finally:
+        conn.close()
+
+
+def _log(federation, at_least: int = 0):
+    """The operator log's entries once it holds ``at_least`` (a refused handshake is logged by the
+    gateway's thread after the client has already seen the failure)."""
+    deadline = time.monotonic() + 10
+    while True:
+        report = verify_ledger(federation["state"] / OPERATOR_LOG)
+        if (report.ok and len(report.entries) >= at_least) or time.monotonic() > deadline:
+            assert report.ok, report.failures
+            return report.entries
+        time.sleep(0.05)
+
+
+def test_roles_allow_only_their_calls_and_every_attempt_is_logged(federation):
+    before = len(_FakeSuperLink.calls)
+    assert call(federation, "aud", "start-run")[0] == 403  # an auditor submitting a run
+    status, text = call(federation, "rita", "register-node")  # a researcher registering a node
+    assert status == 403 and "role researcher may not" in text
+    assert call(federation, "aud", "list-runs")[0] == 200
+    assert call(federation, "ada", "register-node")[0] == 200
+    assert _FakeSuperLink.calls[before:] == ["/v1/control/list-runs", "/v1/control/register-node"]
+    entries = [e for e in _log(federation) if e["parameters"]["action"] in ("start-run", "register-node", "list-runs")]
+    assert [(e["actor"], e["parameters"]["action"], e["parameters"]["allowed"]) for e in entries[-4:]] == [
+        ("operator:aud", "start-run", False), ("operator:rita", "register-node", False),
+        ("operator:aud", "list-runs", True), ("operator:ada", "register-node", True)]
+
+
+def test_a_researcher_follows_and_stops_only_its_own_runs(federation):
+    assert call(federation, "rita", "start-run")[0] == 200
+    (started,) = [e for e in _log(federation) if e["parameters"]["action"] == "start-run"
+                  and e["parameters"]["allowed"] and e["actor"] == "operator:rita"][-1:]
+    run = int(started["parameters"]["run_id"])
+    own = StopRunRequest(run_id=run).SerializeToString()
+    assert call(federation, "rita", "stream-logs", own)[0] == 200
+    status, text = call(federation, "rob", "stop-run", own)
+    assert status == 403 and "only runs it submitted" in text
+    assert call(federation, "ada", "stop-run", own)[0] == 200  # an admin stops any run
+    assert call(federation, "rita", "stop-run", own)[0] == 200
+
+
+@pytest.mark.parametrize("who", [None, "eve"])
+def test_no_certificate_or_one_from_another_ca_is_refused_and_logged(federation, who):
+    before = len(_log(federation))
+    status, _ = call(federation, who, "list-runs")
+    assert status == 0  # the TLS handshake fails: nothing reaches the SuperLink
+    new = _log(federation, before + 1)[before:]
+    assert [(e["actor"], e["parameters"]["action"], e["parameters"]["allowed"]) for e in new] == [
+        ("operator:unknown", "connect", False)]
+    assert "no valid operator certificate" in new[0]["note"]
+
+
+def test_a_revoked_certificate_is_refused_without_a_restart(federation):
+    assert call(federation, "rex", "list-runs")[0] == 200
+    who = revoke_operator(federation["state"], federation["certs"]["rex"][0])
+    assert who.name == "rex" and who.role == "researcher"
+    status, text = call(federation, "rex", "list-runs")
+    assert status == 403 and "revoked" in text
+    assert _log(federation)[-1]["note"] == "certificate revoked"
+    assert call(federation, "rita", "list-runs")[0] == 200  # others are unaffected
+
+
+def test_operator_names_and_roles_are_checked_when_issued(federation):
+    from common.errors import FedprivError
+
+    ca = federation["keys"]
+    for name, role in [("bad name", "admin"), ("ok", "root")]:
+        with pytest.raises(FedprivError):
+            issue_operator((ca / "ca.crt").read_bytes(), (ca / "ca.key").read_bytes(), name, role)
+
+
+def test_a_malformed_request_head_is_a_400(federation):
+    import socket
+
+    context = ssl.create_default_context(cafile=str(federation["keys"] / "ca.crt"))
+    context.load_cert_chain(*(str(p) for p in federation["certs"]["ada"]))
+    for head in (b"POST /v1/control/list-runs HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+                 b"POST /v1/control/list-runs HTTP/1.1\r\nhost: a\r\n folded\r\n\r\n",
+                 b"POST /v1/control/list-runs HTTP/1.1\nhost: a\r\n\r\n",
+                 b"POST /v1/control/list-runs HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", federation["gateway"].port), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(head)
+                assert tls.recv(4096).startswith(b"HTTP/1.1 400"), head
+
