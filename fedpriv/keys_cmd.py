@@ -27,7 +27,10 @@ def add_parser(sub: Any) -> None:
             "is written. With --sign-roster, only roster.signed is written again, over DIR/nodes/*.pub "
             "and every --node-key (keep ca.key offline: sign there, copy roster.signed to the server). "
             "With --app-key-only, only the app-signing key pair is written (for a key directory made "
-            "before fedpriv signed apps)."
+            "before fedpriv signed apps). With --operator NAME --role ROLE, only an operator's "
+            "key and client certificate signed by DIR/ca.key are written (operators/NAME.key, "
+            "operators/NAME.crt): admin (register and revoke nodes, stop runs), researcher (submit "
+            "runs, follow its own) or auditor (list runs and nodes; read ledgers and reports)."
         ),
     )
     keys.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the keys")
@@ -43,6 +46,10 @@ def add_parser(sub: Any) -> None:
                       help="with --sign-roster: a further node public key to put on the roster (repeatable)")
     keys.add_argument("--app-key-only", action="store_true",
                       help="only write the app-signing key pair (app-signing.key, app-signing.pub)")
+    keys.add_argument("--operator", metavar="NAME",
+                      help="only issue an operator certificate for NAME (with --role), signed by DIR/ca.key")
+    keys.add_argument("--role", choices=("admin", "researcher", "auditor"),
+                      help="with --operator: what the operator may do on the operators' port")
     keys.set_defaults(func=cmd_keys)
 
 
@@ -60,6 +67,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         from common.errors import FedprivError
 
         raise FedprivError("--node-key goes with --sign-roster")
+    if args.operator or args.role:
+        return _issue_operator(args)
     if args.app_key_only:
         files = app_signing_keys(args.out)
         write_keys(files, args.force)
@@ -75,4 +84,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"next: start the SuperLink with {args.out / 'superlink.crt'} and register each "
           f"{args.out / 'nodes'}/node-N.pub; give each node its private key, {args.out / 'ca.crt'} "
           f"and {args.out / 'app-signing.pub'}")
+    return EXIT_OK
+
+
+def _issue_operator(args: argparse.Namespace) -> int:
+    from common.errors import FedprivError
+    from common.keys import CA_CERT, CA_KEY, KeyFile, write_keys
+    from common.operators import OPERATORS_DIR, issue_operator
+
+    if not (args.operator and args.role):
+        raise FedprivError("--operator NAME and --role ROLE go together")
+    try:
+        ca_cert, ca_key = (args.out / CA_CERT).read_bytes(), (args.out / CA_KEY).read_bytes()
+    except OSError as exc:
+        raise FedprivError(f"cannot read the federation CA in {args.out} ({exc.strerror}); "
+                           "issue operator certificates where ca.key is") from None
+    key_pem, cert_pem = issue_operator(ca_cert, ca_key, args.operator, args.role, args.days)
+    folder = args.out / OPERATORS_DIR
+    files = [KeyFile(folder / f"{args.operator}.key", key_pem, True),
+             KeyFile(folder / f"{args.operator}.crt", cert_pem, False)]
+    write_keys(files, args.force)
+    for f in files:
+        print(f"{'private' if f.private else 'public '}  {f.path}")
+    print(f"next: give {args.operator} both files and {args.out / CA_CERT}; they reach the operators' port "
+          f"with fedpriv operator connect (or fedpriv server run --operator-cert/--operator-key)")
     return EXIT_OK

@@ -139,7 +139,7 @@ class Gateway:
             raise self._error
 
     def stop(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     def _run(self) -> None:
@@ -160,6 +160,16 @@ class Gateway:
             self._loop.run_forever()
         finally:
             server.close()
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                async def drain() -> None:
+                    await asyncio.gather(*pending, return_exceptions=True)
+
+                self._loop.run_until_complete(drain())
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
     # ---- one connection: one request ------------------------------------------------------
     def handshake_refused(self, reason: str) -> None:
@@ -245,3 +255,18 @@ class Gateway:
                 await writer.drain()
         finally:
             up_writer.close()
+
+
+class Forwarder(Gateway):
+    """A plain listener on loopback that forwards every request to a TLS server verified by name
+    against ``ca``, presenting ``client_cert``: how Flower's ``flwr`` CLI, which cannot present a
+    client certificate, reaches the operators' port (``fedpriv operator connect``). The operators'
+    gateway decides what is allowed; this only carries the operator's certificate."""
+
+    def __init__(self, port: int, upstream_host: str, upstream_port: int, ca: Path,
+                 client_cert: tuple[Path, Path], host: str = "127.0.0.1") -> None:
+        super().__init__(host, port, None, None, upstream_host, upstream_port, ca, client_cert=client_cert)
+        self.client_context.check_hostname = True  # a remote operators' port: verify its name too
+
+    def authorize(self, method: str, path: str, peer: Any, body: bytes | None) -> str | None:
+        return None

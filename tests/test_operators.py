@@ -172,3 +172,57 @@ def test_a_malformed_request_head_is_a_400(federation):
                 tls.sendall(head)
                 assert tls.recv(4096).startswith(b"HTTP/1.1 400"), head
 
+
+
+def test_flwr_reaches_the_operators_port_through_fedpriv_operator_connect(federation):
+    """The local forwarder carries the operator's certificate: a plain loopback request gets the
+    operator's rights, and the log names the operator."""
+    from fedpriv.operator_cmd import start_forwarder
+
+    cert, key = federation["certs"]["rita"]
+    forwarder = start_forwarder(f"127.0.0.1:{federation['gateway'].port}", federation["keys"] / "ca.crt",
+                                cert, key, 0)
+    try:
+        for action, expected in (("list-runs", 200), ("register-node", 403)):
+            conn = http.client.HTTPConnection("127.0.0.1", forwarder.port, timeout=30)
+            conn.request("POST", f"/v1/control/{action}", body=b"", headers={"content-type": "application/protobuf"})
+            assert conn.getresponse().status == expected, action
+            conn.close()
+    finally:
+        forwarder.stop()
+    assert [(e["actor"], e["parameters"]["action"]) for e in _log(federation)[-2:]] == [
+        ("operator:rita", "list-runs"), ("operator:rita", "register-node")]
+
+
+def test_operator_connect_refuses_bad_input_in_one_line(federation, tmp_path):
+    from common.errors import FedprivError
+    from fedpriv.operator_cmd import start_forwarder
+
+    cert, key = federation["certs"]["rita"]
+    garbage = tmp_path / "not-a-cert.pem"
+    garbage.write_text("hello")
+    for args in (("no-port", federation["keys"] / "ca.crt", cert, key),
+                 ("127.0.0.1:1", garbage, cert, key),
+                 ("127.0.0.1:1", federation["keys"] / "ca.crt", cert, garbage)):
+        with pytest.raises(FedprivError) as err:
+            start_forwarder(*args, 0)
+        assert "\n" not in str(err.value)
+
+
+def test_fedpriv_keys_issues_operator_certificates_the_gateway_accepts(tmp_path, capsys):
+    from cryptography import x509
+
+    from common.operators import operator_of
+    from fedpriv.cli import main
+
+    assert main(["keys", "--out", str(tmp_path), "--nodes", "0"]) == 0
+    assert main(["keys", "--out", str(tmp_path), "--operator", "olga", "--role", "auditor"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "operators" / "olga.crt").read_bytes())
+    assert operator_of(cert).name == "olga" and operator_of(cert).role == "auditor"
+    assert (tmp_path / "operators" / "olga.key").stat().st_mode & 0o777 == 0o600
+    capsys.readouterr()
+    assert main(["keys", "--out", str(tmp_path), "--operator", "olga", "--role", "auditor"]) != 0  # no overwrite
+    assert main(["keys", "--out", str(tmp_path), "--operator", "olga"]) != 0
+    assert main(["keys", "--out", str(tmp_path / "none"), "--operator", "x", "--role", "admin"]) != 0
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
