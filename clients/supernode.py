@@ -1,16 +1,18 @@
 """``fedpriv node join``: this machine and its own data join a real federation.
 
 Before anything starts, the node checks its data against the federation's configuration, its
-key and the CA certificate, that the SuperLink is reachable (a bounded number of tries) and
-that it presents a certificate the CA signed. Then it runs Flower's ``flower-supernode`` with
-TLS and node authentication, and fedpriv's ClientApp trains on the node's file under the
-node's own record-level budget, kept in a signed ledger in its state directory, so spending
-carries across runs and restarts. Without TLS (``--insecure``) it warns loudly and cannot
+key and the CA certificate, the app-signing keys it trusts, that the SuperLink is reachable (a
+bounded number of tries) and that it presents a certificate the CA signed. Then it runs Flower's
+``flower-supernode`` with TLS and node authentication, in process isolation beside fedpriv's app
+gate (:mod:`clients.app_gate`), so that only apps signed by a trusted key run on the node, and
+fedpriv's ClientApp trains on the node's file under the node's own record-level budget, kept in
+a signed ledger in its state directory, so spending carries across runs and restarts. Without TLS (``--insecure``) it warns loudly and cannot
 authenticate (Flower only authenticates nodes over TLS).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.budget import NodeBudgetGuard
+from common.appsign import APP_PUB, TRUST_ENV, fingerprint, load_trusted_keys
 from common.config import RunConfig
 from common.data import load_dataset, load_node_data
 from common.process import Child, flower_environment, flower_executable
@@ -30,6 +33,10 @@ INSECURE_WARNING = (
     "WARNING: --insecure: this node talks to the SuperLink WITHOUT TLS. Model updates and "
     "privacy records cross the network in plaintext, anyone on the path can read or alter them, "
     "and the node cannot authenticate. Use it only on a trusted test network."
+)
+UNGATED_WARNING = (
+    "WARNING: --insecure without a trusted app-signing key (--trust): this node runs ANY app the "
+    "SuperLink sends it, and such an app can read this node's data."
 )
 
 
@@ -45,6 +52,9 @@ class JoinPlan:
     budget: float
     spent: float
     max_retries: int
+    gate_argv: list[str]  # fedpriv's app gate (clients.app_gate), started beside the SuperNode; [] = none
+    gate_env: dict[str, str]
+    trusted: list[str]  # fingerprints of the app-signing keys the node trusts
 
 
 def _node_config_value(text: str, what: str) -> str:
@@ -56,7 +66,7 @@ def _node_config_value(text: str, what: str) -> str:
 def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None = None,
               auth_key: Path | None = None, budget: float | None = None, name: str | None = None,
               state: Path | None = None, insecure: bool = False, port: int = 9094,
-              max_retries: int = 5, max_wait: float = 120.0) -> JoinPlan:
+              max_retries: int = 5, max_wait: float = 120.0, trust: list[Path] | None = None) -> JoinPlan:
     """Check everything ``join`` needs (and the node's ledger, if it has one); nothing is started or written."""
     address = parse_address(superlink, "--superlink")
     if max_retries < 0 or max_wait <= 0:
@@ -69,6 +79,13 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
                                   "--insecure runs without both, for trusted test networks only")
         load_certificate(root_cert, "root certificate")
         check_node_key(auth_key)
+    trust = [p.resolve() for p in trust or []]
+    if not trust and root_cert is not None and (root_cert.parent / APP_PUB).exists():
+        trust = [(root_cert.parent / APP_PUB).resolve()]  # the keys directory of fedpriv keys
+    if not trust and not insecure:
+        raise DeploymentError(f"no trusted app-signing key: give --trust {APP_PUB} (from fedpriv keys), or put it "
+                              f"next to --root-cert; the node runs only apps signed by a key it trusts")
+    trusted = [fingerprint(k) for k in load_trusted_keys(trust)]
     dataset = load_dataset(cfg.data, cfg.run.seed)  # the federation's input shape and classes
     x, _ = load_node_data(str(data), dataset.input_shape, dataset.num_classes, cfg.data.label_column)
     name = name or (auth_key.name if auth_key else "node")
@@ -96,8 +113,14 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
                  "--auth-supernode-private-key", str(auth_key.resolve())]
     argv += ["--node-config", " ".join(node_config), "--port", str(port),
              "--max-retries", str(max_retries), "--max-wait-time", str(float(max_wait))]
+    gate_argv: list[str] = []
+    if trust:  # Flower's SuperExec is replaced by the app gate, which fedpriv starts beside the SuperNode
+        argv += ["--isolation", "process"]
+        gate_argv = [sys.executable, "-m", "clients.app_gate", "superexec",
+                     "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
     return JoinPlan(argv, flower_environment(), address, None if insecure else root_cert, name,
-                    state_dir, int(len(x)), float(record_budget or 0), spent, max_retries)
+                    state_dir, int(len(x)), float(record_budget or 0), spent, max_retries, gate_argv,
+                    flower_environment({TRUST_ENV: os.pathsep.join(str(p) for p in trust)}), trusted)
 
 
 NOT_REGISTERED = ("code: 2004", "Failed to activate SuperNode")
@@ -126,6 +149,10 @@ def describe(plan: JoinPlan) -> str:
             f"(ledger {plan.state_dir / plan.name})")
     if plan.budget and plan.spent >= plan.budget:
         text += "; the budget is spent: this node will refuse to train"
+    if plan.trusted:
+        text += f"; runs only apps signed by app-signing key {', '.join(plan.trusted)}"
+    else:
+        text += "; runs ANY app (no trusted app-signing key)"
     return text
 
 
@@ -134,13 +161,21 @@ def join(plan: JoinPlan, out: Any = sys.stdout) -> int:
     wait_for_port(plan.superlink, attempts=plan.max_retries + 1)
     if plan.root_cert is None:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    if not plan.gate_argv:
+        print(UNGATED_WARNING, file=sys.stderr, flush=True)
     else:
         check_tls(plan.superlink, plan.root_cert)
     print(f"fedpriv: {describe(plan)}", file=out, flush=True)
     delay = 2.0
     for attempt in range(plan.max_retries + 1):
         child = Child(plan.argv, plan.env)
-        code = child.wait()
+        gate = (Child([*plan.gate_argv, "--parent-pid", str(child.proc.pid)], plan.gate_env)
+                if plan.gate_argv else None)
+        try:
+            code = child.wait()
+        finally:
+            if gate is not None:
+                gate.stop()
         if code == 0:
             return 0
         failure = _failure(child, plan, code)

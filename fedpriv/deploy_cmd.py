@@ -1,4 +1,5 @@
-"""Real federations: ``fedpriv server start|run``, ``fedpriv node join``, ``fedpriv split-data``."""
+"""Real federations: ``fedpriv server start|run``, ``fedpriv node join``, ``fedpriv app sign``,
+``fedpriv split-data``."""
 
 from __future__ import annotations
 
@@ -65,13 +66,19 @@ def add_parser(sub: Any) -> None:
         description=(
             "Validate the run configuration (--preset/--config/--set, as for simulate), then submit "
             "fedpriv's Flower app with it (flwr run --stream) to the SuperLink of --state, or to "
-            "--superlink HOST:PORT verified against --root-cert. Prints the run directory (on the "
+            "--superlink HOST:PORT verified against --root-cert. The app bundle is signed with the "
+            "federation's app-signing key (--app-key; default: app-signing.key in the key directory "
+            "of fedpriv server start --keys, or beside --root-cert), since fedpriv nodes run only "
+            "signed apps. Prints the run directory (on the "
             "SuperLink's machine) when the run ends; audit it there with 'fedpriv audit'."),
     )
     run.add_argument("--state", type=Path, metavar="DIR", help="the --state of fedpriv server start")
     run.add_argument("--superlink", metavar="HOST:PORT", help="a SuperLink elsewhere (needs --root-cert)")
     run.add_argument("--root-cert", type=Path, metavar="CA", help="the federation's CA certificate")
     run.add_argument("--app", type=Path, metavar="DIR", help="fedpriv's Flower app (default: this installation)")
+    run.add_argument("--app-key", type=Path, metavar="FILE",
+                     help="the app-signing key (default: KEYS/app-signing.key of fedpriv server start, "
+                          "or app-signing.key beside --root-cert)")
     run.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                      help="with --state: how long to wait for a SuperLink that is still starting (default 120)")
     _config_options(run, "the run")
@@ -90,7 +97,9 @@ def add_parser(sub: Any) -> None:
             "Check the data file against the federation's configuration (--preset/--config/--set; "
             "the same as the server's), the node key and the CA certificate, that the SuperLink is "
             "reachable (bounded retries) and presents a certificate the CA signed; then run a "
-            "SuperNode with TLS and node authentication and fedpriv's ClientApp. The node enforces "
+            "SuperNode with TLS and node authentication and fedpriv's ClientApp. The node runs only "
+            "Flower apps whose bundle is signed by a key it trusts (--trust; default: app-signing.pub "
+            "beside --root-cert), checked before any of the app's code is installed. The node enforces "
             "its own record-level budget (--budget), kept in a signed ledger under --state, so its "
             "spending carries across runs and restarts. Refuses to run without TLS unless --insecure."),
     )
@@ -113,11 +122,31 @@ def add_parser(sub: Any) -> None:
                       help="connection attempts before giving up (default 5)")
     join.add_argument("--max-wait", type=float, default=120.0, metavar="SECONDS",
                       help="longest time to keep reconnecting (default 120)")
+    join.add_argument("--trust", action="append", default=[], type=Path, metavar="KEY.pub",
+                      help="an app-signing public key whose signed apps this node runs (repeatable; "
+                           "default: app-signing.pub beside --root-cert)")
     join.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (trusted test networks only)")
     _config_options(join, "the federation")
     join.add_argument("--dry-run", action="store_true", help="check everything, print the command, start nothing")
     join.set_defaults(func=cmd_node_join)
+
+    app_parser = sub.add_parser("app", help="sign a Flower app for fedpriv nodes",
+                                description="Sign Flower app bundles for the nodes of a federation (sign).")
+    app_sub = app_parser.add_subparsers(dest="app_command", metavar="COMMAND", required=True)
+    sign = app_sub.add_parser(
+        "sign", help="print the --run-config setting that lets fedpriv nodes run an app",
+        description=(
+            "Build the Flower app bundle (FAB) of APP_DIR exactly as 'flwr run APP_DIR' does, sign "
+            "its hash with the app-signing key, and print the setting to add to flwr run: "
+            "flwr run APP_DIR CONNECTION --run-config 'run.app_signature=\"...\"'. Nodes check it "
+            "before they install the app; any change to the app's files needs a new signature. "
+            "fedpriv server run does this by itself."),
+    )
+    sign.add_argument("--key", required=True, type=Path, metavar="KEY", help="the app-signing key (app-signing.key)")
+    sign.add_argument("app_dir", nargs="?", type=Path, default=Path("."), metavar="APP_DIR",
+                      help="the Flower app's directory (default: .)")
+    sign.set_defaults(func=cmd_app_sign)
 
     split = sub.add_parser(
         "split-data", help="write the configured dataset's training partitions as node data files",
@@ -152,17 +181,23 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
-    from server.superlink import default_app_dir, run_config_string, submit_run
+    from server.superlink import app_key_path, default_app_dir, run_config_string, signed_app, submit_run
 
     if args.resume:
         args.overrides = [*args.overrides, "run.resume=true", f"run.out_dir={args.resume}"]
     cfg = _resolve(args)
     if args.dry_run:
+        import tempfile
+
         app = (args.app or default_app_dir()).resolve()
-        print(shlex.join(["flwr", "run", str(app), "fedpriv", "--run-config", run_config_string(cfg, app),
-                          "--stream"]))
+        key = app_key_path(args.app_key, args.state, args.superlink, args.root_cert)
+        with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as scratch:
+            signature = signed_app(app, key, Path(scratch))
+        print(shlex.join(["flwr", "run", str(app), "fedpriv", "--run-config",
+                          run_config_string(cfg, app, signature), "--stream"]))
         return 0
-    code, run_dir = submit_run(cfg, args.state, args.superlink, args.root_cert, args.app, wait=args.wait)
+    code, run_dir = submit_run(cfg, args.state, args.superlink, args.root_cert, args.app, wait=args.wait,
+                               app_key=args.app_key)
     if run_dir:
         print(f"fedpriv: run directory (on the SuperLink's machine): {run_dir}")
         print(f"fedpriv: audit it with: fedpriv audit {run_dir}")
@@ -176,14 +211,38 @@ def cmd_node_join(args: argparse.Namespace) -> int:
         print("fedpriv: --insecure ignores --root-cert and --auth-key", file=sys.stderr)
     plan = plan_join(_resolve(args), args.superlink, args.data, args.root_cert, args.auth_key,
                      args.budget, args.name, args.state, args.insecure, args.port,
-                     args.max_retries, args.max_wait)
+                     args.max_retries, args.max_wait, args.trust)
     if args.dry_run:
         if args.insecure:
             print(INSECURE_WARNING, file=sys.stderr)
         print(f"fedpriv: {describe(plan)}")
         print(shlex.join(plan.argv))
+        if plan.gate_argv:  # started beside the SuperNode, in place of Flower's SuperExec
+            from common.appsign import TRUST_ENV
+
+            print(f"{TRUST_ENV}={shlex.quote(plan.gate_env[TRUST_ENV])} {shlex.join(plan.gate_argv)} "
+                  f"--parent-pid SUPERNODE_PID")
         return 0
     return join(plan)
+
+
+def cmd_app_sign(args: argparse.Namespace) -> int:
+    from common.appsign import SIGNATURE_SETTING, fab_hash, fingerprint, load_signing_key, sign_app, snapshot_app
+    from common.errors import FedprivError
+
+    import tempfile
+
+    app = args.app_dir.resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise FedprivError(f"{app} is not a Flower app (no pyproject.toml)")
+    key = load_signing_key(args.key)
+    with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as scratch:
+        fab = snapshot_app(app, Path(scratch))  # checks that flwr run rebuilds the same bytes
+    print(f"{SIGNATURE_SETTING}=\"{sign_app(fab, key)}\"")
+    print(f"fedpriv: signed app bundle {fab_hash(fab)[:12]} of {app} with key {fingerprint(key.public_key())}; "
+          f"add the line above to flwr run's --run-config (the app must declare {SIGNATURE_SETTING} = \"\" "
+          f"in [tool.flwr.app.config]); change any file and it needs signing again", file=sys.stderr)
+    return 0
 
 
 def cmd_split_data(args: argparse.Namespace) -> int:

@@ -8,7 +8,10 @@ runs sign their ledgers with the federation's ledger key, seal checkpoints with 
 key and write run directories under ``STATE/runs``.
 
 ``run`` submits fedpriv's Flower app to a SuperLink with a validated configuration, through
-``flwr run --stream``, and reports where the run directory is.
+``flwr run --stream``, and reports where the run directory is. It signs the app bundle with the
+federation's app-signing key (``run.app_signature``, :mod:`common.appsign`): fedpriv nodes run
+nothing else. The bundle is built once and unpacked into a scratch directory that ``flwr run``
+then submits, so what was signed is exactly what is sent.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common import checkpoint
+from common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
 from common.keys import ROSTER
 from common.roster import ROSTER_ENV
 from common.config import RunConfig, toml_value
@@ -37,6 +41,7 @@ CONNECTION = "fedpriv"
 DATABASE = "superlink.db"
 RUNS = "runs"
 FLWR_HOME = "flwr"
+KEYS_LINK = "keys"  # STATE/keys: the key directory fedpriv server start was given
 READY_TIMEOUT = 60.0
 RUN_WRITTEN = re.compile(r"fedpriv: run written to (\S+)")
 
@@ -155,6 +160,10 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
     open the public port (the Fleet-only gateway)."""
     plan.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     (plan.state / RUNS).mkdir(exist_ok=True)
+    link = plan.state / KEYS_LINK  # where fedpriv server run --state finds the app-signing key
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(plan.ca.parent, target_is_directory=True)
     write_connection(plan.state / FLWR_HOME, plan.admin, plan.ca)
     terminate_as_exit()  # a SIGTERM while starting up must still stop the SuperLink
     child = Child(plan.argv, plan.env)
@@ -215,11 +224,12 @@ def app_defaults(app: Path) -> dict[str, Any]:
     return flat
 
 
-def run_config_string(cfg: RunConfig, app: Path) -> str:
+def run_config_string(cfg: RunConfig, app: Path, signature: str = "") -> str:
     """The validated configuration as Flower ``--run-config``: every setting that differs from
-    the app's defaults (Flower refuses keys the app does not declare)."""
+    the app's defaults (Flower refuses keys the app does not declare), and the app's signature."""
     defaults = app_defaults(app)
-    changed = {k: v for k, v in cfg.to_flat().items() if k not in defaults or defaults[k] != v}
+    flat = {**cfg.to_flat(), SIGNATURE_SETTING: signature}
+    changed = {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
     unknown = sorted(k for k in changed if k not in defaults)
     if unknown:
         raise DeploymentError(f"the Flower app in {app} does not declare {', '.join(unknown)}; "
@@ -257,12 +267,39 @@ def wait_for_superlink(connection: Path, wait: float, state: Path) -> None:
         time.sleep(1.0)
 
 
+def app_key_path(app_key: Path | None, state: Path | None, superlink: str | None, root_cert: Path | None) -> Path:
+    """The app-signing key: ``--app-key``, else the one in the key directory of ``--root-cert``
+    (with ``--superlink``) or of ``fedpriv server start --keys`` (with ``--state``)."""
+    if app_key is not None:
+        return app_key
+    if superlink and root_cert is not None:
+        path = root_cert.parent / APP_KEY
+    elif state is not None:
+        path = state / KEYS_LINK / APP_KEY
+    else:
+        raise DeploymentError("give --state (the directory of fedpriv server start) or --superlink")
+    if not path.exists():
+        raise DeploymentError(f"no app-signing key at {path}: fedpriv nodes run only signed apps; give --app-key "
+                              f"FILE (fedpriv keys writes {APP_KEY}; fedpriv keys --out DIR --app-key-only adds one)")
+    return path
+
+
+def signed_app(app: Path, key_path: Path, dest: Path) -> str:
+    """Snapshot ``app`` into ``dest`` (what ``flwr run dest`` sends) and sign its bundle."""
+    key = load_signing_key(key_path)
+    return sign_app(snapshot_app(app, dest), key)
+
+
 def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_cert: Path | None,
-               app: Path | None = None, out: Any = sys.stdout, wait: float = 120.0) -> tuple[int, str | None]:
-    """``flwr run APP fedpriv --stream``; returns its exit code and the run directory it reported."""
+               app: Path | None = None, out: Any = sys.stdout, wait: float = 120.0,
+               app_key: Path | None = None) -> tuple[int, str | None]:
+    """``flwr run APP fedpriv --stream``, the app signed; returns its exit code and the run
+    directory it reported."""
     app = (app or default_app_dir()).resolve()
     if not (app / "pyproject.toml").exists():
         raise DeploymentError(f"{app} is not a Flower app (no pyproject.toml)")
+    key_path = app_key_path(app_key, state, superlink, root_cert)
+    load_signing_key(key_path)  # a bad key fails before anything is contacted
     with tempfile.TemporaryDirectory(prefix="fedpriv-flwr-") as scratch:
         if superlink:
             if root_cert is None:
@@ -284,8 +321,10 @@ def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_c
             if match:
                 found["run_dir"] = match.group(1)
 
-        argv = [flower_executable("flwr"), "run", str(app), CONNECTION,
-                "--run-config", run_config_string(cfg, app), "--stream"]
+        snapshot = Path(scratch) / "app"
+        signature = signed_app(app, key_path, snapshot)
+        argv = [flower_executable("flwr"), "run", str(snapshot), CONNECTION,
+                "--run-config", run_config_string(cfg, snapshot, signature), "--stream"]
         child = Child(argv, flower_environment({"FLWR_HOME": str(flwr_home)}), sink=out, on_line=on_line)
         code = child.wait()
         if code != 0 and not found:

@@ -168,6 +168,14 @@ def test_services_get_only_the_keys_they_need(compose: dict[str, Any]) -> None:
             assert mine == {Path(f"deploy/keys/nodes/{own}")}, f"{name} gets exactly its own node key"
         else:
             assert not mine, f"{name} must not get a node's private key"
+    # Only the run submission signs apps; every node gets the public half, which it checks apps against.
+    (run,) = _services(compose, "server", "run")
+    for name in compose["services"]:
+        files = {Path(os.path.normpath(p)) for p in _secret_mounts(compose, name).values()}
+        assert (Path("deploy/keys/app-signing.key") in files) == (name == run), name
+        if name in _node_services(compose):
+            mounts = _secret_mounts(compose, name)
+            assert os.path.normpath(mounts.get(f"{SECRETS_DIR}/app-signing.pub", "")) == "deploy/keys/app-signing.pub"
 
 
 def test_node_count_fits_the_preset(compose: dict[str, Any]) -> None:
@@ -400,6 +408,11 @@ def test_node_command_is_accepted_by_fedpriv_and_flower(
     assert Path(node_config["state-dir"]) == tree / "state"
     assert node_config["node-name"] == Path(key).name
     assert node_config["record-budget"] == float(container[container.index("--budget") + 1])
+    # Flower's SuperExec is replaced by fedpriv's app gate, which trusts the mounted app-signing.pub
+    assert args.isolation == "process"
+    gate = next(line for line in out.splitlines() if "clients.app_gate superexec" in line)
+    assert gate.startswith(f"FEDPRIV_APP_TRUST={secrets / 'app-signing.pub'} ")
+    assert f"--runtime-api-address 127.0.0.1:{args.port}" in gate
 
 
 def test_run_command_is_accepted_by_fedpriv_and_flower(
@@ -431,6 +444,16 @@ def test_run_command_is_accepted_by_fedpriv_and_flower(
     cfg = resolve_config(container[container.index("--preset") + 1], None, [])
     assert fused["federation.min_available_clients"] == cfg.federation.min_available_clients
     assert fused["run.name"] == cfg.run.name
+    # the bundle is signed with the deployment's app-signing key, which nodes trust
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from common.appsign import load_trusted_key
+
+    signer = base64.b64decode(fused["run.app_signature"].split(":")[1])
+    public = load_trusted_key(deployment / "deploy/keys/app-signing.pub")
+    assert signer == public.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 # ---- the image ------------------------------------------------------------------------------------

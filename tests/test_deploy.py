@@ -124,6 +124,37 @@ def test_node_join_refuses_bad_input_with_one_line(cli, material, tmp_path):
     assert "--root-cert and --auth-key are required" in line and "--insecure" in line
 
 
+def test_nodes_trust_an_app_signing_key_and_runs_are_signed(cli, material, tmp_path):
+    """A node runs only apps signed by a key it trusts (the gate: tests/test_appsign.py,
+    tests/test_app_gate_e2e.py); without one it does not start. fedpriv server run signs."""
+    lone = tmp_path / "ca-only"
+    lone.mkdir()
+    (lone / "ca.crt").write_bytes((material / "keys/ca.crt").read_bytes())
+    args = join_args(material, free_port())
+    args[args.index("--root-cert") + 1] = str(lone / "ca.crt")
+    line = one_error_line(cli(*args, "--dry-run"))
+    assert "no trusted app-signing key" in line and "--trust" in line, line
+    line = one_error_line(cli(*args, "--trust", str(material / "keys/nodes/node-1.pub"), "--dry-run"))
+    assert "Ed25519" in line, line
+    proc = cli(*args, "--trust", str(material / "keys/app-signing.pub"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "--isolation process" in proc.stdout and "clients.app_gate superexec" in proc.stdout
+    assert "runs only apps signed by app-signing key" in proc.stdout
+    # the default: app-signing.pub beside --root-cert
+    proc = cli(*join_args(material, free_port()), "--dry-run")
+    assert proc.returncode == 0 and f"FEDPRIV_APP_TRUST={material / 'keys/app-signing.pub'} " in proc.stdout
+    # --insecure without a trusted key: Flower's own SuperExec, and a warning that any app runs
+    proc = cli("node", "join", "--superlink", "127.0.0.1:1", "--data", str(material / "data/node-1.npz"),
+               "--insecure", "--dry-run")
+    assert proc.returncode == 0 and "runs ANY app" in proc.stdout and "--isolation" not in proc.stdout
+    # fedpriv server run signs with app-signing.key beside --root-cert, or refuses in one line
+    run = ["server", "run", "--superlink", "127.0.0.1:1", "--root-cert", str(lone / "ca.crt"), "--dry-run"]
+    line = one_error_line(cli(*run))
+    assert "no app-signing key" in line and "--app-key" in line, line
+    proc = cli(*run, "--app-key", str(material / "keys/app-signing.key"))
+    assert proc.returncode == 0 and 'run.app_signature="ed25519:' in proc.stdout, proc.stderr
+
+
 def test_node_join_gives_up_on_an_unreachable_superlink_after_bounded_retries(cli, material):
     state = material / "node-state" / "node-1"
     before = {p.name: p.read_bytes() for p in state.iterdir()} if state.exists() else {}

@@ -1,0 +1,152 @@
+"""The node's app gate: a ClientApp runs only if its bundle is signed by a key the node trusts.
+
+``fedpriv node join`` runs ``flower-supernode --isolation process`` and, in place of the
+SuperExec Flower would start, this module's ``superexec`` mode: Flower's own SuperExec
+(``flower_superexec``), taking ClientApp tasks only, whose command for them is this module's
+``clientapp`` mode instead of ``flwr-clientapp``. That mode is Flower's ``flwr-clientapp`` with one change: Flower's
+``pull_task_input`` (an attribute of ``flwr.supernode.runtime.run_clientapp``) is wrapped so that
+right after the task's message, context, run and FAB arrive, and before Flower installs the FAB
+(``install_from_fab``) or imports anything from it, the node checks that the FAB's bytes are the
+ones its hash names and that ``run.app_signature`` verifies against the node's trusted keys
+(:func:`common.appsign.check_bundle`). Otherwise the task ends there: the node logs the refusal,
+records it in its own signed ledger (kind ``app_refusal``), answers the server with an error
+reply (code :data:`common.appsign.APP_REFUSED_CODE`) and the app's code is never installed.
+
+The check runs in the node's own process, with keys read from the node's disk (``$FEDPRIV_APP_TRUST``,
+set by ``fedpriv node join``), over the very bytes that would then be installed: nothing the
+SuperLink sends can skip it.
+
+To drop this module when Flower verifies self-hosted bundles on the SuperNode: run
+``flower-supernode`` in its default isolation with ``--trusted-entities``, and delete this file
+and :mod:`common.appsign`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from common.appsign import (
+    APP_REFUSED_CODE, SIGNATURE_SETTING, TRUST_ENV, AppRefused, check_bundle, load_trusted_keys,
+)
+from common.errors import FedprivError
+
+Pull = Callable[[Any], tuple[Any, Any, Any, Any]]
+
+
+def trusted_keys_from_environment() -> list:
+    paths = [p for p in os.environ.get(TRUST_ENV, "").split(os.pathsep) if p]
+    if not paths:
+        raise AppRefused(f"this node trusts no app-signing key (${TRUST_ENV} is empty)")
+    return load_trusted_keys(Path(p) for p in paths)
+
+
+def check_task(context: Any, fab: Any, trusted: list) -> None:
+    """The gate: :class:`AppRefused` unless the task's FAB is signed by a trusted key."""
+    signature = context.run_config.get(SIGNATURE_SETTING, "")
+    check_bundle(fab.hash_str, fab.content, signature if isinstance(signature, str) else "", trusted)
+
+
+def record_refusal(context: Any, reason: str) -> None:
+    """Append the refusal to the node's own signed ledger (its ``state-dir``/``node-name``, as
+    ``fedpriv node join`` sets them); a node without them (or a ledger that cannot be written)
+    still refuses."""
+    config = context.node_config
+    if not config.get("state-dir") or not config.get("node-name"):
+        return
+    try:
+        from clients.budget import open_guard
+        from common.config import RunConfig
+
+        state_dir = Path(str(config["state-dir"])) / str(config["node-name"])
+        with open_guard(state_dir, 0.0, RunConfig().privacy.delta) as guard:
+            guard.ledger.append(actor="node", kind="app_refusal", round=None, note=reason)
+    except Exception as exc:  # the refusal stands either way
+        print(f"fedpriv: could not record the app refusal in the node's ledger ({exc})", file=sys.stderr)
+
+
+def gated(pull: Pull, trusted: list | None = None, push: Callable[..., None] | None = None) -> Pull:
+    """Flower's ``pull_task_input`` with the gate after it. On refusal the error reply is pushed
+    here (Flower's handler only replies once ``pull_task_input`` has returned), then
+    :class:`AppRefused` propagates into Flower's own error handling, which ends the task."""
+
+    def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+        message, context, run, fab = pull(client)
+        try:
+            check_task(context, fab, trusted if trusted is not None else trusted_keys_from_environment())
+        except AppRefused as refusal:
+            from flwr.app import Error, Message
+            from flwr.supernode.runtime import run_clientapp
+
+            reason = f"fedpriv node refused the app: {refusal}"
+            print(f"fedpriv: {reason} (run {getattr(run, 'run_id', '?')}); none of its code was installed "
+                  f"or run", file=sys.stderr, flush=True)
+            record_refusal(context, reason)
+            (push or run_clientapp.push_message)(
+                client, Message(Error(code=APP_REFUSED_CODE, reason=reason), reply_to=message), context)
+            raise
+        return message, context, run, fab
+
+    return pull_task_input
+
+
+def install() -> None:
+    """Put the gate into Flower's ClientApp runner (this process only)."""
+    from flwr.supernode.runtime import run_clientapp
+
+    run_clientapp.pull_task_input = gated(run_clientapp.pull_task_input)
+
+
+def _launcher() -> str:
+    """An executable that runs this module's ``clientapp`` mode (Flower's SuperExec starts a
+    ClientApp task as one command followed by its arguments); removed when this process exits."""
+    folder = tempfile.mkdtemp(prefix="fedpriv-gate-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / "fedpriv-clientapp"
+    path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m clients.app_gate clientapp \"$@\"\n")
+    path.chmod(0o700)
+    return str(path)
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[0] if argv else ""
+    if mode == "clientapp":  # one ClientApp task, as flwr-clientapp with the gate
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        install()
+        sys.argv = ["flwr-clientapp", *argv[1:]]
+        flwr_clientapp()
+    elif mode == "superexec":  # Flower's SuperExec, starting ClientApp tasks in clientapp mode
+        from flwr.supercore.cli.flower_superexec import flower_superexec
+        from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+        from flwr.supercore.superexec import run_superexec
+        from flwr.supercore.superexec.plugin import AutoExecPlugin
+
+        class ClientAppsOnly(AutoExecPlugin):
+            """Flower's plugin, taking ClientApp tasks only (a SuperNode can also be handed
+            agent-app tasks, which would run a bundle's code without this gate)."""
+
+            supported_task_types = frozenset({TaskType.CLIENT_APP})
+
+        try:
+            trusted_keys_from_environment()  # a node without trusted keys must not start
+        except FedprivError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        run_superexec.AutoExecPlugin = ClientAppsOnly
+        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = _launcher()
+        sys.argv = ["flower-superexec", *argv[1:]]
+        flower_superexec()
+    else:
+        print("usage: python -m clients.app_gate {superexec|clientapp} FLOWER-ARGS...", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
