@@ -44,7 +44,26 @@ def _close(a: float | None, b: float | None) -> bool:
     return abs(a - b) <= RELATIVE_TOLERANCE * max(1.0, abs(a), abs(b))
 
 
-def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | None = None) -> dict[str, Any]:
+def submitters(flower_run_ids: list[str], log_dir: Path, public_key: Any = None) -> list[dict[str, str]]:
+    """Who submitted each Flower run of this fedpriv run (a resume is a further Flower run),
+    from the operator log ``log_dir``."""
+    from common.operators import submitted_runs
+
+    runs = submitted_runs(log_dir, public_key)
+    return [{"flower_run_id": run, **runs.get(int(run), {"operator": "not in the operator log", "role": ""})}
+            for run in flower_run_ids]
+
+
+def default_operator_log(run_dir: Path) -> Path | None:
+    """The operator log of the server state a run directory lives in (``STATE/runs/RUN``)."""
+    from common.operators import OPERATOR_LOG
+
+    candidate = run_dir.resolve().parent.parent / OPERATOR_LOG
+    return candidate if (candidate / LEDGER).exists() else None
+
+
+def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | None = None,
+              operator_log: Path | None = None) -> dict[str, Any]:
     """The audit report of ``run_dir`` as a dict (see ``fedpriv audit --json``)."""
     if not run_dir.exists():
         raise FedprivError(f"run directory not found: {run_dir}")
@@ -63,9 +82,12 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     delta, budgets = None, {"record_level": None, "user_level": None}
     actors: dict[str, _Actor] = {}
     refusals, stopped, recorded_final, run_id, resumes = 0, None, None, None, 0
+    flower_runs: list[str] = []
     for entry in verified.entries:
         kind, params = entry.get("kind"), entry.get("parameters") or {}
         where = f"ledger entry {entry['seq']}"
+        if kind in ("run_start", "run_resume") and params.get("flower_run_id"):
+            flower_runs.append(str(params["flower_run_id"]))
         if kind == "run_start":
             delta, run_id = params.get("delta"), params.get("run_id")
             budgets = {"record_level": params.get("record_budget"), "user_level": params.get("user_budget")}
@@ -141,7 +163,15 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     mismatches += _check_summary(run_dir, record_level, user_level)
     budget_failures = _check_budgets(record_level, user_level, budgets, budget)
     failures += mismatches + budget_failures
+    submitted: list[dict[str, str]] | None = None
+    log_dir = operator_log or default_operator_log(run_dir)
+    if log_dir is not None:
+        try:
+            submitted = submitters(flower_runs, log_dir, key)
+        except FedprivError as exc:
+            failures.append(str(exc))
     return {
+        "submitted_by": submitted,  # None: no operator log (a simulation, or none given)
         "run_dir": str(run_dir),
         "ok": not failures,
         "ledger_ok": ledger_ok,

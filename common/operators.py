@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,10 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import FedprivError
+from common.ledger import LEDGER, verify_ledger
 
 ROLES = ("admin", "researcher", "auditor")
 ROLE_PREFIX = "fedpriv-role:"
 OPERATORS_DIR = "operators"
+OPERATOR_LOG = "operator-log"  # in the server's state directory
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # Control API calls (POST /v1/control/<call>) and the roles allowed to make them. "own": a
@@ -94,3 +98,22 @@ def issue_operator(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str,
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def submitted_runs(log_dir: Path, public_key: Any = None) -> dict[int, dict[str, str]]:
+    """Flower run id -> the operator (name, role) who submitted it, from a verified operator log
+    (``STATE/operator-log``); FedprivError if the log does not verify."""
+    runs: dict[int, dict[str, str]] = {}
+    if not (log_dir / LEDGER).exists():
+        return runs
+    report = verify_ledger(log_dir, public_key)
+    if report.failures:
+        raise FedprivError(f"the operator log {log_dir} does not verify: {report.failures[0]}")
+    for entry in report.entries:
+        parameters = entry.get("parameters") or {}
+        run = parameters.get("run_id")
+        if (entry.get("kind") == "operator_action" and parameters.get("action") == "start-run"
+                and parameters.get("allowed") and run):
+            runs[int(run)] = {"operator": str(entry["actor"]).removeprefix("operator:"),
+                              "role": str(parameters.get("role", ""))}
+    return runs

@@ -38,6 +38,9 @@ def add_parser(sub: Any) -> None:
                        help="also require every recomputed epsilon (each client's, and the user-level) to be <= EPS")
     audit.add_argument("--public-key", type=Path, metavar="FILE",
                        help="trusted ledger public key (PEM); default: RUN_DIR/ledger.pub")
+    audit.add_argument("--operator-log", type=Path, metavar="DIR",
+                       help="the server's operator log, to say who submitted the run (default: "
+                            "STATE/operator-log when the run directory is STATE/runs/RUN)")
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
     empirical = audit.add_argument_group("empirical audit")
     empirical.add_argument(
@@ -89,6 +92,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| client {cid}, record level | {_fmt(figures['rdp'])} | {_fmt(figures['pld'])} | "
                      f"{budgets['record_level'] or '-'} |")
     lines += ["", f"Refusals recorded: {report['refusals']}."]
+    for who in report.get("submitted_by") or []:
+        lines.append(f"Submitted by {who['operator']} ({who['role'] or 'unknown role'}), Flower run "
+                     f"{who['flower_run_id']} (operator log).")
     if report["stopped_early"]:
         lines.append(f"Stopped early: {report['stopped_early']['reason']}.")
     if report.get("empirical"):
@@ -214,7 +220,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None]
     if given and not args.empirical:
         raise FedprivError(f"{', '.join(given)} only apply with --empirical")
-    report = audit_run(args.run_dir, args.budget, args.public_key)
+    report = audit_run(args.run_dir, args.budget, args.public_key, args.operator_log)
     if args.empirical:
         report["empirical"] = _empirical(args, report)
         write_json(args.run_dir / AUDIT_EMPIRICAL, report["empirical"])
@@ -242,6 +248,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       f"({report['entries']} entries); recorded figures "
                       f"{'reproduced' if report['consistent'] else 'NOT REPRODUCED'}; budgets "
                       f"{'held' if report['budget_ok'] else 'EXCEEDED'}", highlight=False)
+        for who in report.get("submitted_by") or []:
+            console.print(f"submitted by: {who['operator']} ({who['role'] or 'unknown role'}), Flower run "
+                          f"{who['flower_run_id']}", highlight=False)
         for note in report.get("crash_recoveries", []):
             console.print(f"[yellow]crash recovery:[/] {note}", highlight=False, soft_wrap=True)
         if report.get("empirical"):

@@ -127,7 +127,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
             run_log.record_evaluation(server_round, float(accuracy), float(loss), seconds)
         return float(loss), float(accuracy)
 
-    recorder = PrivacyRecorder(cfg, out_dir, resume=point)
+    recorder = PrivacyRecorder(cfg, out_dir, resume=point, flower_run_id=getattr(context, "run_id", None))
     strategy = FedprivStrategy(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid,
                                authenticated_nodes=nodes_are_authenticated(grid))
     before = 0.0

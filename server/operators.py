@@ -26,14 +26,13 @@ from typing import Any
 from cryptography import x509
 
 from common.errors import FedprivError
-from common.ledger import LEDGER, LedgerWriter, verify_ledger
-from common.operators import PERMISSIONS, Operator, operator_of
+from common.ledger import LedgerWriter
+from common.operators import OPERATOR_LOG, PERMISSIONS, Operator, operator_of, submitted_runs
 from common.rundir import write_atomic
 from server.gateway import Gateway
 
 log = logging.getLogger("fedpriv")
 
-OPERATOR_LOG = "operator-log"
 REVOKED = "revoked.json"
 CONTROL_PREFIX = "/v1/control/"
 
@@ -112,17 +111,7 @@ class OperatorLog:
 
     def submitted_runs(self) -> dict[int, str]:
         """Flower run id -> the operator who submitted it."""
-        runs: dict[int, str] = {}
-        if not (self.path / LEDGER).exists():
-            return runs
-        report = verify_ledger(self.path)
-        if report.failures:
-            raise FedprivError(f"the operator log {self.path} does not verify: {report.failures[0]}")
-        for entry in report.entries:
-            run = entry.get("parameters", {}).get("run_id")
-            if entry["kind"] == "operator_action" and entry["parameters"].get("action") == "start-run" and run:
-                runs[int(run)] = entry["actor"].removeprefix("operator:")
-        return runs
+        return {run: who["operator"] for run, who in submitted_runs(self.path).items()}
 
 
 class OperatorGateway(Gateway):

@@ -74,7 +74,8 @@ def signing_key_path() -> Path:
 class PrivacyRecorder:
     """The run's ledger and accounting state; with ``resume``, continued from the run's ledger."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: RestorePoint | None = None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: RestorePoint | None = None,
+                 flower_run_id: int | None = None) -> None:
         self.cfg = cfg
         self.delta = cfg.privacy.delta
         self.ledger = LedgerWriter(run_dir, load_or_create_signing_key(signing_key_path()))
@@ -91,6 +92,8 @@ class PrivacyRecorder:
             "user_budget": cfg.privacy.user_budget or None,
             "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
         }
+        if flower_run_id is not None:  # links the run to its submitter in the operator log
+            parameters["flower_run_id"] = str(flower_run_id)
         if resume is None:
             if self.ledger.existing:
                 raise FedprivError(f"{self.ledger.path} already holds a run; continue it with "

@@ -226,3 +226,34 @@ def test_fedpriv_keys_issues_operator_certificates_the_gateway_accepts(tmp_path,
     assert main(["keys", "--out", str(tmp_path / "none"), "--operator", "x", "--role", "admin"]) != 0
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+
+
+def test_the_audit_says_who_submitted_a_run_and_fails_on_a_forged_operator_log(federation, tmp_path):
+    """The run's ledger records its Flower run id; the audit finds the submitter in the server's
+    verified operator log (STATE/operator-log beside STATE/runs), and fails when that log is altered."""
+    import json as _json
+
+    from common.audit import audit_run
+    from common.config import load_config
+    from server.privacy import PrivacyRecorder
+
+    assert call(federation, "rita", "start-run")[0] == 200
+    run = max(federation["gateway"].log.submitted_runs())
+    run_dir = federation["state"] / "runs" / "r1"
+    PrivacyRecorder(load_config(overrides=["dp.noise_multiplier=1.1"]), run_dir, flower_run_id=run)
+    report = audit_run(run_dir)
+    assert report["submitted_by"] == [{"flower_run_id": str(run), "operator": "rita", "role": "researcher"}]
+    # Someone rewrites the log to blame another operator: the chain no longer verifies.
+    log = federation["state"] / OPERATOR_LOG / "ledger.jsonl"
+    original = log.read_text()
+    lines = original.splitlines()
+    forged = [line.replace('"operator:rita"', '"operator:rob"') if f'"run_id":"{run}"' in line else line
+              for line in lines]
+    assert forged != lines
+    log.write_text("\n".join(forged) + "\n")
+    try:
+        report = audit_run(run_dir)
+        assert not report["ok"] and any("operator log" in f for f in report["failures"])
+    finally:
+        log.write_text(original)
+    assert _json.loads(lines[0])["kind"] == "operator_action"
