@@ -367,6 +367,22 @@ def test_a_setup_below_the_nodes_floor_is_refused(tmp_path, setting, value, reas
     assert all(reason in _node_refusals(cfg, node)[0] for node in nodes.values())
 
 
+def test_a_setup_below_a_nodes_own_policy_minimum_is_refused(tmp_path):
+    """A node whose policy asks for more shares than fedpriv's floor holds the server's actual setup
+    message to it, whatever the run's configuration says."""
+    cfg = _config(tmp_path, 5, 5, 3)
+    updates = _updates(5)
+    nodes = make_nodes(updates, make_secure_aggregation_mod(cfg))
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[secure_aggregation]\nmin_shares = 7\n")
+    for node in nodes.values():
+        node.context.node_config["policy-path"] = str(policy)
+    workflow = _workflow(FedprivSecAggPlusWorkflow, 5, 3, roster=federation_roster(cfg))
+    strategy, grid = run_round(workflow, nodes, [np.zeros_like(a) for a in updates[0]])
+    assert strategy.aggregate is None and set(grid.refusals) == set(nodes)
+    assert all("below this node's policy minimum of 7" in _node_refusals(cfg, node)[0] for node in nodes.values())
+
+
 def test_a_roster_signed_by_another_anchor_is_refused(tmp_path):
     foreign = rosters.sign_roster(Ed25519PrivateKey.generate(), [])
 
