@@ -298,8 +298,6 @@ def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_c
     app = (app or default_app_dir()).resolve()
     if not (app / "pyproject.toml").exists():
         raise DeploymentError(f"{app} is not a Flower app (no pyproject.toml)")
-    key_path = app_key_path(app_key, state, superlink, root_cert)
-    load_signing_key(key_path)  # a bad key fails before anything is contacted
     with tempfile.TemporaryDirectory(prefix="fedpriv-flwr-") as scratch:
         if superlink:
             if root_cert is None:
@@ -321,6 +319,8 @@ def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_c
             if match:
                 found["run_dir"] = match.group(1)
 
+        # (with --state, the key directory is known once fedpriv server start has begun)
+        key_path = app_key_path(app_key, state, superlink, root_cert)
         snapshot = Path(scratch) / "app"
         signature = signed_app(app, key_path, snapshot)
         argv = [flower_executable("flwr"), "run", str(snapshot), CONNECTION,
