@@ -27,7 +27,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from clients.node import node_identity, node_name_and_state_dir, node_policy
+from clients.node import node_identity, node_name_and_state_dir, node_policy, record_budget
 from clients.secagg_guard import SecAggGuard, SecAggRefusal
 from common import secagg_masks
 from common.config import RunConfig, config_from_run_config
@@ -66,7 +66,7 @@ def make_policy_mod(config: RunConfig | None = None):
         if policy is None:
             return call_next(msg, context)
         cfg = config_from_run_config(context.run_config, config)
-        problems = policy.problems(cfg)
+        problems = policy.problems(cfg, node_budget=record_budget(context, cfg, policy))
         if not problems:
             return call_next(msg, context)
         reason = "run refused by this node's policy: " + "; ".join(problems)

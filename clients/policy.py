@@ -71,8 +71,11 @@ class NodePolicy:
     min_clients_per_round: int = 2
     allowed_models: tuple[str, ...] = MODELS
 
-    def problems(self, cfg: RunConfig, input_shape: tuple[int, ...] | None = None) -> list[str]:
-        """Every way the run configuration ``cfg`` falls short of this policy (empty: accepted)."""
+    def problems(self, cfg: RunConfig, input_shape: tuple[int, ...] | None = None,
+                 node_budget: float | None = None) -> list[str]:
+        """Every way the run configuration ``cfg`` falls short of this policy (empty: accepted).
+        ``node_budget``: the node's total budget when set apart from the policy (``--budget``)."""
+        total = node_budget if node_budget else self.budget_total
         found = []
         dp = cfg.dp
         if self.require_dp and not dp.enabled:
@@ -86,10 +89,9 @@ class NodePolicy:
                 found.append(f"dp.l2_norm_clip is {dp.l2_norm_clip:g}, above this node's maximum of "
                              f"{self.max_l2_norm_clip:g}")
             run_budget = cfg.privacy.record_budget
-            if not run_budget or run_budget > self.budget_total:
+            if not run_budget or run_budget > total:
                 shown = f"{run_budget:g}" if run_budget else "unlimited (0)"
-                found.append(f"the run's record-level budget is {shown}, above this node's budget of "
-                             f"{self.budget_total:g}")
+                found.append(f"the run's record-level budget is {shown}, above this node's budget of {total:g}")
         secure = cfg.secure_aggregation
         shares, threshold = cfg.secagg_shares() if secure.enabled else (0, 0)
         if self.require_secagg and not secure.enabled:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.budget import NodeBudgetGuard
+from clients.policy import POLICY_PATH_KEY, load_policy
 from common.appsign import APP_PUB, TRUST_ENV, fingerprint, load_trusted_keys
 from common.config import RunConfig
 from common.data import load_dataset, load_node_data
@@ -66,7 +67,8 @@ def _node_config_value(text: str, what: str) -> str:
 def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None = None,
               auth_key: Path | None = None, budget: float | None = None, name: str | None = None,
               state: Path | None = None, insecure: bool = False, port: int = 9094,
-              max_retries: int = 5, max_wait: float = 120.0, trust: list[Path] | None = None) -> JoinPlan:
+              max_retries: int = 5, max_wait: float = 120.0, trust: list[Path] | None = None,
+              policy: Path | None = None) -> JoinPlan:
     """Check everything ``join`` needs (and the node's ledger, if it has one); nothing is started or written."""
     address = parse_address(superlink, "--superlink")
     if max_retries < 0 or max_wait <= 0:
@@ -90,7 +92,8 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
     x, _ = load_node_data(str(data), dataset.input_shape, dataset.num_classes, cfg.data.label_column)
     name = name or (auth_key.name if auth_key else "node")
     state_dir = (state or home_nodes_root()).resolve()
-    record_budget = cfg.privacy.record_budget if budget is None else budget
+    floor = load_policy(policy)  # the node's own privacy floor: every run is held to it
+    record_budget = floor.budget_total if budget is None else budget
     spent = 0.0
     if (state_dir / name / "ledger.jsonl").exists():  # verify what this node has spent before
         guard = NodeBudgetGuard(state_dir / name, record_budget, cfg.privacy.delta)
@@ -102,6 +105,8 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
     ]
     if budget is not None:
         node_config.append(f"record-budget={float(budget)!r}")
+    if policy is not None:
+        node_config.append(f"{POLICY_PATH_KEY}={_node_config_value(str(policy.resolve()), '--policy')}")
     if not insecure:  # the node signs its SecAgg+ keys and checks the roster with these
         node_config += [f"auth-key={_node_config_value(str(auth_key.resolve()), '--auth-key')}",
                         f"ca-cert={_node_config_value(str(root_cert.resolve()), '--root-cert')}"]

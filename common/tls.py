@@ -147,10 +147,18 @@ def wait_for_port(address: Address, attempts: int, first_delay: float = 0.5,
                           f"{'s' if attempts != 1 else ''} ({last})")
 
 
-def check_tls(address: Address, root_cert: Path, timeout: float = 5.0) -> None:
+def check_tls(address: Address, root_cert: Path, timeout: float = 5.0,
+              client_cert: tuple[Path, Path] | None = None) -> None:
     """Complete a TLS handshake with the SuperLink, verifying its certificate against
-    ``root_cert`` and its name against ``address.host``."""
+    ``root_cert`` and its name against ``address.host`` (presenting ``client_cert``, a certificate
+    and key, if given: the operators' port asks for one)."""
     context = ssl.create_default_context(cafile=str(root_cert))
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        except (ssl.SSLError, OSError) as exc:
+            raise DeploymentError(f"cannot use the certificate {client_cert[0]} with the key {client_cert[1]} "
+                                  f"({exc})") from None
     try:
         with socket.create_connection((address.host, address.port), timeout=timeout) as sock:
             with context.wrap_socket(sock, server_hostname=address.host):

@@ -32,11 +32,13 @@ def add_parser(sub: Any) -> None:
         description=(
             "Check the key material in --keys (see 'fedpriv keys'), then run flower-superlink with "
             "TLS, --enable-supernode-auth, a persistent --database in STATE and runtime dependency "
-            "installation off on the operators' port (--admin-host/--admin-port, loopback by "
-            "default), register the node public keys (every KEYS/nodes/*.pub unless --register is "
-            "given; keys already registered are kept), and open the nodes' port (--host/--port): "
-            "a TLS gateway that serves Flower's Fleet API and refuses everything else, so nobody "
-            "who can reach it can register nodes or submit runs. Runs sign their ledgers with "
+            "installation off on a loopback port of its own (--internal-port), register the node "
+            "public keys (every KEYS/nodes/*.pub unless --register is given; keys already registered "
+            "are kept), and open two TLS gateways: the nodes' port (--host/--port), which serves "
+            "Flower's Fleet API and refuses everything else, and the operators' port "
+            "(--admin-host/--admin-port, loopback by default), which requires an operator "
+            "certificate from the CA (fedpriv keys --operator) and allows each Control API call "
+            "only to the roles that may make it, logging every attempt in STATE/operator-log. Runs sign their ledgers with "
             "KEYS/ledger-signing.key, seal checkpoints with KEYS/checkpoint.key, send nodes the node "
             "roster KEYS/roster.signed (signed by the CA; every registered key must be on it) and are "
             "written under STATE/runs. Runs until stopped (Ctrl-C or SIGTERM)."),
@@ -49,10 +51,12 @@ def add_parser(sub: Any) -> None:
     start.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"the nodes' TLS port: Flower's Fleet API only (default {DEFAULT_PORT})")
     start.add_argument("--admin-host", default="127.0.0.1",
-                       help="interface of the operators' port, the SuperLink itself with its Control API "
+                       help="interface of the operators' port: mutual TLS, Control API calls by role "
                             "(default 127.0.0.1: this machine only; it must be a name in the certificate)")
     start.add_argument("--admin-port", type=int, metavar="PORT",
                        help="the operators' TLS port (default: --port + 1)")
+    start.add_argument("--internal-port", type=int, default=0, metavar="PORT",
+                       help="loopback port of the SuperLink itself, behind both gateways (default 0: any free one)")
     start.add_argument("--register", action="append", type=Path, metavar="FILE.pub",
                        help="a node public key to register (repeatable; default: KEYS/nodes/*.pub)")
     start.add_argument("--roster", type=Path, metavar="FILE",
@@ -79,6 +83,9 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--app-key", type=Path, metavar="FILE",
                      help="the app-signing key (default: KEYS/app-signing.key of fedpriv server start, "
                           "or app-signing.key beside --root-cert)")
+    run.add_argument("--operator-cert", type=Path, metavar="FILE",
+                     help="your operator certificate (fedpriv keys --operator NAME --role researcher)")
+    run.add_argument("--operator-key", type=Path, metavar="FILE", help="its private key")
     run.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                      help="with --state: how long to wait for a SuperLink that is still starting (default 120)")
     _config_options(run, "the run")
@@ -87,6 +94,20 @@ def add_parser(sub: Any) -> None:
                           "checkpoint, with the settings it used; --set run.rounds=N to extend it")
     run.add_argument("--dry-run", action="store_true", help="validate and print the command, submit nothing")
     run.set_defaults(func=cmd_server_run)
+
+    revoke = server_sub.add_parser(
+        "revoke", help="revoke an operator certificate or a node key, without a restart",
+        description=(
+            "On the server machine: --operator-cert FILE adds the certificate to STATE/revoked.json, "
+            "which the operators' port reads on every request; --node KEY.pub unregisters the node "
+            "key from the running SuperLink (it can no longer connect; re-sign the roster without it "
+            "where the CA key is)."),
+    )
+    revoke.add_argument("--state", type=Path, default=Path("fedpriv-server"), metavar="DIR",
+                        help="the --state of fedpriv server start (default: ./fedpriv-server)")
+    revoke.add_argument("--operator-cert", type=Path, metavar="FILE", help="the operator certificate to revoke")
+    revoke.add_argument("--node", type=Path, metavar="KEY.pub", help="the node public key to unregister")
+    revoke.set_defaults(func=cmd_server_revoke)
 
     node = sub.add_parser("node", help="join a real federation as a client node",
                           description="Join a federation with this machine's own data (join).")
@@ -111,20 +132,24 @@ def add_parser(sub: Any) -> None:
                       help="this node's training data: .npz (arrays x, y) or .csv")
     join.add_argument("--budget", type=float, metavar="EPS",
                       help="this node's record-level epsilon budget over all runs "
-                           "(default: the federation's privacy.record_budget)")
+                           "(default: its policy's budget_total, 10 without --policy)")
     join.add_argument("--name", help="this node's name (default: the key file's name)")
     join.add_argument("--state", type=Path, metavar="DIR",
                       help="where the node keeps its spending ledger (default: $FEDPRIV_HOME/nodes, "
                            "~/.fedpriv/nodes)")
     join.add_argument("--port", type=int, default=9094,
                       help="local port of the SuperNode's ClientApp API (default 9094; one per node)")
-    join.add_argument("--max-retries", type=int, default=5,
-                      help="connection attempts before giving up (default 5)")
+    join.add_argument("--max-retries", type=int, default=8,
+                      help="connection attempts before giving up (default 8)")
     join.add_argument("--max-wait", type=float, default=120.0, metavar="SECONDS",
                       help="longest time to keep reconnecting (default 120)")
     join.add_argument("--trust", action="append", default=[], type=Path, metavar="KEY.pub",
                       help="an app-signing public key whose signed apps this node runs (repeatable; "
                            "default: app-signing.pub beside --root-cert)")
+    join.add_argument("--policy", type=Path, metavar="FILE.toml",
+                      help="this node's privacy floor (what runs it accepts: DP, noise, SecAgg+ shares, "
+                           "budgets, clients per round, models); default: record-level DP with noise >= 0.5, "
+                           "SecAgg+ with >= 3 shares, a budget of 10 over all runs. See docs/deployment.md")
     join.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (trusted test networks only)")
     _config_options(join, "the federation")
@@ -171,13 +196,35 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     from server.superlink import plan_superlink, start_superlink
 
     plan = plan_superlink(args.keys, args.state, args.host, args.port, args.register,
-                          args.admin_host, args.admin_port, args.roster)
+                          args.admin_host, args.admin_port, args.roster, args.internal_port)
     if args.dry_run:
         print(shlex.join(plan.argv))
         for path in plan.node_keys:
             print(f"register {path}")
         return 0
     return start_superlink(plan)
+
+
+def cmd_server_revoke(args: argparse.Namespace) -> int:
+    from common.errors import FedprivError
+
+    if (args.operator_cert is None) == (args.node is None):
+        raise FedprivError("give one of --operator-cert FILE or --node KEY.pub")
+    state = args.state.resolve()
+    if not state.is_dir():
+        raise FedprivError(f"no server state at {state} (the --state of fedpriv server start)")
+    if args.operator_cert is not None:
+        from server.operators import revoke_operator
+
+        who = revoke_operator(state, args.operator_cert)
+        print(f"fedpriv: revoked {who.name} ({who.role}, serial {who.serial}); the operators' port refuses it "
+              "from its next request")
+        return 0
+    from server.superlink import unregister_node
+
+    node_id = unregister_node(args.node, state)
+    print(f"fedpriv: unregistered node {node_id} ({args.node.name}); it can no longer connect")
+    return 0
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
@@ -197,7 +244,8 @@ def cmd_server_run(args: argparse.Namespace) -> int:
                           run_config_string(cfg, app, signature), "--stream"]))
         return 0
     code, run_dir = submit_run(cfg, args.state, args.superlink, args.root_cert, args.app, wait=args.wait,
-                               app_key=args.app_key)
+                               app_key=args.app_key, operator_cert=args.operator_cert,
+                               operator_key=args.operator_key)
     if run_dir:
         print(f"fedpriv: run directory (on the SuperLink's machine): {run_dir}")
         print(f"fedpriv: audit it with: fedpriv audit {run_dir}")
@@ -211,7 +259,7 @@ def cmd_node_join(args: argparse.Namespace) -> int:
         print("fedpriv: --insecure ignores --root-cert and --auth-key", file=sys.stderr)
     plan = plan_join(_resolve(args), args.superlink, args.data, args.root_cert, args.auth_key,
                      args.budget, args.name, args.state, args.insecure, args.port,
-                     args.max_retries, args.max_wait, args.trust)
+                     args.max_retries, args.max_wait, args.trust, args.policy)
     if args.dry_run:
         if args.insecure:
             print(INSECURE_WARNING, file=sys.stderr)

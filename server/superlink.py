@@ -2,13 +2,18 @@
 
 ``start`` checks the federation's key material (see ``fedpriv keys``), then runs
 ``flower-superlink`` with TLS, SuperNode authentication, a persistent database and runtime
-dependency installation off; once it answers over TLS, it registers the node public keys and
-writes a connection (``fedpriv``) for ``flwr`` into the state directory. The ServerApps it
+dependency installation off, on an internal loopback port; once it answers over TLS, it
+registers the node public keys, writes a connection (``fedpriv``) for its own ``flwr`` calls into
+the state directory, and opens two gateways in front of it: the nodes' port (the Fleet API only,
+:class:`server.gateway.Gateway`) and the operators' port (mutual TLS with operator certificates,
+roles and a signed operator log, :class:`server.operators.OperatorGateway`), whose address it
+writes to ``STATE/operators.json``. The ServerApps it
 runs sign their ledgers with the federation's ledger key, seal checkpoints with its checkpoint
 key and write run directories under ``STATE/runs``.
 
-``run`` submits fedpriv's Flower app to a SuperLink with a validated configuration, through
-``flwr run --stream``, and reports where the run directory is. It signs the app bundle with the
+``run`` submits fedpriv's Flower app to a SuperLink's operators' port with a validated
+configuration, through ``flwr run --stream`` and a loopback forwarder that presents the operator's
+certificate (:class:`server.gateway.Forwarder`), and reports where the run directory is. It signs the app bundle with the
 federation's app-signing key (``run.app_signature``, :mod:`common.appsign`): fedpriv nodes run
 nothing else. The bundle is built once and unpacked into a scratch directory that ``flwr run``
 then submits, so what was signed is exactly what is sent.
@@ -16,6 +21,7 @@ then submits, so what was signed is exactly what is sent.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -29,19 +35,21 @@ from common import checkpoint
 from common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
 from common.keys import ROSTER
 from common.roster import ROSTER_ENV
+from common.rundir import write_atomic
 from common.config import RunConfig, toml_value
 from common.process import Child, flower_environment, flower_executable, terminate_as_exit
 from common.tls import (
     Address, DeploymentError, check_issued_by, check_key_pair, check_node_public_key, check_tls,
     load_certificate, parse_address, read_file, subject_names,
 )
-from server.gateway import Gateway
+from server.gateway import Forwarder, Gateway
 
 CONNECTION = "fedpriv"
 DATABASE = "superlink.db"
 RUNS = "runs"
 FLWR_HOME = "flwr"
 KEYS_LINK = "keys"  # STATE/keys: the key directory fedpriv server start was given
+OPERATORS_FILE = "operators.json"  # STATE/operators.json: the operators' port and its CA
 READY_TIMEOUT = 60.0
 RUN_WRITTEN = re.compile(r"fedpriv: run written to (\S+)")
 
@@ -54,15 +62,17 @@ class SuperLinkPlan:
     ca: Path
     cert: Path
     key: Path
-    admin: Address  # the SuperLink itself: Control, Runtime and Fleet APIs (operators only)
+    admin: Address  # the operators' port: Control API calls by role, mutual TLS
     public: Address  # the gateway: the Fleet API only (nodes)
     node_keys: list[Path]
     roster: Path  # the signed node roster the ServerApp sends nodes ($FEDPRIV_ROSTER)
+    internal: Address  # the SuperLink itself, on loopback: every API (this machine only)
+    admin_host: str  # the interface the operators' port listens on
 
 
 def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list[Path] | None = None,
                    admin_host: str = "127.0.0.1", admin_port: int | None = None,
-                   roster: Path | None = None) -> SuperLinkPlan:
+                   roster: Path | None = None, internal_port: int = 0) -> SuperLinkPlan:
     """Check everything ``start`` needs; nothing is started or written."""
     keys, state = keys.resolve(), state.resolve()
     if not keys.is_dir():
@@ -97,6 +107,9 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
             raise DeploymentError(f"{flag} {value} is not a TCP port")
     if admin_port == port:
         raise DeploymentError("--admin-port must differ from --port")
+    if not 0 <= internal_port < 65536 or internal_port in (port, admin_port):
+        raise DeploymentError(f"--internal-port {internal_port} is not a free TCP port of its own")
+    internal_port = internal_port or free_loopback_port()
     # Operators (and this command, to register nodes) reach the admin port by a name the
     # certificate carries: loopback when the SuperLink listens on every interface.
     names = subject_names(cert)
@@ -110,10 +123,20 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
         "--enable-supernode-auth",
         "--database", str(state / DATABASE),
         "--disable-runtime-dependency-installation",
-        "--host", admin_host, "--port", str(admin_port),
+        "--host", "127.0.0.1", "--port", str(internal_port),
     ]
     return SuperLinkPlan(argv, flower_environment(env), state, ca_path, cert_path, key_path,
-                         Address(admin_name, admin_port), Address(host, port), node_keys, roster)
+                         Address(admin_name, admin_port), Address(host, port), node_keys, roster,
+                         Address("127.0.0.1", internal_port), admin_host)
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on loopback now (for the SuperLink behind the gateways)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def check_roster(path: Path, ca_path: Path, node_keys: list[Path]) -> None:
@@ -155,6 +178,44 @@ def register_node(public_key: Path, env: dict[str, str]) -> str:
     raise DeploymentError(f"the SuperLink refused to register {public_key}: {detail.strip()}")
 
 
+def unregister_node(public_key: Path, state: Path) -> int:
+    """Unregister the node of ``public_key`` from the running SuperLink of ``state`` (through its
+    own loopback connection): it can no longer connect. Returns its node id."""
+    import os
+
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import ListNodesRequest, UnregisterNodeRequest
+
+    check_node_public_key(public_key)
+    wanted = try_load_public_key(public_key)  # the bytes Flower registered
+    previous = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(state / FLWR_HOME)
+    client = None
+    try:
+        client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        nodes = [n for n in client.ListNodes(ListNodesRequest()).nodes_info
+                 if bytes(n.public_key) == wanted and n.status != "unregistered"]
+        if not nodes:
+            raise DeploymentError(f"no registered node has the key {public_key}")
+        for node in nodes:
+            client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+        return int(nodes[0].node_id)
+    except DeploymentError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the SuperLink is not running, or refused
+        raise DeploymentError(f"cannot unregister {public_key} at the SuperLink of {state} "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    finally:
+        if client is not None:
+            client.close()
+        if previous is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = previous
+
+
 def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
     """Run the SuperLink until it exits or this process is stopped; register the nodes, then
     open the public port (the Fleet-only gateway)."""
@@ -164,11 +225,17 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
     if link.is_symlink() or not link.exists():
         link.unlink(missing_ok=True)
         link.symlink_to(plan.ca.parent, target_is_directory=True)
-    write_connection(plan.state / FLWR_HOME, plan.admin, plan.ca)
+    write_connection(plan.state / FLWR_HOME, plan.internal, plan.ca)
     terminate_as_exit()  # a SIGTERM while starting up must still stop the SuperLink
     child = Child(plan.argv, plan.env)
     gateway = Gateway(plan.public.host, plan.public.port, plan.cert, plan.key,
-                      plan.admin.host, plan.admin.port, plan.ca)
+                      plan.internal.host, plan.internal.port, plan.ca)
+    from common.ledger import load_or_create_signing_key
+    from server.operators import OperatorGateway
+
+    operators = OperatorGateway(plan.admin_host, plan.admin.port, plan.cert, plan.key, plan.internal.host,
+                                plan.internal.port, plan.ca, plan.state,
+                                load_or_create_signing_key(Path(plan.env["FEDPRIV_LEDGER_KEY"])))
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -177,31 +244,37 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
                 raise DeploymentError(f"flower-superlink exited with code {child.proc.returncode}"
                                       + (f": {errors[-1].strip()}" if errors else ""))
             try:
-                check_tls(plan.admin, plan.ca, timeout=2.0)
+                check_tls(plan.internal, plan.ca, timeout=2.0)
                 break
             except DeploymentError:
                 if time.monotonic() > deadline:
-                    raise DeploymentError(f"the SuperLink did not answer on {plan.admin} within "
+                    raise DeploymentError(f"the SuperLink did not answer on {plan.internal} within "
                                           f"{READY_TIMEOUT:.0f} s") from None
                 time.sleep(0.5)
         results = [(path, register_node(path, plan.env)) for path in plan.node_keys]
-        try:
-            gateway.start()
-        except OSError as exc:
-            raise DeploymentError(f"cannot listen on {plan.public}: {exc.strerror or exc}") from None
+        for door, address in ((gateway, plan.public), (operators, plan.admin)):
+            try:
+                door.start()
+            except OSError as exc:
+                raise DeploymentError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        write_atomic(plan.state / OPERATORS_FILE, json.dumps(
+            {"address": str(plan.admin), "root_certificates": str(plan.ca)}, indent=1).encode())
     except BaseException:
         child.stop()
         raise
     for path, result in results:
         print(f"fedpriv: node key {path.name}: {result}", file=out)
     print(f"fedpriv: SuperLink ready: nodes connect to {plan.public} (TLS, node authentication, Fleet API "
-          f"only); operators use {plan.admin} (database {plan.state / DATABASE}); runs are written "
+          f"only); operators to {plan.admin} (mutual TLS with operator certificates, by role; log in "
+          f"{plan.state / 'operator-log'}); database {plan.state / DATABASE}; runs are written "
           f"under {plan.state / RUNS}", file=out)
-    print(f"fedpriv: submit a run with: fedpriv server run --state {plan.state}", file=out, flush=True)
+    print(f"fedpriv: submit a run with: fedpriv server run --state {plan.state} --operator-cert NAME.crt "
+          f"--operator-key NAME.key (fedpriv keys --operator NAME --role researcher)", file=out, flush=True)
     try:
         return child.wait()
     finally:
         gateway.stop()
+        operators.stop()
 
 
 def app_defaults(app: Path) -> dict[str, Any]:
@@ -245,24 +318,26 @@ def default_app_dir() -> Path:
     return root
 
 
-def wait_for_superlink(connection: Path, wait: float, state: Path) -> None:
-    """Wait (at most ``wait`` seconds) until the SuperLink of ``fedpriv server start --state``
-    has written its connection and answers over TLS: a run may be submitted as it starts."""
-    import tomllib
-
+def operators_port(state: Path, wait: float, client_cert: tuple[Path, Path]) -> tuple[Address, Path]:
+    """The operators' port of ``fedpriv server start --state`` and its CA, once it answers a TLS
+    handshake with the operator's certificate (waiting at most ``wait`` seconds: a run may be
+    submitted while the server starts)."""
+    path = state / OPERATORS_FILE
     deadline, last = time.monotonic() + wait, ""
     while True:
-        if connection.exists():
+        if path.exists():
             try:
-                link = tomllib.loads(connection.read_text())["superlink"][CONNECTION]
-                check_tls(parse_address(link["address"]), Path(link["root-certificates"]), timeout=2.0)
-                return
-            except (KeyError, tomllib.TOMLDecodeError, OSError):
-                raise DeploymentError(f"{connection} is not a connection fedpriv server start wrote") from None
+                raw = json.loads(path.read_text())
+                address, ca = parse_address(raw["address"]), Path(raw["root_certificates"])
+            except (KeyError, TypeError, ValueError, OSError):
+                raise DeploymentError(f"{path} is not what fedpriv server start writes") from None
+            try:
+                check_tls(address, ca, timeout=2.0, client_cert=client_cert)
+                return address, ca
             except DeploymentError as exc:
                 last = str(exc)
         if time.monotonic() >= deadline:
-            raise DeploymentError(last or f"no SuperLink connection in {state} after {wait:g} s; start one "
+            raise DeploymentError(last or f"no operators' port in {state} after {wait:g} s; start the server "
                                   f"with fedpriv server start --state {state}, or give --superlink and --root-cert")
         time.sleep(1.0)
 
@@ -292,26 +367,37 @@ def signed_app(app: Path, key_path: Path, dest: Path) -> str:
 
 def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_cert: Path | None,
                app: Path | None = None, out: Any = sys.stdout, wait: float = 120.0,
-               app_key: Path | None = None) -> tuple[int, str | None]:
-    """``flwr run APP fedpriv --stream``, the app signed; returns its exit code and the run
-    directory it reported."""
+               app_key: Path | None = None, operator_cert: Path | None = None,
+               operator_key: Path | None = None) -> tuple[int, str | None]:
+    """``flwr run APP fedpriv --stream`` through the operators' port as the operator of
+    ``operator_cert``, the app signed; returns its exit code and the run directory it reported."""
     app = (app or default_app_dir()).resolve()
     if not (app / "pyproject.toml").exists():
         raise DeploymentError(f"{app} is not a Flower app (no pyproject.toml)")
+    if operator_cert is None or operator_key is None:
+        raise DeploymentError("the operators' port needs your operator certificate: give --operator-cert NAME.crt "
+                              "and --operator-key NAME.key (fedpriv keys --out KEYS --operator NAME --role "
+                              "researcher issues them)")
+    credentials = (operator_cert, operator_key)
+    load_certificate(operator_cert, "operator certificate")
     with tempfile.TemporaryDirectory(prefix="fedpriv-flwr-") as scratch:
         if superlink:
             if root_cert is None:
                 raise DeploymentError("--superlink needs --root-cert (the federation's CA certificate)")
             address = parse_address(superlink, "--superlink")
             load_certificate(root_cert, "root certificate")
-            check_tls(address, root_cert)
-            flwr_home = Path(scratch)
-            write_connection(flwr_home, address, root_cert)
+            check_tls(address, root_cert, client_cert=credentials)
         else:
             if state is None:
                 raise DeploymentError("give --state (the directory of fedpriv server start) or --superlink")
-            flwr_home = state.resolve() / FLWR_HOME
-            wait_for_superlink(flwr_home / "config.toml", wait, state)
+            address, root_cert = operators_port(state.resolve(), wait, credentials)
+        forwarder = Forwarder(0, address.host, address.port, root_cert, credentials)
+        forwarder.start()
+        flwr_home = Path(scratch) / "flwr"
+        flwr_home.mkdir()
+        (flwr_home / "config.toml").write_text(  # the hop to the forwarder stays on this machine
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{forwarder.port}"\ninsecure = true\n')
         found: dict[str, str] = {}
 
         def on_line(line: str) -> None:
@@ -326,7 +412,10 @@ def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_c
         argv = [flower_executable("flwr"), "run", str(snapshot), CONNECTION,
                 "--run-config", run_config_string(cfg, snapshot, signature), "--stream"]
         child = Child(argv, flower_environment({"FLWR_HOME": str(flwr_home)}), sink=out, on_line=on_line)
-        code = child.wait()
+        try:
+            code = child.wait()
+        finally:
+            forwarder.stop()
         if code != 0 and not found:
             errors = [ln for ln in child.tail if "rror" in ln]
             raise DeploymentError(f"flwr run failed with code {code}" + (f": {errors[-1].strip()}" if errors else ""))

@@ -41,6 +41,7 @@ DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 KEYS_COMMAND = ["keys", "--out", "deploy/keys", "--host", "superlink", "--host", "superlink-admin",
                 "--nodes", "3"]
 SPLIT_COMMAND = ["split-data", "--out", "deploy/data", "--nodes", "3", "--preset", "federation"]
+OPERATOR_COMMAND = ["keys", "--out", "deploy/keys", "--operator", "runner", "--role", "researcher"]
 SECRETS_DIR = "/run/secrets"
 
 
@@ -238,6 +239,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for command, proc in zip((KEYS_COMMAND, SPLIT_COMMAND), procs):
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"fedpriv {shlex.join(command)} failed:\n{out}"
+    proc = subprocess.run([*_fedpriv(), *OPERATOR_COMMAND], cwd=root, env=env, text=True, capture_output=True,
+                          timeout=300)  # after the CA exists
+    assert proc.returncode == 0, f"fedpriv {shlex.join(OPERATOR_COMMAND)} failed:\n{proc.stdout}{proc.stderr}"
     return root
 
 
@@ -357,12 +361,17 @@ def test_superlink_command_is_accepted_by_fedpriv_and_flower(
     assert Path(args.ssl_keyfile) == secrets / "superlink.key"
     assert Path(args.ssl_ca_certfile) == secrets / "ca.crt"
     assert Path(args.database).parent == tree / "state", "the database lives in the state volume"
-    # The SuperLink itself listens on the admin network only; the nodes' port (9092) is fedpriv's
-    # Fleet-only gateway. Flower's SuperExec and the run service reach it as superlink-admin:9093,
-    # so the certificate must name it.
-    assert args.port == 9093 and args.host == "superlink-admin"
+    # The SuperLink itself listens on the container's loopback only; the nodes' port (9092) is
+    # fedpriv's Fleet-only gateway and the operators' port (9093, on the admin network) fedpriv's
+    # mutual-TLS gateway, which the run service reaches as superlink-admin:9093, so the certificate
+    # must name it.
+    assert args.host == "127.0.0.1" and args.port not in (9092, 9093)
     start = _command(compose, "superlink")
     assert start[start.index("--port") + 1] == "9092" and start[start.index("--host") + 1] == "0.0.0.0"
+    assert start[start.index("--admin-port") + 1] == "9093" and start[start.index("--admin-host") + 1] == \
+        "superlink-admin"
+    run = _command(compose, "run")
+    assert "--operator-cert" in run and "--operator-key" in run  # the run submits as an operator
     assert "superlink-admin" in _cert_names(deployment)
     networks = compose["services"]["superlink"]["networks"]
     assert "superlink-admin" in networks["admin"]["aliases"] and compose["networks"]["admin"]["internal"]
@@ -527,3 +536,4 @@ def test_docs_give_the_commands_tested_here() -> None:
     text = DEPLOYMENT_DOC.read_text()
     assert f"fedpriv {shlex.join(KEYS_COMMAND)}" in text
     assert f"fedpriv {shlex.join(SPLIT_COMMAND)}" in text
+    assert f"fedpriv {shlex.join(OPERATOR_COMMAND)}" in text

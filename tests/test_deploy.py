@@ -9,7 +9,9 @@ The full training run over TLS is tests/test_tutorial.py (it runs the README's w
 from __future__ import annotations
 
 import datetime
+import http.client
 import os
+import ssl
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from common.tls import DeploymentError, load_certificate
 from server.gateway import allowed
+from common.ledger import verify_ledger
 from tests.conftest import ROOT
 
 
@@ -330,9 +333,32 @@ def test_the_nodes_port_refuses_registration_and_runs(material, superlink, tmp_p
     proc = subprocess.run([flwr, "supernode", "register", str(material / "other/nodes/node-1.pub"), "x"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, proc.stdout
-    # ...while the operators' port (loopback) is the SuperLink itself.
+    # The operators' port asks for an operator certificate: without one the TLS handshake fails...
     admin = superlink.port + 1
-    assert https(admin, ca, "POST", "/v1/control/list-runs") != 403
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https(admin, ca, "POST", "/v1/control/list-runs")
+    # ...and with an admin's, the SuperLink behind it answers.
+    keys = material / "keys"
+    for role in ("admin", "auditor"):
+        if not (keys / "operators" / f"{role}-op.crt").exists():
+            assert subprocess.run([sys.executable, "-m", "fedpriv", "keys", "--out", str(keys), "--operator",
+                                   f"{role}-op", "--role", role], capture_output=True, cwd=ROOT).returncode == 0
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(keys / "operators/admin-op.crt"), str(keys / "operators/admin-op.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", admin, timeout=30, context=context)
+    conn.request("POST", "/v1/control/list-nodes", body=b"", headers={"content-type": "application/protobuf"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    # An auditor may not register a node there; the attempt is in the signed operator log.
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(keys / "operators/auditor-op.crt"), str(keys / "operators/auditor-op.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", admin, timeout=30, context=context)
+    conn.request("POST", "/v1/control/register-node", body=b"", headers={"content-type": "application/protobuf"})
+    assert conn.getresponse().status == 403
+    conn.close()
+    log = verify_ledger(material / "server-state" / "operator-log")
+    assert log.ok and [(e["actor"], e["parameters"]["action"], e["parameters"]["allowed"]) for e in log.entries][-2:] \
+        == [("operator:admin-op", "list-nodes", True), ("operator:auditor-op", "register-node", False)]
 
 
 @pytest.mark.slow
@@ -341,5 +367,14 @@ def test_restarted_superlink_keeps_its_registrations(material, superlink, tmp_pa
     again = SuperLink(material, material / "server-state", superlink.port, tmp_path / "again.log")
     try:
         assert again.output().count("already registered") == 3, again.output()[-2000:]
+        # Revoking a node key takes effect without a restart: node-3 can no longer join.
+        proc = subprocess.run([sys.executable, "-m", "fedpriv", "server", "revoke", "--state",
+                               str(material / "server-state"), "--node", str(material / "keys/nodes/node-3.pub")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0 and "unregistered node" in proc.stdout, proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "fedpriv", *join_args(material, again.port, "--max-retries", "0",
+                                                                            node="node-3")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode != 0 and "not registered" in proc.stderr, proc.stderr[-2000:]
     finally:
         assert again.stop() == 0

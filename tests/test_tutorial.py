@@ -61,6 +61,7 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     output = log.read_text(errors="replace")
     assert code == 0, output[-5000:]
     assert "PASS" in output and "budgets held" in output, output[-3000:]
+    assert "submitted by: alice (researcher)" in output, output[-3000:]  # from the operator log
 
     runs = list((tmp_path / "fed/server/runs").glob("federation-*"))
     assert len(runs) == 1
