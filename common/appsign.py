@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import FedprivError
+from common.protocol import APP_REFUSED_CODE  # noqa: F401 - the error a node answers a refused app with
 
 APP_KEY, APP_PUB = "app-signing.key", "app-signing.pub"  # written by fedpriv keys
 SIGNATURE_SETTING = "run.app_signature"  # the run config key the signature travels in
 TRUST_ENV = "FEDPRIV_APP_TRUST"  # the node's trusted public key files (os.pathsep-separated)
-APP_REFUSED_CODE = 4005  # the error a node answers a refused app with (common/protocol.py: 4001-4004)
 _DOMAIN = b"fedpriv-app-v1\x00"
 _PREFIX = "ed25519"
 

@@ -39,5 +39,7 @@ MALFORMED_UPDATE_CODE = 4002
 SECAGG_REFUSED_CODE = 4003
 # Error code of a node that refuses a run weaker than its own privacy policy (clients.policy).
 POLICY_REFUSED_CODE = 4004
+# Error code of a node that refuses an app bundle not signed by a key it trusts (clients.app_gate).
+APP_REFUSED_CODE = 4005
 # The codes of a node refusing on privacy grounds: the server records each in the run's ledger.
-REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, SECAGG_REFUSED_CODE, POLICY_REFUSED_CODE)
+REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, SECAGG_REFUSED_CODE, POLICY_REFUSED_CODE, APP_REFUSED_CODE)
