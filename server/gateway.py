@@ -199,9 +199,13 @@ class Gateway:
             return None
         return "fedpriv gateway: only the Fleet API is served here"
 
-    def forwarded_response(self, method: str, path: str, peer: Any, first: bytes) -> None:
-        """Called with the first bytes of the upstream's response to a forwarded request (its
-        status line, headers and, for small replies, the body): a hook for the operators' gateway."""
+    def wants_response(self, method: str, path: str) -> bool:
+        """Whether :meth:`forwarded_response` should see this request's whole response (a hook)."""
+        return False
+
+    def forwarded_response(self, method: str, path: str, peer: Any, response: bytes) -> None:
+        """Called with the upstream's whole response (at most 1 MiB) to a forwarded request for
+        which :meth:`wants_response` said so: a hook for the operators' gateway."""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=60)
@@ -243,14 +247,20 @@ class Gateway:
                 await up_writer.drain()
             await up_writer.drain()
             self.forwarded += 1
-            first = True
+            if self.wants_response(method, path):  # small replies (a StartRun's run id), whole
+                response = await asyncio.wait_for(up_reader.read(1 << 20), timeout=300)
+                while len(response) < 1 << 20:
+                    more = await asyncio.wait_for(up_reader.read(1 << 20), timeout=300)
+                    if not more:
+                        break
+                    response += more
+                self.forwarded_response(method, path, peer, response)
+                writer.write(response)
+                await writer.drain()
             while True:
                 chunk = await up_reader.read(CHUNK)
                 if not chunk:
                     break
-                if first:
-                    self.forwarded_response(method, path, peer, chunk)
-                    first = False
                 writer.write(chunk)
                 await writer.drain()
         finally:

@@ -77,13 +77,31 @@ def _run_id(body: bytes | None) -> int | None:
     return int(request.run_id)
 
 
-def _started_run(first: bytes) -> int | None:
-    """The run id in a StartRun response (its first bytes: status line, headers, small body)."""
+def _dechunk(body: bytes) -> bytes:
+    """The payload of an HTTP/1.1 chunked body."""
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2:]
+    return out
+
+
+def _started_run(response: bytes) -> int | None:
+    """The run id in a whole StartRun HTTP response."""
     from flwr.proto.control_pb2 import StartRunResponse
 
-    head, _, body = first.partition(b"\r\n\r\n")
-    if not head.split(b"\r\n", 1)[0].split(b" ")[1:2] == [b"200"]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if lines[0].split(b" ")[1:2] != [b"200"]:
         return None
+    if any(line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower() for line in lines[1:]):
+        try:
+            body = _dechunk(body)
+        except ValueError:
+            return None
     response = StartRunResponse()
     try:
         response.ParseFromString(body)
@@ -173,11 +191,14 @@ class OperatorGateway(Gateway):
             self.log.record(who, action, True, **({"run_id": str(run)} if run else {}))
         return None
 
-    def forwarded_response(self, method: str, path: str, peer: Any, first: bytes) -> None:
-        if path.split("?", 1)[0] != CONTROL_PREFIX + "start-run":
+    def wants_response(self, method: str, path: str) -> bool:
+        return path.split("?", 1)[0] == CONTROL_PREFIX + "start-run"
+
+    def forwarded_response(self, method: str, path: str, peer: Any, response: bytes) -> None:
+        if not self.wants_response(method, path):
             return
         who = self._operator(peer)
-        run = _started_run(first)
+        run = _started_run(response)
         if run is not None:
             self._runs[run] = who.name
         self.log.record(who, "start-run", True, run_id=str(run) if run is not None else None)

@@ -39,6 +39,8 @@ class _FakeSuperLink(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/protobuf")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
+        self.wfile.flush()  # the head and the body in separate TLS records, as uvicorn sends them
+        time.sleep(0.05)
         self.wfile.write(body)
 
     def log_message(self, *args) -> None:
