@@ -259,3 +259,23 @@ def test_the_audit_says_who_submitted_a_run_and_fails_on_a_forged_operator_log(f
     finally:
         log.write_text(original)
     assert _json.loads(lines[0])["kind"] == "operator_action"
+
+
+def test_server_run_and_revoke_refuse_bad_input_in_one_line(federation, tmp_path, capsys):
+    from fedpriv.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cases = [
+        ["server", "run", "--state", str(state), "--preset", "federation"],  # no operator certificate
+        ["server", "revoke", "--state", str(state)],  # nothing to revoke
+        ["server", "revoke", "--state", str(tmp_path / "none"), "--operator-cert", str(federation["certs"]["rob"][0])],
+        ["server", "revoke", "--state", str(state), "--operator-cert", str(tmp_path / "missing.crt")],
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert main(args) != 0, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (args, err)
+    assert main(["server", "revoke", "--state", str(state), "--operator-cert", str(federation["certs"]["rob"][0])]) == 0
+    assert "revoked rob (researcher" in capsys.readouterr().out
