@@ -168,7 +168,7 @@ def join(plan: JoinPlan, out: Any = sys.stdout) -> int:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     if not plan.gate_argv:
         print(UNGATED_WARNING, file=sys.stderr, flush=True)
-    else:
+    if plan.root_cert is not None:
         check_tls(plan.superlink, plan.root_cert)
     print(f"fedpriv: {describe(plan)}", file=out, flush=True)
     delay = 2.0
