@@ -29,11 +29,12 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import FedprivError
+from common.keyfiles import KEY_ERRORS, parse_private_key, parse_public_key, read_key_file
 from common.protocol import APP_REFUSED_CODE  # noqa: F401 - the error a node answers a refused app with
 
 APP_KEY, APP_PUB = "app-signing.key", "app-signing.pub"  # written by fedpriv keys
@@ -124,20 +125,12 @@ def new_signing_pair() -> tuple[bytes, bytes]:
                                           serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise FedprivError(f"cannot read {what} {path} ({exc.strerror})") from None
-
-
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 app-signing private key (PEM or OpenSSH, unencrypted)."""
-    data = _read(path, "the app-signing key")
+    data = read_key_file(path, "the app-signing key", FedprivError)
     try:
-        key = (serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH")
-               else serialization.load_pem_private_key(data, None))
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = parse_private_key(data)
+    except KEY_ERRORS:
         raise FedprivError(f"{path} is not an unencrypted PEM or OpenSSH private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise FedprivError(f"{path}: the app-signing key must be an Ed25519 key")
@@ -146,11 +139,10 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def load_trusted_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key a node trusts to sign apps: PEM, or one OpenSSH line."""
-    data = _read(path, "the trusted app-signing key")
+    data = read_key_file(path, "the trusted app-signing key", FedprivError)
     try:
-        key = (serialization.load_pem_public_key(data) if data.lstrip().startswith(b"-----BEGIN")
-               else serialization.load_ssh_public_key(b" ".join(data.split()[:2])))
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = parse_public_key(data)
+    except KEY_ERRORS:
         raise FedprivError(f"{path} is not a PEM or OpenSSH public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise FedprivError(f"{path}: a trusted app-signing key must be an Ed25519 key")

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.errors import FedprivError
+from common.keyfiles import KEY_ERRORS, parse_private_key, read_key_file
 
 ROSTER_ENV = "FEDPRIV_ROSTER"  # the signed roster file a deployed ServerApp sends to nodes
 ROSTER_KEY = "fedpriv_roster"  # the SecAgg+ setup config key the server sends the roster under
@@ -88,19 +89,15 @@ def public_key_text(key: PublicKey) -> str:
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise RosterError(f"cannot read {what} {path} ({exc.strerror})") from None
+    return read_key_file(path, what, RosterError)
 
 
 def load_node_private_key(path: Path) -> PrivateKey:
     """A node authentication key: OpenSSH (as ``fedpriv keys`` writes it) or PEM."""
     data = _read(path, "the node key")
     try:
-        key = (serialization.load_ssh_private_key(data, None) if data.lstrip().startswith(b"-----BEGIN OPENSSH")
-               else serialization.load_pem_private_key(data, None))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        key = parse_private_key(data)
+    except KEY_ERRORS as exc:
         raise RosterError(f"{path} is not an unencrypted node key ({exc})") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, Ed25519PrivateKey)):
         raise RosterError(f"{path}: node keys must be EC or Ed25519")

@@ -27,6 +27,7 @@ import pytest
 from common.appsign import APP_REFUSED_CODE, SIGNATURE_SETTING
 from common.ledger import verify_ledger
 from tests.conftest import ROOT
+from tests.foreign_app import FOREIGN_CLIENT, write_foreign_app
 from tests.test_deploy import SuperLink, free_port, free_port_pair
 
 pytestmark = pytest.mark.slow
@@ -60,52 +61,6 @@ def main(grid: Grid, context: Context) -> None:
     Path(str(context.run_config["out"])).write_text(json.dumps({"nodes": len(nodes), "replies": seen}))
 '''
 
-CLIENT_APP = '''
-from pathlib import Path
-
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
-app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    stolen = Path(str(context.node_config["data-path"])).read_bytes()
-    return Message(RecordDict({"stolen": ConfigRecord({"data": stolen})}), reply_to=msg)
-'''
-
-
-def write_foreign_app(app: Path) -> None:
-    (app / MODULE).mkdir(parents=True)
-    (app / MODULE / "__init__.py").write_text("")
-    (app / MODULE / "server.py").write_text(SERVER_APP)
-    (app / MODULE / "client.py").write_text(CLIENT_APP)
-    (app / "pyproject.toml").write_text(f'''[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "foreignapp"
-version = "1.0.0"
-dependencies = ["flwr>=1.42"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "someone"
-
-[tool.flwr.app.components]
-serverapp = "{MODULE}.server:app"
-clientapp = "{MODULE}.client:app"
-
-[tool.flwr.app.config]
-out = ""
-"{SIGNATURE_SETTING}" = ""
-''')
-
-
 def fedpriv(*args: str, cwd: Path) -> str:
     proc = subprocess.run([sys.executable, "-m", "fedpriv", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
@@ -121,7 +76,7 @@ def test_foreign_apps_are_refused_by_the_node_before_they_run(tmp_path):
     np.savez(data, x=rng.random((40, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, 40))
     secret = data.read_bytes()
     app = tmp_path / "foreign"
-    write_foreign_app(app)
+    write_foreign_app(app, MODULE, SERVER_APP, {"out": ""})
 
     port = free_port_pair()
     link = SuperLink(tmp_path, tmp_path / "server", port, tmp_path / "superlink.log")
@@ -156,7 +111,7 @@ def test_foreign_apps_are_refused_by_the_node_before_they_run(tmp_path):
         client = app / MODULE / "client.py"
         client.write_text(client.read_text() + "\n# altered after signing\n")
         results["altered"] = submit("altered", signature)
-        client.write_text(CLIENT_APP)  # as signed
+        client.write_text(FOREIGN_CLIENT)  # as signed
         control = submit("signed", signature)
     finally:
         os.killpg(node.pid, signal.SIGTERM)

@@ -26,54 +26,13 @@ from common.appsign import (
 )
 from common.errors import FedprivError
 from tests.conftest import task_identity
+from tests.foreign_app import FOREIGN_CLIENT, write_foreign_app
 
 FOREIGN_MODULE = "foreignapp_gate_test"
 
-FOREIGN_CLIENT = '''
-from pathlib import Path
-
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
-app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    stolen = Path(str(context.node_config["data-path"])).read_bytes()
-    return Message(RecordDict({"stolen": ConfigRecord({"data": stolen})}), reply_to=msg)
-'''
-
-
 def foreign_app(root: Path, module: str = FOREIGN_MODULE) -> Path:
     """A Flower app whose ClientApp returns the node's data file."""
-    app = root / "foreign"
-    (app / module).mkdir(parents=True)
-    (app / module / "__init__.py").write_text("")
-    (app / module / "client.py").write_text(FOREIGN_CLIENT)
-    (app / "pyproject.toml").write_text(f'''[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "foreignapp"
-version = "1.0.0"
-dependencies = ["flwr>=1.42"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "someone"
-
-[tool.flwr.app.components]
-serverapp = "{module}.client:app"
-clientapp = "{module}.client:app"
-
-[tool.flwr.app.config]
-"{SIGNATURE_SETTING}" = ""
-''')
-    return app
+    return write_foreign_app(root / "foreign", module)
 
 
 def pem_private(key: Ed25519PrivateKey) -> bytes:
