@@ -359,6 +359,25 @@ def test_the_nodes_port_refuses_registration_and_runs(material, superlink, tmp_p
     log = verify_ledger(material / "server-state" / "operator-log")
     assert log.ok and [(e["actor"], e["parameters"]["action"], e["parameters"]["allowed"]) for e in log.entries][-2:] \
         == [("operator:admin-op", "list-nodes", True), ("operator:auditor-op", "register-node", False)]
+    # Flower's own CLI through fedpriv operator connect: an admin lists the nodes and the runs, an
+    # auditor cannot register a node.
+    from fedpriv.operator_cmd import start_forwarder
+
+    for role, command, ok in (("admin", ["supernode", "list", "x", "--format", "json"], True),
+                              ("admin", ["ls", "x", "--format", "json"], True),
+                              ("auditor", ["supernode", "register", str(material / "other/nodes/node-1.pub"), "x"],
+                               False)):
+        forwarder = start_forwarder(f"127.0.0.1:{admin}", ca, keys / f"operators/{role}-op.crt",
+                                    keys / f"operators/{role}-op.key", 0)
+        try:
+            (home / "config.toml").write_text(f'[superlink]\ndefault = "x"\n[superlink.x]\n'
+                                              f'address = "127.0.0.1:{forwarder.port}"\ninsecure = true\n')
+            proc = subprocess.run([flwr, *command], env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            forwarder.stop()
+        assert (proc.returncode == 0) == ok, (command, proc.stdout[-1500:], proc.stderr[-1500:])
+        if command[:2] == ["supernode", "list"]:
+            assert proc.stdout.count('"node-id"') >= 3, proc.stdout[-1500:]
 
 
 @pytest.mark.slow
