@@ -301,15 +301,16 @@ def test_the_gateway_lets_only_the_fleet_api_through():
         assert not allowed(method, path), (method, path)
 
 
-def https(port: int, ca: Path, method: str, path: str) -> int:
-    """The HTTP status of one request over verified TLS."""
-    import http.client
-    import ssl
-
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
-                                       context=ssl.create_default_context(cafile=str(ca)))
+def https(port: int, ca: Path, method: str, path: str, client: tuple[Path, Path] | None = None) -> int:
+    """The HTTP status of one request over verified TLS (presenting ``client``, a certificate and
+    key, if given)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        context.load_cert_chain(str(client[0]), str(client[1]))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
     try:
-        conn.request(method, path, body=b"" if method == "POST" else None)
+        conn.request(method, path, body=b"" if method == "POST" else None,
+                     headers={"content-type": "application/protobuf"} if method == "POST" else {})
         return conn.getresponse().status
     finally:
         conn.close()
@@ -343,19 +344,12 @@ def test_the_nodes_port_refuses_registration_and_runs(material, superlink, tmp_p
         if not (keys / "operators" / f"{role}-op.crt").exists():
             assert subprocess.run([sys.executable, "-m", "fedpriv", "keys", "--out", str(keys), "--operator",
                                    f"{role}-op", "--role", role], capture_output=True, cwd=ROOT).returncode == 0
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(keys / "operators/admin-op.crt"), str(keys / "operators/admin-op.key"))
-    conn = http.client.HTTPSConnection("127.0.0.1", admin, timeout=30, context=context)
-    conn.request("POST", "/v1/control/list-nodes", body=b"", headers={"content-type": "application/protobuf"})
-    assert conn.getresponse().status == 200
-    conn.close()
+    def operator(role: str) -> tuple[Path, Path]:
+        return keys / f"operators/{role}-op.crt", keys / f"operators/{role}-op.key"
+
+    assert https(admin, ca, "POST", "/v1/control/list-nodes", operator("admin")) == 200
     # An auditor may not register a node there; the attempt is in the signed operator log.
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(keys / "operators/auditor-op.crt"), str(keys / "operators/auditor-op.key"))
-    conn = http.client.HTTPSConnection("127.0.0.1", admin, timeout=30, context=context)
-    conn.request("POST", "/v1/control/register-node", body=b"", headers={"content-type": "application/protobuf"})
-    assert conn.getresponse().status == 403
-    conn.close()
+    assert https(admin, ca, "POST", "/v1/control/register-node", operator("auditor")) == 403
     log = verify_ledger(material / "server-state" / "operator-log")
     assert log.ok and [(e["actor"], e["parameters"]["action"], e["parameters"]["allowed"]) for e in log.entries][-2:] \
         == [("operator:admin-op", "list-nodes", True), ("operator:auditor-op", "register-node", False)]
