@@ -43,6 +43,7 @@ simulation's own processes, configured by the same person as the run.
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from dataclasses import dataclass, fields
@@ -166,9 +167,19 @@ def policy_from_mapping(raw: dict[str, Any], source: str = "the node policy") ->
 
 
 def load_policy(path: Path | None) -> NodePolicy:
-    """The policy in ``path`` (TOML), or the defaults when ``path`` is None."""
+    """The policy in ``path`` (TOML), or the defaults when ``path`` is None. Read once per version
+    of the file (its size and modification time), although every mod of a round asks for it."""
     if path is None:
         return NodePolicy()
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the node policy {path} ({exc.strerror})") from None
+    return _load_policy(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_policy(path: str, mtime_ns: int, size: int) -> NodePolicy:
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

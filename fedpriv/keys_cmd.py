@@ -72,15 +72,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.app_key_only:
         files = app_signing_keys(args.out)
         write_keys(files, args.force)
-        for f in files:
-            print(f"{'private' if f.private else 'public '}  {f.path}")
+        _print_files(files)
         print(f"next: give each node {args.out / 'app-signing.pub'} (fedpriv node join --trust); "
               f"fedpriv server run signs with {args.out / 'app-signing.key'}")
         return EXIT_OK
     files = federation_keys(args.out, args.hosts, args.nodes, args.days)
     write_keys(files, args.force)
-    for f in files:
-        print(f"{'private' if f.private else 'public '}  {f.path}")
+    _print_files(files)
     print(f"next: start the SuperLink with {args.out / 'superlink.crt'} and register each "
           f"{args.out / 'nodes'}/node-N.pub; give each node its private key, {args.out / 'ca.crt'} "
           f"and {args.out / 'app-signing.pub'}")
@@ -104,8 +102,13 @@ def _issue_operator(args: argparse.Namespace) -> int:
     files = [KeyFile(folder / f"{args.operator}.key", key_pem, True),
              KeyFile(folder / f"{args.operator}.crt", cert_pem, False)]
     write_keys(files, args.force)
-    for f in files:
-        print(f"{'private' if f.private else 'public '}  {f.path}")
+    _print_files(files)
     print(f"next: give {args.operator} both files and {args.out / CA_CERT}; they reach the operators' port "
           f"with fedpriv operator connect (or fedpriv server run --operator-cert/--operator-key)")
     return EXIT_OK
+
+
+def _print_files(files: list) -> None:
+    """One line per written key file: whether it is private, and where."""
+    for f in files:
+        print(f"{'private' if f.private else 'public '}  {f.path}")
