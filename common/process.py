@@ -2,6 +2,9 @@
 
 The child's output is relayed line by line and its tail kept, so that when it fails the command
 can say why in one line; SIGINT and SIGTERM are passed on, so stopping fedpriv stops Flower.
+A Python traceback the child prints (Flower's processes print some while shutting down, for
+example when a signal lands in an exit handler) is relayed as one line naming the exception;
+``FEDPRIV_VERBOSE=1`` relays it whole. The tail always keeps every line.
 """
 
 from __future__ import annotations
@@ -46,6 +49,42 @@ def terminate_as_exit() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+TRACEBACK_START = "Traceback (most recent call last):"
+CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+class TracebackFilter:
+    """Condenses each Python traceback (chained ones included) in a stream of lines to one line
+    naming its last exception."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.inside = False
+        self.pending: str | None = None  # the exception line, held until no chained traceback follows
+
+    def __call__(self, line: str) -> str | None:
+        """The text to relay for ``line`` (and any summary due before it), or None to hold it back."""
+        text = line.rstrip("\n")
+        if text.startswith(TRACEBACK_START) or text.startswith(CHAINED):
+            self.inside, self.pending = True, None
+            return None
+        if self.inside:
+            if not text.strip() or text.startswith((" ", "\t")):
+                return None  # the frames
+            self.inside, self.pending = False, text.strip()[:200]  # the exception line
+            return None
+        if self.pending is not None and not text.strip():
+            return None  # a blank line between chained tracebacks
+        return self.flush() + line
+
+    def flush(self) -> str:
+        """The summary of a traceback that has ended, if any."""
+        if self.pending is None:
+            return ""
+        summary, self.pending = self.pending, None
+        return f"{self.name}: exited through {summary} (traceback withheld; FEDPRIV_VERBOSE=1 shows it)\n"
+
+
 class Child:
     """A supervised child process whose merged output is relayed to ``sink``."""
 
@@ -55,6 +94,7 @@ class Child:
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self._sink = sink if sink is not None else sys.stderr
         self._on_line = on_line
+        self._filter = None if os.environ.get("FEDPRIV_VERBOSE") == "1" else TracebackFilter(Path(self.argv[0]).name)
         self.proc = subprocess.Popen(self.argv, env=dict(env), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace",
                                      start_new_session=True)
@@ -67,11 +107,21 @@ class Child:
             self.tail.append(line.rstrip("\n"))
             if self._on_line is not None:
                 self._on_line(line)
-            try:
-                self._sink.write(line)
-                self._sink.flush()
-            except (OSError, ValueError):
-                pass
+            shown = line if self._filter is None else self._filter(line)
+            if shown is None:
+                continue
+            self._write(shown)
+        if self._filter is not None:
+            self._write(self._filter.flush())
+
+    def _write(self, text: str) -> None:
+        if not text:
+            return
+        try:
+            self._sink.write(text)
+            self._sink.flush()
+        except (OSError, ValueError):
+            pass
 
     def running(self) -> bool:
         return self.proc.poll() is None
