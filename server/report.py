@@ -33,10 +33,12 @@ USER_MECHANISM = {
     "distributed": (
         "DP-FedAvg with distributed discrete Gaussian noise (Kairouz et al. 2021): each client "
         "clips its update, rounds it to integers and adds its share of the noise before masking, "
-        "so the server only sees noised sums; uniform client weights; each client sampled "
-        "independently with probability federation.fraction_train each round (add/remove-one-client "
-        "adjacency). Each round's ledger "
-        "entry records the noise that applied to the sum and what the accounting assumes."
+        "so the server only sees noised sums; uniform client weights. Each round is accounted by "
+        "Kairouz, Liu and Steinke's zCDP bound for the sum of discrete Gaussians (with their tau "
+        "and rounding's effect on sensitivity), without amplification by client sampling, and "
+        "the chance of a SecAgg+ range overflow is charged to delta; epsilon_gaussian_approximation "
+        "is the continuous-Gaussian approximation with amplification, for comparison only. Each "
+        "round's ledger entry records the noise that applied to the sum and what the accounting assumes."
     ),
 }
 
@@ -58,6 +60,9 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
             "enabled": config.user_dp.enabled,
             "epsilon": user["rdp"] if user else None,
             "epsilon_pld": user["pld"] if user else None,
+            # distributed mode: the sum of discrete Gaussians approximated by a continuous Gaussian
+            # with Poisson amplification -- not a bound, printed for comparison only
+            "epsilon_gaussian_approximation": figures.get("user_level_gaussian_approximation"),
             "budget": config.privacy.user_budget or None,
             "noise_mode": config.user_dp.noise_mode if config.user_dp.enabled else None,
             "mechanism": USER_MECHANISM[config.user_dp.noise_mode] if config.user_dp.enabled

@@ -38,7 +38,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 
-from common import secagg
+from common import accounting, secagg
 from common.config import RunConfig
 from common.errors import FedprivError
 from common.updates import clip_bound, update_problem
@@ -265,7 +265,7 @@ class FedprivStrategy(Strategy):
             expected = float(self.inner.num_fit_clients(population)[0])
         self._plan[server_round] = (population, expected)
         try:
-            self.recorder.check_user_budget(server_round, population, expected)
+            self.recorder.check_user_budget(server_round, population, expected, self._worst_round(population))
         except UserBudgetExhausted as stop:
             log.warning("fedpriv: %s", stop)
             self.stopped = str(stop)
@@ -284,8 +284,15 @@ class FedprivStrategy(Strategy):
             reason = f"client sampling drew {len(clients)} clients, fewer than the {minimum} a round needs"
             self._failed[server_round] = reason
             if self.cfg.user_dp.enabled:  # conservatively count the round: skipping depends on the draw
-                self._privacy_round(server_round, len(clients), 0, self.cfg.user_dp.noise_multiplier,
-                                    {"noise_mode": self.cfg.user_dp.noise_mode, "skipped": True})
+                worst = self._worst_round(population)
+                mechanism: dict[str, Any] = {"noise_mode": self.cfg.user_dp.noise_mode, "skipped": True}
+                applied = self.cfg.user_dp.noise_multiplier
+                if worst is not None:  # distributed: the bound any round of this population meets
+                    mechanism["delta_addition"] = worst[1]
+                    mechanism["gaussian_approximation_noise_multiplier"] = applied
+                    applied = accounting.equivalent_noise_multiplier(worst[0])
+                self._privacy_round(server_round, len(clients), 0, applied, mechanism,
+                                    worst[0] if worst else None)
             return []
         self._sampled_nodes[server_round] = {c.node_id for c in clients}
         config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
@@ -385,12 +392,14 @@ class FedprivStrategy(Strategy):
         population, expected = self._plan[server_round]
         sampled = len(self._sampled_nodes[server_round])
         udp = self.cfg.user_dp
+        event = None
         if secagg.distributed(self.cfg):
             plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
             noisy_sum = secagg.decode_distributed_sum(mean, contributors, plan)
             mechanism = {"noise_mode": "distributed", "mechanism": "distributed discrete Gaussian",
                          **plan.describe(contributors)}
-            applied = plan.noise_multiplier_applied(contributors)
+            event = plan.event(contributors)
+            applied = mechanism["noise_multiplier"]  # the Gaussian with the round's RDP curve
         else:
             sensitivity = secagg.central_sensitivity(self.cfg, self.dimension)
             std = udp.noise_multiplier * sensitivity
@@ -398,14 +407,21 @@ class FedprivStrategy(Strategy):
             mechanism = {"noise_mode": "central", "mechanism": "Gaussian", "sensitivity": sensitivity,
                          "noise_std_on_sum": std, "clients_contributing": contributors}
             applied = udp.noise_multiplier
-        self._privacy_round(server_round, sampled, contributors, applied, mechanism)
+        self._privacy_round(server_round, sampled, contributors, applied, mechanism, event)
         return [t / expected for t in noisy_sum]
 
+    def _worst_round(self, population: int) -> tuple[Any, float] | None:
+        """Distributed mode: (event, delta addition) bounding any round over ``population``
+        clients, for decisions taken before the round's sample is known; None otherwise."""
+        if not (self.cfg.user_dp.enabled and secagg.distributed(self.cfg)):
+            return None
+        return secagg.distributed_worst_round(self.cfg, self.dimension, population)
+
     def _privacy_round(self, server_round: int, sampled: int, contributors: int, applied: float,
-                       mechanism: dict[str, Any]) -> None:
+                       mechanism: dict[str, Any], event: Any = None) -> None:
         population, expected = self._plan[server_round]
         epsilon = self.recorder.record_user_round(server_round, population, expected, sampled,
-                                                  contributors, applied, mechanism)
+                                                  contributors, applied, mechanism, event)
         self.run_log.entry(server_round).user_epsilon = epsilon
 
     def _update_problem(self, arrays: list[np.ndarray], individual: bool = False) -> str | None:
