@@ -19,39 +19,19 @@ from typing import Any
 
 import dp_accounting
 
-from common import accounting
+from common import accounting, user_dp
 from common.accounting import DPSGDSpend
 from common.config import RunConfig
 from common.errors import FedprivError
 from common.ledger import LedgerWriter, event_from_json, load_or_create_signing_key
+from common.user_dp import USER_LEVEL_SAMPLING
 from server import resume as resume_checks
 from server.resume import RestorePoint
 
 ENFORCEMENT_ACCOUNTANT = "rdp"
-USER_LEVEL_SAMPLING = "poisson"  # with user-level DP the strategy samples clients independently
 KEY_ENV = "FEDPRIV_LEDGER_KEY"
-
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).
-ASSUMPTIONS = {
-    "central": (
-        "Gaussian mechanism on the sum of client updates clipped to clipping_norm on the clients; "
-        "the sensitivity includes SecAgg+ quantization (at most one step per coordinate) and the "
-        "server adds noise of noise_multiplier * sensitivity from the OS CSPRNG; each client "
-        "sampled independently with probability q (add/remove-one-client adjacency); the sum is "
-        "divided by the expected count q * population, a fixed denominator"
-    ),
-    "distributed": (
-        "each contributing client added discrete Gaussian noise of local_std to its integer "
-        "update (scaled by scale, randomized rounding, L2 sensitivity clip*scale + sqrt(d), L1 "
-        "sensitivity l1_sensitivity); the sum of the contributors' discrete Gaussians is "
-        "zcdp_rho-zCDP by Kairouz, Liu and Steinke 2021 (Proposition 14, with their tau), "
-        "accounted as ZCDpEvent(zcdp_rho) with no sampling amplification (one client's update "
-        "zeroed out: its participation is visible through SecAgg+); the chance that a coordinate "
-        "leaves the SecAgg+ range (delta_addition) is charged to delta; "
-        "gaussian_approximation_noise_multiplier is the continuous-Gaussian approximation, "
-        "for comparison only"
-    ),
-}
+ASSUMPTIONS = user_dp.ASSUMPTIONS
 
 
 def _checked(spend: DPSGDSpend) -> DPSGDSpend:
@@ -214,23 +194,22 @@ class PrivacyRecorder:
 
     def record_user_round(self, server_round: int, population: int, expected: float, sampled: int,
                           aggregated: int, noise_multiplier: float, mechanism: dict[str, Any],
-                          event: dp_accounting.DpEvent | None = None) -> float:
+                          event: dp_accounting.DpEvent | None = None, sampling: str = USER_LEVEL_SAMPLING) -> float:
         """Record a round of user-level DP with the noise that actually applied to the sum.
 
         ``expected`` is q * population (the accounting's sampling rate is expected / population);
         ``sampled`` is how many the Poisson draw picked, ``aggregated`` how many contributed.
-        ``event``: the round's DpEvent where it is not the central mode's Poisson-sampled
-        Gaussian (distributed mode); ``mechanism["delta_addition"]`` is then charged to delta.
+        ``event`` and ``sampling``: the round's DpEvent as the mechanism returned it
+        (:class:`common.user_dp.Release`; by default the central mode's Poisson-sampled Gaussian)
+        and whether it claims amplification by sampling; ``mechanism["delta_addition"]`` is
+        charged to delta.
         """
-        sampling = USER_LEVEL_SAMPLING
         if event is None:
             event = accounting.dpfedavg_round_event(noise_multiplier, population, expected, USER_LEVEL_SAMPLING)
-        else:
-            sampling = "none"  # no amplification by sampling is claimed
-            approx = mechanism.get("gaussian_approximation_noise_multiplier")
-            if approx is not None:
-                self.user_gaussian_approximation.append(
-                    accounting.dpfedavg_round_event(approx, population, expected, USER_LEVEL_SAMPLING))
+        approx = mechanism.get("gaussian_approximation_noise_multiplier")
+        if approx is not None:  # distributed mode: the approximation, for comparison only
+            self.user_gaussian_approximation.append(
+                accounting.dpfedavg_round_event(approx, population, expected, USER_LEVEL_SAMPLING))
         self.user_events.append(event)
         self.user_delta_additions.append(float(mechanism.get("delta_addition") or 0.0))
         epsilon = self._user_epsilon(self.user_events)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from common import ledger, rundir
+from common import ledger, rundir, user_dp
 from common.config import RunConfig
 from server.privacy import PrivacyRecorder
 from server.run_log import RunLog
@@ -22,25 +22,7 @@ CSV_COLUMNS = (
     "seconds",
 )
 
-USER_MECHANISM = {
-    "central": (
-        "DP-FedAvg: each client clips its update to clipping_norm before masking; the server adds "
-        "Gaussian noise of std noise_multiplier * sensitivity to the unmasked sum, which is divided "
-        "by the expected number of clients; uniform client weights; each client sampled "
-        "independently with probability federation.fraction_train each round (add/remove-one-client "
-        "adjacency)"
-    ),
-    "distributed": (
-        "DP-FedAvg with distributed discrete Gaussian noise (Kairouz et al. 2021): each client "
-        "clips its update, rounds it to integers and adds its share of the noise before masking, "
-        "so the server only sees noised sums; uniform client weights. Each round is accounted by "
-        "Kairouz, Liu and Steinke's zCDP bound for the sum of discrete Gaussians (with their tau "
-        "and rounding's effect on sensitivity), without amplification by client sampling, and "
-        "the chance of a SecAgg+ range overflow is charged to delta; epsilon_gaussian_approximation "
-        "is the continuous-Gaussian approximation with amplification, for comparison only. Each "
-        "round's ledger entry records the noise that applied to the sum and what the accounting assumes."
-    ),
-}
+USER_MECHANISM = user_dp.SUMMARIES  # one text per user-level noise mode (common/user_dp.py)
 
 
 def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],

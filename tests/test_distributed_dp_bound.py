@@ -167,6 +167,6 @@ def test_budget_check_before_a_distributed_round_uses_a_bound_on_any_sample(tmp_
     strategy = FedprivStrategy(cfg, [np.zeros(d, dtype=np.float32)], RunLog(), recorder,
                                lambda r, w: (0.0, 0.0), grid=None)
     with pytest.raises(UserBudgetExhausted):
-        recorder.check_user_budget(1, population, 5.0, strategy._worst_round(population))
+        recorder.check_user_budget(1, population, 5.0, strategy.user_noise.bound_before_round(population, 5.0))
     stop = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "budget_stop"]
     assert len(stop) == 1
