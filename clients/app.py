@@ -33,7 +33,7 @@ from clients.mods import make_policy_mod, make_secure_aggregation_mod
 from clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
 from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from clients.trainer import TrainResult, get_trainer
-from common import secagg
+from common import secagg, user_dp
 from common.accounting import merge_spends
 from common.canaries import Canaries
 from common.config import DataSection, RunConfig, config_from_run_config
@@ -165,16 +165,10 @@ def encode_update(
     delta = [np.asarray(t, dtype=np.float64) - np.asarray(s, dtype=np.float64)
              for s, t in zip(start, trained, strict=True)]
     norm: float | None = None
-    if cfg.user_dp.enabled:
-        delta, norm = secagg.clip_l2(delta, cfg.user_dp.clipping_norm)
-        if secagg.distributed(cfg):
-            dimension = sum(a.size for a in delta)
-            plan = secagg.distributed_noise(cfg, dimension, clients_sampled)
-            delta = [
-                (secagg.randomized_round(a * plan.scale, random_bytes)
-                 + secagg.discrete_gaussian(a.shape, plan.local_std, random_bytes)).astype(np.float64)
-                for a in delta
-            ]
+    noise = user_dp.noise_for(cfg, sum(a.size for a in delta))
+    if noise is not None:  # the client's half of the user-level mechanism (common/user_dp.py)
+        delta, norm = noise.encode(delta, clients_sampled, random_bytes)
+        if noise.integers:
             return delta, norm
     if not cfg.secure_aggregation.enabled:
         delta = [a.astype(np.float32) for a in delta]

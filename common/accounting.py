@@ -254,3 +254,95 @@ def noise_for_target_epsilon(make_event: Any, target_epsilon: float, delta: floa
         if upper_bound is None:
             raise
         return noise_for_target_epsilon(make_event, target_epsilon, delta, accountant, sampling)
+
+
+# ---- distributed discrete Gaussian (user_dp.noise_mode = distributed) ------------------------
+# Kairouz, Liu and Steinke, "The Distributed Discrete Gaussian Mechanism for Federated Learning
+# with Secure Aggregation" (ICML 2021), Proposition 14: adding the sum of n independent discrete
+# Gaussians N_Z(0, sigma^2), sigma >= 1/2, to integer vectors x, x' in Z^d with ||x - x'||_2 <= D2
+# and ||x - x'||_1 <= D1 gives, for every order alpha >= 1, with s2 = D2 / (sqrt(n) sigma),
+# s1 = D1 / (sqrt(n) sigma) and tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 sigma^2 k / (k + 1)),
+#   D_alpha <= min( alpha s2^2 / 2 + tau d,
+#                   alpha (s2^2 + 2 s1 tau + tau^2 d) / 2,
+#                   alpha (s2 + tau sqrt(d))^2 / 2 ).
+# Each term is at most alpha * rho for alpha >= 1 with the rho of ddg_rho_from_scales, so the
+# mechanism is rho-zCDP (docs/privacy.md, "Distributed noise", spells out the step).
+DDG_MIN_LOCAL_STD = 0.5  # Proposition 14 needs sigma >= 1/2
+
+
+def ddg_tau(local_std: float, contributors: int) -> float:
+    """Kairouz et al.'s tau: how far a sum of ``contributors`` discrete Gaussians of standard
+    deviation ``local_std`` is from one discrete Gaussian (in their Renyi-divergence sense)."""
+    return 10.0 * math.fsum(
+        math.exp(-2.0 * math.pi**2 * local_std**2 * k / (k + 1)) for k in range(1, contributors))
+
+
+def ddg_rho_from_scales(l2_scale: float, l1_scale: float, tau: float, dimension: int) -> float:
+    """rho of the distributed discrete Gaussian from its sensitivity-to-noise ratios (see above);
+    non-decreasing in each argument, so worst-case arguments give an upper bound."""
+    return min(
+        l2_scale**2 / 2 + tau * dimension,
+        (l2_scale**2 + 2 * l1_scale * tau + tau**2 * dimension) / 2,
+        (l2_scale + math.sqrt(dimension) * tau) ** 2 / 2,
+    )
+
+
+def ddg_rho(l2_sensitivity: float, l1_sensitivity: float, local_std: float, contributors: int,
+            dimension: int) -> float:
+    """rho-zCDP of one release of the sum of ``contributors`` integer vectors, each with its own
+    N_Z(0, local_std^2) noise per coordinate; infinite outside Proposition 14's conditions."""
+    if contributors < 1 or not local_std >= DDG_MIN_LOCAL_STD or not math.isfinite(local_std):
+        return math.inf
+    noise = math.sqrt(contributors) * local_std
+    return ddg_rho_from_scales(l2_sensitivity / noise, l1_sensitivity / noise,
+                               ddg_tau(local_std, contributors), dimension)
+
+
+def distributed_dgauss_event(rho: float) -> dp_accounting.DpEvent:
+    """The DpEvent of one rho-zCDP release: dp-accounting's ``ZCDpEvent(rho)``, whose RDP curve
+    ``alpha * rho`` is that of ``GaussianDpEvent(1 / sqrt(2 rho))``. No sampling event wraps it:
+    amplification by sampling is proven for the Gaussian, not for any rho-zCDP mechanism. The
+    PLD accountant cannot analyse it (a zCDP bound does not give a privacy loss distribution),
+    so PLD figures of such rounds are null."""
+    if not rho < math.inf:
+        return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.ZCDpEvent(rho)
+
+
+def equivalent_noise_multiplier(event: dp_accounting.DpEvent) -> float:
+    """The Gaussian noise multiplier with the same RDP curve as a ``distributed_dgauss_event``
+    (``1 / sqrt(2 rho)``; 0 for a non-private event)."""
+    if isinstance(event, dp_accounting.ZCDpEvent) and event.rho > 0:
+        return 1 / math.sqrt(2 * event.rho)
+    return math.inf if isinstance(event, dp_accounting.ZCDpEvent) else 0.0
+
+
+def discrete_gaussian_tail(threshold: float, local_std: float) -> float:
+    """An upper bound on P(|X| > threshold) for X ~ N_Z(0, local_std^2): the discrete Gaussian
+    is local_std-subgaussian (Canonne, Kamath and Steinke 2020), so each tail is at most
+    exp(-threshold^2 / (2 local_std^2))."""
+    if local_std <= 0:
+        return 0.0 if threshold >= 0 else 1.0
+    if threshold <= 0:
+        return 1.0
+    return min(1.0, 2.0 * math.exp(-threshold**2 / (2.0 * local_std**2)))
+
+
+def charged_delta(delta: float, additions: Iterable[float]) -> float:
+    """The delta left to the accountant once failure probabilities (``additions``, e.g. the
+    chance of a SecAgg+ range overflow in each distributed round) are charged to ``delta``:
+    an (epsilon, delta - sum)-DP mechanism that misbehaves with probability at most sum is
+    (epsilon, delta)-DP. Zero or less means no epsilon holds at ``delta``."""
+    return delta - math.fsum(additions)
+
+
+def user_level_epsilon(events: list[dp_accounting.DpEvent], delta: float, additions: Iterable[float],
+                       accountant: str = "rdp", sampling: str = "poisson") -> float | None:
+    """User-level epsilon of ``events`` at ``delta`` with ``additions`` charged to delta; None
+    when ``accountant`` cannot analyse the events, infinity when nothing is left of delta."""
+    if not events:
+        return 0.0
+    left = charged_delta(delta, additions)
+    if not left > 0:
+        return math.inf
+    return epsilon_or_none(dp_accounting.ComposedDpEvent(events), left, accountant, sampling)

@@ -30,10 +30,13 @@ class _Actor:
     sampling: str
     events: list[dp_accounting.DpEvent] = field(default_factory=list)
     by_round: dict[int, float] = field(default_factory=dict)
+    # failure probabilities charged to delta (a distributed round's SecAgg+ range overflow)
+    delta_additions: list[float] = field(default_factory=list)
 
 
-def _rdp(events: list[dp_accounting.DpEvent], delta: float, sampling: str) -> float:
-    return accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(events), delta, "rdp", sampling) or 0.0
+def _rdp(events: list[dp_accounting.DpEvent], delta: float, sampling: str,
+         additions: list[float] | None = None) -> float:
+    return accounting.user_level_epsilon(events, delta, additions or [], "rdp", sampling) or 0.0
 
 
 def _close(a: float | None, b: float | None) -> bool:
@@ -127,7 +130,9 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         level = "user" if kind == "user_level" else "record"
         actor = actors.setdefault(entry["actor"], _Actor(level, entry.get("sampling") or "poisson"))
         actor.events.append(event)
-        recomputed = _rdp(actor.events, delta, actor.sampling)
+        if level == "user":
+            actor.delta_additions.append(float(params.get("delta_addition") or 0.0))
+        recomputed = _rdp(actor.events, delta, actor.sampling, actor.delta_additions)
         recorded = (entry.get("epsilon") or {}).get("rdp")
         if not _close(recomputed, recorded):
             mismatches.append(f"{where} ({entry['actor']}): recorded epsilon {recorded} but the events give "
@@ -139,7 +144,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     user_level: dict[str, Any] | None = None
     for name, actor in sorted(actors.items()):
         figures = {
-            acc: accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(actor.events), delta, acc, actor.sampling)
+            acc: accounting.user_level_epsilon(actor.events, delta, actor.delta_additions, acc, actor.sampling)
             for acc in accounting.ACCOUNTANTS
         }
         if actor.level == "user":

@@ -205,7 +205,8 @@ class UserDPSection:
         "central: the server adds Gaussian noise to the (unmasked) sum, so the server is "
         "trusted to add it. distributed: each client adds its share of discrete Gaussian noise "
         "before masking (needs secure_aggregation.enabled), so the server only ever sees "
-        "noised sums.",
+        "noised sums; each round is accounted by Kairouz et al.'s zCDP bound, without "
+        "amplification by client sampling.",
         choices=("central", "distributed"),
     )
 

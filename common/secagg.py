@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from common import accounting
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.secagg_masks import GENERATOR
@@ -171,31 +172,72 @@ class DistributedNoise:
     range_half_width: int
 
     def noise_multiplier_applied(self, contributors: int) -> float:
-        """Noise std on the sum of ``contributors`` vectors, relative to the sensitivity."""
+        """Noise std on the sum of ``contributors`` vectors, relative to the sensitivity: the
+        Gaussian approximation's noise multiplier (not what the accounting uses)."""
         return self.local_std * math.sqrt(contributors) / self.sensitivity
+
+    @property
+    def l1_sensitivity(self) -> float:
+        """L1 bound on one client's rounded integer vector: ``sqrt(d)`` times the L2 bound, and
+        for integers also the squared L2 bound (``|v_i| <= v_i^2``)."""
+        return self.sensitivity * min(math.sqrt(self.dimension), self.sensitivity)
 
     def tau(self, contributors: int) -> float:
         """Kairouz et al.'s bound on how far a sum of discrete Gaussians is from one."""
-        if self.local_std <= 0:
-            return 0.0
-        return 10.0 * sum(
-            math.exp(-2 * math.pi**2 * self.local_std**2 * k / (k + 1)) for k in range(1, contributors)
-        )
+        return accounting.ddg_tau(self.local_std, contributors)
+
+    def rho(self, contributors: int) -> float:
+        """The round's rho-zCDP (Kairouz, Liu and Steinke 2021, Proposition 14)."""
+        return accounting.ddg_rho(self.sensitivity, self.l1_sensitivity, self.local_std, contributors,
+                                  self.dimension)
 
     def overflow_bound(self, contributors: int) -> float:
-        """Union bound on the chance that any coordinate of any contributor leaves the range."""
-        tail = math.erfc(OVERFLOW_SIGMAS / math.sqrt(2))
-        return contributors * self.dimension * tail
+        """Union bound on the chance that any coordinate of any contributor leaves Flower's
+        quantizer range [-range_half_width, range_half_width], where it would be clipped.
+
+        A rounded coordinate has magnitude at most ``clip * scale + 1``, so it leaves the range
+        only if its noise exceeds the rest of the range; the discrete Gaussian's subgaussian
+        tail bounds that chance. (A wrap of the sum modulo 2^32 is post-processing of the sum
+        and costs no privacy.)"""
+        headroom = self.range_half_width - (self.clipping_norm * self.scale + 1)
+        return min(1.0, contributors * self.dimension * accounting.discrete_gaussian_tail(headroom, self.local_std))
+
+    def event(self, contributors: int) -> Any:
+        """The round's DpEvent: ``ZCDpEvent(rho)``, with no sampling amplification."""
+        return accounting.distributed_dgauss_event(self.rho(contributors))
 
     def describe(self, contributors: int) -> dict[str, Any]:
+        rho = self.rho(contributors)
         return {
             **asdict(self),
             "clients_contributing": contributors,
             "noise_std_on_sum": self.local_std * math.sqrt(contributors),
-            "noise_multiplier_applied": self.noise_multiplier_applied(contributors),
+            "l1_sensitivity": self.l1_sensitivity,
             "tau": self.tau(contributors),
+            "zcdp_rho": rho,
+            # the Gaussian with the same RDP curve: what the accounting composes
+            "noise_multiplier": 1 / math.sqrt(2 * rho) if rho > 0 else math.inf,
+            "gaussian_approximation_noise_multiplier": self.noise_multiplier_applied(contributors),
             "overflow_probability_bound": self.overflow_bound(contributors),
+            "delta_addition": self.overflow_bound(contributors),
         }
+
+
+def distributed_worst_round(cfg: RunConfig, dimension: int, population: int) -> tuple[Any, float]:
+    """Before a round is sampled: (DpEvent, delta addition) that bound any distributed round over
+    ``population`` clients in which at least ``min_clients`` contribute. The bound is
+    non-decreasing in the sensitivity-to-noise ratios (at most 1/z in L2 when at least
+    min_clients contribute) and in tau (largest with everyone sampled and contributing)."""
+    plan = distributed_noise(cfg, dimension, population)  # the smallest local noise of any sample
+    # Every plan keeps OVERFLOW_SIGMAS local standard deviations of headroom (or more).
+    overflow = min(1.0, population * dimension * accounting.discrete_gaussian_tail(OVERFLOW_SIGMAS, 1.0))
+    z = cfg.user_dp.noise_multiplier
+    if z <= 0 or plan.local_std < accounting.DDG_MIN_LOCAL_STD:
+        return accounting.distributed_dgauss_event(math.inf), overflow
+    l2_scale = 1 / z
+    l1_scale = l2_scale * plan.l1_sensitivity / plan.sensitivity
+    rho = accounting.ddg_rho_from_scales(l2_scale, l1_scale, plan.tau(population), dimension)
+    return accounting.distributed_dgauss_event(rho), overflow
 
 
 def decode_distributed_sum(mean: Sequence[np.ndarray], contributors: int, plan: DistributedNoise) -> list[np.ndarray]:

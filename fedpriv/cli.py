@@ -351,6 +351,9 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
     if user["enabled"]:
         console.print(f"user-level epsilon {_fmt(user['epsilon'], '.3f')} at delta {privacy['delta']:g}"
                       + (f" (budget {user['budget']:g})" if user["budget"] else ""))
+        if user.get("epsilon_gaussian_approximation") is not None:
+            console.print(f"  continuous-Gaussian approximation (not a bound; for comparison only): "
+                          f"{_fmt(user['epsilon_gaussian_approximation'], '.3f')}")
     if privacy["refusals"]:
         console.print(f"{len(privacy['refusals'])} round(s) refused by clients whose budget was spent")
     for failed in privacy.get("failed_rounds", []):

@@ -19,37 +19,19 @@ from typing import Any
 
 import dp_accounting
 
-from common import accounting
+from common import accounting, user_dp
 from common.accounting import DPSGDSpend
 from common.config import RunConfig
 from common.errors import FedprivError
 from common.ledger import LedgerWriter, event_from_json, load_or_create_signing_key
+from common.user_dp import USER_LEVEL_SAMPLING
 from server import resume as resume_checks
 from server.resume import RestorePoint
 
 ENFORCEMENT_ACCOUNTANT = "rdp"
-USER_LEVEL_SAMPLING = "poisson"  # with user-level DP the strategy samples clients independently
 KEY_ENV = "FEDPRIV_LEDGER_KEY"
-
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).
-ASSUMPTIONS = {
-    "central": (
-        "Gaussian mechanism on the sum of client updates clipped to clipping_norm on the clients; "
-        "the sensitivity includes SecAgg+ quantization (at most one step per coordinate) and the "
-        "server adds noise of noise_multiplier * sensitivity from the OS CSPRNG; each client "
-        "sampled independently with probability q (add/remove-one-client adjacency); the sum is "
-        "divided by the expected count q * population, a fixed denominator"
-    ),
-    "distributed": (
-        "each contributing client added discrete Gaussian noise of local_std to its integer "
-        "update (scaled by scale, randomized rounding, L2 sensitivity clip*scale + sqrt(d)); the "
-        "sum of the contributors' noise is accounted as a Gaussian of the same variance "
-        "(noise_multiplier = local_std * sqrt(contributors) / sensitivity), whose distance from a "
-        "discrete Gaussian is bounded by tau (Kairouz, Liu and Steinke 2021); no coordinate "
-        "leaves the SecAgg+ range except with probability overflow_probability_bound; each client "
-        "sampled independently with probability q (add/remove-one-client adjacency)"
-    ),
-}
+ASSUMPTIONS = user_dp.ASSUMPTIONS
 
 
 def _checked(spend: DPSGDSpend) -> DPSGDSpend:
@@ -81,6 +63,8 @@ class PrivacyRecorder:
         self.ledger = LedgerWriter(run_dir, load_or_create_signing_key(signing_key_path()))
         self.client_events: dict[str, list[dp_accounting.DpEvent]] = {}
         self.user_events: list[dp_accounting.DpEvent] = []
+        self.user_delta_additions: list[float] = []  # failure probabilities charged to delta
+        self.user_gaussian_approximation: list[dp_accounting.DpEvent] = []  # distributed mode, for comparison
         self.refusals: list[dict[str, Any]] = []
         self.failed_rounds: list[dict[str, Any]] = []
         self.carried: set[str] = set()  # clients whose spending before this run is recorded
@@ -129,6 +113,12 @@ class PrivacyRecorder:
                 self.carried.add(client_id)
         elif kind == "user_level" and event is not None:
             self.user_events.append(event)
+            params = entry.get("parameters") or {}
+            self.user_delta_additions.append(float(params.get("delta_addition") or 0.0))
+            if params.get("gaussian_approximation_noise_multiplier") is not None:
+                self.user_gaussian_approximation.append(accounting.dpfedavg_round_event(
+                    float(params["gaussian_approximation_noise_multiplier"]), int(params["population"]),
+                    float(params["clients_expected"]), USER_LEVEL_SAMPLING))
         elif kind == "refusal":
             self.refusals.append({"round": entry["round"], "node": actor.removeprefix("node:"),
                                   "reason": entry["note"]})
@@ -182,13 +172,18 @@ class PrivacyRecorder:
         return accounting.dpfedavg_round_event(
             self.cfg.user_dp.noise_multiplier, population, expected, USER_LEVEL_SAMPLING)
 
-    def check_user_budget(self, server_round: int, population: int, expected: float) -> None:
-        """Before a round: stop (and record why) if it could exceed the user-level budget."""
+    def check_user_budget(self, server_round: int, population: int, expected: float,
+                          worst: tuple[dp_accounting.DpEvent, float] | None = None) -> None:
+        """Before a round: stop (and record why) if it could exceed the user-level budget.
+
+        ``worst``: (event, delta addition) bounding the round, where the central mode's
+        Gaussian event does not (distributed mode)."""
         budget = self.cfg.privacy.user_budget
         if not (self.cfg.user_dp.enabled and budget):
             return
+        event, addition = worst or (self.user_round_event(population, expected), 0.0)
         before = self._user_epsilon(self.user_events)
-        after = self._user_epsilon(self.user_events + [self.user_round_event(population, expected)])
+        after = self._user_epsilon(self.user_events + [event], self.user_delta_additions + [addition])
         if after > budget:
             reason = (f"round {server_round} would raise user-level epsilon from {before:.3f} to "
                       f"{after:.3f}, above the budget of {budget:g}; ending the run")
@@ -198,14 +193,25 @@ class PrivacyRecorder:
             raise UserBudgetExhausted(reason)
 
     def record_user_round(self, server_round: int, population: int, expected: float, sampled: int,
-                          aggregated: int, noise_multiplier: float, mechanism: dict[str, Any]) -> float:
+                          aggregated: int, noise_multiplier: float, mechanism: dict[str, Any],
+                          event: dp_accounting.DpEvent | None = None, sampling: str = USER_LEVEL_SAMPLING) -> float:
         """Record a round of user-level DP with the noise that actually applied to the sum.
 
         ``expected`` is q * population (the accounting's sampling rate is expected / population);
         ``sampled`` is how many the Poisson draw picked, ``aggregated`` how many contributed.
+        ``event`` and ``sampling``: the round's DpEvent as the mechanism returned it
+        (:class:`common.user_dp.Release`; by default the central mode's Poisson-sampled Gaussian)
+        and whether it claims amplification by sampling; ``mechanism["delta_addition"]`` is
+        charged to delta.
         """
-        event = accounting.dpfedavg_round_event(noise_multiplier, population, expected, USER_LEVEL_SAMPLING)
+        if event is None:
+            event = accounting.dpfedavg_round_event(noise_multiplier, population, expected, USER_LEVEL_SAMPLING)
+        approx = mechanism.get("gaussian_approximation_noise_multiplier")
+        if approx is not None:  # distributed mode: the approximation, for comparison only
+            self.user_gaussian_approximation.append(
+                accounting.dpfedavg_round_event(approx, population, expected, USER_LEVEL_SAMPLING))
         self.user_events.append(event)
+        self.user_delta_additions.append(float(mechanism.get("delta_addition") or 0.0))
         epsilon = self._user_epsilon(self.user_events)
         self.ledger.append(
             actor="server", kind="user_level", round=server_round, event=event,
@@ -218,7 +224,7 @@ class PrivacyRecorder:
                 "clipping_norm": self.cfg.user_dp.clipping_norm,
                 "secure_aggregation": self.cfg.secure_aggregation.enabled,
             },
-            sampling=USER_LEVEL_SAMPLING, epsilon={"rdp": epsilon},
+            sampling=sampling, epsilon={"rdp": epsilon},
             note=ASSUMPTIONS[mechanism["noise_mode"]],
         )
         return epsilon
@@ -238,23 +244,29 @@ class PrivacyRecorder:
         }
         user = None
         if self.cfg.user_dp.enabled:
-            event = dp_accounting.ComposedDpEvent(self.user_events)
-            user = {name: accounting.epsilon_or_none(event, self.delta, name, USER_LEVEL_SAMPLING)
+            user = {name: accounting.user_level_epsilon(self.user_events, self.delta, self.user_delta_additions,
+                                                        name, USER_LEVEL_SAMPLING)
                     for name in accounting.ACCOUNTANTS}
         self.ledger.append(actor="server", kind="run_end",
                            epsilon={"record_level": record, "user_level": user},
                            note=self.stopped["reason"] if self.stopped else None)
-        return {"record_level": record, "user_level": user}
+        figures: dict[str, Any] = {"record_level": record, "user_level": user}
+        if self.user_gaussian_approximation:  # distributed mode: the old approximation, labelled as such
+            figures["user_level_gaussian_approximation"] = accounting.epsilon_or_none(
+                dp_accounting.ComposedDpEvent(self.user_gaussian_approximation), self.delta,
+                ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING)
+        return figures
 
     # ---- helpers ------------------------------------------------------------------------
     def _epsilon(self, events: list[dp_accounting.DpEvent]) -> float:
         return accounting.epsilon(dp_accounting.ComposedDpEvent(events), self.delta, ENFORCEMENT_ACCOUNTANT)
 
-    def _user_epsilon(self, events: list[dp_accounting.DpEvent]) -> float:
+    def _user_epsilon(self, events: list[dp_accounting.DpEvent], additions: list[float] | None = None) -> float:
         if not events:
             return 0.0
         if self.cfg.user_dp.noise_multiplier == 0:
             return float("inf")
-        value = accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(events), self.delta,
-                                           ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING)
+        value = accounting.user_level_epsilon(
+            events, self.delta, self.user_delta_additions if additions is None else additions,
+            ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING)
         return math.inf if value is None else value

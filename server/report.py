@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from common import ledger, rundir
+from common import ledger, rundir, user_dp
 from common.config import RunConfig
 from server.privacy import PrivacyRecorder
 from server.run_log import RunLog
@@ -22,23 +22,7 @@ CSV_COLUMNS = (
     "seconds",
 )
 
-USER_MECHANISM = {
-    "central": (
-        "DP-FedAvg: each client clips its update to clipping_norm before masking; the server adds "
-        "Gaussian noise of std noise_multiplier * sensitivity to the unmasked sum, which is divided "
-        "by the expected number of clients; uniform client weights; each client sampled "
-        "independently with probability federation.fraction_train each round (add/remove-one-client "
-        "adjacency)"
-    ),
-    "distributed": (
-        "DP-FedAvg with distributed discrete Gaussian noise (Kairouz et al. 2021): each client "
-        "clips its update, rounds it to integers and adds its share of the noise before masking, "
-        "so the server only sees noised sums; uniform client weights; each client sampled "
-        "independently with probability federation.fraction_train each round (add/remove-one-client "
-        "adjacency). Each round's ledger "
-        "entry records the noise that applied to the sum and what the accounting assumes."
-    ),
-}
+USER_MECHANISM = user_dp.SUMMARIES  # one text per user-level noise mode (common/user_dp.py)
 
 
 def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
@@ -58,6 +42,9 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
             "enabled": config.user_dp.enabled,
             "epsilon": user["rdp"] if user else None,
             "epsilon_pld": user["pld"] if user else None,
+            # distributed mode: the sum of discrete Gaussians approximated by a continuous Gaussian
+            # with Poisson amplification -- not a bound, printed for comparison only
+            "epsilon_gaussian_approximation": figures.get("user_level_gaussian_approximation"),
             "budget": config.privacy.user_budget or None,
             "noise_mode": config.user_dp.noise_mode if config.user_dp.enabled else None,
             "mechanism": USER_MECHANISM[config.user_dp.noise_mode] if config.user_dp.enabled

@@ -38,7 +38,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 
-from common import secagg
+from common import secagg, user_dp
 from common.config import RunConfig
 from common.errors import FedprivError
 from common.updates import clip_bound, update_problem
@@ -149,6 +149,7 @@ class FedprivStrategy(Strategy):
         self.evaluate_fn = evaluate_fn
         self.grid = grid
         self.dimension = int(sum(a.size for a in initial))
+        self.user_noise = user_dp.noise_for(cfg, self.dimension)  # the user-level mechanism, or None
         self.inner = build_inner_strategy(cfg, ndarrays_to_parameters(initial))
         self.latest: list[np.ndarray] = [np.asarray(a) for a in initial]
         self.stopped: str | None = None
@@ -265,7 +266,9 @@ class FedprivStrategy(Strategy):
             expected = float(self.inner.num_fit_clients(population)[0])
         self._plan[server_round] = (population, expected)
         try:
-            self.recorder.check_user_budget(server_round, population, expected)
+            self.recorder.check_user_budget(server_round, population, expected,
+                                            self.user_noise.bound_before_round(population, expected)
+                                            if self.user_noise else None)
         except UserBudgetExhausted as stop:
             log.warning("fedpriv: %s", stop)
             self.stopped = str(stop)
@@ -283,9 +286,8 @@ class FedprivStrategy(Strategy):
         if len(clients) < minimum:
             reason = f"client sampling drew {len(clients)} clients, fewer than the {minimum} a round needs"
             self._failed[server_round] = reason
-            if self.cfg.user_dp.enabled:  # conservatively count the round: skipping depends on the draw
-                self._privacy_round(server_round, len(clients), 0, self.cfg.user_dp.noise_multiplier,
-                                    {"noise_mode": self.cfg.user_dp.noise_mode, "skipped": True})
+            if self.user_noise:  # conservatively count the round: skipping depends on the draw
+                self._privacy_round(server_round, len(clients), 0, self.user_noise.skipped(population, expected))
             return []
         self._sampled_nodes[server_round] = {c.node_id for c in clients}
         config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
@@ -384,28 +386,15 @@ class FedprivStrategy(Strategy):
         """
         population, expected = self._plan[server_round]
         sampled = len(self._sampled_nodes[server_round])
-        udp = self.cfg.user_dp
-        if secagg.distributed(self.cfg):
-            plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
-            noisy_sum = secagg.decode_distributed_sum(mean, contributors, plan)
-            mechanism = {"noise_mode": "distributed", "mechanism": "distributed discrete Gaussian",
-                         **plan.describe(contributors)}
-            applied = plan.noise_multiplier_applied(contributors)
-        else:
-            sensitivity = secagg.central_sensitivity(self.cfg, self.dimension)
-            std = udp.noise_multiplier * sensitivity
-            noisy_sum = [a * contributors + secagg.gaussian(a.shape, std) for a in mean]
-            mechanism = {"noise_mode": "central", "mechanism": "Gaussian", "sensitivity": sensitivity,
-                         "noise_std_on_sum": std, "clients_contributing": contributors}
-            applied = udp.noise_multiplier
-        self._privacy_round(server_round, sampled, contributors, applied, mechanism)
-        return [t / expected for t in noisy_sum]
+        release = self.user_noise.release(mean, contributors, sampled, population, expected)
+        self._privacy_round(server_round, sampled, contributors, release)
+        return [t / expected for t in release.noisy_sum]
 
-    def _privacy_round(self, server_round: int, sampled: int, contributors: int, applied: float,
-                       mechanism: dict[str, Any]) -> None:
+    def _privacy_round(self, server_round: int, sampled: int, contributors: int, release: user_dp.Release) -> None:
         population, expected = self._plan[server_round]
-        epsilon = self.recorder.record_user_round(server_round, population, expected, sampled,
-                                                  contributors, applied, mechanism)
+        epsilon = self.recorder.record_user_round(
+            server_round, population, expected, sampled, contributors, release.noise_multiplier,
+            release.parameters, release.event, release.sampling)
         self.run_log.entry(server_round).user_epsilon = epsilon
 
     def _update_problem(self, arrays: list[np.ndarray], individual: bool = False) -> str | None:

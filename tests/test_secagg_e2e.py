@@ -7,7 +7,7 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import pld, rdp
+from dp_accounting import rdp
 from flwr.common.secure_aggregation.quantization import quantize
 from scipy import stats
 
@@ -131,25 +131,28 @@ def test_cross_device_distributed_noise_is_recorded_and_accounted(cli, tmp_path)
     assert user["enabled"] and user["noise_mode"] == "distributed" and user["epsilon"] > 0
     entries = [e for e in verify_ledger(out).entries if e["kind"] == "user_level"]
     assert len(entries) == 2
-    events = []
+    exact, approx, overflow = rdp.RdpAccountant(), rdp.RdpAccountant(), 0.0
     for e in entries:
         p = e["parameters"]
         assert p["noise_mode"] == "distributed" and p["tau"] < 1e-100
-        assert p["noise_multiplier_applied"] == pytest.approx(
+        assert p["gaussian_approximation_noise_multiplier"] == pytest.approx(
             p["local_std"] * math.sqrt(p["clients_contributing"]) / p["sensitivity"])
-        assert p["noise_multiplier_applied"] >= 1.0  # the configured z, at the worst tolerated dropout
-        assert p["noise_multiplier"] == p["noise_multiplier_applied"] and p["configured_noise_multiplier"] == 1.0
+        assert p["gaussian_approximation_noise_multiplier"] >= 1.0  # the configured z, at the worst tolerated dropout
+        assert p["configured_noise_multiplier"] == 1.0
         assert p["sampling_probability"] == pytest.approx(0.2)
-        assert "accounted as a Gaussian" in e["note"]
-        events.append(dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(p["noise_multiplier"])))
-    accountant = rdp.RdpAccountant()
-    for event in events:
-        accountant.compose(event)
-    assert user["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
-    pld_accountant = pld.PLDAccountant(value_discretization_interval=1e-4)
-    for event in events:
-        pld_accountant.compose(event)
-    assert user["epsilon_pld"] == pytest.approx(pld_accountant.get_epsilon(1e-5), rel=1e-6)
+        assert "zCDP" in e["note"] and e["sampling"] == "none"
+        # rho-zCDP composes as a Gaussian of noise multiplier 1/sqrt(2 rho), without amplification
+        # (tests/test_distributed_dp_bound.py recomputes rho from the paper's formula).
+        assert p["noise_multiplier"] == pytest.approx(1 / math.sqrt(2 * p["zcdp_rho"]))
+        exact.compose(dp_accounting.GaussianDpEvent(1 / math.sqrt(2 * p["zcdp_rho"])))
+        overflow += p["delta_addition"]
+        approx.compose(dp_accounting.PoissonSampledDpEvent(
+            0.2, dp_accounting.GaussianDpEvent(p["gaussian_approximation_noise_multiplier"])))
+    assert 0 < overflow < 1e-10
+    assert user["epsilon"] == pytest.approx(exact.get_epsilon(1e-5 - overflow), rel=1e-6)
+    assert user["epsilon_pld"] is None  # a zCDP bound has no privacy loss distribution
+    assert user["epsilon_gaussian_approximation"] == pytest.approx(approx.get_epsilon(1e-5), rel=1e-6)
+    assert user["epsilon_gaussian_approximation"] < user["epsilon"]
     audit = cli("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
 
