@@ -40,6 +40,49 @@ def cli():
     return run_cli
 
 
+def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``fedpriv ARGS`` in this process: ``fedpriv.cli.main`` with its output captured, returned as
+    ``run_cli`` returns it, for commands that stop before any federation starts (bad input, dry
+    runs, help, key and config commands). It saves starting an interpreter and importing the stack
+    for every case; ``run_cli`` remains for runs and for the checks that a fresh interpreter prints
+    no traceback. The environment, working directory and log levels the CLI changes are restored.
+    ``timeout`` is accepted for ``run_cli``'s signature and not enforced."""
+    import io
+    import logging
+
+    from fedpriv.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    loggers = {name: logging.getLogger(name).level for name in ("flwr", "ray", "absl")}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+    return subprocess.CompletedProcess(["fedpriv", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli_here():
+    return run_cli_here
+
+
 def run_harness(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """``python -m tests.<module> ARGS`` (a simulation harness that captures what the server
     process sees) in a fresh interpreter."""
@@ -74,6 +117,39 @@ def simulate_run(out: Path, settings: list[str], preset: str = "quickstart", env
     proc = run_cli(*args, env=env)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return proc, summary
+
+
+def poisson_gaussian_epsilon(q: float, z: float, steps: int, delta: float) -> float:
+    """Epsilon from dp-accounting directly (RDP): ``steps`` Poisson-sampled (rate ``q``) Gaussian
+    steps with noise multiplier ``z`` (one client's DP-SGD, or the server's user-level rounds)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (the nodes' port and the operators' port)."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            if port < 65535 and s.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+    raise RuntimeError("no two adjacent free ports")
 
 
 def dp_sgd_epsilon(spends: list, delta: float) -> float:

@@ -26,9 +26,9 @@ import pytest
 
 from common.appsign import APP_REFUSED_CODE, SIGNATURE_SETTING
 from common.ledger import verify_ledger
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 from tests.foreign_app import FOREIGN_CLIENT, write_foreign_app
-from tests.test_deploy import SuperLink, free_port, free_port_pair
+from tests.test_deploy import SuperLink
 
 pytestmark = pytest.mark.slow
 MODULE = "foreignapp_e2e"
@@ -62,8 +62,8 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 def fedpriv(*args: str, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "fedpriv", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    """``fedpriv keys`` and ``fedpriv app sign`` (no federation starts: in this process)."""
+    proc = run_cli_here(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -218,15 +218,15 @@ def test_the_runner_and_superexec_modes_put_the_gate_in_place(tmp_path, monkeypa
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
 
 
-def test_an_older_key_directory_gets_an_app_signing_key(cli, tmp_path):
+def test_an_older_key_directory_gets_an_app_signing_key(cli_here, tmp_path):
     """fedpriv keys --app-key-only adds the pair, refusing (writing nothing) to replace one."""
     out = tmp_path / "keys"
-    proc = cli("keys", "--out", str(out), "--app-key-only")
+    proc = cli_here("keys", "--out", str(out), "--app-key-only")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [APP_KEY, APP_PUB]
     before = (out / APP_KEY).read_bytes()
-    proc = cli("keys", "--out", str(out), "--app-key-only")
+    proc = cli_here("keys", "--out", str(out), "--app-key-only")
     assert proc.returncode == 2 and "already exist" in proc.stderr and (out / APP_KEY).read_bytes() == before
-    assert cli("keys", "--out", str(out), "--app-key-only", "--force").returncode == 0
+    assert cli_here("keys", "--out", str(out), "--app-key-only", "--force").returncode == 0
     assert (out / APP_KEY).read_bytes() != before
     assert load_trusted_key(out / APP_PUB) == load_signing_key(out / APP_KEY).public_key()

@@ -1,14 +1,15 @@
-"""Budgets in real simulations: clients refuse, the server stops, spending survives restarts."""
+"""Budgets in real simulations: clients refuse, the server stops, spending survives restarts.
+
+The simulations run in fresh interpreters; the audits of their run directories run in this process
+(``run_cli_here``), as they start no federation."""
 
 import json
 import math
 
-import dp_accounting
 import pytest
-from dp_accounting import rdp
 
 from common.ledger import verify_ledger
-from tests.conftest import simulate_run
+from tests.conftest import poisson_gaussian_epsilon, run_cli_here, simulate_run
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +22,7 @@ DIGITS_TRAIN = 1797 - round(1797 * 0.2)
 
 
 def _epsilon_after(rounds, n):
-    acc = rdp.RdpAccountant()
-    step = dp_accounting.PoissonSampledDpEvent(64 / n, dp_accounting.GaussianDpEvent(1.1))
-    acc.compose(dp_accounting.SelfComposedDpEvent(step, rounds * math.ceil(n / 64)))
-    return acc.get_epsilon(1e-5)
+    return poisson_gaussian_epsilon(64 / n, 1.1, rounds * math.ceil(n / 64), 1e-5)
 
 
 def _simulate(cli, out, *settings):
@@ -44,7 +42,7 @@ def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, t
     assert sorted(r["round"] for r in refusals) == [3, 3, 3, 4, 4, 4]
     assert all("budget exhausted" in r["reason"] for r in refusals)
     assert max(summary["privacy"]["record_level"]["clients"].values()) <= budget
-    assert cli("audit", str(tmp_path / "run1")).returncode == 0
+    assert run_cli_here("audit", str(tmp_path / "run1")).returncode == 0
 
     # Each node's own signed ledger holds its two rounds.
     for node in sorted(p for p in state.iterdir() if p.is_dir()):  # (beside the simulation's keys)
@@ -60,7 +58,7 @@ def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, t
     for cid, eps in summary2["privacy"]["record_level"]["clients"].items():
         assert eps > _epsilon_after(2, n)  # not reset: it includes run 1's two rounds
         assert eps <= budget2
-    audit = cli("audit", str(tmp_path / "run2"), "--json")
+    audit = run_cli_here("audit", str(tmp_path / "run2"), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
     assert json.loads(audit.stdout)["epsilon"]["record_level"]["0"]["rdp"] == pytest.approx(
         summary2["privacy"]["record_level"]["clients"]["0"], rel=1e-6)
@@ -68,10 +66,7 @@ def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, t
 
 def test_server_stops_before_the_user_level_budget(cli, tmp_path):
     def user_eps(rounds):  # every client sampled (Poisson with q = 1), add/remove-one adjacency
-        acc = rdp.RdpAccountant()
-        acc.compose(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(4.0)), rounds))
-        return acc.get_epsilon(1e-5)
+        return poisson_gaussian_epsilon(1.0, 4.0, rounds, 1e-5)
 
     budget = (user_eps(2) + user_eps(3)) / 2
     out = tmp_path / "run"
@@ -83,7 +78,7 @@ def test_server_stops_before_the_user_level_budget(cli, tmp_path):
     assert summary["privacy"]["user_level"]["epsilon"] == pytest.approx(user_eps(2), rel=1e-6)
     assert summary["privacy"]["user_level"]["epsilon"] <= budget
     assert summary["final_accuracy"] is not None and (out / "model.npz").exists()
-    audit = cli("audit", str(out), "--json")
+    audit = run_cli_here("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
     report = json.loads(audit.stdout)
     assert report["budget_ok"] and report["stopped_early"]["round"] == 3

@@ -60,10 +60,10 @@ def test_the_key_comes_from_the_environment_only(tmp_path):
         checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(tmp_path / "nope")})
 
 
-def test_an_unusable_key_stops_a_run_before_it_starts(cli, tmp_path, monkeypatch):
+def test_an_unusable_key_stops_a_run_before_it_starts(cli_here, tmp_path, monkeypatch):
     monkeypatch.setenv(checkpoint.KEY_ENV, "not-a-key")
     out = tmp_path / "run"
-    proc = cli("simulate", "--out", str(out))
+    proc = cli_here("simulate", "--out", str(out))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "FEDPRIV_CHECKPOINT_KEY is not a checkpoint key" in lines[0]

@@ -1,4 +1,8 @@
-"""The front door: help everywhere, and bad input gives one clear line, never a traceback."""
+"""The front door: help everywhere, and bad input gives one clear line, never a traceback.
+
+Most cases run ``fedpriv`` in this process (``cli_here``: they stop before anything starts); the
+top-level help and two bad inputs also run in a fresh interpreter (``cli``), as a user runs them.
+"""
 
 import numpy as np
 import pytest
@@ -14,63 +18,72 @@ def _assert_clean_error(proc, fragment):
 
 @pytest.mark.parametrize("args", [[], ["simulate"], ["presets"], ["config"], ["privacy"], ["privacy", "dpsgd"],
                                   ["privacy", "dpfedavg"], ["audit"]])
-def test_help(cli, args):
-    proc = cli(*args, "--help")
+def test_help(cli_here, args):
+    proc = cli_here(*args, "--help")
     assert proc.returncode == 0 and "usage: fedpriv" in proc.stdout
 
 
-def test_unknown_preset(cli, tmp_path):
-    _assert_clean_error(cli("simulate", "--preset", "nope", "--out", str(tmp_path / "r")), "unknown preset 'nope'")
+def test_help_in_a_fresh_interpreter(cli):
+    proc = cli("--help")
+    assert proc.returncode == 0 and "usage: fedpriv" in proc.stdout
 
 
-def test_malformed_toml(cli, tmp_path):
+@pytest.mark.parametrize("fresh", [False, True], ids=["here", "fresh-interpreter"])
+def test_unknown_preset(cli, cli_here, tmp_path, fresh):
+    run = cli if fresh else cli_here
+    _assert_clean_error(run("simulate", "--preset", "nope", "--out", str(tmp_path / "r")), "unknown preset 'nope'")
+
+
+def test_malformed_toml(cli_here, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[dp\nnoise_multiplier = \n")
-    _assert_clean_error(cli("simulate", "--config", str(bad), "--out", str(tmp_path / "r")), "malformed TOML")
+    _assert_clean_error(cli_here("simulate", "--config", str(bad), "--out", str(tmp_path / "r")), "malformed TOML")
 
 
-def test_bad_override(cli, tmp_path):
-    _assert_clean_error(cli("simulate", "--set", "dp.noise_multiplier=-1", "--out", str(tmp_path / "r")),
+@pytest.mark.parametrize("fresh", [False, True], ids=["here", "fresh-interpreter"])
+def test_bad_override(cli, cli_here, tmp_path, fresh):
+    run = cli if fresh else cli_here
+    _assert_clean_error(run("simulate", "--set", "dp.noise_multiplier=-1", "--out", str(tmp_path / "r")),
                         "dp.noise_multiplier must be >= 0.0")
 
 
-def test_missing_data_file(cli, tmp_path):
-    proc = cli("simulate", "--set", "data.dataset=file", "--set", f"data.path={tmp_path / 'missing.npz'}",
+def test_missing_data_file(cli_here, tmp_path):
+    proc = cli_here("simulate", "--set", "data.dataset=file", "--set", f"data.path={tmp_path / 'missing.npz'}",
                "--out", str(tmp_path / "r"))
     _assert_clean_error(proc, "data file not found")
 
 
-def test_wrong_shape_data(cli, tmp_path):
+def test_wrong_shape_data(cli_here, tmp_path):
     path = tmp_path / "flat.npz"
     np.savez(path, x=np.random.default_rng(0).random((100, 20)), y=np.arange(100) % 2)
-    proc = cli("simulate", "--set", "data.dataset=file", "--set", f"data.path={path}",
+    proc = cli_here("simulate", "--set", "data.dataset=file", "--set", f"data.path={path}",
                "--set", "model.name=cnn", "--out", str(tmp_path / "r"))
     _assert_clean_error(proc, "the cnn model needs images")
 
 
-def test_mismatched_labels(cli, tmp_path):
+def test_mismatched_labels(cli_here, tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, x=np.zeros((10, 28, 28)), y=np.zeros(9))
-    proc = cli("simulate", "--set", "data.dataset=file", "--set", f"data.path={path}", "--out", str(tmp_path / "r"))
+    proc = cli_here("simulate", "--set", "data.dataset=file", "--set", f"data.path={path}", "--out", str(tmp_path / "r"))
     _assert_clean_error(proc, "10 feature rows but 9 labels")
 
 
-def test_existing_run_directory_is_never_overwritten(cli, tmp_path):
+def test_existing_run_directory_is_never_overwritten(cli_here, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    _assert_clean_error(cli("simulate", "--out", str(out)), "already exists")
+    _assert_clean_error(cli_here("simulate", "--out", str(out)), "already exists")
     assert (out / "summary.json").read_text() == "{}"
 
 
-def test_config_prints_resolved_toml(cli):
-    proc = cli("config", "--preset", "no-dp", "--set", "run.rounds=3")
+def test_config_prints_resolved_toml(cli_here):
+    proc = cli_here("config", "--preset", "no-dp", "--set", "run.rounds=3")
     assert proc.returncode == 0
     assert "[dp]\nenabled = false" in proc.stdout and "rounds = 3" in proc.stdout
 
 
-def test_presets_lists_quickstart(cli):
-    proc = cli("presets")
+def test_presets_lists_quickstart(cli_here):
+    proc = cli_here("presets")
     assert proc.returncode == 0 and "quickstart" in proc.stdout and "no-dp" in proc.stdout
 
 

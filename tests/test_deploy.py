@@ -1,6 +1,8 @@
 """Real federations: fedpriv server start / node join refuse what they must, with one clear line.
 
-The fast tests check bad input before anything starts. The slow ones start a real SuperLink
+The fast tests check bad input before anything starts (in this process: ``cli_here``; the
+fresh-interpreter checks of the error line are in tests/test_cli.py, and the unreachable-SuperLink
+case below runs in one). The slow ones start a real SuperLink
 with TLS and node authentication on loopback (``fedpriv server start``) and try to join it with
 an unregistered key, the wrong CA and in plaintext; each is refused, and the test says where.
 The full training run over TLS is tests/test_tutorial.py (it runs the README's walk-through).
@@ -29,23 +31,7 @@ from cryptography.x509.oid import NameOID
 from common.tls import DeploymentError, load_certificate
 from server.gateway import allowed
 from common.ledger import verify_ledger
-from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_pair() -> int:
-    """A port p with p + 1 free too (the nodes' port and the operators' port)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            if port < 65535 and s.connect_ex(("127.0.0.1", port + 1)) != 0:
-                return port
-    raise RuntimeError("no two adjacent free ports")
+from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -77,8 +63,7 @@ def material(tmp_path_factory):
     for args in (["keys", "--out", str(root / "keys"), "--nodes", "3"],
                  ["keys", "--out", str(root / "other"), "--nodes", "1"],
                  ["split-data", "--out", str(root / "data"), "--nodes", "3"]):
-        proc = subprocess.run([sys.executable, "-m", "fedpriv", *args], capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
+        proc = run_cli_here(*args)
         assert proc.returncode == 0, proc.stderr
     return root
 
@@ -103,7 +88,7 @@ def test_certificates_that_expired_or_are_not_certificates_are_refused(tmp_path)
         load_certificate(tmp_path, "root certificate")
 
 
-def test_node_join_refuses_bad_input_with_one_line(cli, material, tmp_path):
+def test_node_join_refuses_bad_input_with_one_line(cli_here, material, tmp_path):
     port = free_port()
     expired_certificate(tmp_path / "old.crt")
     bad = {
@@ -115,19 +100,19 @@ def test_node_join_refuses_bad_input_with_one_line(cli, material, tmp_path):
         args = join_args(material, port)
         i = args.index(override[0])
         args[i + 1] = override[1]
-        line = one_error_line(cli(*args, "--dry-run"))
+        line = one_error_line(cli_here(*args, "--dry-run"))
         assert expected in line, line
     np.savez(tmp_path / "small.npz", x=np.zeros((20, 8, 8), np.float32), y=np.zeros(20, np.int64))
     args = join_args(material, port)
     args[args.index("--data") + 1] = str(tmp_path / "small.npz")
-    line = one_error_line(cli(*args, "--dry-run"))
+    line = one_error_line(cli_here(*args, "--dry-run"))
     assert "shape (8, 8, 1)" in line and "(28, 28, 1)" in line, line
-    line = one_error_line(cli("node", "join", "--superlink", "127.0.0.1:1", "--data",
+    line = one_error_line(cli_here("node", "join", "--superlink", "127.0.0.1:1", "--data",
                               str(material / "data/node-1.npz")))
     assert "--root-cert and --auth-key are required" in line and "--insecure" in line
 
 
-def test_nodes_trust_an_app_signing_key_and_runs_are_signed(cli, material, tmp_path):
+def test_nodes_trust_an_app_signing_key_and_runs_are_signed(cli_here, material, tmp_path):
     """A node runs only apps signed by a key it trusts (the gate: tests/test_appsign.py,
     tests/test_app_gate_e2e.py); without one it does not start. fedpriv server run signs."""
     lone = tmp_path / "ca-only"
@@ -135,26 +120,26 @@ def test_nodes_trust_an_app_signing_key_and_runs_are_signed(cli, material, tmp_p
     (lone / "ca.crt").write_bytes((material / "keys/ca.crt").read_bytes())
     args = join_args(material, free_port())
     args[args.index("--root-cert") + 1] = str(lone / "ca.crt")
-    line = one_error_line(cli(*args, "--dry-run"))
+    line = one_error_line(cli_here(*args, "--dry-run"))
     assert "no trusted app-signing key" in line and "--trust" in line, line
-    line = one_error_line(cli(*args, "--trust", str(material / "keys/nodes/node-1.pub"), "--dry-run"))
+    line = one_error_line(cli_here(*args, "--trust", str(material / "keys/nodes/node-1.pub"), "--dry-run"))
     assert "Ed25519" in line, line
-    proc = cli(*args, "--trust", str(material / "keys/app-signing.pub"), "--dry-run")
+    proc = cli_here(*args, "--trust", str(material / "keys/app-signing.pub"), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "--isolation process" in proc.stdout and "clients.app_gate superexec" in proc.stdout
     assert "runs only apps signed by app-signing key" in proc.stdout
     # the default: app-signing.pub beside --root-cert
-    proc = cli(*join_args(material, free_port()), "--dry-run")
+    proc = cli_here(*join_args(material, free_port()), "--dry-run")
     assert proc.returncode == 0 and f"FEDPRIV_APP_TRUST={material / 'keys/app-signing.pub'} " in proc.stdout
     # --insecure without a trusted key: Flower's own SuperExec, and a warning that any app runs
-    proc = cli("node", "join", "--superlink", "127.0.0.1:1", "--data", str(material / "data/node-1.npz"),
+    proc = cli_here("node", "join", "--superlink", "127.0.0.1:1", "--data", str(material / "data/node-1.npz"),
                "--insecure", "--dry-run")
     assert proc.returncode == 0 and "runs ANY app" in proc.stdout and "--isolation" not in proc.stdout
     # fedpriv server run signs with app-signing.key beside --root-cert, or refuses in one line
     run = ["server", "run", "--superlink", "127.0.0.1:1", "--root-cert", str(lone / "ca.crt"), "--dry-run"]
-    line = one_error_line(cli(*run))
+    line = one_error_line(cli_here(*run))
     assert "no app-signing key" in line and "--app-key" in line, line
-    proc = cli(*run, "--app-key", str(material / "keys/app-signing.key"))
+    proc = cli_here(*run, "--app-key", str(material / "keys/app-signing.key"))
     assert proc.returncode == 0 and 'run.app_signature="ed25519:' in proc.stdout, proc.stderr
 
 
@@ -169,7 +154,7 @@ def test_node_join_gives_up_on_an_unreachable_superlink_after_bounded_retries(cl
     assert after == before  # nothing the node had recorded is touched
 
 
-def test_server_start_checks_its_key_material(cli, material, tmp_path):
+def test_server_start_checks_its_key_material(cli_here, material, tmp_path):
     keys = tmp_path / "keys"
     keys.mkdir()
     for name in ("ca.crt", "superlink.crt", "ledger-signing.key"):
@@ -177,28 +162,28 @@ def test_server_start_checks_its_key_material(cli, material, tmp_path):
     (keys / "nodes").mkdir()
     (keys / "nodes/node-1.pub").write_bytes((material / "keys/nodes/node-1.pub").read_bytes())
     base = ["server", "start", "--keys", str(keys), "--state", str(tmp_path / "state"), "--dry-run"]
-    assert "SuperLink key" in one_error_line(cli(*base)) and "does not exist" in one_error_line(cli(*base))
+    assert "SuperLink key" in one_error_line(cli_here(*base)) and "does not exist" in one_error_line(cli_here(*base))
     (keys / "superlink.key").write_bytes((material / "other/superlink.key").read_bytes())
-    assert "does not belong to the certificate" in one_error_line(cli(*base))
+    assert "does not belong to the certificate" in one_error_line(cli_here(*base))
     (keys / "superlink.key").write_bytes((material / "keys/superlink.key").read_bytes())
     (keys / "ca.crt").write_bytes((material / "other/ca.crt").read_bytes())
-    assert "not signed by the federation CA" in one_error_line(cli(*base))
+    assert "not signed by the federation CA" in one_error_line(cli_here(*base))
     (keys / "ca.crt").write_bytes((material / "keys/ca.crt").read_bytes())
     (keys / "nodes/node-1.pub").write_text("ssh-ed25519 AAAA nonsense")
-    assert "not an OpenSSH public key" in one_error_line(cli(*base))
+    assert "not an OpenSSH public key" in one_error_line(cli_here(*base))
     (keys / "nodes/node-1.pub").write_bytes((material / "keys/nodes/node-1.pub").read_bytes())
-    line = one_error_line(cli(*base))
+    line = one_error_line(cli_here(*base))
     assert "node roster" in line and "roster.signed" in line  # none yet
     (keys / "roster.signed").write_bytes((material / "other/roster.signed").read_bytes())
-    assert "does not verify against this node's trust anchor" in one_error_line(cli(*base))
+    assert "does not verify against this node's trust anchor" in one_error_line(cli_here(*base))
     from common.roster import sign_roster
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     ca_key = load_pem_private_key((material / "keys/ca.key").read_bytes(), None)
     (keys / "roster.signed").write_bytes(sign_roster(ca_key, []))  # the CA's, without node-1
-    assert "is not on the roster" in one_error_line(cli(*base))
+    assert "is not on the roster" in one_error_line(cli_here(*base))
     (keys / "roster.signed").write_bytes((material / "keys/roster.signed").read_bytes())
-    proc = cli(*base)
+    proc = cli_here(*base)
     assert proc.returncode == 0, proc.stderr
     assert "--enable-supernode-auth" in proc.stdout and "--ssl-certfile" in proc.stdout
     assert "--disable-runtime-dependency-installation" in proc.stdout and "--database" in proc.stdout
@@ -342,8 +327,7 @@ def test_the_nodes_port_refuses_registration_and_runs(material, superlink, tmp_p
     keys = material / "keys"
     for role in ("admin", "auditor"):
         if not (keys / "operators" / f"{role}-op.crt").exists():
-            assert subprocess.run([sys.executable, "-m", "fedpriv", "keys", "--out", str(keys), "--operator",
-                                   f"{role}-op", "--role", role], capture_output=True, cwd=ROOT).returncode == 0
+            assert run_cli_here("keys", "--out", str(keys), "--operator", f"{role}-op", "--role", role).returncode == 0
     def operator(role: str) -> tuple[Path, Path]:
         return keys / f"operators/{role}-op.crt", keys / f"operators/{role}-op.key"
 

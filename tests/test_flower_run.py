@@ -38,7 +38,10 @@ def test_flwr_run_dot(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "FEDPRIV_RUNS_DIR": str(runs),
            "FLWR_TELEMETRY_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the small MLP on scikit-learn's digits: what is tested is Flower's runtime running the apps
+    # (the seed CNN on the built-in data trains in tests/test_simulation_e2e.py)
     config = ("run.rounds=1 federation.num_clients=3 federation.min_available_clients=3 "
+              'data.dataset="digits" model.name="mlp" '
               "client.local_epochs=1 client.batch_size=64 "
               "secure_aggregation.num_shares=3 secure_aggregation.reconstruction_threshold=2")
     try:
@@ -51,6 +54,7 @@ def test_flwr_run_dot(tmp_path):
         assert len(summaries) == 1, proc.stdout[-3000:]
         summary = json.loads(summaries[0].read_text())
         assert summary["config"]["federation"]["num_clients"] == 3
+        assert (summary["config"]["data"]["dataset"], summary["config"]["model"]["name"]) == ("digits", "mlp")
         assert [r["round"] for r in summary["rounds"]] == [1]
         assert summary["rounds"][0]["clients_trained"] == 3
         assert sorted(summary["privacy"]["record_level"]["clients"]) == ["0", "1", "2"]

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.ledger import load_or_create_signing_key, load_public_key
+from tests.conftest import free_port
 
 PRIVATE = ["ca.key", "superlink.key", "nodes/node-1", "nodes/node-2", "ledger-signing.key", "checkpoint.key"]
 PUBLIC = ["ca.crt", "superlink.crt", "nodes/node-1.pub", "nodes/node-2.pub", "ledger-signing.pub", "roster.signed"]
@@ -30,9 +31,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_keys_are_complete_valid_and_private(cli, tmp_path):
+def test_keys_are_complete_valid_and_private(cli_here, tmp_path):
     out = tmp_path / "keys"
-    proc = cli("keys", "--out", str(out), "--host", "fl.example.org", "--host", "10.1.2.3")
+    proc = cli_here("keys", "--out", str(out), "--host", "fl.example.org", "--host", "10.1.2.3")
     assert proc.returncode == 0, proc.stderr
     for name in PRIVATE:
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
@@ -63,54 +64,48 @@ def test_keys_are_complete_valid_and_private(cli, tmp_path):
                             for n in ("node-1", "node-2")}
 
 
-def test_the_roster_is_re_signed_with_a_new_node_key(cli, tmp_path):
+def test_the_roster_is_re_signed_with_a_new_node_key(cli_here, tmp_path):
     from common.roster import load_trust_anchor, open_roster
 
     out, other = tmp_path / "keys", tmp_path / "other"
-    assert cli("keys", "--out", str(out), "--nodes", "1").returncode == 0
-    assert cli("keys", "--out", str(other), "--nodes", "1").returncode == 0
+    assert cli_here("keys", "--out", str(out), "--nodes", "1").returncode == 0
+    assert cli_here("keys", "--out", str(other), "--nodes", "1").returncode == 0
     newcomer = other / "nodes" / "node-1.pub"
-    proc = cli("keys", "--out", str(out), "--sign-roster", "--node-key", str(newcomer))
+    proc = cli_here("keys", "--out", str(out), "--sign-roster", "--node-key", str(newcomer))
     assert proc.returncode == 0, proc.stderr
     roster = open_roster((out / "roster.signed").read_bytes(), load_trust_anchor(out / "ca.crt"))
     assert " ".join(newcomer.read_text().split()[:2]) in roster and len(roster.nodes) == 2
     (tmp_path / "bad.pub").write_text("not a key")
-    proc = cli("keys", "--out", str(out), "--sign-roster", "--node-key", str(tmp_path / "bad.pub"))
+    proc = cli_here("keys", "--out", str(out), "--sign-roster", "--node-key", str(tmp_path / "bad.pub"))
     assert proc.returncode != 0 and "is not a readable OpenSSH public key" in proc.stderr
 
 
-def test_existing_keys_are_never_overwritten_without_force(cli, tmp_path):
+def test_existing_keys_are_never_overwritten_without_force(cli_here, tmp_path):
     out = tmp_path / "keys"
-    assert cli("keys", "--out", str(out)).returncode == 0
+    assert cli_here("keys", "--out", str(out)).returncode == 0
     before = _snapshot(out)
-    proc = cli("keys", "--out", str(out))
+    proc = cli_here("keys", "--out", str(out))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "already exist" in lines[0] and "--force" in lines[0]
     assert _snapshot(out) == before
     (out / "ca.key").unlink()  # even one existing file stops the whole write
-    proc = cli("keys", "--out", str(out))
+    proc = cli_here("keys", "--out", str(out))
     assert proc.returncode == 2 and not (out / "ca.key").exists()
-    assert cli("keys", "--out", str(out), "--force").returncode == 0
+    assert cli_here("keys", "--out", str(out), "--force").returncode == 0
     after = _snapshot(out)
     assert after.keys() == before.keys() and after["ca.crt"] != before["ca.crt"]
     assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
-    assert cli("keys", "--out", str(out / "x"), "--nodes", "-1").returncode == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert cli_here("keys", "--out", str(out / "x"), "--nodes", "-1").returncode == 2
 
 
 @pytest.mark.slow
-def test_a_real_superlink_serves_tls_with_these_keys(cli, tmp_path):
+def test_a_real_superlink_serves_tls_with_these_keys(cli_here, tmp_path):
     keys, other = tmp_path / "keys", tmp_path / "other"
-    assert cli("keys", "--out", str(keys)).returncode == 0
-    assert cli("keys", "--out", str(other)).returncode == 0
+    assert cli_here("keys", "--out", str(keys)).returncode == 0
+    assert cli_here("keys", "--out", str(other)).returncode == 0
     bindir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     link = subprocess.Popen(
         [shutil.which("flower-superlink", path=str(bindir)), "--ssl-ca-certfile", str(keys / "ca.crt"),

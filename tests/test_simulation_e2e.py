@@ -5,12 +5,11 @@ import csv
 import json
 import math
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting import rdp
 
 from common import checkpoint
+from tests.conftest import poisson_gaussian_epsilon, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +21,7 @@ SETTINGS = [
 
 def _expected_epsilon(n, batch, rounds, z, delta):
     """dp-accounting called directly: Poisson-sampled Gaussian, every step of every round."""
-    acc = rdp.RdpAccountant()
-    steps = rounds * math.ceil(n / batch)
-    acc.compose(dp_accounting.PoissonSampledDpEvent(batch / n, dp_accounting.GaussianDpEvent(z)), steps)
-    return acc.get_epsilon(delta)
+    return poisson_gaussian_epsilon(batch / n, z, rounds * math.ceil(n / batch), delta)
 
 
 def test_three_clients_two_rounds(cli, tmp_path, monkeypatch):
@@ -74,7 +70,7 @@ def test_three_clients_two_rounds(cli, tmp_path, monkeypatch):
         assert len(model.files) == 10  # 5 layers with weights, kernel + bias each
 
     # The untouched run's ledger verifies and replays to the same figures.
-    audit = cli("audit", str(out), "--json")
+    audit = run_cli_here("audit", str(out), "--json")  # (in this process: it starts no federation)
     assert audit.returncode == 0, audit.stdout[-2000:]
     report = json.loads(audit.stdout)
     assert report["ledger_ok"] and report["budget_ok"] and report["consistent"]
