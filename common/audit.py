@@ -182,7 +182,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     log_dir = operator_log or default_operator_log(run_dir)
     if log_dir is not None:
         try:
-            submitted = submitters(flower_runs, log_dir, key if resolved["pinned"] else None)
+            submitted = submitters(flower_runs, log_dir, key if public_key else None)
         except FedprivError as exc:
             failures.append(str(exc))
     return {

@@ -41,10 +41,10 @@ def add_parser(sub: Any) -> None:
                             "recorded for this run (STATE/ledger-witness beside STATE/runs, else "
                             "$FEDPRIV_HOME/ledger-witness), and only without one RUN_DIR/ledger.pub, "
                             "which the audit then says it trusted")
-    audit.add_argument("--node-ledger", type=Path, metavar="DIR", action="append", default=[],
-                       help="a node's state directory (or its ledger.jsonl) to cross-check with the run's "
-                            "ledger: its spends in this run and the run heads it was sent (repeatable; "
-                            "simulated nodes under RUN_DIR/nodes are always checked)")
+    audit.add_argument("--node-ledger", type=Path, metavar="DIR", action="extend", nargs="+", default=[],
+                       help="nodes' state directories (or their ledger.jsonl) to cross-check with the run's "
+                            "ledger: each node's spends in this run and the run heads it was sent "
+                            "(repeatable; simulated nodes under RUN_DIR/nodes are always checked)")
     audit.add_argument("--operator-log", type=Path, metavar="DIR",
                        help="the server's operator log, to say who submitted the run (default: "
                             "STATE/operator-log when the run directory is STATE/runs/RUN)")
