@@ -255,6 +255,12 @@ def _witnesses(run_dir: Path, resolved: dict[str, Any], verified: Any,
             failures += result["failures"]
             notes += result["notes"]
             checked.append(result)
+        if (run_dir / NODES_DIR).is_dir() and all(c["client_id"] or not c["spends"] for c in checked):
+            # Simulated nodes keep their ledgers here: every client that spent needs one.
+            spent = {e["actor"].removeprefix("client:") for e in verified.entries if e.get("kind") == "record_level"}
+            for client in sorted(spent - {c["client_id"] for c in checked}, key=lambda c: (len(c), c)):
+                failures.append(f"the run ledger records spends of client {client}, but no node ledger under "
+                                f"{run_dir / NODES_DIR} holds them (removed?)")
     if not resolved["pinned"]:
         notes.insert(0, f"the ledger key {resolved['fingerprint']} was TRUSTED from {PUBLIC_KEY} in the run "
                         "directory, which anyone who can write the directory can replace along with a "

@@ -40,16 +40,19 @@ def _summary(run_dir, figures):
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
-def _rounds(recorder, first, last, spend=SPEND, node_dir=None):
-    """Clients 0 and 1 spend ``spend`` each round; client 0 is a node with its own ledger in
-    ``node_dir`` that records the run head the server sent, as clients.app does."""
+def _rounds(recorder, first, last, spend=SPEND, node_dir=None, node_1_dir=None):
+    """Clients 0 and 1 spend ``spend`` each round; client 0 (and 1) is a node with its own
+    ledger in ``node_dir`` (``node_1_dir``) that records the run head the server sent, as
+    clients.app does."""
     for r in range(first, last + 1):
-        if node_dir is not None:
+        for cid, directory in (("0", node_dir), ("1", node_1_dir)):
+            if directory is None:
+                continue
             from common.witness import parse_node_run_head
 
             head = parse_node_run_head(recorder.run_head())
-            with open_guard(node_dir, 0.0, DELTA) as guard:
-                guard.record(spend, r, recorder.run_id, run_head=head, client_id="0")
+            with open_guard(directory, 0.0, DELTA) as guard:
+                guard.record(spend, r, recorder.run_id, run_head=head, client_id=cid)
         for cid in ("0", "1"):
             recorder.record_client(r, cid, {"prior": [], "round": spend})
 
@@ -167,10 +170,11 @@ def test_node_ledger_rolled_back_below_the_run_spends_is_caught(tmp_path, capsys
     run = tmp_path / "run"
     node = run / "nodes" / "sim-0" if where == "simulated" else tmp_path / "node-state" / "node-1"
     extra = [] if where == "simulated" else ["--node-ledger", str(node)]
+    other = node.parent / "sim-1"  # client 1's node, left alone
     recorder = PrivacyRecorder(_cfg(), run)
-    _rounds(recorder, 1, 1, node_dir=node)
+    _rounds(recorder, 1, 1, node_dir=node, node_1_dir=other)
     after_round_1 = _save(node, (LEDGER, HEAD))
-    _rounds(recorder, 2, 3, node_dir=node)
+    _rounds(recorder, 2, 3, node_dir=node, node_1_dir=other)
     _summary(run, recorder.finish())
     code, out = _audit(run, capsys, *extra)
     assert code == 0, out
@@ -181,6 +185,21 @@ def test_node_ledger_rolled_back_below_the_run_spends_is_caught(tmp_path, capsys
     code, out = _audit(run, capsys, *extra)
     assert code == 1
     assert "rollback" in out and "missing from node ledger" in out and "[2, 3]" in out
+
+
+def test_simulated_node_ledger_removed_is_caught(tmp_path, capsys):
+    """Simulated nodes keep their ledgers in RUN_DIR/nodes: one removed outright (so the node
+    starts from nothing) is missed against the run's spends."""
+    run = tmp_path / "run"
+    recorder = PrivacyRecorder(_cfg(), run)
+    _rounds(recorder, 1, 2, node_dir=run / "nodes" / "sim-0")
+    _summary(run, recorder.finish())
+    (run / "nodes" / "sim-1").mkdir()  # a node that never spent (and client 1 has none of its own)
+    code, out = _audit(run, capsys)
+    assert code == 1 and "spends of client 1, but no node ledger" in out  # client 1 spent without one
+    shutil.rmtree(run / "nodes" / "sim-0")
+    code, out = _audit(run, capsys)
+    assert code == 1 and "spends of client 0, but no node ledger" in out
 
 
 def test_node_ledger_witnesses_the_run_head(tmp_path, capsys):
