@@ -91,6 +91,8 @@ def test_three_clients_two_rounds(cli, tmp_path, monkeypatch):
     assert report["witness"] and not report["notes"], report["notes"]
     nodes = report["node_ledgers"]
     assert sorted(n["client_id"] for n in nodes) == ["0", "1", "2"] and all(n["spends"] == 2 for n in nodes)
-    for node_dir in (out / "nodes").iterdir():
+    node_dirs = [d for d in (out / "nodes").iterdir() if (d / "ledger.jsonl").is_file()]
+    assert len(node_dirs) == 3
+    for node_dir in node_dirs:
         spends = [e for e in verify_ledger(node_dir).entries if e["kind"] == "record_level"]
         assert [e["parameters"]["run_head"]["entries"] > 0 for e in spends] == [True, True]
