@@ -43,8 +43,9 @@ from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIOR_SPENDS, PRIVACY, REPLY_METRICS, ROUND_SPEND,
-    RUN_ID, SERVER_ROUND,
+    RUN_HEAD, RUN_ID, SERVER_ROUND,
 )
+from common.witness import parse_node_run_head
 
 RUN_MARKER = "fedpriv-run"
 TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent
@@ -202,6 +203,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         server_round = int(fitins.config.get(SERVER_ROUND, 0)) or None
         clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
         run_id = str(fitins.config.get(RUN_ID, "")) or None
+        run_head = parse_node_run_head(fitins.config.get(RUN_HEAD))  # witnessed in the node's ledger
         # The public record count the DP-SGD schedule is planned for, not len(y): the spend
         # declared below must not reveal how much data this node holds.
         schedule = cfg.schedule_examples(len(dataset.y_train))
@@ -220,7 +222,8 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                     return _refuse(msg, str(exc))
                 prior = _prior_spending(context, guard, run_id)
                 result = trainer.train(weights, x, y, schedule)
-                guard.record(result.spend, server_round, run_id)  # the server computes its own epsilon
+                # (the server computes its own epsilon)
+                guard.record(result.spend, server_round, run_id, run_head=run_head, client_id=node.client_id)
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
         update, norm = encode_update(cfg, weights, result.weights, clients_sampled)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from common.accounting import DPSGDSpend, record_level_epsilon
 from common.errors import FedprivError
 from common.ledger import LedgerWriter, load_or_create_signing_key
+from common.witness import NODE_CLIENT_ID, NODE_RUN_HEAD
 
 NODE_KEY = "node.key"
 LOCK = ".lock"
@@ -94,13 +95,20 @@ class NodeBudgetGuard:
                 f"{before:.3f} to {after:.3f}, above the node's per-run budget of {budget:g}"
             )
 
-    def record(self, spend: DPSGDSpend, server_round: int | None, run_id: str | None = None) -> float:
+    def record(self, spend: DPSGDSpend, server_round: int | None, run_id: str | None = None,
+               run_head: dict[str, Any] | None = None, client_id: int | str | None = None) -> float:
         """Persist a spend (fsynced before the update leaves the node), tagged with the fedpriv
-        run it was made in; return the new epsilon."""
+        run it was made in, the client id the run records it under, and the head of the run's
+        ledger the server sent (a witness of that ledger, :mod:`common.witness`); return the new
+        epsilon."""
         self.spends.append(spend)
         self.run_ids.append(run_id)
         epsilon = self.epsilon()
         parameters = {**spend.to_json(), **({RUN_ID: run_id} if run_id else {})}
+        if run_head is not None:
+            parameters[NODE_RUN_HEAD] = run_head
+        if client_id is not None:
+            parameters[NODE_CLIENT_ID] = str(client_id)
         self.ledger.append(
             actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
             parameters=parameters, sampling="poisson", epsilon={"rdp": epsilon},

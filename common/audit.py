@@ -16,7 +16,11 @@ import dp_accounting
 
 from common import accounting
 from common.errors import FedprivError
-from common.ledger import LEDGER, RECOVERY, event_from_json, load_public_key, verify_ledger
+from common.rundir import NODES_DIR
+from common import witness
+from common.ledger import (
+    LEDGER, PUBLIC_KEY, RECOVERY, event_from_json, key_id, ledger_run_id, load_public_key, verify_ledger,
+)
 
 RELATIVE_TOLERANCE = 1e-6
 AUDIT_MD = "audit.md"
@@ -66,8 +70,12 @@ def default_operator_log(run_dir: Path) -> Path | None:
 
 
 def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | None = None,
-              operator_log: Path | None = None) -> dict[str, Any]:
-    """The audit report of ``run_dir`` as a dict (see ``fedpriv audit --json``)."""
+              operator_log: Path | None = None, node_ledgers: list[Path] | None = None) -> dict[str, Any]:
+    """The audit report of ``run_dir`` as a dict (see ``fedpriv audit --json``).
+
+    ``node_ledgers``: nodes' state directories (or their ``ledger.jsonl``) to cross-check with
+    the run ledger; the simulated nodes' under ``RUN_DIR/nodes`` are always checked.
+    """
     if not run_dir.exists():
         raise FedprivError(f"run directory not found: {run_dir}")
     if not run_dir.is_dir():
@@ -76,11 +84,15 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         raise FedprivError(f"no privacy ledger ({LEDGER}) in {run_dir}")
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise FedprivError(f"--budget must be a positive number, got {budget}")
-    key = load_public_key(public_key) if public_key else None
+    resolved = witness.resolve_audit_key(run_dir, public_key)  # pinned unless nothing outside can pin it
+    key = resolved["key"]
     verified = verify_ledger(run_dir, key, crash_tail=True)  # a killed writer's tail is reported, not fatal
     failures = list(verified.failures)
+    failures += _key_swap(run_dir, resolved, verified.ok)
     mismatches: list[str] = []  # recorded figures that the events do not reproduce
-    ledger_ok = verified.ok
+    witness_failures, witnessed = _witnesses(run_dir, resolved, verified, node_ledgers or [])
+    failures += witness_failures
+    ledger_ok = verified.ok and not witness_failures
 
     delta, budgets = None, {"record_level": None, "user_level": None}
     actors: dict[str, _Actor] = {}
@@ -165,6 +177,9 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             if not _close(user_level["rdp"], recorded):
                 mismatches.append(f"user level: run_end records epsilon {recorded}, events give {user_level['rdp']:.6g}")
 
+    if verified.entries and not (run_dir / "summary.json").exists():
+        failures.append("summary.json is missing: the run's reported results cannot be checked against the ledger "
+                        "(deleted, or the run did not finish)")
     mismatches += _check_summary(run_dir, record_level, user_level)
     budget_failures = _check_budgets(record_level, user_level, budgets, budget)
     failures += mismatches + budget_failures
@@ -172,7 +187,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     log_dir = operator_log or default_operator_log(run_dir)
     if log_dir is not None:
         try:
-            submitted = submitters(flower_runs, log_dir, key)
+            submitted = submitters(flower_runs, log_dir, key if public_key else None)
         except FedprivError as exc:
             failures.append(str(exc))
     return {
@@ -183,6 +198,13 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "budget_ok": not budget_failures,
         "consistent": not mismatches,
         "entries": len(verified.entries),
+        "run_id": ledger_run_id(verified.entries),
+        # The key the ledger was verified with, and where it came from: pinned (--public-key, or
+        # the server's state outside the run directory), or trusted from ledger.pub in it.
+        "key": {"fingerprint": resolved["fingerprint"], "source": resolved["source"], "pinned": resolved["pinned"]},
+        "witness": str(resolved["witness"][0]) if resolved["witness"] else None,
+        "node_ledgers": witnessed["node_ledgers"],
+        "notes": witnessed["notes"],
         "delta": delta,
         "enforcement_accountant": "rdp",
         "epsilon": {"user_level": user_level, "record_level": record_level},
@@ -199,6 +221,56 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             "record_level_max": actors_series([a for a in actors.values() if a.level == "record"]),
         },
     }
+
+
+def _key_swap(run_dir: Path, resolved: dict[str, Any], verified_ok: bool) -> list[str]:
+    """A pinned key that the run directory's ledger.pub contradicts: named as such."""
+    pub = run_dir / PUBLIC_KEY
+    if not resolved["pinned"] or verified_ok or not pub.is_file():
+        return []
+    try:
+        found = key_id(load_public_key(pub))
+    except FedprivError:
+        return [f"{PUBLIC_KEY} in the run directory is not a readable key"]
+    if found == resolved["fingerprint"]:
+        return []
+    return [f"the ledger is signed by key {found} ({PUBLIC_KEY} in the run directory), not by the pinned key "
+            f"{resolved['fingerprint']} from {resolved['source']}: re-signed by someone else, or made by "
+            "another server (pin its key with --public-key)"]
+
+
+def _witnesses(run_dir: Path, resolved: dict[str, Any], verified: Any,
+               node_ledgers: list[Path]) -> tuple[list[str], dict[str, Any]]:
+    """Compare the verified run ledger with its witnesses outside the run directory (the
+    server's state, nodes' own ledgers; :mod:`common.witness`): (failures, notes)."""
+    failures: list[str] = []
+    notes: list[str] = []
+    checked: list[dict[str, Any]] = []
+    if verified.ok:
+        run_id = ledger_run_id(verified.entries)
+        found, noted = witness.check_server_witness(resolved, verified.entries, run_id)
+        failures += found
+        notes += noted
+        if verified.head is not None and "run_id" not in verified.head:
+            notes.append("the ledger's signed head is of the older format that binds no run id")
+        simulated = sorted(p for p in (run_dir / NODES_DIR).glob("*") if (p / LEDGER).is_file())
+        given = {p.resolve() for p in node_ledgers}
+        for path in list(node_ledgers) + [p for p in simulated if p.resolve() not in given]:
+            result = witness.check_node_ledger(path, run_id, verified.entries)
+            failures += result["failures"]
+            notes += result["notes"]
+            checked.append(result)
+        if (run_dir / NODES_DIR).is_dir() and all(c["client_id"] or not c["spends"] for c in checked):
+            # Simulated nodes keep their ledgers here: every client that spent needs one.
+            spent = {e["actor"].removeprefix("client:") for e in verified.entries if e.get("kind") == "record_level"}
+            for client in sorted(spent - {c["client_id"] for c in checked}, key=lambda c: (len(c), c)):
+                failures.append(f"the run ledger records spends of client {client}, but no node ledger under "
+                                f"{run_dir / NODES_DIR} holds them (removed?)")
+    if not resolved["pinned"]:
+        notes.insert(0, f"the ledger key {resolved['fingerprint']} was TRUSTED from {PUBLIC_KEY} in the run "
+                        "directory, which anyone who can write the directory can replace along with a "
+                        "re-signed ledger; pin the server's key with --public-key")
+    return failures, {"notes": notes, "node_ledgers": checked}
 
 
 def actors_series(actors: list[_Actor]) -> dict[int, float]:

@@ -14,9 +14,14 @@ Each line is one entry, written as canonical JSON (sorted keys, no spaces). An e
 
 Verification re-serialises each parsed line and requires it to equal the bytes on disk, so any
 changed byte is caught: as invalid JSON, as a non-canonical line, or as a hash or signature
-mismatch. Deleting or reordering lines breaks the chain; a signed head file (``ledger.head.json``,
-the entry count and last hash) catches a truncated tail. Public keys are written next to the
-ledger so anyone can verify it.
+mismatch. Deleting or reordering lines breaks the chain; a signed head file (``ledger.head.json``:
+the entry count, which only grows and so numbers the heads, the last hash, the key id and the
+run id of a run ledger's ``run_start`` entry) catches a truncated tail. Public keys are written
+next to the ledger so anyone can verify it.
+
+A signed head proves a ledger complete as of that head, not that it is the latest: an earlier
+ledger with its earlier head verifies too. What catches such a rollback are witnesses of the
+heads kept elsewhere (a writer's ``witness`` callback; see :mod:`common.witness`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attr
 import dp_accounting
@@ -146,6 +151,9 @@ class LedgerWriter:
         if not pub.exists():
             write_atomic(pub, pem)
         self.seq, self.prev_hash = 0, GENESIS
+        self.run_id: str | None = None  # a run ledger's id (its run_start entry), bound into the head
+        # Called with every signed head after it is written (witnesses outside the directory).
+        self.witness: Callable[[dict[str, Any]], None] | None = None
         self.existing: list[dict[str, Any]] = []  # verified entries found when opened
         if self.path.exists():
             report = verify_ledger(directory, signing_key.public_key(), crash_tail=True)
@@ -153,6 +161,7 @@ class LedgerWriter:
                 raise FedprivError(f"refusing to extend ledger {self.path}: {report.failures[0]}")
             self.existing = report.entries
             self.seq, self.prev_hash = len(report.entries), report.head_hash
+            self.run_id = ledger_run_id(report.entries)
             if report.crash_notes:
                 self._recover(report)
             elif report.unterminated:
@@ -199,16 +208,43 @@ class LedgerWriter:
             handle.write(canonical(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if entry["seq"] == 0:
+            self.run_id = ledger_run_id([entry])
         self.seq += 1
         self.prev_hash = entry["hash"]
         self._write_head()
         return entry
 
-    def _write_head(self) -> None:
-        head = {"entries": self.seq, "head_hash": self.prev_hash, "key_id": self.key_id}
+    def head(self) -> dict[str, Any]:
+        """The signed head of the ledger as it stands."""
+        head = {"entries": self.seq, "head_hash": self.prev_hash, "key_id": self.key_id, "run_id": self.run_id}
         digest = hashlib.sha256(canonical(head)).digest()
         head["signature"] = base64.b64encode(self.key.sign(digest)).decode()
+        return head
+
+    def _write_head(self) -> None:
+        head = self.head()
         write_atomic(self.directory / HEAD, canonical(head) + b"\n")
+        if self.witness is not None:
+            self.witness(head)
+
+
+def ledger_run_id(entries: list[dict[str, Any]]) -> str | None:
+    """The run id a run ledger's first entry (``run_start``) names; None for other ledgers."""
+    if not entries or entries[0].get("kind") != "run_start":
+        return None
+    run_id = (entries[0].get("parameters") or {}).get("run_id")
+    return run_id if isinstance(run_id, str) else None
+
+
+def verify_head_signature(head: dict[str, Any], key: Ed25519PublicKey) -> bool:
+    """Whether ``head`` (with its ``signature``) was signed by ``key``."""
+    body = {k: v for k, v in head.items() if k != "signature"}
+    try:
+        key.verify(base64.b64decode(head["signature"], validate=True), hashlib.sha256(canonical(body)).digest())
+    except (InvalidSignature, KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 # ---- verification ------------------------------------------------------------------------------
@@ -220,6 +256,7 @@ class VerifyReport:
     # What a writer killed mid-append left behind, found with ``crash_tail=True`` (see there).
     torn_tail: bytes | None = None  # an unterminated, unreadable last line
     head_behind: bool = False  # the last entry is complete but the head was not yet re-signed
+    head: dict[str, Any] | None = None  # the signed head as read (signature removed)
     unterminated: bool = False  # the last line (an entry, or torn) lacks its newline
 
     @property
@@ -332,6 +369,12 @@ def _verify_head(directory: Path, key: Ed25519PublicKey, report: VerifyReport, c
         return
     except (ValueError, KeyError, TypeError, AttributeError, InvalidSignature):
         report.failures.append(f"{HEAD} is corrupt or not signed by the ledger key")
+        return
+    report.head = head
+    # Heads written before fedpriv bound the run id into them have no "run_id" (still accepted).
+    if "run_id" in head and head["run_id"] != ledger_run_id(entries):
+        report.failures.append(f"{HEAD} is signed for run {head['run_id']}, but the ledger is of run "
+                               f"{ledger_run_id(entries)}")
         return
     if crash_tail and entries and head.get("entries") == len(entries) - 1 and head.get("head_hash") == before_last:
         report.head_behind = True

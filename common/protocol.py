@@ -11,6 +11,9 @@ CLIENTS_SAMPLED = "clients-sampled"  # clients in this round's sample (sizes dis
 # process): a node tags each spend it records with it and declares as prior spending only
 # spends tagged otherwise.
 RUN_ID = "fedpriv-run-id"
+# The run ledger's head when the round began ("<entries>:<head hash>"): a node records it in its
+# own ledger, a witness of the run ledger outside the run directory (common.witness).
+RUN_HEAD = "fedpriv-run-head"
 
 # Metric keys in a client's train reply. Nothing about local training that no accounting covers
 # (loss, example or step counts, the update's norm) is sent: it stays in the node's own log.

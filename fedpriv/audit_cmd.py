@@ -37,7 +37,14 @@ def add_parser(sub: Any) -> None:
     audit.add_argument("--budget", type=float, metavar="EPS",
                        help="also require every recomputed epsilon (each client's, and the user-level) to be <= EPS")
     audit.add_argument("--public-key", type=Path, metavar="FILE",
-                       help="trusted ledger public key (PEM); default: RUN_DIR/ledger.pub")
+                       help="trusted ledger public key (PEM); default: the key the server's state "
+                            "recorded for this run (STATE/ledger-witness beside STATE/runs, else "
+                            "$FEDPRIV_HOME/ledger-witness), and only without one RUN_DIR/ledger.pub, "
+                            "which the audit then says it trusted")
+    audit.add_argument("--node-ledger", type=Path, metavar="DIR", action="extend", nargs="+", default=[],
+                       help="nodes' state directories (or their ledger.jsonl) to cross-check with the run's "
+                            "ledger: each node's spends in this run and the run heads it was sent "
+                            "(repeatable; simulated nodes under RUN_DIR/nodes are always checked)")
     audit.add_argument("--operator-log", type=Path, metavar="DIR",
                        help="the server's operator log, to say who submitted the run (default: "
                             "STATE/operator-log when the run directory is STATE/runs/RUN)")
@@ -81,6 +88,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"delta = {report['delta']}; enforcement accountant: {report['enforcement_accountant'].upper()}.",
         "",
+        key_line(report),
+        "",
         "| scope | epsilon (RDP) | epsilon (PLD) | budget |",
         "|---|---:|---:|---:|",
     ]
@@ -92,6 +101,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| client {cid}, record level | {_fmt(figures['rdp'])} | {_fmt(figures['pld'])} | "
                      f"{budgets['record_level'] or '-'} |")
     lines += ["", f"Refusals recorded: {report['refusals']}."]
+    for node in report.get("node_ledgers") or []:
+        lines.append(f"Node ledger {node['node_ledger']}: {node['spends']} spend(s) in this run"
+                     + (f", client {node['client_id']}" if node["client_id"] else "")
+                     + (f", key {node['key']} (its own ledger.pub)" if node["key"] else "") + ".")
+    lines += [f"Note: {note}." for note in report.get("notes") or []]
     for who in report.get("submitted_by") or []:
         lines.append(f"Submitted by {who['operator']} ({who['role'] or 'unknown role'}), Flower run "
                      f"{who['flower_run_id']} (operator log).")
@@ -103,6 +117,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     lines += ["", f"![epsilon per round]({AUDIT_PNG})", ""]
     return "\n".join(lines)
+
+
+def key_line(report: dict[str, Any]) -> str:
+    """Which key the ledger was verified with, and whether it was pinned."""
+    key = report["key"]
+    if key["pinned"]:
+        return f"Ledger key {key['fingerprint']}, pinned from {key['source']}."
+    return (f"WARNING: ledger key {key['fingerprint']} was NOT pinned: it was trusted from ledger.pub in the "
+            f"run directory, so a ledger re-signed with another key would pass; pin it with --public-key.")
 
 
 def empirical_markdown(result: dict[str, Any]) -> list[str]:
@@ -220,7 +243,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None]
     if given and not args.empirical:
         raise FedprivError(f"{', '.join(given)} only apply with --empirical")
-    report = audit_run(args.run_dir, args.budget, args.public_key, args.operator_log)
+    report = audit_run(args.run_dir, args.budget, args.public_key, args.operator_log, args.node_ledger)
     if args.empirical:
         report["empirical"] = _empirical(args, report)
         write_json(args.run_dir / AUDIT_EMPIRICAL, report["empirical"])
@@ -248,6 +271,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       f"({report['entries']} entries); recorded figures "
                       f"{'reproduced' if report['consistent'] else 'NOT REPRODUCED'}; budgets "
                       f"{'held' if report['budget_ok'] else 'EXCEEDED'}", highlight=False)
+        style = "" if report["key"]["pinned"] else "[bold red]"
+        console.print(f"{style}{key_line(report)}", highlight=False, soft_wrap=True)
+        for node in report.get("node_ledgers") or []:
+            console.print(f"node ledger {node['node_ledger']}: {node['spends']} spend(s) in this run"
+                          + (f", client {node['client_id']}" if node["client_id"] else ""), highlight=False)
+        for note in report.get("notes") or []:
+            console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
         for who in report.get("submitted_by") or []:
             console.print(f"submitted by: {who['operator']} ({who['role'] or 'unknown role'}), Flower run "
                           f"{who['flower_run_id']}", highlight=False)

@@ -361,6 +361,11 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
     if privacy["stopped_early"]:
         console.print(f"[yellow]stopped early:[/] {privacy['stopped_early']['reason']}", highlight=False)
     console.print(f"run directory: {out_dir}   (verify with: fedpriv audit {out_dir})")
+    key = privacy.get("ledger_key")
+    if key:  # outside the run directory: whoever can rewrite the run cannot rewrite these
+        console.print(f"ledger signed by key {key['fingerprint']}; its public half: {key['public_key']} "
+                      f"(pin it: fedpriv audit {out_dir} --public-key {key['public_key']}); ledger heads "
+                      f"witnessed in {key['witness']}", highlight=False, soft_wrap=True)
 
 
 def _check_failures(console: Any, summary: dict) -> int:

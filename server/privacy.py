@@ -23,7 +23,8 @@ from common import accounting, user_dp
 from common.accounting import DPSGDSpend
 from common.config import RunConfig
 from common.errors import FedprivError
-from common.ledger import LedgerWriter, event_from_json, load_or_create_signing_key
+from common import witness
+from common.ledger import LedgerWriter, event_from_json, key_id, load_or_create_signing_key
 from common.user_dp import USER_LEVEL_SAMPLING
 from server import resume as resume_checks
 from server.resume import RestorePoint
@@ -60,7 +61,14 @@ class PrivacyRecorder:
                  flower_run_id: int | None = None) -> None:
         self.cfg = cfg
         self.delta = cfg.privacy.delta
-        self.ledger = LedgerWriter(run_dir, load_or_create_signing_key(signing_key_path()))
+        key = load_or_create_signing_key(signing_key_path())
+        self.ledger = LedgerWriter(run_dir, key)
+        # Witnesses outside the run directory (common.witness): the server's state keeps every
+        # signed head of this run and the signing key's public half, which an audit pins.
+        self.witness_root = witness.witness_root()
+        self.public_key_path = witness.export_public_key(self.witness_root, key.public_key())
+        self.key_id = key_id(key.public_key())
+        self.run_dir = run_dir
         self.client_events: dict[str, list[dp_accounting.DpEvent]] = {}
         self.user_events: list[dp_accounting.DpEvent] = []
         self.user_delta_additions: list[float] = []  # failure probabilities charged to delta
@@ -83,12 +91,14 @@ class PrivacyRecorder:
                 raise FedprivError(f"{self.ledger.path} already holds a run; continue it with "
                                    f"run.resume = true (fedpriv simulate --resume {run_dir})")
             self.run_id = uuid.uuid4().hex  # fedpriv's run id: nodes tag their spends with it
+            self._witness()
             self.ledger.append(actor="server", kind="run_start", parameters={**parameters, "run_id": self.run_id})
             return
         entries = self.ledger.existing
         resume_checks.check_ledger(resume, entries, run_dir)
         resume_checks.check_settings(entries, cfg)
         self.run_id = resume.run_id
+        self._witness()
         for entry in entries:
             self._replay(entry)
         self.ledger.append(
@@ -98,6 +108,23 @@ class PrivacyRecorder:
             note=f"resumed from the checkpoint of round {resume.round}; every entry before this one "
                  f"stays counted, those after the checkpoint included",
         )
+
+    def _witness(self) -> None:
+        path = witness.run_witness_path(self.witness_root, self.run_id)
+        if path.is_file():  # a resume: the ledger must not be behind what this server witnessed
+            try:
+                seen = json.loads(path.read_text())["head"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise FedprivError(f"the server's witness {path} of this run is unreadable") from None
+            problem = witness.prefix_problem(self.ledger.existing, seen.get("entries"), seen.get("head_hash"))
+            if problem:
+                raise FedprivError(f"refusing to continue {self.ledger.path}: {problem} ({path})")
+        public_key = self.ledger.key.public_key()
+        self.ledger.witness = lambda head: witness.write_run_witness(path, head, self.run_dir, public_key)
+
+    def run_head(self) -> str:
+        """The run ledger's head as sent to nodes, which record it in their own ledgers."""
+        return witness.node_run_head(self.ledger.seq, self.ledger.prev_hash)
 
     def _replay(self, entry: dict[str, Any]) -> None:
         """Rebuild the accounting state from one verified entry of the run's ledger."""

@@ -35,6 +35,10 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
         "delta": config.privacy.delta,
         "enforcement_accountant": "rdp",
         "ledger": ledger.LEDGER,
+        # The signing key's fingerprint and its public half outside the run directory, to pin
+        # in an audit (fedpriv audit --public-key), and the server's witness of the ledger.
+        "ledger_key": {"fingerprint": recorder.key_id, "public_key": str(recorder.public_key_path.resolve()),
+                       "witness": str(recorder.witness_root.resolve())},
         "refusals": recorder.refusals,
         "failed_rounds": recorder.failed_rounds,
         "stopped_early": recorder.stopped,

@@ -43,7 +43,7 @@ from common.config import RunConfig
 from common.errors import FedprivError
 from common.updates import clip_bound, update_problem
 from common.protocol import (
-    CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, REFUSAL_CODES, RUN_ID,
+    CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, REFUSAL_CODES, RUN_HEAD, RUN_ID,
     SERVER_ROUND,
 )
 from server.privacy import PrivacyRecorder, UserBudgetExhausted
@@ -291,7 +291,7 @@ class FedprivStrategy(Strategy):
             return []
         self._sampled_nodes[server_round] = {c.node_id for c in clients}
         config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
-                                     RUN_ID: self.recorder.run_id}
+                                     RUN_ID: self.recorder.run_id, RUN_HEAD: self.recorder.run_head()}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],

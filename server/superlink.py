@@ -36,6 +36,7 @@ from common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_ap
 from common.keys import ROSTER
 from common.roster import ROSTER_ENV
 from common.rundir import write_atomic
+from common.witness import WITNESS_DIR, WITNESS_ENV
 from common.config import RunConfig, toml_value
 from common.process import Child, flower_environment, flower_executable, terminate_as_exit
 from common.tls import (
@@ -88,6 +89,9 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
         "FLWR_HOME": str(state / FLWR_HOME),
         "FEDPRIV_RUNS_DIR": str(state / RUNS),
         "FEDPRIV_LEDGER_KEY": str(ledger_key),
+        # The run ledgers' witnesses and the ledger key's public half, outside every run
+        # directory (common.witness); fedpriv audit finds them beside STATE/runs.
+        WITNESS_ENV: str(state / WITNESS_DIR),
     }
     checkpoint_key = keys / "checkpoint.key"
     if checkpoint_key.exists():

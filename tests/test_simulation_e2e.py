@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common import checkpoint
+from common.ledger import verify_ledger
 from tests.conftest import poisson_gaussian_epsilon, run_cli_here
 
 pytestmark = pytest.mark.slow
@@ -77,3 +78,17 @@ def test_three_clients_two_rounds(cli, tmp_path, monkeypatch):
     for client_id, eps in clients.items():
         assert report["epsilon"]["record_level"][client_id]["rdp"] == pytest.approx(eps, rel=1e-6)
     assert report["epsilon"]["user_level"] is None  # user-level DP was off
+    # Witnessed outside the run directory: the audit pinned the key from the server's state (the
+    # one simulate printed), compared the server's witness, and cross-checked every simulated
+    # node's own ledger, which recorded the run head it was sent with each spend.
+    printed = summary["privacy"]["ledger_key"]
+    assert f"ledger signed by key {printed['fingerprint']}" in " ".join(proc.stdout.split())
+    assert report["key"]["pinned"] and report["key"]["fingerprint"] == printed["fingerprint"]
+    assert report["witness"] and not report["notes"], report["notes"]
+    nodes = report["node_ledgers"]
+    assert sorted(n["client_id"] for n in nodes) == ["0", "1", "2"] and all(n["spends"] == 2 for n in nodes)
+    node_dirs = [d for d in (out / "nodes").iterdir() if (d / "ledger.jsonl").is_file()]
+    assert len(node_dirs) == 3
+    for node_dir in node_dirs:
+        spends = [e for e in verify_ledger(node_dir).entries if e["kind"] == "record_level"]
+        assert [e["parameters"]["run_head"]["entries"] > 0 for e in spends] == [True, True]
