@@ -27,7 +27,7 @@ def test_dpsgd_mnist_scale(capsys):
                    "--noise", "1.1", "--delta", "1e-5")
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(256 / 60000, dp_accounting.GaussianDpEvent(1.1)),
-        math.ceil(60 * 60000 / 256))
+        60 * math.ceil(60000 / 256))  # the trainer's schedule: every epoch takes ceil(N/B) steps
     direct_rdp = rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
     direct_pld = pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-5)
     assert report["epsilon"]["rdp"] == pytest.approx(direct_rdp, rel=1e-6)
@@ -37,18 +37,31 @@ def test_dpsgd_mnist_scale(capsys):
     assert report["enforcement_accountant"] == "rdp"
 
 
+def test_dpsgd_counts_the_steps_the_trainer_takes(capsys):
+    # N=450, B=32, E=3: the trainer takes 3 * ceil(450/32) = 45 steps, not ceil(3*450/32) = 43.
+    report = _json(capsys, "dpsgd", "--examples", "450", "--batch-size", "32", "--epochs", "3",
+                   "--noise", "1.0", "--delta", "1e-5")
+    step = dp_accounting.PoissonSampledDpEvent(32 / 450, dp_accounting.GaussianDpEvent(1.0))
+    direct = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, 45)).get_epsilon(1e-5)
+    fewer = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, 43)).get_epsilon(1e-5)
+    assert report["steps"] == 45
+    assert report["epsilon"]["rdp"] == pytest.approx(direct, rel=1e-6)
+    assert report["epsilon"]["rdp"] > fewer * (1 + 1e-3)
+
+
 def test_dpsgd_microbatching_and_shuffle_figures_match_tf_privacy(capsys):
     from tensorflow_privacy.privacy.analysis.compute_dp_sgd_privacy_lib import (
         compute_dp_sgd_privacy_statement,
     )
 
+    # N a multiple of B: TF Privacy counts ceil(E*N/B) steps, the trainer E*ceil(N/B); here they agree.
     statement = compute_dp_sgd_privacy_statement(
-        number_of_examples=60000, batch_size=256, num_epochs=15, noise_multiplier=1.1,
+        number_of_examples=64000, batch_size=256, num_epochs=15, noise_multiplier=1.1,
         delta=1e-5, used_microbatching=True)
     numbers = [float(line.split()[-1]) for line in statement.splitlines()
                if line.strip().startswith("Epsilon")]
     once_per_epoch, poisson = numbers[:2]
-    report = _json(capsys, "dpsgd", "--examples", "60000", "--batch-size", "256", "--epochs", "15",
+    report = _json(capsys, "dpsgd", "--examples", "64000", "--batch-size", "256", "--epochs", "15",
                    "--noise", "1.1", "--delta", "1e-5", "--microbatches", "32")
     assert report["effective_noise_multiplier"] == pytest.approx(0.55)
     assert report["epsilon"]["rdp"] == pytest.approx(poisson, abs=1e-3)
