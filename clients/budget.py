@@ -14,7 +14,7 @@ import fcntl
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.accounting import DPSGDSpend, record_level_epsilon
+from common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend, record_level_epsilon
 from common.errors import FedprivError
 from common.ledger import LedgerWriter, load_or_create_signing_key
 from common.witness import NODE_CLIENT_ID, NODE_RUN_HEAD
@@ -111,6 +111,6 @@ class NodeBudgetGuard:
             parameters[NODE_CLIENT_ID] = str(client_id)
         self.ledger.append(
             actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
-            parameters=parameters, sampling="poisson", epsilon={"rdp": epsilon},
+            parameters=parameters, sampling="poisson", epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
         )
         return epsilon

@@ -27,9 +27,9 @@ from typing import Any, Iterable, Mapping
 import dp_accounting
 import numpy as np
 from dp_accounting import pld, rdp
-from dp_accounting.rdp import rdp_privacy_accountant
 
 ACCOUNTANTS = ("rdp", "pld")
+ENFORCEMENT_ACCOUNTANT = "rdp"  # the accountant every budget is enforced and audited with
 PLD_DISCRETIZATION = 1e-4
 
 
@@ -111,22 +111,9 @@ def _rdp_curve(event: dp_accounting.DpEvent, relation: dp_accounting.Neighboring
     Ledgers repeat the same per-round mechanism many times; the curve of each distinct one is
     what costs time (tenths of a second), and composition just adds curves.
     """
-    acc = rdp.RdpAccountant(neighboring_relation=relation)
-    acc.compose(event)
-    return acc._rdp.copy()  # noqa: SLF001 - the curve the accountant itself sums
-
-
-def _rdp_epsilon(event: dp_accounting.DpEvent, delta: float,
-                 relation: dp_accounting.NeighboringRelation) -> float | None:
-    event = compact(event)
-    if not rdp.RdpAccountant(neighboring_relation=relation).supports(event):
-        return None
-    curve = sum((count * _rdp_curve(inner, relation) for inner, count in _counted(event)),
-                np.zeros(len(rdp.RdpAccountant()._orders)))  # noqa: SLF001
-    if np.all(np.isinf(curve)):  # e.g. no noise at all
-        return math.inf
-    orders = rdp.RdpAccountant()._orders  # noqa: SLF001
-    return float(rdp_privacy_accountant.compute_epsilon(orders, curve, delta)[0])
+    curve = rdp.RdpAccountant(neighboring_relation=relation).compose(event).rdp
+    curve.flags.writeable = False  # shared by every caller of the cache
+    return curve
 
 
 def _counted(event: dp_accounting.DpEvent) -> list[tuple[dp_accounting.DpEvent, int]]:
@@ -140,22 +127,92 @@ def _counted(event: dp_accounting.DpEvent) -> list[tuple[dp_accounting.DpEvent, 
     return pairs
 
 
-def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon of ``event`` at ``delta`` from dp-accounting (add/remove-one adjacency)."""
-    value = epsilon_or_none(event, delta, accountant)
-    if value is None:
-        raise ValueError(f"the {accountant} accountant cannot analyse {type(event).__name__}")
-    return value
+def _as_event(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+    if isinstance(events, dp_accounting.DpEvent):
+        return events
+    return dp_accounting.ComposedDpEvent(list(events))
 
 
-def record_level_epsilon(spends: Iterable[DPSGDSpend], delta: float, accountant: str = "rdp") -> float:
-    """Cumulative record-level epsilon of everything in ``spends`` (0 when nothing was spent)."""
-    merged = merge_spends(spends)
-    if not merged:
+def _noiseless(event: dp_accounting.DpEvent) -> bool:
+    """Whether a mechanism of ``event`` adds no noise at all (a Gaussian of multiplier 0)."""
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return event.noise_multiplier == 0
+    inner = getattr(event, "event", None)
+    if isinstance(inner, dp_accounting.DpEvent):
+        return _noiseless(inner)
+    return any(_noiseless(e) for e in getattr(event, "events", None) or [])
+
+
+def make_accountant(accountant: str, sampling: str = "poisson") -> dp_accounting.PrivacyAccountant:
+    """A fresh dp-accounting accountant: the only place fedpriv builds one."""
+    relation = neighboring_relation(sampling)
+    if accountant == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=relation)
+    if accountant == "pld":
+        return pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
+    raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
+
+
+def analysable(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent],
+               accountant: str = ENFORCEMENT_ACCOUNTANT, sampling: str = "poisson") -> bool:
+    """Whether ``accountant`` can analyse ``events`` (dp-accounting's ``supports``)."""
+    return make_accountant(accountant, sampling).supports(compact(_as_event(events)))
+
+
+def epsilon(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], delta: float,
+            accountant: str = ENFORCEMENT_ACCOUNTANT, sampling: str = "poisson",
+            additions: Iterable[float] = ()) -> float:
+    """The one epsilon policy: epsilon of ``events`` (one DpEvent or a list, composed) at
+    ``delta`` by a fresh dp-accounting ``accountant``, under the neighbouring relation of
+    ``sampling`` (add/remove-one, or replace-one for fixed-size sampling), with ``additions``
+    (failure probabilities, e.g. a distributed round's SecAgg+ range overflow) charged to
+    ``delta`` first (:func:`charged_delta`).
+
+    It fails closed: an event the accountant cannot analyse, a mechanism without noise, or
+    additions that leave nothing of ``delta`` is infinite epsilon -- never zero, never skipped.
+    Nothing spent is 0. Callers that must *say* why (the audit) ask :func:`analysable` as well.
+    """
+    event = compact(_as_event(events))
+    if not event.events:
         return 0.0
-    if any(s.noise_multiplier == 0 for s in merged):
+    delta = charged_delta(delta, additions)
+    if not delta > 0:
         return math.inf
-    return epsilon(composed_event(merged), delta, accountant)
+    if _noiseless(event):
+        return math.inf
+    acc = make_accountant(accountant, sampling)
+    if not acc.supports(event):
+        return math.inf
+    if isinstance(acc, rdp.RdpAccountant):
+        relation = neighboring_relation(sampling)
+        curve = sum(count * _rdp_curve(inner, relation) for inner, count in _counted(event))
+        if np.all(np.isinf(curve)):
+            return math.inf
+        return float(rdp.compute_epsilon(acc.orders, curve, delta)[0])
+    return float(acc.compose(event).get_epsilon(delta))
+
+
+def epsilon_or_none(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], delta: float,
+                    accountant: str, sampling: str = "poisson", additions: Iterable[float] = ()) -> float | None:
+    """For reports beside the enforcement figure: :func:`epsilon`, or None where ``accountant``
+    cannot analyse the event (PLD and fixed-size sampling without replacement, in dp-accounting
+    0.6). The enforcement accountant never answers None: it fails closed to infinity."""
+    if accountant != ENFORCEMENT_ACCOUNTANT and not analysable(events, accountant, sampling):
+        return None
+    return epsilon(events, delta, accountant, sampling, additions)
+
+
+def figures(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], delta: float,
+            sampling: str = "poisson", additions: Iterable[float] = ()) -> dict[str, float | None]:
+    """Epsilon by each accountant (see :func:`epsilon_or_none`), enforcement accountant first."""
+    events, additions = _as_event(events), list(additions)
+    return {name: epsilon_or_none(events, delta, name, sampling, additions) for name in ACCOUNTANTS}
+
+
+def record_level_epsilon(spends: Iterable[DPSGDSpend], delta: float,
+                         accountant: str = ENFORCEMENT_ACCOUNTANT) -> float:
+    """Cumulative record-level epsilon of everything in ``spends`` (0 when nothing was spent)."""
+    return epsilon(composed_event(spends), delta, accountant)
 
 
 # ---- user level (DP-FedAvg) and the calculator ------------------------------------------------
@@ -192,50 +249,26 @@ def neighboring_relation(sampling: str) -> dp_accounting.NeighboringRelation:
     return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
-def make_accountant(accountant: str, sampling: str = "poisson") -> dp_accounting.PrivacyAccountant:
-    relation = neighboring_relation(sampling)
-    if accountant == "rdp":
-        return rdp.RdpAccountant(neighboring_relation=relation)
-    if accountant == "pld":
-        return pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
-    raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
-
-
-def epsilon_or_none(event: dp_accounting.DpEvent, delta: float, accountant: str,
-                    sampling: str = "poisson") -> float | None:
-    """Epsilon, or None when this accountant cannot analyse the event (PLD and fixed-size
-    sampling without replacement, in dp-accounting 0.6)."""
-    if accountant == "rdp":
-        return _rdp_epsilon(event, delta, neighboring_relation(sampling))
-    acc = make_accountant(accountant, sampling)
-    event = compact(event)
-    if not acc.supports(event):
-        return None
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
-
-
-def dpsgd_event(examples: int, batch_size: int, epochs: float, noise_multiplier: float,
+def dpsgd_event(examples: int, batch_size: int, epochs: int, noise_multiplier: float,
                 microbatches: int = 0) -> dp_accounting.DpEvent:
-    """All of a DP-SGD training run on ``examples`` records, Poisson-sampled."""
-    steps = int(math.ceil(epochs * examples / batch_size))
+    """All of a DP-SGD training run on ``examples`` records, Poisson-sampled, on the trainer's
+    schedule (:func:`dpsgd_schedule`)."""
+    q, steps = dpsgd_schedule(examples, batch_size, epochs)
     z = effective_noise_multiplier(noise_multiplier, microbatches, batch_size)
-    return DPSGDSpend(min(1.0, batch_size / examples), z, steps).to_event()
+    return DPSGDSpend(q, z, steps).to_event()
 
 
-def dpsgd_shuffle_epsilon(examples: int, batch_size: int, epochs: float, noise_multiplier: float,
+def dpsgd_shuffle_epsilon(examples: int, batch_size: int, epochs: int, noise_multiplier: float,
                           delta: float, microbatches: int = 0) -> float:
     """The conservative figure without sampling amplification: each record is in exactly one
     batch per epoch, so every epoch is one full Gaussian release for it (TF Privacy's
     "each example occurring once per epoch")."""
     z = effective_noise_multiplier(noise_multiplier, microbatches, batch_size)
-    acc = rdp.RdpAccountant()
-    acc.compose(dp_accounting.GaussianDpEvent(z), int(math.ceil(epochs)))
-    return float(acc.get_epsilon(delta))
+    return epsilon(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), epochs), delta)
 
 
 def noise_for_target_epsilon(make_event: Any, target_epsilon: float, delta: float,
-                             accountant: str = "rdp", sampling: str = "poisson",
+                             accountant: str = ENFORCEMENT_ACCOUNTANT, sampling: str = "poisson",
                              upper_bound: float | None = None) -> float:
     """Smallest noise multiplier (to within 1e-4) whose event stays within ``target_epsilon``.
 
@@ -335,14 +368,3 @@ def charged_delta(delta: float, additions: Iterable[float]) -> float:
     (epsilon, delta)-DP. Zero or less means no epsilon holds at ``delta``."""
     return delta - math.fsum(additions)
 
-
-def user_level_epsilon(events: list[dp_accounting.DpEvent], delta: float, additions: Iterable[float],
-                       accountant: str = "rdp", sampling: str = "poisson") -> float | None:
-    """User-level epsilon of ``events`` at ``delta`` with ``additions`` charged to delta; None
-    when ``accountant`` cannot analyse the events, infinity when nothing is left of delta."""
-    if not events:
-        return 0.0
-    left = charged_delta(delta, additions)
-    if not left > 0:
-        return math.inf
-    return epsilon_or_none(dp_accounting.ComposedDpEvent(events), left, accountant, sampling)

@@ -15,6 +15,7 @@ from typing import Any
 import dp_accounting
 
 from common import accounting
+from common.accounting import ENFORCEMENT_ACCOUNTANT
 from common.errors import FedprivError
 from common.rundir import NODES_DIR
 from common import witness
@@ -36,11 +37,20 @@ class _Actor:
     by_round: dict[int, float] = field(default_factory=dict)
     # failure probabilities charged to delta (a distributed round's SecAgg+ range overflow)
     delta_additions: list[float] = field(default_factory=list)
+    current: float = 0.0  # enforcement epsilon after its latest event
 
 
-def _rdp(events: list[dp_accounting.DpEvent], delta: float, sampling: str,
-         additions: list[float] | None = None) -> float:
-    return accounting.user_level_epsilon(events, delta, additions or [], "rdp", sampling) or 0.0
+BUDGET_KEYS = {"record_level": "record_budget", "user_level": "user_budget"}
+
+
+@dataclass
+class _Period:
+    """The budgets in force from one run_start or run_resume entry to the next (None: no limit),
+    and each actor's enforcement epsilon when the period ended."""
+
+    seq: int
+    budgets: dict[str, float | None]
+    epsilon_at_end: dict[str, float] = field(default_factory=dict)
 
 
 def _close(a: float | None, b: float | None) -> bool:
@@ -94,7 +104,9 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     failures += witness_failures
     ledger_ok = verified.ok and not witness_failures
 
-    delta, budgets = None, {"record_level": None, "user_level": None}
+    delta = None
+    periods: list[_Period] = []  # every budget ever in force, in order
+    relaxed: list[str] = []  # resumes that relaxed a budget in force
     actors: dict[str, _Actor] = {}
     refusals, stopped, recorded_final, run_id, resumes = 0, None, None, None, 0
     flower_runs: list[str] = []
@@ -105,7 +117,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             flower_runs.append(str(params["flower_run_id"]))
         if kind == "run_start":
             delta, run_id = params.get("delta"), params.get("run_id")
-            budgets = {"record_level": params.get("record_budget"), "user_level": params.get("user_budget")}
+            periods.append(_Period(entry["seq"], _budgets(params)))
             continue
         if kind == "run_resume":  # the same run, continued: every entry before it stays counted
             resumes += 1
@@ -117,7 +129,9 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
                                 f"run's delta {delta}")
             if params.get("run_id") != run_id:
                 failures.append(f"{where}: the run_resume names run {params.get('run_id')}, not {run_id}")
-            budgets = {"record_level": params.get("record_budget"), "user_level": params.get("user_budget")}
+            periods[-1].epsilon_at_end = {name: actor.current for name, actor in actors.items()}
+            relaxed += _relaxations(where, periods, _budgets(params))
+            periods.append(_Period(entry["seq"], _budgets(params)))
             recorded_final, stopped = None, None  # an earlier end no longer describes the run
             continue
         if kind == "refusal":
@@ -144,8 +158,13 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         actor.events.append(event)
         if level == "user":
             actor.delta_additions.append(float(params.get("delta_addition") or 0.0))
-        recomputed = _rdp(actor.events, delta, actor.sampling, actor.delta_additions)
-        recorded = (entry.get("epsilon") or {}).get("rdp")
+        if not accounting.analysable(event, ENFORCEMENT_ACCOUNTANT, actor.sampling):
+            failures.append(f"{where} ({entry['actor']}): unanalysable event: the {ENFORCEMENT_ACCOUNTANT} "
+                            f"accountant cannot analyse its {type(event).__name__}, so its epsilon counts "
+                            f"as infinite")
+        recomputed = actor.current = accounting.epsilon(actor.events, delta, ENFORCEMENT_ACCOUNTANT, actor.sampling,
+                                                        actor.delta_additions)
+        recorded = (entry.get("epsilon") or {}).get(ENFORCEMENT_ACCOUNTANT)
         if not _close(recomputed, recorded):
             mismatches.append(f"{where} ({entry['actor']}): recorded epsilon {recorded} but the events give "
                             f"{recomputed:.6g}")
@@ -155,10 +174,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     record_level: dict[str, dict[str, Any]] = {}
     user_level: dict[str, Any] | None = None
     for name, actor in sorted(actors.items()):
-        figures = {
-            acc: accounting.user_level_epsilon(actor.events, delta, actor.delta_additions, acc, actor.sampling)
-            for acc in accounting.ACCOUNTANTS
-        }
+        figures = accounting.figures(actor.events, delta, actor.sampling, actor.delta_additions)
         if actor.level == "user":
             user_level = figures
         else:
@@ -181,7 +197,10 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         failures.append("summary.json is missing: the run's reported results cannot be checked against the ledger "
                         "(deleted, or the run did not finish)")
     mismatches += _check_summary(run_dir, record_level, user_level)
-    budget_failures = _check_budgets(record_level, user_level, budgets, budget)
+    if periods:
+        periods[-1].epsilon_at_end = {name: actor.current for name, actor in actors.items()}
+    budget_failures = relaxed + _check_budgets(actors, periods, budget)
+    budgets = _strictest(periods)
     failures += mismatches + budget_failures
     submitted: list[dict[str, str]] | None = None
     log_dir = operator_log or default_operator_log(run_dir)
@@ -206,9 +225,10 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "node_ledgers": witnessed["node_ledgers"],
         "notes": witnessed["notes"],
         "delta": delta,
-        "enforcement_accountant": "rdp",
+        "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
         "epsilon": {"user_level": user_level, "record_level": record_level},
-        "budgets": {**budgets, "audit": budget},
+        "budgets": {**budgets, "audit": budget},  # the strictest ever in force
+        "budget_history": [{"ledger_entry": p.seq, **p.budgets} for p in periods],
         "refusals": refusals,
         "resumes": resumes,
         # What a crash left at the ledger's end: repaired on reopening (entries), or still there.
@@ -287,17 +307,48 @@ def _over(value: float | None, limit: float | None) -> bool:
     return value is not None and limit is not None and value > limit * (1 + 1e-9)
 
 
-def _check_budgets(record_level: dict[str, dict[str, Any]], user_level: dict[str, Any] | None,
-                   budgets: dict[str, Any], audit_budget: float | None) -> list[str]:
+def _budgets(params: dict[str, Any]) -> dict[str, float | None]:
+    """The budgets a run_start or run_resume entry put in force (0 or absent: no limit)."""
+    return {level: params.get(key) or None for level, key in BUDGET_KEYS.items()}
+
+
+def _strictest(periods: list[_Period]) -> dict[str, float | None]:
+    """Per level, the smallest budget ever in force (None: never limited)."""
+    return {level: min((p.budgets[level] for p in periods if p.budgets[level] is not None), default=None)
+            for level in BUDGET_KEYS}
+
+
+def _relaxations(where: str, periods: list[_Period], new: dict[str, float | None]) -> list[str]:
+    """A resume may only tighten: it may not raise a budget in force or lift it (no limit)."""
     failures = []
-    for cid, figures in record_level.items():
-        for limit, label in ((budgets["record_level"], "its record-level budget"), (audit_budget, "--budget")):
-            if _over(figures["rdp"], limit):
-                failures.append(f"client {cid}: record-level epsilon {figures['rdp']:.4f} exceeds {label} {limit:g}")
-    if user_level is not None:
-        for limit, label in ((budgets["user_level"], "the user-level budget"), (audit_budget, "--budget")):
-            if _over(user_level["rdp"], limit):
-                failures.append(f"user-level epsilon {user_level['rdp']:.4f} exceeds {label} {limit:g}")
+    for level, limit in _strictest(periods).items():
+        if limit is not None and (new[level] is None or new[level] > limit):
+            failures.append(f"{where}: the run_resume relaxes privacy.{BUDGET_KEYS[level]} from {limit:g} to "
+                            f"{'no limit' if new[level] is None else format(new[level], 'g')}; a budget once "
+                            f"in force stays in force")
+    return failures
+
+
+def _check_budgets(actors: dict[str, _Actor], periods: list[_Period], audit_budget: float | None) -> list[str]:
+    """Each budget against each actor's epsilon when that budget was in force (at the end of its
+    period), the final epsilon against the strictest budget ever in force, and ``--budget``."""
+    failures = []
+    strictest = _strictest(periods)
+    for name, actor in sorted(actors.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        level = "user_level" if actor.level == "user" else "record_level"
+        who = "user-level epsilon" if actor.level == "user" else \
+            f"client {name.removeprefix('client:')}: record-level epsilon"
+        whose = "the user-level budget" if actor.level == "user" else "its record-level budget"
+        over = [(period, period.epsilon_at_end[name]) for period in periods
+                if name in period.epsilon_at_end and _over(period.epsilon_at_end[name], period.budgets[level])]
+        for period, eps in over:
+            failures.append(f"{who} {eps:.4f} exceeds {whose} {period.budgets[level]:g} (in force from "
+                            f"ledger entry {period.seq})")
+        if not over and _over(actor.current, strictest[level]):
+            failures.append(f"{who} {actor.current:.4f} exceeds {whose} {strictest[level]:g} (the strictest "
+                            f"in force during the run)")
+        if _over(actor.current, audit_budget):
+            failures.append(f"{who} {actor.current:.4f} exceeds --budget {audit_budget:g}")
     return failures
 
 

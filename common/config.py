@@ -220,13 +220,13 @@ class PrivacySection:
     record_budget: float = _setting(
         0.0,
         "Record-level epsilon budget of every client (0: no budget). A client refuses a round "
-        "that would take it past the budget.",
+        "that would take it past the budget. A resume may tighten it, never raise it or set it to 0.",
         min=0.0,
     )
     user_budget: float = _setting(
         0.0,
         "User-level epsilon budget of the run (0: no budget). The server ends the run before a "
-        "round that would exceed it.",
+        "round that would exceed it. A resume may tighten it, never raise it or set it to 0.",
         min=0.0,
     )
 

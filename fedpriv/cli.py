@@ -160,11 +160,12 @@ def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) 
     """The configuration a run last ran with (from its verified ledger), then ``--config`` and
     ``--set``, with run.resume on and run.out_dir set to ``run_dir``."""
     from common.config import load_config, read_toml, unflatten
-    from server.resume import recorded_config, verified_entries
+    from server.resume import check_budgets, recorded_config, verified_entries
 
     if not run_dir.is_dir():
         raise FedprivError(f"no run to resume: {run_dir} is not a directory")
-    layers = [unflatten(recorded_config(verified_entries(run_dir)))]
+    entries = verified_entries(run_dir)
+    layers = [unflatten(recorded_config(entries))]
     if config_file:
         file_layer = read_toml(config_file)
         if "extends" in file_layer:
@@ -174,6 +175,7 @@ def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) 
     cfg = load_config(layers, overrides)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True, out_dir=str(run_dir.resolve())))
     cfg.validate()
+    check_budgets(entries, cfg)  # before anything starts: a resume may only tighten a budget
     return cfg
 
 

@@ -228,11 +228,16 @@ def cmd_server_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
+    from common.ledger import LEDGER
     from server.superlink import app_key_path, default_app_dir, run_config_string, signed_app, submit_run
 
     if args.resume:
         args.overrides = [*args.overrides, "run.resume=true", f"run.out_dir={args.resume}"]
     cfg = _resolve(args)
+    if args.resume and (Path(args.resume) / LEDGER).is_file():  # on this machine: refuse a relaxed budget
+        from server.resume import check_budgets, verified_entries  # before submitting anything
+
+        check_budgets(verified_entries(Path(args.resume)), cfg)
     if args.dry_run:
         import tempfile
 

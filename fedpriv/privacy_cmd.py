@@ -16,9 +16,8 @@ from typing import Any, Callable
 import dp_accounting
 
 from common import accounting
+from common.accounting import ENFORCEMENT_ACCOUNTANT
 from common.errors import FedprivError
-
-ENFORCEMENT_ACCOUNTANT = "rdp"
 
 
 def add_parser(sub: Any) -> None:
@@ -35,7 +34,8 @@ def add_parser(sub: Any) -> None:
     )
     dpsgd.add_argument("--examples", type=int, required=True, help="records in the dataset (N)")
     dpsgd.add_argument("--batch-size", type=int, required=True, help="expected batch size (B)")
-    dpsgd.add_argument("--epochs", type=float, required=True, help="epochs (steps = ceil(E*N/B))")
+    dpsgd.add_argument("--epochs", type=int, required=True,
+                       help="epochs, a whole number as in the trainer (steps = E*ceil(N/B), the trainer's schedule)")
     dpsgd.add_argument("--microbatches", type=int, default=0,
                        help="microbatches per batch (0: one per example); doubles the sensitivity")
     _common_arguments(dpsgd)
@@ -78,17 +78,11 @@ def _check_common(args: argparse.Namespace) -> None:
                f"--target-epsilon must be > 0, got {args.target_epsilon}")
 
 
-def _epsilons(event: dp_accounting.DpEvent, delta: float, sampling: str, noise: float) -> dict[str, Any]:
-    if noise == 0:
-        return {"rdp": math.inf, "pld": math.inf}
-    return {name: accounting.epsilon_or_none(event, delta, name, sampling) for name in accounting.ACCOUNTANTS}
-
-
 def _solve(make_event: Callable[[float], dp_accounting.DpEvent], target: float, delta: float,
            sampling: str) -> dict[str, Any]:
     noise: dict[str, Any] = {}
     for name in accounting.ACCOUNTANTS:  # RDP first: its answer bounds the search for PLD's
-        if not accounting.make_accountant(name, sampling).supports(make_event(1.0)):
+        if not accounting.analysable(make_event(1.0), name, sampling):
             noise[name] = None
             continue
         noise[name] = accounting.noise_for_target_epsilon(
@@ -100,7 +94,7 @@ def cmd_dpsgd(args: argparse.Namespace) -> int:
     _check_common(args)
     _check(args.examples > 0, f"--examples must be > 0, got {args.examples}")
     _check(0 < args.batch_size <= args.examples, "--batch-size must be between 1 and --examples")
-    _check(math.isfinite(args.epochs) and args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
+    _check(args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
     _check(0 <= args.microbatches <= args.batch_size, "--microbatches must be between 0 and --batch-size")
     if args.delta >= 1 / args.examples:
         _warn(f"delta {args.delta:g} >= 1/examples ({1 / args.examples:.3g}): such a guarantee "
@@ -109,14 +103,15 @@ def cmd_dpsgd(args: argparse.Namespace) -> int:
     def make_event(z: float) -> dp_accounting.DpEvent:
         return accounting.dpsgd_event(args.examples, args.batch_size, args.epochs, z, args.microbatches)
 
+    sampling_probability, steps = accounting.dpsgd_schedule(args.examples, args.batch_size, args.epochs)
     report: dict[str, Any] = {
         "mechanism": "dpsgd",
         "level": "record",
         "examples": args.examples,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
-        "steps": int(math.ceil(args.epochs * args.examples / args.batch_size)),
-        "sampling_probability": args.batch_size / args.examples,
+        "steps": steps,
+        "sampling_probability": sampling_probability,
         "microbatches": args.microbatches,
         "delta": args.delta,
         "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
@@ -128,10 +123,9 @@ def cmd_dpsgd(args: argparse.Namespace) -> int:
         report["noise_multiplier"] = args.noise
         report["effective_noise_multiplier"] = accounting.effective_noise_multiplier(
             args.noise, args.microbatches, args.batch_size)
-        report["epsilon"] = _epsilons(make_event(args.noise), args.delta, "poisson", args.noise)
-        report["epsilon_without_amplification"] = (
-            math.inf if args.noise == 0 else accounting.dpsgd_shuffle_epsilon(
-                args.examples, args.batch_size, args.epochs, args.noise, args.delta, args.microbatches))
+        report["epsilon"] = accounting.figures(make_event(args.noise), args.delta, "poisson")
+        report["epsilon_without_amplification"] = accounting.dpsgd_shuffle_epsilon(
+            args.examples, args.batch_size, args.epochs, args.noise, args.delta, args.microbatches)
     return _emit(report, args.json)
 
 
@@ -165,7 +159,7 @@ def cmd_dpfedavg(args: argparse.Namespace) -> int:
         report["noise_multiplier"] = _solve(make_event, args.target_epsilon, args.delta, args.sampling)
     else:
         report["noise_multiplier"] = args.noise
-        report["epsilon"] = _epsilons(make_event(args.noise), args.delta, args.sampling, args.noise)
+        report["epsilon"] = accounting.figures(make_event(args.noise), args.delta, args.sampling)
     return _emit(report, args.json)
 
 

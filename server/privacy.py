@@ -20,7 +20,7 @@ from typing import Any
 import dp_accounting
 
 from common import accounting, user_dp
-from common.accounting import DPSGDSpend
+from common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
 from common.config import RunConfig
 from common.errors import FedprivError
 from common import witness
@@ -29,7 +29,6 @@ from common.user_dp import USER_LEVEL_SAMPLING
 from server import resume as resume_checks
 from server.resume import RestorePoint
 
-ENFORCEMENT_ACCOUNTANT = "rdp"
 KEY_ENV = "FEDPRIV_LEDGER_KEY"
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).
 ASSUMPTIONS = user_dp.ASSUMPTIONS
@@ -175,7 +174,7 @@ class PrivacyRecorder:
             self.ledger.append(
                 actor=actor, kind="record_level_carried", round=server_round, event=carried,
                 parameters={"spends": [s.to_json() for s in prior]}, sampling="poisson",
-                epsilon={"rdp": self._epsilon(events)},
+                epsilon={ENFORCEMENT_ACCOUNTANT: self._epsilon(events)},
                 note="spending before this run, from the node's own ledger",
             )
         spend = declared["round"]
@@ -186,7 +185,7 @@ class PrivacyRecorder:
         self.ledger.append(
             actor=actor, kind="record_level", round=server_round, event=spend.to_event(),
             parameters={**spend.to_json(), "l2_norm_clip": self.cfg.dp.l2_norm_clip},
-            sampling="poisson", epsilon={"rdp": epsilon},
+            sampling="poisson", epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
         )
         return epsilon
 
@@ -216,7 +215,7 @@ class PrivacyRecorder:
                       f"{after:.3f}, above the budget of {budget:g}; ending the run")
             self.stopped = {"round": server_round, "reason": reason}
             self.ledger.append(actor="server", kind="budget_stop", round=server_round,
-                               epsilon={"rdp": before}, note=reason)
+                               epsilon={ENFORCEMENT_ACCOUNTANT: before}, note=reason)
             raise UserBudgetExhausted(reason)
 
     def record_user_round(self, server_round: int, population: int, expected: float, sampled: int,
@@ -251,7 +250,7 @@ class PrivacyRecorder:
                 "clipping_norm": self.cfg.user_dp.clipping_norm,
                 "secure_aggregation": self.cfg.secure_aggregation.enabled,
             },
-            sampling=sampling, epsilon={"rdp": epsilon},
+            sampling=sampling, epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
             note=ASSUMPTIONS[mechanism["noise_mode"]],
         )
         return epsilon
@@ -264,16 +263,13 @@ class PrivacyRecorder:
     def finish(self) -> dict[str, Any]:
         """Write the run_end entry; return the privacy figures (RDP and PLD) for the summary."""
         record = {
-            cid: {name: accounting.epsilon_or_none(dp_accounting.ComposedDpEvent(events), self.delta, name)
-                  for name in accounting.ACCOUNTANTS}
+            cid: accounting.figures(events, self.delta)
             for cid, events in sorted(self.client_events.items(), key=lambda kv: int(kv[0]))
             if events
         }
         user = None
         if self.cfg.user_dp.enabled:
-            user = {name: accounting.user_level_epsilon(self.user_events, self.delta, self.user_delta_additions,
-                                                        name, USER_LEVEL_SAMPLING)
-                    for name in accounting.ACCOUNTANTS}
+            user = accounting.figures(self.user_events, self.delta, USER_LEVEL_SAMPLING, self.user_delta_additions)
         self.ledger.append(actor="server", kind="run_end",
                            epsilon={"record_level": record, "user_level": user},
                            note=self.stopped["reason"] if self.stopped else None)
@@ -286,14 +282,11 @@ class PrivacyRecorder:
 
     # ---- helpers ------------------------------------------------------------------------
     def _epsilon(self, events: list[dp_accounting.DpEvent]) -> float:
-        return accounting.epsilon(dp_accounting.ComposedDpEvent(events), self.delta, ENFORCEMENT_ACCOUNTANT)
+        """Enforcement figure: fails closed (infinite) on anything the accountant cannot analyse."""
+        return accounting.epsilon(events, self.delta, ENFORCEMENT_ACCOUNTANT)
 
     def _user_epsilon(self, events: list[dp_accounting.DpEvent], additions: list[float] | None = None) -> float:
-        if not events:
-            return 0.0
-        if self.cfg.user_dp.noise_multiplier == 0:
-            return float("inf")
-        value = accounting.user_level_epsilon(
-            events, self.delta, self.user_delta_additions if additions is None else additions,
-            ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING)
-        return math.inf if value is None else value
+        if events and self.cfg.user_dp.noise_multiplier == 0:
+            return math.inf
+        return accounting.epsilon(events, self.delta, ENFORCEMENT_ACCOUNTANT, USER_LEVEL_SAMPLING,
+                                  self.user_delta_additions if additions is None else additions)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from common import ledger, rundir, user_dp
+from common.accounting import ENFORCEMENT_ACCOUNTANT
 from common.config import RunConfig
 from server.privacy import PrivacyRecorder
 from server.run_log import RunLog
@@ -33,7 +34,7 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
     user = figures["user_level"]
     privacy: dict[str, Any] = {
         "delta": config.privacy.delta,
-        "enforcement_accountant": "rdp",
+        "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
         "ledger": ledger.LEDGER,
         # The signing key's fingerprint and its public half outside the run directory, to pin
         # in an audit (fedpriv audit --public-key), and the server's witness of the ledger.
@@ -62,7 +63,7 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
             "clients": {cid: v["rdp"] for cid, v in record.items()},
             "clients_pld": {cid: v["pld"] for cid, v in record.items()},
             "budget": config.privacy.record_budget or None,
-            "accountant": "rdp",
+            "accountant": ENFORCEMENT_ACCOUNTANT,
             "mechanism": (
                 "DP-SGD, Poisson-sampled Gaussian per step (dp-accounting), composed over every "
                 "step each client took"

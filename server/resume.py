@@ -30,6 +30,8 @@ FIXED_ON_RESUME = (
     "data.partitioning", "data.alpha", "data.classes_per_client",
 )
 RUN_KINDS = ("run_start", "run_resume")
+# Budgets a resume may only tighten: every value ever in force for the run stays in force.
+BUDGETS = ("record_budget", "user_budget")
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ def recorded_config(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def check_settings(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
-    """Refuse a resume that changes a setting of :data:`FIXED_ON_RESUME` (delta above all)."""
+    """Refuse a resume that changes a setting of :data:`FIXED_ON_RESUME` (delta above all) or
+    relaxes a budget (:func:`check_budgets`)."""
+    check_budgets(entries, cfg)
     start = entries[0].get("parameters", {})
     if start.get("delta") != cfg.privacy.delta:
         raise FedprivError(f"the run was accounted at delta {start.get('delta')}; a resume cannot "
@@ -158,6 +162,32 @@ def check_settings(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
         if key in recorded and recorded[key] != current.get(key):
             raise FedprivError(f"a resume cannot change {key} (the run has {recorded[key]!r}, the "
                                f"configuration {current.get(key)!r}): it decides what each client holds")
+
+
+def budgets_in_force(entries: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per budget, the strictest value any run_start or run_resume of the run put in force
+    (None: never limited; 0 or absent in an entry means no limit)."""
+    limits: dict[str, float | None] = dict.fromkeys(BUDGETS)
+    for entry in entries:
+        if entry.get("kind") not in RUN_KINDS:
+            continue
+        params = entry.get("parameters") or {}
+        for name in BUDGETS:
+            value = params.get(name) or None
+            if value is not None and (limits[name] is None or value < limits[name]):
+                limits[name] = float(value)
+    return limits
+
+
+def check_budgets(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
+    """Refuse a resume that would relax a budget the run has had in force: raise it, or set it
+    to 0 (no limit). Budgets can only tighten."""
+    for name, limit in budgets_in_force(entries).items():
+        value = getattr(cfg.privacy, name)
+        if limit is not None and (not value or value > limit):
+            wanted = "0 (no limit)" if not value else f"{value:g}"
+            raise FedprivError(f"a resume cannot relax privacy.{name}: the run has had {limit:g} in force, "
+                               f"the configuration sets {wanted}; budgets can only tighten")
 
 
 class NothingToResume(FedprivError):

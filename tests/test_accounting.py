@@ -82,3 +82,47 @@ def test_one_example_per_microbatch_keeps_full_noise():
     assert effective_noise_multiplier(1.1, 0, 32) == 1.1
     assert effective_noise_multiplier(1.1, 32, 32) == 1.1
     assert effective_noise_multiplier(1.1, 8, 32) == pytest.approx(0.55)
+
+
+# ---- one epsilon policy, failing closed -----------------------------------------------------------
+def test_an_event_no_accountant_can_analyse_is_infinite_never_zero():
+    from common.accounting import analysable, epsilon
+
+    step = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0))
+    # dp-accounting's RDP accountant cannot analyse sampling without replacement under add/remove
+    # adjacency, nor an event it does not know: both are infinite epsilon for enforcement.
+    without_replacement = dp_accounting.SampledWithoutReplacementDpEvent(
+        100, 10, dp_accounting.GaussianDpEvent(1.0))
+    assert not rdp.RdpAccountant().supports(without_replacement)
+    for unknown in (without_replacement, dp_accounting.UnsupportedDpEvent()):
+        assert not analysable(unknown)
+        assert epsilon([unknown], 1e-5) == math.inf
+        assert epsilon([step, unknown], 1e-5) == math.inf  # composed with anything, still infinite
+    assert epsilon([step, dp_accounting.NonPrivateDpEvent()], 1e-5) == math.inf  # analysable, and unbounded
+    # What the accountant can analyse is dp-accounting's own figure; nothing spent is zero.
+    assert epsilon([step] * 3, 1e-5) == pytest.approx(_direct_rdp(0.1, 1.0, 3, 1e-5), rel=1e-6)
+    assert epsilon([], 1e-5) == 0.0
+
+
+def test_replace_one_relation_for_fixed_size_sampling_matches_dp_accounting():
+    from common.accounting import epsilon, epsilon_or_none
+
+    event = dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(0.5))
+    acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(event, 10)
+    assert epsilon([event] * 10, 1e-5, "rdp", "fixed") == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert epsilon_or_none([event], 1e-5, "pld", "fixed") is None  # a report's "n/a", not a number
+
+
+def test_no_module_reads_dp_accounting_internals_or_builds_its_own_accountant():
+    """One home: only common/accounting.py builds accountants, and only through public API."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sources = [p for d in ("server", "clients", "common", "fedpriv", "simulations") for p in (root / d).rglob("*.py")]
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        assert not re.search(r"\._(rdp|orders)\b", text), f"{path.name} reads dp-accounting internals"
+        if path.name != "accounting.py" or path.parent.name != "common":
+            assert not re.search(r"(RdpAccountant|PLDAccountant)\s*\(", text), f"{path.name} builds an accountant"

@@ -149,3 +149,93 @@ def test_ledger_that_is_not_json(tmp_path, capsys):
 def test_malformed_declarations_are_rejected(privacy):
     with pytest.raises((ValueError, KeyError, TypeError)):
         PrivacyRecorder.parse_declaration(privacy)
+
+
+# ---- the audit fails closed ------------------------------------------------------------------------
+def test_an_unanalysable_event_fails_the_audit_by_name(tmp_path, capsys):
+    """An event dp-accounting cannot analyse is a named failure (exit 1), never epsilon 0."""
+    cfg = load_config(overrides=[f"privacy.delta={DELTA}", "user_dp.enabled=true", "privacy.user_budget=1.0"])
+    run = tmp_path / "run"
+    recorder = PrivacyRecorder(cfg, run)
+    # Fixed-size sampling recorded under add/remove adjacency: RDP cannot analyse it.
+    event = dp_accounting.SampledWithoutReplacementDpEvent(10, 5, dp_accounting.GaussianDpEvent(0.1))
+    assert not rdp.RdpAccountant().supports(event)
+    recorder.ledger.append(actor="server", kind="user_level", round=1, event=event, sampling="poisson",
+                           epsilon={"rdp": 0.0})
+    recorder.ledger.append(actor="server", kind="run_end",
+                           epsilon={"record_level": {}, "user_level": {"rdp": None, "pld": None}})
+    (run / "summary.json").write_text(json.dumps(
+        {"privacy": {"record_level": {"clients": {}}, "user_level": {"epsilon": None}}}))
+
+    assert main(["audit", str(run), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and not report["budget_ok"]
+    named = [f for f in report["failures"] if "unanalysable event" in f]
+    assert len(named) == 1 and "SampledWithoutReplacementDpEvent" in named[0], report["failures"]
+    assert audit_run(run)["epsilon"]["user_level"]["rdp"] == float("inf")  # (JSON writes it as null)
+    assert main(["audit", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "unanalysable event" in out
+
+
+# ---- budgets can only tighten ------------------------------------------------------------------------
+def _resumed_run(run_dir, first_budgets: dict, resumed_budgets: dict):
+    """Three rounds under ``first_budgets``, then a run_resume entry with ``resumed_budgets`` (as
+    a ledger written by a server that did not refuse it would hold), and one more round."""
+    def cfg(budgets):
+        return load_config(overrides=[f"privacy.delta={DELTA}", "user_dp.enabled=true",
+                                      *(f"privacy.{k}={v}" for k, v in budgets.items())])
+    recorder = PrivacyRecorder(cfg(first_budgets), run_dir)
+
+    def one_round(r):
+        recorder.record_client(r, "0", recorder.parse_declaration({"round-spend": json.dumps(SPEND.to_json())}))
+        recorder.record_user_round(r, population=10, expected=5.0, sampled=5, aggregated=2,
+                                   noise_multiplier=1.0, mechanism={"noise_mode": "central"})
+    for r in (1, 2, 3):
+        one_round(r)
+    recorder.ledger.append(actor="server", kind="run_resume", round=4,
+                           parameters={"delta": DELTA, "run_id": recorder.run_id,
+                                       **{k: v or None for k, v in resumed_budgets.items()}})
+    recorder.cfg = cfg(resumed_budgets)
+    one_round(4)
+    recorder.finish()
+    return run_dir
+
+
+def test_a_budget_lifted_by_a_resume_stays_in_force_in_the_audit(tmp_path):
+    """The user-level budget was exceeded before the resume lifted it: the audit checks the budget
+    against the epsilon while it was in force, and names the relaxation."""
+    run = _resumed_run(tmp_path / "run", {"user_budget": 0.5}, {"user_budget": 0})
+    step = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0))
+    at_resume = _direct([dp_accounting.SelfComposedDpEvent(step, 3)], "rdp")
+    assert at_resume > 0.5
+    report = audit_run(run)
+    assert not report["ok"] and not report["budget_ok"] and report["consistent"]
+    assert any("relaxes privacy.user_budget from 0.5 to no limit" in f for f in report["failures"])
+    over = [f for f in report["failures"] if f.startswith("user-level epsilon") and "0.5 (in force from ledger entry 0)" in f]
+    assert len(over) == 1 and f"{at_resume:.4f}" in over[0], report["failures"]
+    assert report["budgets"]["user_level"] == 0.5  # the strictest ever in force
+    assert [b["user_level"] for b in report["budget_history"]] == [0.5, None]
+
+
+MISSING_SUMMARY = ("summary.json is missing: the run's reported results cannot be checked against the ledger "
+                   "(deleted, or the run did not finish)")
+
+
+def test_the_final_epsilon_is_checked_against_the_strictest_budget(tmp_path):
+    """A resume raised the record-level budget above what client 0 ends at: still a failure, as the
+    first (stricter) budget stays in force."""
+    step = dp_accounting.PoissonSampledDpEvent(0.08, dp_accounting.GaussianDpEvent(1.2))
+    final = _direct([dp_accounting.SelfComposedDpEvent(step, 13 * 4)], "rdp")
+    at_resume = _direct([dp_accounting.SelfComposedDpEvent(step, 13 * 3)], "rdp")
+    strict = round((final + at_resume) / 2, 6)  # held until the resume, exceeded after it
+    run = _resumed_run(tmp_path / "run", {"record_budget": strict}, {"record_budget": final * 2})
+    report = audit_run(run)
+    assert not report["budget_ok"]
+    assert any(f"relaxes privacy.record_budget from {strict:g}" in f for f in report["failures"])
+    assert any(f.startswith("client 0: record-level epsilon") and "the strictest" in f and f"{strict:g}" in f
+               for f in report["failures"]), report["failures"]
+    # Tightening is what a resume may do, and then the audit passes.
+    tight = _resumed_run(tmp_path / "tight", {"record_budget": final * 3}, {"record_budget": final * 2})
+    report = audit_run(tight)  # a ledger built here, without the summary.json a run writes
+    assert report["budget_ok"] and report["failures"] == [MISSING_SUMMARY], report["failures"]

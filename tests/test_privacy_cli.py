@@ -27,7 +27,7 @@ def test_dpsgd_mnist_scale(capsys):
                    "--noise", "1.1", "--delta", "1e-5")
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(256 / 60000, dp_accounting.GaussianDpEvent(1.1)),
-        math.ceil(60 * 60000 / 256))
+        60 * math.ceil(60000 / 256))  # the trainer's schedule: every epoch takes ceil(N/B) steps
     direct_rdp = rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
     direct_pld = pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(1e-5)
     assert report["epsilon"]["rdp"] == pytest.approx(direct_rdp, rel=1e-6)
@@ -37,18 +37,31 @@ def test_dpsgd_mnist_scale(capsys):
     assert report["enforcement_accountant"] == "rdp"
 
 
+def test_dpsgd_counts_the_steps_the_trainer_takes(capsys):
+    # N=450, B=32, E=3: the trainer takes 3 * ceil(450/32) = 45 steps, not ceil(3*450/32) = 43.
+    report = _json(capsys, "dpsgd", "--examples", "450", "--batch-size", "32", "--epochs", "3",
+                   "--noise", "1.0", "--delta", "1e-5")
+    step = dp_accounting.PoissonSampledDpEvent(32 / 450, dp_accounting.GaussianDpEvent(1.0))
+    direct = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, 45)).get_epsilon(1e-5)
+    fewer = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, 43)).get_epsilon(1e-5)
+    assert report["steps"] == 45
+    assert report["epsilon"]["rdp"] == pytest.approx(direct, rel=1e-6)
+    assert report["epsilon"]["rdp"] > fewer * (1 + 1e-3)
+
+
 def test_dpsgd_microbatching_and_shuffle_figures_match_tf_privacy(capsys):
     from tensorflow_privacy.privacy.analysis.compute_dp_sgd_privacy_lib import (
         compute_dp_sgd_privacy_statement,
     )
 
+    # N a multiple of B: TF Privacy counts ceil(E*N/B) steps, the trainer E*ceil(N/B); here they agree.
     statement = compute_dp_sgd_privacy_statement(
-        number_of_examples=60000, batch_size=256, num_epochs=15, noise_multiplier=1.1,
+        number_of_examples=64000, batch_size=256, num_epochs=15, noise_multiplier=1.1,
         delta=1e-5, used_microbatching=True)
     numbers = [float(line.split()[-1]) for line in statement.splitlines()
                if line.strip().startswith("Epsilon")]
     once_per_epoch, poisson = numbers[:2]
-    report = _json(capsys, "dpsgd", "--examples", "60000", "--batch-size", "256", "--epochs", "15",
+    report = _json(capsys, "dpsgd", "--examples", "64000", "--batch-size", "256", "--epochs", "15",
                    "--noise", "1.1", "--delta", "1e-5", "--microbatches", "32")
     assert report["effective_noise_multiplier"] == pytest.approx(0.55)
     assert report["epsilon"]["rdp"] == pytest.approx(poisson, abs=1e-3)
@@ -121,3 +134,46 @@ def test_delta_too_large_for_the_population_warns(capsys):
     code, _, err = _run(capsys, "dpfedavg", "--population", "100", "--clients-per-round", "10",
                         "--rounds", "5", "--noise", "1", "--delta", "0.05")
     assert code == 0 and "warning: delta 0.05 >= 1/population" in err
+
+
+@pytest.mark.slow
+def test_the_calculator_gives_the_epsilon_a_real_simulation_records(tmp_path, capsys):
+    """``fedpriv privacy dpsgd --json`` against what a real ``fedpriv simulate`` records for each
+    client, for a setting (N, B, E, z, delta) drawn at random: after round r the client has trained
+    r*E epochs over its public schedule size N, so the calculator with ``--epochs r*E`` must agree."""
+    import random
+
+    from common.ledger import verify_ledger
+    from tests.conftest import simulate_run
+
+    rng = random.Random(20261130)
+    examples = rng.randint(150, 500)  # client.schedule_examples: the N every client's schedule uses
+    batch = rng.choice([16, 24, 32, 40, 64])
+    epochs = rng.randint(1, 2)
+    noise = round(rng.uniform(0.7, 2.0), 3)
+    delta = rng.choice([1e-5, 1e-6, 3e-6])
+    assert examples % batch, "a setting where ceil(E*N/B) and E*ceil(N/B) can differ"
+    rounds = 2
+    proc, summary = simulate_run(tmp_path / "run", [
+        "data.dataset=digits", "data.test_fraction=0.2", "model.name=mlp", "run.rounds=2",
+        "federation.num_clients=2", "federation.min_available_clients=2", "federation.min_train_clients=2",
+        "secure_aggregation.enabled=false", f"client.schedule_examples={examples}",
+        f"client.batch_size={batch}", f"client.local_epochs={epochs}", f"dp.noise_multiplier={noise}",
+        "dp.microbatches=0", f"privacy.delta={delta}",
+    ])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "record_level"]
+    assert sorted({e["actor"] for e in entries}) == ["client:0", "client:1"]
+    for r in range(1, rounds + 1):
+        code, out, _ = _run(capsys, "dpsgd", "--examples", str(examples), "--batch-size", str(batch),
+                            "--epochs", str(r * epochs), "--noise", str(noise), "--delta", str(delta), "--json")
+        assert code == 0
+        calculated = json.loads(out)["epsilon"]["rdp"]
+        recorded = [e["epsilon"]["rdp"] for e in entries if e["round"] == r]
+        assert len(recorded) == 2 and recorded == pytest.approx([calculated] * 2, rel=1e-9), (r, recorded)
+        # ...and both are dp-accounting's figure for r*E*ceil(N/B) Poisson-sampled steps.
+        step = dp_accounting.PoissonSampledDpEvent(batch / examples, dp_accounting.GaussianDpEvent(noise))
+        steps = r * epochs * math.ceil(examples / batch)
+        direct = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, steps)).get_epsilon(delta)
+        assert calculated == pytest.approx(direct, rel=1e-6)
+    assert summary["privacy"]["record_level"]["max_epsilon"] == pytest.approx(calculated, rel=1e-9)

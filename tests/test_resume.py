@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,51 @@ def test_a_resume_that_does_not_fit_the_run_changes_nothing(tmp_path):
         with pytest.raises(FedprivError, match=message):
             PrivacyRecorder(cfg, run, resume=restore)
         assert (run / LEDGER).read_bytes() == before
+
+
+def test_a_resume_can_tighten_budgets_but_never_relax_them(tmp_path):
+    run = tmp_path / "run"
+    recorder = PrivacyRecorder(_cfg("privacy.record_budget=5", "privacy.user_budget=3"), run)
+    _round(recorder, 1)
+    point = _point(recorder, 1)
+    recorder.finish()
+    before = (run / LEDGER).read_bytes()
+    relaxing = [
+        ("privacy.record_budget=6", "cannot relax privacy.record_budget: the run has had 5 in force"),
+        ("privacy.record_budget=0", "the configuration sets 0 (no limit)"),
+        ("privacy.user_budget=3.5", "cannot relax privacy.user_budget: the run has had 3 in force"),
+        ("privacy.user_budget=0", "cannot relax privacy.user_budget"),
+    ]
+    for setting, message in relaxing:
+        with pytest.raises(FedprivError, match=re.escape(message)):
+            PrivacyRecorder(_cfg("privacy.record_budget=5", "privacy.user_budget=3", setting), run, resume=point)
+        assert (run / LEDGER).read_bytes() == before  # refused before anything was recorded
+    # Tightening is allowed; afterwards the tighter budget is the one that cannot be relaxed.
+    tighter = PrivacyRecorder(_cfg("privacy.record_budget=4", "privacy.user_budget=3"), run, resume=point)
+    _round(tighter, 2)
+    point = _point(tighter, 2)
+    tighter.finish()
+    before = (run / LEDGER).read_bytes()
+    with pytest.raises(FedprivError, match="the run has had 4 in force, the configuration sets 4.5"):
+        PrivacyRecorder(_cfg("privacy.record_budget=4.5", "privacy.user_budget=3"), run, resume=point)
+    assert (run / LEDGER).read_bytes() == before
+
+
+def test_simulate_resume_that_relaxes_a_budget_is_one_error_line(tmp_path, capsys):
+    """``fedpriv simulate --resume`` refuses it before anything starts: exit 2, one error line."""
+    from fedpriv.cli import main
+
+    run = tmp_path / "run"
+    recorder = PrivacyRecorder(_cfg("privacy.record_budget=5"), run)
+    _round(recorder, 1)
+    recorder.finish()
+    before = sorted((p.name, p.read_bytes()) for p in run.iterdir())
+    for setting in ("privacy.record_budget=7", "privacy.record_budget=0"):
+        code = main(["simulate", "--resume", str(run), "--set", setting, "--set", "run.rounds=3"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2
+        assert len(err) == 1 and err[0].startswith("error:") and "cannot relax privacy.record_budget" in err[0], err
+        assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
 
 
 def test_audit_requires_a_resume_at_the_runs_delta(tmp_path):
