@@ -39,6 +39,7 @@ from common.canaries import Canaries
 from common.config import DataSection, RunConfig, config_from_run_config
 from common.data import load_dataset, load_node_data
 from common.errors import DataError
+from common.fileio import append_private
 from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
@@ -128,10 +129,7 @@ def log_training(state_dir: Path, server_round: int | None, run_id: str | None, 
             "examples": result.num_examples, "steps": result.steps}
     if update_norm is not None:
         line["update_norm"] = update_norm  # before user-level clipping: helps choose clipping_norm
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / TRAINING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line, allow_nan=True) + "\n")
+    append_private(state_dir / TRAINING_LOG, (json.dumps(line, allow_nan=True) + "\n").encode())
 
 
 def _prior_spending(context: Context, guard: NodeBudgetGuard, run_id: str | None) -> str:
