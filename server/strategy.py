@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.common import (
     Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Status,
@@ -50,7 +51,6 @@ from server.privacy import PrivacyRecorder, UserBudgetExhausted
 from server.run_log import RunLog
 
 log = logging.getLogger("fedpriv")
-FIT_METRICS = "fitres.metrics"  # where Flower's legacy FitRes keeps its metrics in a reply
 # Test hooks for the kill-and-resume tests: the server stops (sleeps) at a known point of round N,
 # says so on stderr, and waits there to be killed. Never set in real runs.
 PAUSE_AFTER_ROUND_ENV = "FEDPRIV_TEST_PAUSE_AFTER_ROUND"  # after round N's checkpoint
@@ -102,6 +102,18 @@ def parse_declaration(metrics: dict[str, Any]) -> dict[str, Any]:
     privacy = {key[len(PRIVACY) + 1:]: value for key, value in metrics.items()
                if key.startswith(PRIVACY + ".")}
     return PrivacyRecorder.parse_declaration(privacy)
+
+
+def reply_metrics(content: Any) -> dict[str, Any] | None:
+    """The metrics of a training reply, read through Flower's own conversion of a reply to a
+    legacy ``FitRes`` (the one its workflows and mods use); None for a reply that holds no
+    training result (SecAgg+ key exchange and unmasking). TypeError for metrics a FitRes cannot
+    hold."""
+    try:
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+    except KeyError:
+        return None
+    return dict(fitres.metrics)
 
 
 class ObservedGrid:
@@ -198,9 +210,13 @@ class FedprivStrategy(Strategy):
             if reply.error.code in REFUSAL_CODES:
                 self.recorder.record_refusal(server_round, str(node), clean_reason(reply.error.reason))
             return
-        if FIT_METRICS not in reply.content.config_records:
+        try:
+            metrics = reply_metrics(reply.content)
+        except TypeError as exc:  # metrics Flower's FitRes cannot hold
+            self._malformed.setdefault(server_round, {})[node] = f"malformed privacy record ({exc})"
             return
-        metrics = dict(reply.content.config_records[FIT_METRICS])
+        if metrics is None:
+            return
         try:
             client_id = self.account_of(node, metrics)
             declared = parse_declaration(metrics)
