@@ -22,9 +22,7 @@ workflow's initial evaluation (round 0) of a restored model is not recorded agai
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -51,18 +49,6 @@ from server.privacy import PrivacyRecorder, UserBudgetExhausted
 from server.run_log import RunLog
 
 log = logging.getLogger("fedpriv")
-# Test hooks for the kill-and-resume tests: the server stops (sleeps) at a known point of round N,
-# says so on stderr, and waits there to be killed. Never set in real runs.
-PAUSE_AFTER_ROUND_ENV = "FEDPRIV_TEST_PAUSE_AFTER_ROUND"  # after round N's checkpoint
-PAUSE_IN_ROUND_ENV = "FEDPRIV_TEST_PAUSE_IN_ROUND"  # round N's replies recorded, before aggregating
-
-
-def _test_pause(env: str, server_round: int) -> None:
-    if os.environ.get(env) == str(server_round):
-        print(f"fedpriv-test: paused ({env}={server_round})", file=sys.stderr, flush=True)
-        time.sleep(3600)
-
-
 class NotEnoughClients(FedprivError):
     """Fewer clients connected than the run needs, within federation.connect_timeout."""
 
@@ -311,7 +297,6 @@ class FedprivStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round = self.fedpriv_round(server_round)
-        _test_pause(PAUSE_IN_ROUND_ENV, server_round)
         replies = self._replies.get(server_round, {})
         malformed = self._malformed.get(server_round, {})
         errors = self._round_errors(server_round)
@@ -387,8 +372,6 @@ class FedprivStrategy(Strategy):
         loss, accuracy = self.evaluate_fn(server_round, self.latest)
         if server_round > 0 and self.on_round_end is not None:
             self.on_round_end(server_round, self.latest)
-        if server_round > 0:
-            _test_pause(PAUSE_AFTER_ROUND_ENV, server_round)
         return loss, {"accuracy": accuracy}
 
     # ---- helpers ------------------------------------------------------------------------
