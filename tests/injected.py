@@ -106,4 +106,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run as the importable module tests.injected, not as __main__: Ray workers unpickle the
+    # ClientApp's trainer factory by reference to its module.
+    from tests.injected import main as injected_main
+
+    sys.exit(injected_main(sys.argv[1:]))
