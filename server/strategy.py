@@ -46,6 +46,7 @@ from common.protocol import (
     SERVER_ROUND,
 )
 from server.privacy import PrivacyRecorder, UserBudgetExhausted
+from server.rounds import Rounds
 from server.run_log import RunLog
 
 log = logging.getLogger("fedpriv")
@@ -152,14 +153,7 @@ class FedprivStrategy(Strategy):
         self.stopped: str | None = None
         self.round_offset = 0  # rounds done before this process (a resumed run)
         self.on_round_end: Callable[[int, list[np.ndarray]], None] | None = None  # checkpoints
-        self._plan: dict[int, tuple[int, float]] = {}  # round -> (population, expected clients)
-        self._aggregated: set[int] = set()
-        self._failed: dict[int, str] = {}
-        self._malformed: dict[int, dict[int, str]] = {}
-        self._replies: dict[int, dict[int, dict[str, Any]]] = {}
-        self._dropped: dict[int, set[int]] = {}
-        self._errors: dict[int, dict[int, str]] = {}
-        self._sampled_nodes: dict[int, set[int]] = {}
+        self.rounds = Rounds()  # what the server learns about each round (server.rounds)
 
     # ---- rounds and server optimizer state (a resume) -----------------------------------
     def fedpriv_round(self, flower_round: int) -> int:
@@ -191,15 +185,14 @@ class FedprivStrategy(Strategy):
             return
         node = reply.metadata.src_node_id
         if reply.has_error():
-            self._dropped.setdefault(server_round, set()).add(node)
-            self._errors.setdefault(server_round, {})[node] = clean_reason(reply.error.reason)
+            self.rounds[server_round].drop(node, clean_reason(reply.error.reason))
             if reply.error.code in REFUSAL_CODES:
                 self.recorder.record_refusal(server_round, str(node), clean_reason(reply.error.reason))
             return
         try:
             metrics = reply_metrics(reply.content)
         except TypeError as exc:  # metrics Flower's FitRes cannot hold
-            self._malformed.setdefault(server_round, {})[node] = f"malformed privacy record ({exc})"
+            self.rounds[server_round].malformed[node] = f"malformed privacy record ({exc})"
             return
         if metrics is None:
             return
@@ -208,7 +201,7 @@ class FedprivStrategy(Strategy):
             declared = parse_declaration(metrics)
         except (KeyError, TypeError, ValueError) as exc:
             # Spending that cannot be read cannot be accounted: the update is not used.
-            self._malformed.setdefault(server_round, {})[node] = f"malformed privacy record ({exc})"
+            self.rounds[server_round].malformed[node] = f"malformed privacy record ({exc})"
             return
         epsilon = self.recorder.record_client(server_round, client_id, declared)
         # Kept: who replied and the server's own epsilon figure (from the recorded events), never
@@ -216,7 +209,7 @@ class FedprivStrategy(Strategy):
         seen: dict[str, Any] = {CLIENT_ID: client_id}
         if epsilon is not None:
             seen[RECORD_EPSILON] = epsilon
-        self._replies.setdefault(server_round, {})[node] = seen
+        self.rounds[server_round].replies[node] = seen
 
     def account_of(self, node: int, metrics: dict[str, Any]) -> str:
         """The identity a reply's spending is recorded under.
@@ -244,7 +237,7 @@ class FedprivStrategy(Strategy):
             if server_round is None:
                 continue
             if msg.metadata.dst_node_id not in answered:
-                self._dropped.setdefault(server_round, set()).add(msg.metadata.dst_node_id)
+                self.rounds[server_round].drop(msg.metadata.dst_node_id)
 
     # ---- Flower Strategy ----------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -265,14 +258,14 @@ class FedprivStrategy(Strategy):
             expected = federation.fraction_train * population
         else:
             expected = float(self.inner.num_fit_clients(population)[0])
-        self._plan[server_round] = (population, expected)
         try:
             self.recorder.check_user_budget(server_round, population, expected)
         except UserBudgetExhausted as stop:
             log.warning("fedpriv: %s", stop)
             self.stopped = str(stop)
-            del self._plan[server_round]
             return []
+        state = self.rounds[server_round]
+        state.plan(population, expected)
         if self.cfg.user_dp.enabled:
             # Poisson sampling (each client independently with probability q, from the OS
             # CSPRNG): what the user-level accounting assumes.
@@ -284,12 +277,12 @@ class FedprivStrategy(Strategy):
         minimum = max(federation.min_train_clients, self.cfg.secagg_shares()[0] if secure.enabled else 1)
         if len(clients) < minimum:
             reason = f"client sampling drew {len(clients)} clients, fewer than the {minimum} a round needs"
-            self._failed[server_round] = reason
+            state.failed = reason
             if self.cfg.user_dp.enabled:  # conservatively count the round: skipping depends on the draw
                 self._privacy_round(server_round, len(clients), 0, self.cfg.user_dp.noise_multiplier,
                                     {"noise_mode": self.cfg.user_dp.noise_mode, "skipped": True})
             return []
-        self._sampled_nodes[server_round] = {c.node_id for c in clients}
+        state.sampled = {c.node_id for c in clients}
         config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
                                      RUN_ID: self.recorder.run_id}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
@@ -297,9 +290,9 @@ class FedprivStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round = self.fedpriv_round(server_round)
-        replies = self._replies.get(server_round, {})
-        malformed = self._malformed.get(server_round, {})
-        errors = self._round_errors(server_round)
+        state = self.rounds[server_round]
+        replies, malformed = state.replies, state.malformed
+        errors = state.error_lines()
         secure = self.cfg.secure_aggregation.enabled
         usable = [(p, r) for p, r in results if p.node_id not in malformed]
         if not secure:  # individual updates: reject malformed ones (common.updates)
@@ -348,7 +341,7 @@ class FedprivStrategy(Strategy):
         if parameters is None:
             return self._fail(server_round, ok, errors, "the server strategy produced no model")
         self.latest = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
-        self._aggregated.add(server_round)
+        state.aggregated = True
         self._record_train(server_round, ok, errors)
         return parameters, {}
 
@@ -365,9 +358,10 @@ class FedprivStrategy(Strategy):
         ``on_round_end`` checkpoint the round, aggregated or failed."""
         server_round = self.fedpriv_round(server_round)
         if server_round > 0:
-            if server_round not in self._plan:
+            state = self.rounds[server_round]
+            if not state.planned:
                 return None  # the run has stopped; no round happened
-            if server_round not in self._aggregated:
+            if not state.aggregated:
                 self._record_failure(server_round)
         loss, accuracy = self.evaluate_fn(server_round, self.latest)
         if server_round > 0 and self.on_round_end is not None:
@@ -381,8 +375,8 @@ class FedprivStrategy(Strategy):
         The noisy sum is divided by the expected number of clients (q * population), a fixed
         denominator, as DP-FedAvg with Poisson sampling requires (McMahan et al. 2018).
         """
-        population, expected = self._plan[server_round]
-        sampled = len(self._sampled_nodes[server_round])
+        expected = self.rounds[server_round].expected
+        sampled = len(self.rounds[server_round].sampled)
         udp = self.cfg.user_dp
         if secagg.distributed(self.cfg):
             plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
@@ -402,7 +396,8 @@ class FedprivStrategy(Strategy):
 
     def _privacy_round(self, server_round: int, sampled: int, contributors: int, applied: float,
                        mechanism: dict[str, Any]) -> None:
-        population, expected = self._plan[server_round]
+        state = self.rounds[server_round]
+        population, expected = state.population, state.expected
         epsilon = self.recorder.record_user_round(server_round, population, expected, sampled,
                                                   contributors, applied, mechanism)
         self.run_log.entry(server_round).user_epsilon = epsilon
@@ -412,18 +407,9 @@ class FedprivStrategy(Strategy):
         clip = clip_bound(self.cfg) if individual else None
         return update_problem(arrays, [a.shape for a in self.latest], clip)
 
-    def _round_errors(self, server_round: int) -> list[str]:
-        """One line per sampled node that failed this round (however many stages it missed)."""
-        reasons = dict(self._errors.get(server_round, {}))
-        reasons.update(self._malformed.get(server_round, {}))
-        for node in self._dropped.get(server_round, set()):
-            reasons.setdefault(node, "no reply (dropped out or timed out)")
-        sampled = self._sampled_nodes.get(server_round, set())
-        return [f"node {node}: {reason}" for node, reason in sorted(reasons.items()) if node in sampled]
-
     def _fail(self, server_round: int, ok: list[dict[str, Any]], errors: list[str],
               reason: str) -> tuple[None, dict[str, Scalar]]:
-        self._failed[server_round] = reason
+        self.rounds[server_round].failed = reason
         self._record_train(server_round, ok, errors)
         return None, {}
 
@@ -434,16 +420,14 @@ class FedprivStrategy(Strategy):
         self.run_log.record_train(server_round, ok, errors)
 
     def _record_failure(self, server_round: int) -> None:
-        reason = self._failed.get(server_round)
+        state = self.rounds[server_round]
+        reason = state.failed
         if reason is None:  # the SecAgg+ workflow halted before handing over an aggregate
-            sampled = self._sampled_nodes.get(server_round, set())
-            dropped = self._dropped.get(server_round, set()) & sampled
-            reason = (f"secure aggregation halted: {len(dropped)} of {len(sampled)} sampled clients "
-                      f"dropped out (at most {secagg.tolerated_dropouts(self.cfg)} tolerated: "
+            reason = (f"secure aggregation halted: {len(state.dropped_sampled())} of {len(state.sampled)} "
+                      f"sampled clients dropped out (at most {secagg.tolerated_dropouts(self.cfg)} tolerated: "
                       f"num_shares - reconstruction_threshold)")
             # Clients that trained still spent their record-level budget (already recorded).
-            self._record_train(server_round, list(self._replies.get(server_round, {}).values()),
-                               self._round_errors(server_round))
+            self._record_train(server_round, list(state.replies.values()), state.error_lines())
         self.recorder.record_round_failure(server_round, reason)
         self.run_log.record_round_failure(server_round, reason)
         log.warning("fedpriv: round %d failed: %s", server_round, reason)

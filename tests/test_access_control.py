@@ -213,7 +213,7 @@ def test_in_a_simulation_a_declared_id_stays_with_the_first_node_that_used_it(tm
     strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0), None)
     strategy.observe_reply(_reply(501, 3, SPEND))
     strategy.observe_reply(_reply(502, 3, SPEND, prior=[BIG_PRIOR]))
-    assert "already held by another node" in strategy._malformed[1][502]
+    assert "already held by another node" in strategy.rounds[1].malformed[502]
     assert [e["actor"] for e in verify_ledger(tmp_path / "run").entries if e["actor"].startswith("client:")] == \
         ["client:3"]
 

@@ -192,9 +192,9 @@ def test_the_server_keeps_no_client_statistic_even_if_a_client_sends_one(tmp_pat
         content=compat.fitres_to_recorddict(
             FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 12347, chatty), keep_input=False))
     strategy.observe_reply(reply)
-    assert strategy._replies[1][99].keys() == {"client-id", "record-epsilon"}
-    assert strategy._replies[1][99]["record-epsilon"] != chatty["record-epsilon"]  # the server's own figure
-    strategy._record_train(1, list(strategy._replies[1].values()), [])
+    assert strategy.rounds[1].replies[99].keys() == {"client-id", "record-epsilon"}
+    assert strategy.rounds[1].replies[99]["record-epsilon"] != chatty["record-epsilon"]  # the server's own figure
+    strategy._record_train(1, list(strategy.rounds[1].replies.values()), [])
     run_log.record_evaluation(1, 0.5, 1.25, 2.0)
     summary = build_summary(cfg, run_log, {}, recorder.finish(), recorder)
     published = {"summary": summary, "csv": list(csv.reader(io.StringIO(metrics_csv(run_log))))}

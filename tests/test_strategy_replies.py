@@ -39,8 +39,8 @@ def test_a_training_reply_is_read_through_flowers_fitres_conversion(tmp_path):
     strategy, recorder = _strategy(tmp_path)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(3, np.float32)]), 10, _metrics(4))
     strategy.observe_reply(_reply(7, compat.fitres_to_recorddict(fitres, keep_input=False)))
-    assert set(strategy._replies[1]) == {7}
-    assert strategy._replies[1][7]["client-id"] == "4"
+    assert set(strategy.rounds[1].replies) == {7}
+    assert strategy.rounds[1].replies[7]["client-id"] == "4"
     assert "4" in recorder.client_events
 
 
@@ -51,12 +51,12 @@ def test_a_metrics_record_that_is_no_fitres_is_not_read_as_a_training_reply(tmp_
     strategy, recorder = _strategy(tmp_path)
     bare = RecordDict({"fitres.metrics": ConfigRecord(_metrics(4))})
     strategy.observe_reply(_reply(7, bare))
-    assert strategy._replies.get(1, {}) == {}
+    assert strategy.rounds[1].replies == {}
     assert recorder.client_events == {}
     # the same client id, declared by a real training reply afterwards, is charged to its sender
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 10, _metrics(4))
     strategy.observe_reply(_reply(8, compat.fitres_to_recorddict(fitres, keep_input=False)))
-    assert set(strategy._replies[1]) == {8}
+    assert set(strategy.rounds[1].replies) == {8}
 
 
 def test_metrics_a_fitres_cannot_hold_make_the_reply_malformed(tmp_path):
@@ -67,5 +67,5 @@ def test_metrics_a_fitres_cannot_hold_make_the_reply_malformed(tmp_path):
         if "client-id" in record:
             record["extra"] = [1, 2]  # a ConfigRecord holds lists; a FitRes's metrics do not
     strategy.observe_reply(_reply(7, content))
-    assert 7 in strategy._malformed[1]
+    assert 7 in strategy.rounds[1].malformed
     assert recorder.client_events == {}
