@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -32,13 +32,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from clients.mods import make_policy_mod, make_secure_aggregation_mod
 from clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
 from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
-from clients.trainer import TrainResult, get_trainer
+from clients.trainer import LocalTrainer, TrainResult, get_trainer
 from common import secagg, user_dp
 from common.accounting import merge_spends
 from common.canaries import Canaries
 from common.config import DataSection, RunConfig, config_from_run_config
 from common.data import load_dataset, load_node_data
 from common.errors import DataError
+from common.fileio import append_private
 from common.models import resolve_model_name
 from common.partition import partition
 from common.protocol import (
@@ -129,10 +130,7 @@ def log_training(state_dir: Path, server_round: int | None, run_id: str | None, 
             "examples": result.num_examples, "steps": result.steps}
     if update_norm is not None:
         line["update_norm"] = update_norm  # before user-level clipping: helps choose clipping_norm
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / TRAINING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line, allow_nan=True) + "\n")
+    append_private(state_dir / TRAINING_LOG, (json.dumps(line, allow_nan=True) + "\n").encode())
 
 
 def _prior_spending(context: Context, guard: NodeBudgetGuard, run_id: str | None) -> str:
@@ -181,10 +179,12 @@ def _refuse(msg: Message, reason: str) -> Message:
 
 
 def make_client_app(config: RunConfig | None = None, extra_mods: list | None = None,
-                    inner_mods: list | None = None, canaries: Canaries | None = None) -> ClientApp:
+                    inner_mods: list | None = None, canaries: Canaries | None = None,
+                    trainer_factory: Callable[..., LocalTrainer] = get_trainer) -> ClientApp:
     """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
     ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked;
-    ``canaries`` join simulated nodes' training data (the empirical audit)."""
+    ``canaries`` join simulated nodes' training data (the empirical audit); ``trainer_factory``
+    takes :class:`clients.trainer.LocalTrainer`'s arguments (tests inject faulty trainers)."""
     app = ClientApp(mods=[*(extra_mods or []), make_policy_mod(config), make_secure_aggregation_mod(config),
                           *(inner_mods or [])])
 
@@ -195,7 +195,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
         node = node_setup(context, cfg, dataset, canaries)
         x, y = node.x, node.y
         model_name = resolve_model_name(cfg.model, dataset.input_shape)
-        trainer = get_trainer(
+        trainer = trainer_factory(
             model_name, cfg.model, cfg.client, cfg.dp, dataset.input_shape, dataset.num_classes
         )
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)

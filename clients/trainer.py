@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,18 +34,6 @@ from common.models import build_layers
 from common.tf_runtime import keras
 
 log = logging.getLogger("fedpriv")
-
-# TEST HOOK, never for real use: with this set to 1, DP-SGD clips but adds no noise, while the
-# client still declares and records the configured spend. It exists so that the tests can show
-# the empirical audit (fedpriv audit --empirical) catching an implementation that does not do
-# what its ledger claims.
-BREAK_NOISE_ENV = "FEDPRIV_TEST_BREAK_NOISE"
-
-
-def noise_broken() -> bool:
-    """Whether the :data:`BREAK_NOISE_ENV` test hook is on in this process."""
-    return os.environ.get(BREAK_NOISE_ENV) == "1"
-
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -92,11 +79,7 @@ class LocalTrainer:
         k = keras()
         layers = build_layers(model_name, model, input_shape, num_classes)
         self.implementation = choose_implementation(dp, layers) if dp.enabled else "none"
-        self.applied_noise_multiplier = dp.noise_multiplier
-        if dp.enabled and noise_broken():
-            self.applied_noise_multiplier = 0.0
-            log.warning("fedpriv: %s=1: DP-SGD noise is OFF while the configured spend is still "
-                        "declared and recorded (a test hook; never use it for real)", BREAK_NOISE_ENV)
+        self.applied_noise_multiplier = dp.noise_multiplier  # what the optimizer adds, always the configured z
         # The one source of DP-SGD noise, whichever implementation runs (see common.entropy).
         self.noise = GaussianNoise() if dp.enabled else None
         if self.implementation == "bookkeeping":

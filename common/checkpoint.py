@@ -25,7 +25,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import FedprivError
-from common.rundir import create_private, write_atomic
+from common import rundir
+from common.fileio import create_private, write_atomic
 
 MAGIC = b"FPCKPT01"
 NONCE_BYTES = 12
@@ -33,7 +34,7 @@ KEY_BYTES = 32
 KEY_ENV = "FEDPRIV_CHECKPOINT_KEY"
 KEY_FILE_ENV = "FEDPRIV_CHECKPOINT_KEY_FILE"
 CHECKPOINT = "checkpoint.fpck"
-DEFAULT_KEY_FILE = "checkpoint.key"
+DEFAULT_KEY_FILE = rundir.CHECKPOINT_KEY
 
 
 class CheckpointError(FedprivError):
@@ -62,8 +63,7 @@ def _decode_key(raw: bytes, where: str) -> bytes:
 def default_key_path(env: Mapping[str, str] | None = None) -> Path:
     """Where simulations keep their checkpoint key: ``$FEDPRIV_HOME/keys/checkpoint.key``
     (beside the ledger-signing key, never in a run directory)."""
-    env = os.environ if env is None else env
-    return Path(env.get("FEDPRIV_HOME") or Path.home() / ".fedpriv") / "keys" / DEFAULT_KEY_FILE
+    return rundir.default_checkpoint_key_path(env)
 
 
 def ensure_key() -> bytes:

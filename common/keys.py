@@ -36,12 +36,13 @@ from common.appsign import APP_KEY, APP_PUB, new_signing_pair
 from common.checkpoint import encode_key, new_key
 from common.errors import FedprivError
 from common.roster import sign_roster
-from common.rundir import write_atomic
+from common import rundir
+from common.fileio import write_atomic
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"
-LEDGER_KEY, LEDGER_PUB = "ledger-signing.key", "ledger-signing.pub"
-CHECKPOINT_KEY = "checkpoint.key"
+LEDGER_KEY, LEDGER_PUB = rundir.LEDGER_SIGNING_KEY, "ledger-signing.pub"
+CHECKPOINT_KEY = rundir.CHECKPOINT_KEY
 ROSTER = "roster.signed"
 NODES_DIR = "nodes"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")

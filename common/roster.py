@@ -226,7 +226,7 @@ SIM_NODE_SECRET = "federation-nodes.secret"  # the simulated nodes' keys are der
 
 
 def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
-    from common.rundir import create_private
+    from common.fileio import create_private
 
     try:
         create_private(path, make())
@@ -262,7 +262,7 @@ def simulated_federation(nodes_root: Path, names: Iterable[str]) -> bytes:
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     pub_path = nodes_root / SIM_ANCHOR_PUB
     if not pub_path.exists() or pub_path.read_bytes() != anchor_pub:
-        from common.rundir import write_atomic
+        from common.fileio import write_atomic
 
         write_atomic(pub_path, anchor_pub)
     secret_path = nodes_root / SIM_NODE_SECRET

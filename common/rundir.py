@@ -1,25 +1,80 @@
-"""The layout of a run directory: every file a run writes, named in one place."""
+"""Where fedpriv keeps its files, resolved in one place: the layout of a run directory, the
+fedpriv home (``$FEDPRIV_HOME``) with its key directory and node state, and the layout of a
+server's state directory (``fedpriv server start --state``).
+
+``$FEDPRIV_HOME`` unset or empty means ``~/.fedpriv``: an empty value never means the current
+directory. Atomic and private file IO lives in :mod:`common.fileio`.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import math
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Mapping
+
+# Atomic and private file IO lives in common.fileio; these names stay importable from here.
+from common.fileio import create_private, json_safe, write_atomic, write_json  # noqa: F401
 
 if TYPE_CHECKING:
     from common.config import RunConfig
 
+# ---- a run directory ---------------------------------------------------------------------------
 SUMMARY = "summary.json"  # final results, per-round metrics, privacy, the full configuration
 METRICS = "metrics.csv"  # one row per round
 PLOT = "progress.png"  # accuracy and record-level epsilon per round
 MODEL = "model.npz"  # final global model weights, arrays in layer order
 
 DEFAULT_RUNS_DIR = "runs"
+RUNS_DIR_ENV = "FEDPRIV_RUNS_DIR"
 NODES_DIR = "nodes"  # node state directories (signed ledgers, simulated nodes' keys)
+
+# ---- the fedpriv home ----------------------------------------------------------------------------
+HOME_ENV = "FEDPRIV_HOME"
+DEFAULT_HOME = ".fedpriv"  # under the user's home directory
+KEYS_DIR = "keys"  # $FEDPRIV_HOME/keys: keys fedpriv simulate creates on first use
+LEDGER_SIGNING_KEY = "ledger-signing.key"
+LEDGER_KEY_ENV = "FEDPRIV_LEDGER_KEY"  # the server's ledger-signing key, where one is given
+CHECKPOINT_KEY = "checkpoint.key"
+
+# ---- a server's state directory (fedpriv server start --state) ---------------------------------
+STATE_DATABASE = "superlink.db"
+STATE_RUNS = "runs"
+STATE_FLWR_HOME = "flwr"
+STATE_KEYS_LINK = "keys"  # STATE/keys: the key directory fedpriv server start was given
+STATE_OPERATORS = "operators.json"  # STATE/operators.json: the operators' port and its CA
+
+
+def fedpriv_home(env: Mapping[str, str] | None = None) -> Path:
+    """``$FEDPRIV_HOME``; unset or empty, ``~/.fedpriv``."""
+    env = os.environ if env is None else env
+    value = env.get(HOME_ENV, "")
+    return Path(value) if value else Path.home() / DEFAULT_HOME
+
+
+def home_keys_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$FEDPRIV_HOME/keys``: the keys fedpriv simulate makes on first use (never in a run
+    directory)."""
+    return fedpriv_home(env) / KEYS_DIR
+
+
+def ledger_signing_key_path(env: Mapping[str, str] | None = None) -> Path:
+    """The server's ledger-signing key: ``$FEDPRIV_LEDGER_KEY``, else
+    ``$FEDPRIV_HOME/keys/ledger-signing.key``."""
+    env = os.environ if env is None else env
+    return Path(env[LEDGER_KEY_ENV]) if env.get(LEDGER_KEY_ENV) else home_keys_dir(env) / LEDGER_SIGNING_KEY
+
+
+def default_checkpoint_key_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where simulations keep their checkpoint key: ``$FEDPRIV_HOME/keys/checkpoint.key``
+    (beside the ledger-signing key, never in a run directory)."""
+    return home_keys_dir(env) / CHECKPOINT_KEY
+
+
+def home_nodes_root(env: Mapping[str, str] | None = None) -> Path:
+    """``$FEDPRIV_HOME/nodes``: node state outside any run directory (and fedpriv node join's
+    default)."""
+    return fedpriv_home(env) / NODES_DIR
 
 
 def nodes_root(cfg: RunConfig) -> Path:
@@ -30,12 +85,6 @@ def nodes_root(cfg: RunConfig) -> Path:
     if cfg.run.out_dir:
         return Path(cfg.run.out_dir) / NODES_DIR
     return home_nodes_root()
-
-
-def home_nodes_root() -> Path:
-    """``$FEDPRIV_HOME/nodes``: node state outside any run directory (and fedpriv node join's
-    default)."""
-    return Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv")) / NODES_DIR
 
 
 def simulated_node_name(partition: int) -> str:
@@ -49,62 +98,8 @@ def node_state_dir(cfg: RunConfig, name: str) -> Path:
 
 def default_run_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     """``runs/<name>-<UTC timestamp>``, under ``$FEDPRIV_RUNS_DIR`` when set."""
-    base = Path(root or os.environ.get("FEDPRIV_RUNS_DIR", DEFAULT_RUNS_DIR))
+    base = Path(root or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return base / f"{name}-{stamp}"
 
 
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (JSON has none) by None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # (platforms that cannot open a directory)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)  # the rename itself survives a power loss
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def create_private(path: Path, data: bytes) -> None:
-    """Create ``path`` (owner-only, 0600) holding ``data``, fsynced; FileExistsError if it is
-    already there (never overwrites, even when another process creates it meanwhile)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_directory(path.parent)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    write_atomic(path, (json.dumps(json_safe(payload), indent=2, sort_keys=False) + "\n").encode())

@@ -35,7 +35,8 @@ from common.ledger import (
     LEDGER, PUBLIC_KEY, canonical, key_id, load_public_key, public_pem, verify_head_signature,
     verify_ledger,
 )
-from common.rundir import write_atomic
+from common import rundir
+from common.fileio import write_atomic
 
 WITNESS_ENV = "FEDPRIV_LEDGER_WITNESS"
 WITNESS_DIR = "ledger-witness"  # under $FEDPRIV_HOME, or a federation server's state directory
@@ -53,7 +54,7 @@ def witness_root(env: dict[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get(WITNESS_ENV):
         return Path(env[WITNESS_ENV])
-    return Path(env.get("FEDPRIV_HOME") or Path.home() / ".fedpriv") / WITNESS_DIR
+    return rundir.fedpriv_home(env) / WITNESS_DIR
 
 
 def run_witness_path(root: Path, run_id: str) -> Path:

@@ -209,15 +209,11 @@ def _empirical(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, An
     """Run the empirical audit and fold its verdict into ``report``."""
     if not report["ledger_ok"]:
         return {"skipped": "the ledger does not verify, so the run's configuration cannot be trusted"}
-    from clients.trainer import BREAK_NOISE_ENV, noise_broken
     from simulations.empirical_audit import check_options, run_empirical_audit, verdict_line
 
     options = {k: getattr(args, k) for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None}
     check_options(**options)
     console = _stderr_console()
-    if noise_broken():
-        console.print(f"[bold red]warning:[/] {BREAK_NOISE_ENV}=1: DP-SGD noise is OFF while the ledger "
-                      f"claims it (a test hook)", highlight=False)
 
     def on_round(entry: Any) -> None:
         if not args.json:

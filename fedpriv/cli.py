@@ -256,11 +256,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"[yellow]note:[/] {note}")
     for warning in run_plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    from clients.trainer import BREAK_NOISE_ENV, noise_broken
-
-    if noise_broken() and cfg.dp.enabled:
-        console.print(f"[bold red]warning:[/] {BREAK_NOISE_ENV}=1: DP-SGD adds NO noise while the ledger "
-                      f"records the configured spend (a test hook; never use it for real)", highlight=False)
     protections = []
     if cfg.dp.enabled:
         protections.append(f"DP-SGD C={cfg.dp.l2_norm_clip} z={cfg.dp.noise_multiplier}")

@@ -304,7 +304,7 @@ def cmd_split_data(args: argparse.Namespace) -> int:
     from common.data import load_dataset
     from common.errors import FedprivError
     from common.partition import partition
-    from common.rundir import write_atomic
+    from common.fileio import write_atomic
 
     if args.nodes < 1:
         raise FedprivError(f"--nodes must be at least 1, got {args.nodes}")

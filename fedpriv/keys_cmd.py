@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from common.keys import app_signing_keys, federation_keys, roster_file, write_keys
-    from common.rundir import write_atomic
+    from common.fileio import write_atomic
 
     if args.sign_roster:
         roster = roster_file(args.out, args.node_keys)

@@ -45,15 +45,18 @@ def make_server_app(
     on_round: Callable[[RoundEntry], None] | None = None,
     on_finish: Callable[[Path, dict], None] | None = None,
     on_exchange: Callable[[list, list], None] | None = None,
+    strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy,
 ) -> ServerApp:
-    """The ServerApp. ``on_exchange(sent, replies)`` sees every message exchange (tests)."""
+    """The ServerApp. ``on_exchange(sent, replies)`` sees every message exchange (tests);
+    ``strategy_factory`` takes :class:`server.strategy.FedprivStrategy`'s arguments (tests inject
+    strategies that pause at a known point)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config_from_run_config(context.run_config, config)
         target = out_dir or Path(cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
-        summary = run_server(grid, context, cfg, target, on_round, on_exchange)
+        summary = run_server(grid, context, cfg, target, on_round, on_exchange, strategy_factory)
         # Through Flower's logger: in a deployment, `flwr run --stream` relays it to the submitter.
         logging.getLogger("flwr").info("fedpriv: run written to %s", target)
         if on_finish is not None:
@@ -92,7 +95,8 @@ def nodes_are_authenticated(grid: Any) -> bool:
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
                on_round: Callable[[RoundEntry], None] | None = None,
-               on_exchange: Callable[[list, list], None] | None = None) -> dict:
+               on_exchange: Callable[[list, list], None] | None = None,
+               strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy) -> dict:
     tf()
     dataset = load_dataset(cfg.data, cfg.run.seed)
     model_name = resolve_model_name(cfg.model, dataset.input_shape)
@@ -128,7 +132,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         return float(loss), float(accuracy)
 
     recorder = PrivacyRecorder(cfg, out_dir, resume=point, flower_run_id=getattr(context, "run_id", None))
-    strategy = FedprivStrategy(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid,
+    strategy = strategy_factory(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid,
                                authenticated_nodes=nodes_are_authenticated(grid))
     before = 0.0
     if point is not None:

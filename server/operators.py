@@ -28,7 +28,7 @@ from cryptography import x509
 from common.errors import FedprivError
 from common.ledger import LedgerWriter
 from common.operators import OPERATOR_LOG, PERMISSIONS, Operator, operator_of, submitted_runs
-from common.rundir import write_atomic
+from common.fileio import write_atomic
 from server.gateway import Gateway
 
 log = logging.getLogger("fedpriv")

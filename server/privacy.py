@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import dp_accounting
 
-from common import accounting, user_dp
+from common import accounting, rundir, user_dp
 from common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
 from common.config import RunConfig
 from common.errors import FedprivError
@@ -29,7 +28,7 @@ from common.user_dp import USER_LEVEL_SAMPLING
 from server import resume as resume_checks
 from server.resume import RestorePoint
 
-KEY_ENV = "FEDPRIV_LEDGER_KEY"
+KEY_ENV = rundir.LEDGER_KEY_ENV
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).
 ASSUMPTIONS = user_dp.ASSUMPTIONS
 
@@ -46,11 +45,9 @@ class UserBudgetExhausted(FedprivError):
 
 
 def signing_key_path() -> Path:
-    """The server's ledger-signing key: ``$FEDPRIV_LEDGER_KEY``, else under ``$FEDPRIV_HOME``."""
-    if os.environ.get(KEY_ENV):
-        return Path(os.environ[KEY_ENV])
-    home = Path(os.environ.get("FEDPRIV_HOME", Path.home() / ".fedpriv"))
-    return home / "keys" / "ledger-signing.key"
+    """The server's ledger-signing key: ``$FEDPRIV_LEDGER_KEY``, else under ``$FEDPRIV_HOME``
+    (resolved by :func:`common.rundir.ledger_signing_key_path`)."""
+    return rundir.ledger_signing_key_path()
 
 
 class PrivacyRecorder:

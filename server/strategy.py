@@ -22,12 +22,11 @@ workflow's initial evaluation (round 0) of a restored model is not recorded agai
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 import time
 from typing import Any, Callable, Iterable
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.common import (
     Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, Status,
@@ -47,22 +46,10 @@ from common.protocol import (
     SERVER_ROUND,
 )
 from server.privacy import PrivacyRecorder, UserBudgetExhausted
+from server.rounds import Rounds
 from server.run_log import RunLog
 
 log = logging.getLogger("fedpriv")
-FIT_METRICS = "fitres.metrics"  # where Flower's legacy FitRes keeps its metrics in a reply
-# Test hooks for the kill-and-resume tests: the server stops (sleeps) at a known point of round N,
-# says so on stderr, and waits there to be killed. Never set in real runs.
-PAUSE_AFTER_ROUND_ENV = "FEDPRIV_TEST_PAUSE_AFTER_ROUND"  # after round N's checkpoint
-PAUSE_IN_ROUND_ENV = "FEDPRIV_TEST_PAUSE_IN_ROUND"  # round N's replies recorded, before aggregating
-
-
-def _test_pause(env: str, server_round: int) -> None:
-    if os.environ.get(env) == str(server_round):
-        print(f"fedpriv-test: paused ({env}={server_round})", file=sys.stderr, flush=True)
-        time.sleep(3600)
-
-
 class NotEnoughClients(FedprivError):
     """Fewer clients connected than the run needs, within federation.connect_timeout."""
 
@@ -102,6 +89,18 @@ def parse_declaration(metrics: dict[str, Any]) -> dict[str, Any]:
     privacy = {key[len(PRIVACY) + 1:]: value for key, value in metrics.items()
                if key.startswith(PRIVACY + ".")}
     return PrivacyRecorder.parse_declaration(privacy)
+
+
+def reply_metrics(content: Any) -> dict[str, Any] | None:
+    """The metrics of a training reply, read through Flower's own conversion of a reply to a
+    legacy ``FitRes`` (the one its workflows and mods use); None for a reply that holds no
+    training result (SecAgg+ key exchange and unmasking). TypeError for metrics a FitRes cannot
+    hold."""
+    try:
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+    except KeyError:
+        return None
+    return dict(fitres.metrics)
 
 
 class ObservedGrid:
@@ -155,14 +154,7 @@ class FedprivStrategy(Strategy):
         self.stopped: str | None = None
         self.round_offset = 0  # rounds done before this process (a resumed run)
         self.on_round_end: Callable[[int, list[np.ndarray]], None] | None = None  # checkpoints
-        self._plan: dict[int, tuple[int, float]] = {}  # round -> (population, expected clients)
-        self._aggregated: set[int] = set()
-        self._failed: dict[int, str] = {}
-        self._malformed: dict[int, dict[int, str]] = {}
-        self._replies: dict[int, dict[int, dict[str, Any]]] = {}
-        self._dropped: dict[int, set[int]] = {}
-        self._errors: dict[int, dict[int, str]] = {}
-        self._sampled_nodes: dict[int, set[int]] = {}
+        self.rounds = Rounds()  # what the server learns about each round (server.rounds)
 
     # ---- rounds and server optimizer state (a resume) -----------------------------------
     def fedpriv_round(self, flower_round: int) -> int:
@@ -194,20 +186,23 @@ class FedprivStrategy(Strategy):
             return
         node = reply.metadata.src_node_id
         if reply.has_error():
-            self._dropped.setdefault(server_round, set()).add(node)
-            self._errors.setdefault(server_round, {})[node] = clean_reason(reply.error.reason)
+            self.rounds[server_round].drop(node, clean_reason(reply.error.reason))
             if reply.error.code in REFUSAL_CODES:
                 self.recorder.record_refusal(server_round, str(node), clean_reason(reply.error.reason))
             return
-        if FIT_METRICS not in reply.content.config_records:
+        try:
+            metrics = reply_metrics(reply.content)
+        except TypeError as exc:  # metrics Flower's FitRes cannot hold
+            self.rounds[server_round].malformed[node] = f"malformed privacy record ({exc})"
             return
-        metrics = dict(reply.content.config_records[FIT_METRICS])
+        if metrics is None:
+            return
         try:
             client_id = self.account_of(node, metrics)
             declared = parse_declaration(metrics)
         except (KeyError, TypeError, ValueError) as exc:
             # Spending that cannot be read cannot be accounted: the update is not used.
-            self._malformed.setdefault(server_round, {})[node] = f"malformed privacy record ({exc})"
+            self.rounds[server_round].malformed[node] = f"malformed privacy record ({exc})"
             return
         epsilon = self.recorder.record_client(server_round, client_id, declared)
         # Kept: who replied and the server's own epsilon figure (from the recorded events), never
@@ -215,7 +210,7 @@ class FedprivStrategy(Strategy):
         seen: dict[str, Any] = {CLIENT_ID: client_id}
         if epsilon is not None:
             seen[RECORD_EPSILON] = epsilon
-        self._replies.setdefault(server_round, {})[node] = seen
+        self.rounds[server_round].replies[node] = seen
 
     def account_of(self, node: int, metrics: dict[str, Any]) -> str:
         """The identity a reply's spending is recorded under.
@@ -243,7 +238,7 @@ class FedprivStrategy(Strategy):
             if server_round is None:
                 continue
             if msg.metadata.dst_node_id not in answered:
-                self._dropped.setdefault(server_round, set()).add(msg.metadata.dst_node_id)
+                self.rounds[server_round].drop(msg.metadata.dst_node_id)
 
     # ---- Flower Strategy ----------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -264,7 +259,6 @@ class FedprivStrategy(Strategy):
             expected = federation.fraction_train * population
         else:
             expected = float(self.inner.num_fit_clients(population)[0])
-        self._plan[server_round] = (population, expected)
         try:
             self.recorder.check_user_budget(server_round, population, expected,
                                             self.user_noise.bound_before_round(population, expected)
@@ -272,8 +266,9 @@ class FedprivStrategy(Strategy):
         except UserBudgetExhausted as stop:
             log.warning("fedpriv: %s", stop)
             self.stopped = str(stop)
-            del self._plan[server_round]
             return []
+        state = self.rounds[server_round]
+        state.plan(population, expected)
         if self.cfg.user_dp.enabled:
             # Poisson sampling (each client independently with probability q, from the OS
             # CSPRNG): what the user-level accounting assumes.
@@ -285,11 +280,11 @@ class FedprivStrategy(Strategy):
         minimum = max(federation.min_train_clients, self.cfg.secagg_shares()[0] if secure.enabled else 1)
         if len(clients) < minimum:
             reason = f"client sampling drew {len(clients)} clients, fewer than the {minimum} a round needs"
-            self._failed[server_round] = reason
+            state.failed = reason
             if self.user_noise:  # conservatively count the round: skipping depends on the draw
                 self._privacy_round(server_round, len(clients), 0, self.user_noise.skipped(population, expected))
             return []
-        self._sampled_nodes[server_round] = {c.node_id for c in clients}
+        state.sampled = {c.node_id for c in clients}
         config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
                                      RUN_ID: self.recorder.run_id, RUN_HEAD: self.recorder.run_head()}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
@@ -297,10 +292,9 @@ class FedprivStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round = self.fedpriv_round(server_round)
-        _test_pause(PAUSE_IN_ROUND_ENV, server_round)
-        replies = self._replies.get(server_round, {})
-        malformed = self._malformed.get(server_round, {})
-        errors = self._round_errors(server_round)
+        state = self.rounds[server_round]
+        replies, malformed = state.replies, state.malformed
+        errors = state.error_lines()
         secure = self.cfg.secure_aggregation.enabled
         usable = [(p, r) for p, r in results if p.node_id not in malformed]
         if not secure:  # individual updates: reject malformed ones (common.updates)
@@ -349,7 +343,7 @@ class FedprivStrategy(Strategy):
         if parameters is None:
             return self._fail(server_round, ok, errors, "the server strategy produced no model")
         self.latest = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
-        self._aggregated.add(server_round)
+        state.aggregated = True
         self._record_train(server_round, ok, errors)
         return parameters, {}
 
@@ -366,15 +360,14 @@ class FedprivStrategy(Strategy):
         ``on_round_end`` checkpoint the round, aggregated or failed."""
         server_round = self.fedpriv_round(server_round)
         if server_round > 0:
-            if server_round not in self._plan:
+            state = self.rounds[server_round]
+            if not state.planned:
                 return None  # the run has stopped; no round happened
-            if server_round not in self._aggregated:
+            if not state.aggregated:
                 self._record_failure(server_round)
         loss, accuracy = self.evaluate_fn(server_round, self.latest)
         if server_round > 0 and self.on_round_end is not None:
             self.on_round_end(server_round, self.latest)
-        if server_round > 0:
-            _test_pause(PAUSE_AFTER_ROUND_ENV, server_round)
         return loss, {"accuracy": accuracy}
 
     # ---- helpers ------------------------------------------------------------------------
@@ -384,14 +377,16 @@ class FedprivStrategy(Strategy):
         The noisy sum is divided by the expected number of clients (q * population), a fixed
         denominator, as DP-FedAvg with Poisson sampling requires (McMahan et al. 2018).
         """
-        population, expected = self._plan[server_round]
-        sampled = len(self._sampled_nodes[server_round])
+        state = self.rounds[server_round]
+        population, expected = state.population, state.expected
+        sampled = len(state.sampled)
         release = self.user_noise.release(mean, contributors, sampled, population, expected)
         self._privacy_round(server_round, sampled, contributors, release)
         return [t / expected for t in release.noisy_sum]
 
     def _privacy_round(self, server_round: int, sampled: int, contributors: int, release: user_dp.Release) -> None:
-        population, expected = self._plan[server_round]
+        state = self.rounds[server_round]
+        population, expected = state.population, state.expected
         epsilon = self.recorder.record_user_round(
             server_round, population, expected, sampled, contributors, release.noise_multiplier,
             release.parameters, release.event, release.sampling)
@@ -402,18 +397,9 @@ class FedprivStrategy(Strategy):
         clip = clip_bound(self.cfg) if individual else None
         return update_problem(arrays, [a.shape for a in self.latest], clip)
 
-    def _round_errors(self, server_round: int) -> list[str]:
-        """One line per sampled node that failed this round (however many stages it missed)."""
-        reasons = dict(self._errors.get(server_round, {}))
-        reasons.update(self._malformed.get(server_round, {}))
-        for node in self._dropped.get(server_round, set()):
-            reasons.setdefault(node, "no reply (dropped out or timed out)")
-        sampled = self._sampled_nodes.get(server_round, set())
-        return [f"node {node}: {reason}" for node, reason in sorted(reasons.items()) if node in sampled]
-
     def _fail(self, server_round: int, ok: list[dict[str, Any]], errors: list[str],
               reason: str) -> tuple[None, dict[str, Scalar]]:
-        self._failed[server_round] = reason
+        self.rounds[server_round].failed = reason
         self._record_train(server_round, ok, errors)
         return None, {}
 
@@ -424,16 +410,14 @@ class FedprivStrategy(Strategy):
         self.run_log.record_train(server_round, ok, errors)
 
     def _record_failure(self, server_round: int) -> None:
-        reason = self._failed.get(server_round)
+        state = self.rounds[server_round]
+        reason = state.failed
         if reason is None:  # the SecAgg+ workflow halted before handing over an aggregate
-            sampled = self._sampled_nodes.get(server_round, set())
-            dropped = self._dropped.get(server_round, set()) & sampled
-            reason = (f"secure aggregation halted: {len(dropped)} of {len(sampled)} sampled clients "
-                      f"dropped out (at most {secagg.tolerated_dropouts(self.cfg)} tolerated: "
+            reason = (f"secure aggregation halted: {len(state.dropped_sampled())} of {len(state.sampled)} "
+                      f"sampled clients dropped out (at most {secagg.tolerated_dropouts(self.cfg)} tolerated: "
                       f"num_shares - reconstruction_threshold)")
             # Clients that trained still spent their record-level budget (already recorded).
-            self._record_train(server_round, list(self._replies.get(server_round, {}).values()),
-                               self._round_errors(server_round))
+            self._record_train(server_round, list(state.replies.values()), state.error_lines())
         self.recorder.record_round_failure(server_round, reason)
         self.run_log.record_round_failure(server_round, reason)
         log.warning("fedpriv: round %d failed: %s", server_round, reason)

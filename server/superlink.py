@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import checkpoint
+from common import checkpoint, rundir
 from common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
 from common.keys import ROSTER
 from common.roster import ROSTER_ENV
-from common.rundir import write_atomic
+from common.fileio import write_atomic
 from common.witness import WITNESS_DIR, WITNESS_ENV
 from common.config import RunConfig, toml_value
 from common.process import Child, flower_environment, flower_executable, terminate_as_exit
@@ -46,11 +46,12 @@ from common.tls import (
 from server.gateway import Forwarder, Gateway
 
 CONNECTION = "fedpriv"
-DATABASE = "superlink.db"
-RUNS = "runs"
-FLWR_HOME = "flwr"
-KEYS_LINK = "keys"  # STATE/keys: the key directory fedpriv server start was given
-OPERATORS_FILE = "operators.json"  # STATE/operators.json: the operators' port and its CA
+# The layout of the state directory (named in common.rundir).
+DATABASE = rundir.STATE_DATABASE
+RUNS = rundir.STATE_RUNS
+FLWR_HOME = rundir.STATE_FLWR_HOME
+KEYS_LINK = rundir.STATE_KEYS_LINK
+OPERATORS_FILE = rundir.STATE_OPERATORS
 READY_TIMEOUT = 60.0
 RUN_WRITTEN = re.compile(r"fedpriv: run written to (\S+)")
 
@@ -83,17 +84,17 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
     cert = load_certificate(cert_path, "SuperLink certificate")
     check_key_pair(cert, key_path, "SuperLink key")
     check_issued_by(cert, ca, f"SuperLink certificate {cert_path}")
-    ledger_key = keys / "ledger-signing.key"
+    ledger_key = keys / rundir.LEDGER_SIGNING_KEY
     read_file(ledger_key, "ledger-signing key")
     env = {
         "FLWR_HOME": str(state / FLWR_HOME),
-        "FEDPRIV_RUNS_DIR": str(state / RUNS),
-        "FEDPRIV_LEDGER_KEY": str(ledger_key),
+        rundir.RUNS_DIR_ENV: str(state / RUNS),
+        rundir.LEDGER_KEY_ENV: str(ledger_key),
         # The run ledgers' witnesses and the ledger key's public half, outside every run
         # directory (common.witness); fedpriv audit finds them beside STATE/runs.
         WITNESS_ENV: str(state / WITNESS_DIR),
     }
-    checkpoint_key = keys / "checkpoint.key"
+    checkpoint_key = keys / rundir.CHECKPOINT_KEY
     if checkpoint_key.exists():
         checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(checkpoint_key)})  # validates it
         env[checkpoint.KEY_FILE_ENV] = str(checkpoint_key)
@@ -239,7 +240,7 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
 
     operators = OperatorGateway(plan.admin_host, plan.admin.port, plan.cert, plan.key, plan.internal.host,
                                 plan.internal.port, plan.ca, plan.state,
-                                load_or_create_signing_key(Path(plan.env["FEDPRIV_LEDGER_KEY"])))
+                                load_or_create_signing_key(Path(plan.env[rundir.LEDGER_KEY_ENV])))
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:

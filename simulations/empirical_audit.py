@@ -32,7 +32,6 @@ from typing import Any, Callable
 import numpy as np
 
 from clients.app import local_data
-from clients.trainer import BREAK_NOISE_ENV, noise_broken
 from common import empirical, rundir
 from common.audit import audit_run
 from common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
@@ -212,8 +211,6 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     if cfg.run.rounds != recorded.run.rounds:
         notes.append(f"trained {cfg.run.rounds} rounds (--rounds), not the run's {recorded.run.rounds}: "
                      f"the run's accounted epsilon is not comparable, the canary run's is")
-    if noise_broken():
-        notes.append(f"{BREAK_NOISE_ENV}=1 was set: DP-SGD ran without noise while claiming it (test hook)")
     return {
         "epsilon_lower_bound": lower,
         "confidence": confidence,

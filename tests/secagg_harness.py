@@ -96,10 +96,11 @@ def main(argv: list[str]) -> int:
             configs = reply.content.config_records[RECORD_KEY_CONFIGS]
             if Key.MASKED_PARAMETERS not in configs:
                 continue
-            client = int(reply.content.config_records["fitres.metrics"]["client-id"])
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            client = int(fitres.metrics["client-id"])
             arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
             view[f"masked_{client}"] = np.concatenate([a.ravel() for a in arrays])
-            view[f"weight_{client}"] = np.array(reply.content.metric_records["fitres.num_examples"]["num_examples"])
+            view[f"weight_{client}"] = np.array(fitres.num_examples)
 
     quiet_flower(False)
     run_plan = plan(cfg)

@@ -16,8 +16,8 @@ import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 from dp_accounting import rdp
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.app import Context, Message, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
 
 from clients.app import TRAINING_LOG, make_client_app
 from clients.policy import NodePolicy, load_policy
@@ -175,7 +175,8 @@ def test_the_default_policy_accepts_the_federation_preset():
 def _reply(node, client_id, round_spend, prior=()):
     metrics = {"client-id": client_id, "privacy.round-spend": json.dumps(round_spend),
                "privacy.prior-spends": json.dumps(list(prior))}
-    content = RecordDict({"fitres.metrics": ConfigRecord(metrics)})
+    content = compat.fitres_to_recorddict(  # a training reply, as Flower's legacy ClientApp writes it
+        FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 1, metrics), keep_input=False)
     from types import SimpleNamespace
     return SimpleNamespace(metadata=SimpleNamespace(group_id="1", src_node_id=node), has_error=lambda: False,
                            content=content)
@@ -212,7 +213,7 @@ def test_in_a_simulation_a_declared_id_stays_with_the_first_node_that_used_it(tm
     strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0), None)
     strategy.observe_reply(_reply(501, 3, SPEND))
     strategy.observe_reply(_reply(502, 3, SPEND, prior=[BIG_PRIOR]))
-    assert "already held by another node" in strategy._malformed[1][502]
+    assert "already held by another node" in strategy.rounds[1].malformed[502]
     assert [e["actor"] for e in verify_ledger(tmp_path / "run").entries if e["actor"].startswith("client:")] == \
         ["client:3"]
 

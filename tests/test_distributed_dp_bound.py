@@ -48,8 +48,8 @@ def _run_rounds(tmp_path, cfg, dimension: int, population: int, contributors: li
     initial = [np.zeros(dimension, dtype=np.float32)]
     strategy = FedprivStrategy(cfg, initial, RunLog(), recorder, lambda r, w: (0.0, 0.0), grid=None)
     for rnd, n in enumerate(contributors, start=1):
-        strategy._plan[rnd] = (population, float(population))
-        strategy._sampled_nodes[rnd] = set(range(population))
+        strategy.rounds[rnd].plan(population, float(population))
+        strategy.rounds[rnd].sampled = set(range(population))
         strategy._privatize(rnd, [np.zeros(dimension)], contributors=n)
     figures = recorder.finish()
     entries = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "user_level"]
@@ -134,8 +134,8 @@ def test_sampling_amplification_is_not_claimed_for_distributed_noise(tmp_path):
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     strategy = FedprivStrategy(cfg, [np.zeros(d, dtype=np.float32)], RunLog(), recorder,
                                lambda r, w: (0.0, 0.0), grid=None)
-    strategy._plan[1] = (population, 5.0)
-    strategy._sampled_nodes[1] = set(range(5))
+    strategy.rounds[1].plan(population, 5.0)
+    strategy.rounds[1].sampled = set(range(5))
     strategy._privatize(1, [np.zeros(d)], contributors=4)
     entry = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "user_level"][0]
     p = entry["parameters"]

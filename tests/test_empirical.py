@@ -4,8 +4,8 @@ The bound's tests use scipy (a development dependency) and brute-force enumerati
 the library computes binomial tails itself. The end-to-end tests (marked slow) show the three
 acceptance properties on the built-in data: power (no DP: a lower bound of at least 1),
 consistency (an honest DP run: a lower bound at or below its accounted epsilon) and detection (the
-same run with the noise switched off by the FEDPRIV_TEST_BREAK_NOISE test hook while its ledger
-still claims it: a VIOLATION).
+same run with the noise switched off by the test harness's noiseless trainer (tests/injected.py)
+while its ledger still claims it: a VIOLATION).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ import scipy.stats
 from flwr.app import Context, RecordDict
 
 from clients.app import local_data, node_setup
-from clients.trainer import BREAK_NOISE_ENV, LocalTrainer
+from clients.trainer import LocalTrainer
 from common import empirical
 from common.canaries import Canaries
 from common.config import load_config
@@ -32,7 +34,8 @@ from common.data import load_dataset
 from fedpriv.cli import main
 from server.privacy import PrivacyRecorder
 from simulations.presets import preset_layers
-from tests.conftest import run_cli, simulate_run
+from tests.conftest import ROOT, run_cli, simulate_run
+from tests.injected import NoiselessTrainer
 
 
 def _accuracy(eps: float) -> float:
@@ -232,7 +235,7 @@ def test_a_simulated_node_trains_on_its_partition_plus_its_canaries():
 
 
 @pytest.mark.parametrize("implementation", ["auto", "fast", "vectorized"])
-def test_the_break_noise_hook_removes_noise_but_keeps_the_claim(monkeypatch, caplog, implementation):
+def test_the_noiseless_test_trainer_removes_noise_but_keeps_the_claim(caplog, implementation):
     cfg = load_config(overrides=["data.dataset=digits", "model.name=mlp", "model.mlp_units=8",
                                  "dp.noise_multiplier=1.3", "client.batch_size=64",
                                  f"dp.implementation={implementation}"])
@@ -240,10 +243,9 @@ def test_the_break_noise_hook_removes_noise_but_keeps_the_claim(monkeypatch, cap
     x, y = dataset.x_train[:40], dataset.y_train[:40]  # batch 64 > 40 records: every step takes all
     args = ("mlp", cfg.model, cfg.client, cfg.dp, dataset.input_shape, dataset.num_classes)
     honest = LocalTrainer(*args)
-    monkeypatch.setenv(BREAK_NOISE_ENV, "1")
     with caplog.at_level(logging.WARNING, logger="fedpriv"):
-        broken = LocalTrainer(*args)
-    assert BREAK_NOISE_ENV in caplog.text and "noise is OFF" in caplog.text
+        broken = NoiselessTrainer(*args)
+    assert "tests.injected" in caplog.text and "noise is OFF" in caplog.text
     assert honest.applied_noise_multiplier == 1.3 and broken.applied_noise_multiplier == 0.0
     assert broken.planned_spend(40) == honest.planned_spend(40)  # the claim is unchanged
     assert broken.planned_spend(40).noise_multiplier == 1.3
@@ -299,8 +301,14 @@ def _fingerprint(run_dir):
             for name in ("ledger.jsonl", "ledger.head.json", "summary.json", "model.npz")}
 
 
-def _audit(run_dir, *extra, env=None):
-    proc = run_cli("audit", str(run_dir), "--empirical", "--json", *extra, env=env)
+def _audit(run_dir, *extra, env=None, noiseless=False):
+    args = ("audit", str(run_dir), "--empirical", "--json", *extra)
+    if noiseless:  # the canary runs train with the test harness's noiseless trainer
+        env = {**(os.environ if env is None else env), "FLWR_TELEMETRY_ENABLED": "0"}
+        proc = subprocess.run([sys.executable, "-m", "tests.injected", "--noiseless", "--", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+    else:
+        proc = run_cli(*args, env=env)
     assert proc.stdout.strip(), proc.stderr[-3000:]
     return proc, json.loads(proc.stdout)
 
@@ -350,8 +358,7 @@ def test_consistent_when_honest_and_a_violation_when_the_noise_is_skipped(tmp_pa
     assert set(result["membership_inference"]) == {"run_model", "canary_run_model"}
     assert _fingerprint(tmp_path / "dp") == before  # the run itself is only read
 
-    broken_env = {**os.environ, BREAK_NOISE_ENV: "1"}
-    proc, broken = _audit(tmp_path / "dp", "--seed", "2", env=broken_env)
+    proc, broken = _audit(tmp_path / "dp", "--seed", "2", noiseless=True)
     assert proc.returncode == 1, proc.stderr[-3000:]
     result = broken["empirical"]
     print(f"detection: lower bound {result['epsilon_lower_bound']:.3f} > accounted {result['accounted_epsilon']:.3f}")

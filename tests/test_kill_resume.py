@@ -18,7 +18,7 @@ import pytest
 from common import checkpoint
 from common.accounting import DPSGDSpend
 from common.ledger import verify_ledger
-from server.strategy import PAUSE_AFTER_ROUND_ENV, PAUSE_IN_ROUND_ENV
+from tests.injected import PAUSED
 from tests.conftest import ROOT, dp_sgd_epsilon, run_cli, simulate_run
 
 DELTA = 1e-5
@@ -35,18 +35,24 @@ def _rdp(spends: list[DPSGDSpend]) -> float:
     return dp_sgd_epsilon(spends, DELTA)
 
 
-def _killed_run(out: Path, env: dict[str, str], hook: str, at_round: int) -> None:
-    """Start ``fedpriv simulate``, wait until the test hook holds the server at ``at_round``,
-    then SIGKILL the whole process group (server, Flower and its workers): a machine crash."""
-    args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", "quickstart", "--out", str(out)]
+PAUSE_AFTER_ROUND = "--pause-after-round"  # after round N's checkpoint
+PAUSE_IN_ROUND = "--pause-in-round"  # round N's replies recorded, before aggregating
+
+
+def _killed_run(out: Path, env: dict[str, str], pause: str, at_round: int) -> None:
+    """Start ``fedpriv simulate`` with the test harness's pausing strategy (tests/injected.py),
+    wait until it holds the server at ``at_round``, then SIGKILL the whole process group (server,
+    Flower and its workers): a machine crash."""
+    args = [sys.executable, "-m", "tests.injected", pause, str(at_round), "--",
+            "simulate", "--preset", "quickstart", "--out", str(out)]
     args += [x for s in SETTINGS for x in ("--set", s)]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**env, hook: str(at_round)}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, seen = time.monotonic() + 600, []
     try:
         for line in proc.stderr:
             seen.append(line)
-            if line.startswith("fedpriv-test: paused"):
+            if line.startswith(PAUSED):
                 break
             assert time.monotonic() < deadline, "the run never reached the pause"
         else:
@@ -102,7 +108,7 @@ def _resume_and_check(out: Path, env: dict[str, str], uninterrupted: tuple[list[
 @pytest.mark.slow
 def test_sigkill_between_rounds_then_resume_reaches_the_uninterrupted_epsilon(tmp_path, key_env, uninterrupted):
     out = tmp_path / "run"
-    _killed_run(out, key_env, PAUSE_AFTER_ROUND_ENV, 2)
+    _killed_run(out, key_env, PAUSE_AFTER_ROUND, 2)
     summary, entries = _resume_and_check(out, key_env, uninterrupted)
     reference_entries, reference = uninterrupted
     for cid, eps in summary["privacy"]["record_level"]["clients"].items():
@@ -119,7 +125,7 @@ def test_sigkill_inside_a_round_keeps_the_killed_attempts_spends(tmp_path, key_e
     aggregated: the resume reruns round 3, and both attempts' spends count, because the server saw
     both updates. Epsilon is the uninterrupted run's plus exactly one round-3 spend per client."""
     out = tmp_path / "run"
-    _killed_run(out, key_env, PAUSE_IN_ROUND_ENV, 3)
+    _killed_run(out, key_env, PAUSE_IN_ROUND, 3)
     summary, entries = _resume_and_check(out, key_env, uninterrupted)
     reference_entries, reference = uninterrupted
     for cid, eps in summary["privacy"]["record_level"]["clients"].items():

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.app import Context, Message, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
 
 from clients.app import TRAINING_LOG, make_client_app
 from common.config import load_config
@@ -189,11 +189,12 @@ def test_the_server_keeps_no_client_statistic_even_if_a_client_sends_one(tmp_pat
               "steps": 20, "record-epsilon": 0.0001234}
     reply = SimpleNamespace(
         metadata=SimpleNamespace(group_id="1", src_node_id=99), has_error=lambda: False,
-        content=SimpleNamespace(config_records={"fitres.metrics": ConfigRecord(chatty)}))
+        content=compat.fitres_to_recorddict(
+            FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 12347, chatty), keep_input=False))
     strategy.observe_reply(reply)
-    assert strategy._replies[1][99].keys() == {"client-id", "record-epsilon"}
-    assert strategy._replies[1][99]["record-epsilon"] != chatty["record-epsilon"]  # the server's own figure
-    strategy._record_train(1, list(strategy._replies[1].values()), [])
+    assert strategy.rounds[1].replies[99].keys() == {"client-id", "record-epsilon"}
+    assert strategy.rounds[1].replies[99]["record-epsilon"] != chatty["record-epsilon"]  # the server's own figure
+    strategy._record_train(1, list(strategy.rounds[1].replies.values()), [])
     run_log.record_evaluation(1, 0.5, 1.25, 2.0)
     summary = build_summary(cfg, run_log, {}, recorder.finish(), recorder)
     published = {"summary": summary, "csv": list(csv.reader(io.StringIO(metrics_csv(run_log))))}

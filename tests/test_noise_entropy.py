@@ -166,7 +166,7 @@ def test_each_dp_sgd_path_draws_its_noise_from_os_urandom_alone(monkeypatch, imp
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_without_noise_no_random_op_runs(implementation):
-    """The FEDPRIV_TEST_BREAK_NOISE hook (noise multiplier 0) removes the noise draw entirely."""
+    """A noise multiplier of 0 (the test harness's noiseless trainer) removes the noise draw entirely."""
     x, y = _batch()
     trainer = _trainer(implementation, noise=0.0)
     trainer.step(x, y)

@@ -148,8 +148,8 @@ def test_central_noise_has_std_multiplier_times_sensitivity(tmp_path):
     strategy = FedprivStrategy(cfg, initial, RunLog(), recorder, lambda r, w: (0.0, 0.0), grid=None)
     samples = []
     for rnd in range(1, 101):
-        strategy._plan[rnd] = (10, 10.0)
-        strategy._sampled_nodes[rnd] = set(range(10))
+        strategy.rounds[rnd].plan(10, 10.0)
+        strategy.rounds[rnd].sampled = set(range(10))
         out = strategy._privatize(rnd, [np.zeros((50, 20))], contributors=10)
         samples.append(out[0] * 10.0)  # back to the noisy sum
     noise = np.concatenate([s.ravel() for s in samples])
@@ -187,8 +187,8 @@ def test_without_secagg_bad_updates_are_rejected_one_by_one(tmp_path):
     run_log = RunLog()
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     strategy = FedprivStrategy(cfg, initial, run_log, recorder, lambda r, w: (0.0, 0.0), grid=None)
-    strategy._plan[1] = (3, 3.0)
-    strategy._sampled_nodes[1] = {1, 2, 3}
+    strategy.rounds[1].plan(3, 3.0)
+    strategy.rounds[1].sampled = {1, 2, 3}
 
     def res(arrays, weight=10):
         return FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), weight, {})
@@ -206,9 +206,9 @@ def test_without_secagg_bad_updates_are_rejected_one_by_one(tmp_path):
     assert any("node 2: update rejected (array 0 has shape (3, 2), the model's is (2, 3))" in r for r in reasons)
     assert any("node 3: update rejected (non-finite values" in r for r in reasons)
     # All bad: the round fails cleanly and the model is kept.
-    strategy._plan[2] = (3, 3.0)
-    strategy._sampled_nodes[2] = {2, 3}
+    strategy.rounds[2].plan(3, 3.0)
+    strategy.rounds[2].sampled = {2, 3}
     assert strategy.aggregate_fit(2, results[1:], [])[0] is None
-    assert strategy._failed[2] == "no client update could be aggregated"
+    assert strategy.rounds[2].failed == "no client update could be aggregated"
     assert np.allclose(strategy.latest[0], 1.0)
     recorder.finish()

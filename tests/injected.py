@@ -1,0 +1,113 @@
+"""Test-only apps: faults and pauses the release build has no switch for.
+
+The production ClientApp and ServerApp take a trainer factory and a strategy factory
+(:func:`clients.app.make_client_app`, :func:`server.app.make_server_app`); this module supplies
+faulty ones and runs the fedpriv command line with them:
+
+    python -m tests.injected [--noiseless] [--pause-in-round N] [--pause-after-round N] -- FEDPRIV ARGS...
+
+- ``--noiseless``: DP-SGD clips but adds no noise, while the client still declares and records
+  the configured spend (:class:`NoiselessTrainer`); the empirical audit must catch it.
+- ``--pause-in-round N``: the server stops after round N's replies are recorded, before
+  aggregating them; ``--pause-after-round N``: after round N's checkpoint. It says
+  ``fedpriv-test: paused`` on stderr and waits to be killed (the kill-and-resume tests).
+
+Only simulations run in this process (the ServerApp) and in Ray workers that unpickle the
+ClientApp by reference to this module; nothing here is reachable from an installed fedpriv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from typing import Any
+
+from clients.trainer import LocalTrainer
+from server.strategy import FedprivStrategy
+
+PAUSED = "fedpriv-test: paused"
+log = logging.getLogger("fedpriv")
+
+
+class NoiselessTrainer(LocalTrainer):
+    """A trainer that clips but adds no DP noise while declaring the configured spend."""
+
+    def __init__(self, model_name: str, model: Any, client: Any, dp: Any, *rest: Any) -> None:
+        super().__init__(model_name, model, client, dataclasses.replace(dp, noise_multiplier=0.0), *rest)
+        self.dp = dp  # the claim: planned_spend declares the configured noise multiplier
+        if dp.enabled:
+            log.warning("fedpriv-test: DP-SGD noise is OFF while the configured spend is still declared "
+                        "and recorded (tests.injected)")
+
+
+@functools.lru_cache(maxsize=4)
+def noiseless_trainer(*args: Any) -> NoiselessTrainer:
+    """One noiseless trainer per process and configuration (like clients.trainer.get_trainer)."""
+    return NoiselessTrainer(*args)
+
+
+def _pause(where: str, server_round: int) -> None:
+    print(f"{PAUSED} ({where} {server_round})", file=sys.stderr, flush=True)
+    time.sleep(3600)
+
+
+class PausingStrategy(FedprivStrategy):
+    """The production strategy, stopping at a known point of one round."""
+
+    def __init__(self, *args: Any, pause_in_round: int | None = None, pause_after_round: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause_in_round = pause_in_round
+        self.pause_after_round = pause_after_round
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
+        if self.fedpriv_round(server_round) == self.pause_in_round:  # replies recorded, not aggregated
+            _pause("in round", self.pause_in_round)
+        return super().aggregate_fit(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Any) -> Any:
+        result = super().evaluate(server_round, parameters)  # ends with the round's checkpoint
+        if server_round > 0 and self.fedpriv_round(server_round) == self.pause_after_round:
+            _pause("after round", self.pause_after_round)
+        return result
+
+
+def install(noiseless: bool = False, pause_in_round: int | None = None,
+            pause_after_round: int | None = None) -> None:
+    """Make this process's simulations build their apps with the injected trainer and strategy."""
+    from clients.app import make_client_app
+    from server.app import make_server_app
+    from simulations import run
+
+    if noiseless:
+        run.make_client_app = functools.partial(make_client_app, trainer_factory=noiseless_trainer)
+    if pause_in_round is not None or pause_after_round is not None:
+        strategy = functools.partial(PausingStrategy, pause_in_round=pause_in_round,
+                                     pause_after_round=pause_after_round)
+        run.make_server_app = functools.partial(make_server_app, strategy_factory=strategy)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.injected")
+    parser.add_argument("--noiseless", action="store_true")
+    parser.add_argument("--pause-in-round", type=int)
+    parser.add_argument("--pause-after-round", type=int)
+    parser.add_argument("fedpriv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    rest = args.fedpriv[1:] if args.fedpriv[:1] == ["--"] else args.fedpriv
+    install(args.noiseless, args.pause_in_round, args.pause_after_round)
+    from fedpriv.cli import main as fedpriv_main
+
+    return fedpriv_main(rest)
+
+
+if __name__ == "__main__":
+    # Run as the importable module tests.injected, not as __main__: Ray workers unpickle the
+    # ClientApp's trainer factory by reference to its module.
+    from tests.injected import main as injected_main
+
+    sys.exit(injected_main(sys.argv[1:]))
