@@ -103,8 +103,8 @@ def fixed_batches(batch_size: int, seed: int) -> tuple[list[Any], str]:
 
     rng = np.random.default_rng(seed)
     try:
-        from common.config import DataSection
-        from common.data import load_dataset
+        from fedpriv.common.config import DataSection
+        from fedpriv.common.data import load_dataset
 
         data = load_dataset(DataSection(dataset="builtin"), seed)
         x, y, source = data.x_train.astype(np.float32), data.y_train, "builtin"
@@ -122,8 +122,8 @@ def fixed_batches(batch_size: int, seed: int) -> tuple[list[Any], str]:
 
 def build(variant: str, model_name: str, batch_size: int) -> Any:
     """A fedpriv LocalTrainer for ``variant`` (defaults of [model], [client] and [dp] otherwise)."""
-    from clients.trainer import LocalTrainer
-    from common.config import ClientSection, DPSection, ModelSection
+    from fedpriv.clients.trainer import LocalTrainer
+    from fedpriv.common.config import ClientSection, DPSection, ModelSection
 
     implementation = IMPLEMENTATION[variant]
     dp = DPSection(enabled=implementation is not None, microbatches=0,
@@ -220,7 +220,7 @@ def measure(model_name: str, batch_size: int, settings: dict, gpu: bool, tf: Any
     fill ``settings["min_block_s"]`` (cheap variants would otherwise be timed over a few
     milliseconds); ratios compare the seconds per step within each round.
     """
-    from common.tf_runtime import keras
+    from fedpriv.common.tf_runtime import keras
 
     batches, source = fixed_batches(batch_size, seed)
     free = free_memory_bytes(gpu) if memory_guard else None
@@ -391,7 +391,7 @@ def main() -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-dp-step-quick-")) if args.quick else RESULTS)
 
     select_device(args.device)
-    from common.tf_runtime import tf as load_tf
+    from fedpriv.common.tf_runtime import tf as load_tf
 
     tf = load_tf()
     gpu = bool(tf.config.list_physical_devices("GPU")) and args.device != "cpu"

@@ -104,7 +104,7 @@ echo "python: $PY"
 TF_GPUS=-1
 if env_out="$(run_step 120 "$PY" - <<'EOF'
 import platform
-import common.tf_runtime as rt  # sets TF_USE_LEGACY_KERAS and the TF Privacy import flag first
+import fedpriv.common.tf_runtime as rt  # sets TF_USE_LEGACY_KERAS and the TF Privacy import flag first
 tf = rt.tf()
 rt.keras()
 from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras  # noqa: F401

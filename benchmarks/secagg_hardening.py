@@ -48,7 +48,7 @@ TARGET = 1.1
 def _generator(stock: bool) -> None:
     from flwr.common.secure_aggregation import secaggplus_utils
 
-    from common import secagg_masks
+    from fedpriv.common import secagg_masks
 
     for name in secagg_masks.FLOWER_CALLERS:
         importlib.import_module(name).pseudo_rand_gen = (
@@ -57,10 +57,10 @@ def _generator(stock: bool) -> None:
 
 def local_training(cfg, clients: int):
     """For each node, a function that runs its quickstart DP-SGD step and returns its update."""
-    from clients.app import local_data
-    from clients.trainer import get_trainer
-    from common.data import load_dataset
-    from common.models import resolve_model_name
+    from fedpriv.clients.app import local_data
+    from fedpriv.clients.trainer import get_trainer
+    from fedpriv.common.data import load_dataset
+    from fedpriv.common.models import resolve_model_name
 
     dataset = load_dataset(cfg.data, cfg.run.seed)
     trainer = get_trainer(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, cfg.client, cfg.dp,
@@ -78,9 +78,9 @@ def local_training(cfg, clients: int):
 def one_round(variant: str, clients: int, root: Path, train: bool = False) -> float:
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from clients.mods import make_secure_aggregation_mod
-    from common.config import load_config
-    from server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
+    from fedpriv.clients.mods import make_secure_aggregation_mod
+    from fedpriv.common.config import load_config
+    from fedpriv.server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
     from tests.secagg_protocol import make_nodes, run_round, stock_mod
 
     settings = dict(num_shares=SHARES, reconstruction_threshold=THRESHOLD, max_weight=1.0, clipping_range=8.0,

@@ -29,24 +29,24 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from clients.mods import make_policy_mod, make_secure_aggregation_mod
-from clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
-from clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
-from clients.trainer import LocalTrainer, TrainResult, get_trainer
-from common import secagg, user_dp
-from common.accounting import merge_spends
-from common.canaries import Canaries
-from common.config import DataSection, RunConfig, config_from_run_config
-from common.data import load_dataset, load_node_data
-from common.errors import DataError
-from common.fileio import append_private
-from common.models import resolve_model_name
-from common.partition import partition
-from common.protocol import (
+from fedpriv.clients.mods import make_policy_mod, make_secure_aggregation_mod
+from fedpriv.clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
+from fedpriv.clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
+from fedpriv.clients.trainer import LocalTrainer, TrainResult, get_trainer
+from fedpriv.common import secagg, user_dp
+from fedpriv.common.accounting import merge_spends
+from fedpriv.common.canaries import Canaries
+from fedpriv.common.config import DataSection, RunConfig, config_from_run_config
+from fedpriv.common.data import load_dataset, load_node_data
+from fedpriv.common.errors import DataError
+from fedpriv.common.fileio import append_private
+from fedpriv.common.models import resolve_model_name
+from fedpriv.common.partition import partition
+from fedpriv.common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIOR_SPENDS, PRIVACY, REPLY_METRICS, ROUND_SPEND,
     RUN_HEAD, RUN_ID, SERVER_ROUND,
 )
-from common.witness import parse_node_run_head
+from fedpriv.common.witness import parse_node_run_head
 
 RUN_MARKER = "fedpriv-run"
 TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent

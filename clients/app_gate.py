@@ -32,10 +32,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from common.appsign import (
+from fedpriv.common.appsign import (
     APP_REFUSED_CODE, SIGNATURE_SETTING, TRUST_ENV, AppRefused, check_bundle, load_trusted_keys,
 )
-from common.errors import FedprivError
+from fedpriv.common.errors import FedprivError
 
 Pull = Callable[[Any], tuple[Any, Any, Any, Any]]
 
@@ -61,8 +61,8 @@ def record_refusal(context: Any, reason: str) -> None:
     if not config.get("state-dir") or not config.get("node-name"):
         return
     try:
-        from clients.budget import open_guard
-        from common.config import RunConfig
+        from fedpriv.clients.budget import open_guard
+        from fedpriv.common.config import RunConfig
 
         state_dir = Path(str(config["state-dir"])) / str(config["node-name"])
         with open_guard(state_dir, 0.0, RunConfig().privacy.delta) as guard:
@@ -109,7 +109,7 @@ def _launcher() -> str:
     folder = tempfile.mkdtemp(prefix="fedpriv-gate-")
     atexit.register(shutil.rmtree, folder, True)
     path = Path(folder) / "fedpriv-clientapp"
-    path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m clients.app_gate clientapp \"$@\"\n")
+    path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m fedpriv.clients.app_gate clientapp \"$@\"\n")
     path.chmod(0o700)
     return str(path)
 
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
         sys.argv = ["flower-superexec", *argv[1:]]
         flower_superexec()
     else:
-        print("usage: python -m clients.app_gate {superexec|clientapp} FLOWER-ARGS...", file=sys.stderr)
+        print("usage: python -m fedpriv.clients.app_gate {superexec|clientapp} FLOWER-ARGS...", file=sys.stderr)
         sys.exit(2)
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from clients.conv_clipping import conv2d_squared_norms
-from common.entropy import GaussianNoise
-from common.tf_runtime import keras, tf
+from fedpriv.clients.conv_clipping import conv2d_squared_norms
+from fedpriv.common.entropy import GaussianNoise
+from fedpriv.common.tf_runtime import keras, tf
 
 
 def _layer_kind(layer: Any) -> str | None:

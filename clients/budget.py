@@ -14,10 +14,10 @@ import fcntl
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend, record_level_epsilon
-from common.errors import FedprivError
-from common.ledger import LedgerWriter, load_or_create_signing_key
-from common.witness import NODE_CLIENT_ID, NODE_RUN_HEAD
+from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend, record_level_epsilon
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import LedgerWriter, load_or_create_signing_key
+from fedpriv.common.witness import NODE_CLIENT_ID, NODE_RUN_HEAD
 
 NODE_KEY = "node.key"
 LOCK = ".lock"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from common.tf_runtime import keras, tf
+from fedpriv.common.tf_runtime import keras, tf
 
 
 def _padded(layer: Any, x: Any, out_h: int, out_w: int) -> Any:

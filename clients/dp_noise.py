@@ -22,15 +22,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from common.entropy import GaussianNoise
-from common.tf_runtime import tf
+from fedpriv.common.entropy import GaussianNoise
+from fedpriv.common.tf_runtime import tf
 
 
 @functools.lru_cache(maxsize=1)
 def _dp_sequential_class() -> type:
     from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPSequential
 
-    from common.tf_runtime import keras
+    from fedpriv.common.tf_runtime import keras
 
     t, k = tf(), keras()
 

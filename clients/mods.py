@@ -27,11 +27,11 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from clients.node import node_identity, node_name_and_state_dir, node_policy, record_budget
-from clients.secagg_guard import SecAggGuard, SecAggRefusal
-from common import secagg_masks
-from common.config import RunConfig, config_from_run_config
-from common.protocol import MALFORMED_UPDATE_CODE, POLICY_REFUSED_CODE, SECAGG_REFUSED_CODE
+from fedpriv.clients.node import node_identity, node_name_and_state_dir, node_policy, record_budget
+from fedpriv.clients.secagg_guard import SecAggGuard, SecAggRefusal
+from fedpriv.common import secagg_masks
+from fedpriv.common.config import RunConfig, config_from_run_config
+from fedpriv.common.protocol import MALFORMED_UPDATE_CODE, POLICY_REFUSED_CODE, SECAGG_REFUSED_CODE
 
 secagg_masks.install()
 PLAIN_WEIGHT_KEY = "fitres.num_examples"  # where Flower's legacy FitRes keeps the example count
@@ -41,7 +41,7 @@ def record_refusal(context: Context, cfg: RunConfig, server_round: int | None, r
                    kind: str = "secagg_refusal") -> None:
     """Put a refusal (SecAgg+, or of a run below the node's policy) in the node's own signed
     ledger, before the reply leaves."""
-    from clients.budget import open_guard
+    from fedpriv.clients.budget import open_guard
 
     _, state_dir = node_name_and_state_dir(context, cfg)
     with open_guard(state_dir, 0.0, cfg.privacy.delta) as guard:
@@ -83,7 +83,7 @@ def _own_update_problem(request: Message, reply: Message, context: Context,
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import parameters_to_ndarrays
 
-    from common.updates import clip_bound, update_problem
+    from fedpriv.common.updates import clip_bound, update_problem
 
     cfg = config_from_run_config(context.run_config, config)
     shapes = [a.shape for a in parameters_to_ndarrays(compat.recorddict_to_fitins(request.content, True).parameters)]

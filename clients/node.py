@@ -11,11 +11,11 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from clients.policy import POLICY_PATH_KEY, NodePolicy, load_policy
-from clients.secagg_guard import NodeIdentity
-from common import rundir
-from common.config import RunConfig
-from common.roster import SIM_ANCHOR_PUB, SIM_NODE_SECRET
+from fedpriv.clients.policy import POLICY_PATH_KEY, NodePolicy, load_policy
+from fedpriv.clients.secagg_guard import NodeIdentity
+from fedpriv.common import rundir
+from fedpriv.common.config import RunConfig
+from fedpriv.common.roster import SIM_ANCHOR_PUB, SIM_NODE_SECRET
 
 
 def is_real_node(context: Context) -> bool:

@@ -50,10 +50,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.accounting import effective_noise_multiplier
-from common.config import SECAGG_MIN_SHARES, RunConfig
-from common.errors import ConfigError
-from common.models import resolve_model_name
+from fedpriv.common.accounting import effective_noise_multiplier
+from fedpriv.common.config import SECAGG_MIN_SHARES, RunConfig
+from fedpriv.common.errors import ConfigError
+from fedpriv.common.models import resolve_model_name
 
 POLICY_PATH_KEY = "policy-path"  # node config: the node's policy file
 MODELS = ("cnn", "mlp")

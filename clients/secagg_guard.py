@@ -38,10 +38,10 @@ from typing import Any, Callable
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common import roster as rosters
-from common.config import secagg_floor_problem
-from common.errors import FedprivError
-from common.secagg_masks import GENERATOR, GENERATOR_KEY
+from fedpriv.common import roster as rosters
+from fedpriv.common.config import secagg_floor_problem
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.secagg_masks import GENERATOR, GENERATOR_KEY
 
 GUARD_RECORD = "fedpriv_secagg_guard"
 REFUSED = "refused"  # the guard's stage after a refused setup: the round goes no further here

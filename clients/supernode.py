@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.budget import NodeBudgetGuard
-from clients.policy import POLICY_PATH_KEY, load_policy
-from common.appsign import APP_PUB, TRUST_ENV, fingerprint, load_trusted_keys
-from common.config import RunConfig
-from common.data import load_dataset, load_node_data
-from common.process import Child, flower_environment, flower_executable
-from common.rundir import home_nodes_root
-from common.tls import (
+from fedpriv.clients.budget import NodeBudgetGuard
+from fedpriv.clients.policy import POLICY_PATH_KEY, load_policy
+from fedpriv.common.appsign import APP_PUB, TRUST_ENV, fingerprint, load_trusted_keys
+from fedpriv.common.config import RunConfig
+from fedpriv.common.data import load_dataset, load_node_data
+from fedpriv.common.process import Child, flower_environment, flower_executable
+from fedpriv.common.rundir import home_nodes_root
+from fedpriv.common.tls import (
     Address, DeploymentError, check_node_key, check_tls, load_certificate, parse_address, wait_for_port,
 )
 
@@ -121,7 +121,7 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
     gate_argv: list[str] = []
     if trust:  # Flower's SuperExec is replaced by the app gate, which fedpriv starts beside the SuperNode
         argv += ["--isolation", "process"]
-        gate_argv = [sys.executable, "-m", "clients.app_gate", "superexec",
+        gate_argv = [sys.executable, "-m", "fedpriv.clients.app_gate", "superexec",
                      "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
     return JoinPlan(argv, flower_environment(), address, None if insecure else root_cert, name,
                     state_dir, int(len(x)), float(record_budget or 0), spent, max_retries, gate_argv,

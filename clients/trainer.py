@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from common.accounting import DPSGDSpend, dpsgd_schedule, effective_noise_multiplier
-from common.config import ClientSection, DPSection, ModelSection
-from common.entropy import GaussianNoise, numpy_generator
-from common.models import build_layers
-from common.tf_runtime import keras
+from fedpriv.common.accounting import DPSGDSpend, dpsgd_schedule, effective_noise_multiplier
+from fedpriv.common.config import ClientSection, DPSection, ModelSection
+from fedpriv.common.entropy import GaussianNoise, numpy_generator
+from fedpriv.common.models import build_layers
+from fedpriv.common.tf_runtime import keras
 
 log = logging.getLogger("fedpriv")
 
@@ -57,7 +57,7 @@ def choose_implementation(dp: DPSection, layers: list[Any] | None = None) -> str
         return dp.implementation
     if dp.microbatches:
         return "vectorized"
-    from clients.bk_clipping import supported
+    from fedpriv.clients.bk_clipping import supported
 
     return "bookkeeping" if layers is None or supported(layers) else "fast"
 
@@ -83,14 +83,14 @@ class LocalTrainer:
         # The one source of DP-SGD noise, whichever implementation runs (see common.entropy).
         self.noise = GaussianNoise() if dp.enabled else None
         if self.implementation == "bookkeeping":
-            from clients.bk_clipping import make_model
+            from fedpriv.clients.bk_clipping import make_model
 
             self.model = make_model(layers, dp.l2_norm_clip, self.applied_noise_multiplier, self.noise)
             loss = k.losses.SparseCategoricalCrossentropy(from_logits=True)  # train_step clips per example
             optimizer = self._plain_optimizer()
         elif self.implementation == "fast":
-            from clients.conv_clipping import layer_registry
-            from clients.dp_noise import dp_sequential
+            from fedpriv.clients.conv_clipping import layer_registry
+            from fedpriv.clients.dp_noise import dp_sequential
 
             # use_xla=False: Poisson batches change shape every step, and XLA would recompile.
             self.model = dp_sequential(
@@ -127,7 +127,7 @@ class LocalTrainer:
 
     def _dp_optimizer(self) -> Any:
         """TF Privacy's textbook or vectorized DP optimizer, its noise from ``self.noise``."""
-        from clients.dp_noise import keras_optimizer, vectorized_optimizer
+        from fedpriv.clients.dp_noise import keras_optimizer, vectorized_optimizer
 
         dp = self.dp
         hyper: dict[str, Any] = {"learning_rate": self.client.learning_rate}

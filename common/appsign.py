@@ -33,9 +33,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import FedprivError
-from common.keyfiles import KEY_ERRORS, parse_private_key, parse_public_key, read_key_file
-from common.protocol import APP_REFUSED_CODE  # noqa: F401 - the error a node answers a refused app with
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.keyfiles import KEY_ERRORS, parse_private_key, parse_public_key, read_key_file
+from fedpriv.common.protocol import APP_REFUSED_CODE  # noqa: F401 - the error a node answers a refused app with
 
 APP_KEY, APP_PUB = "app-signing.key", "app-signing.pub"  # written by fedpriv keys
 SIGNATURE_SETTING = "run.app_signature"  # the run config key the signature travels in

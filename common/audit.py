@@ -14,12 +14,12 @@ from typing import Any
 
 import dp_accounting
 
-from common import accounting
-from common.accounting import ENFORCEMENT_ACCOUNTANT
-from common.errors import FedprivError
-from common.rundir import NODES_DIR
-from common import witness
-from common.ledger import (
+from fedpriv.common import accounting
+from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.rundir import NODES_DIR
+from fedpriv.common import witness
+from fedpriv.common.ledger import (
     LEDGER, PUBLIC_KEY, RECOVERY, event_from_json, key_id, ledger_run_id, load_public_key, verify_ledger,
 )
 
@@ -64,7 +64,7 @@ def _close(a: float | None, b: float | None) -> bool:
 def submitters(flower_run_ids: list[str], log_dir: Path, public_key: Any = None) -> list[dict[str, str]]:
     """Who submitted each Flower run of this fedpriv run (a resume is a further Flower run),
     from the operator log ``log_dir``."""
-    from common.operators import submitted_runs
+    from fedpriv.common.operators import submitted_runs
 
     runs = submitted_runs(log_dir, public_key)
     return [{"flower_run_id": run, **runs.get(int(run), {"operator": "not in the operator log", "role": ""})}
@@ -73,7 +73,7 @@ def submitters(flower_run_ids: list[str], log_dir: Path, public_key: Any = None)
 
 def default_operator_log(run_dir: Path) -> Path | None:
     """The operator log of the server state a run directory lives in (``STATE/runs/RUN``)."""
-    from common.operators import OPERATOR_LOG
+    from fedpriv.common.operators import OPERATOR_LOG
 
     candidate = run_dir.resolve().parent.parent / OPERATOR_LOG
     return candidate if (candidate / LEDGER).exists() else None

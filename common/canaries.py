@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import DataSection
+from fedpriv.common.config import DataSection
 
 DEFAULT_COUNT = 1000  # fedpriv audit --empirical --canaries
 DENSITY = 0.2  # share of features set to the data's largest value
@@ -65,7 +65,7 @@ class Canaries:
 
 @functools.lru_cache(maxsize=4)
 def _records(canaries: Canaries, data: DataSection, run_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from common.data import load_dataset
+    from fedpriv.common.data import load_dataset
 
     dataset = load_dataset(data, run_seed)
     low, high = float(dataset.x_train.min()), float(dataset.x_train.max())

@@ -24,9 +24,9 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.errors import FedprivError
-from common import rundir
-from common.fileio import create_private, write_atomic
+from fedpriv.common.errors import FedprivError
+from fedpriv.common import rundir
+from fedpriv.common.fileio import create_private, write_atomic
 
 MAGIC = b"FPCKPT01"
 NONCE_BYTES = 12

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
-from common.errors import ConfigError
+from fedpriv.common.errors import ConfigError
 
 Scalar = bool | int | float | str
 SECAGG_MIN_SHARES = 3  # the floor nodes enforce (clients.secagg_guard); see docs/secure-aggregation.md

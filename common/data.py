@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataSection
-from common.errors import DataError
+from fedpriv.common.config import DataSection
+from fedpriv.common.errors import DataError
 
 log = logging.getLogger("fedpriv")
 
@@ -91,7 +91,7 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _download_keras(name: str) -> tuple[np.ndarray, np.ndarray]:
-    from common.tf_runtime import keras
+    from fedpriv.common.tf_runtime import keras
 
     module = getattr(keras().datasets, name)
     previous = socket.getdefaulttimeout()

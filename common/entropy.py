@@ -56,21 +56,21 @@ class GaussianNoise:
     """
 
     def __init__(self) -> None:
-        from common.tf_runtime import tf
+        from fedpriv.common.tf_runtime import tf
 
         t = tf()
         self.generator = t.random.Generator.from_state(philox_state(), alg=t.random.Algorithm.PHILOX)
 
     def reseed(self) -> None:
         """Replace the whole generator state (key and counter) with 192 fresh bits from the OS."""
-        from common.tf_runtime import tf
+        from fedpriv.common.tf_runtime import tf
 
         # The raw op: a third of the eager overhead of Variable.assign, per training step.
         tf().raw_ops.AssignVariableOp(resource=self.generator.state.handle, value=philox_state())
 
     def add_to(self, tensors: Sequence[Any], stddev: Any) -> list[Any]:
         """Each tensor plus its own independent N(0, stddev^2) noise (``stddev`` may be a tensor)."""
-        from common.tf_runtime import tf
+        from fedpriv.common.tf_runtime import tf
 
         t = tf()
         return [x + self.generator.normal(t.shape(x), stddev=stddev, dtype=x.dtype) for x in tensors]

@@ -32,12 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.appsign import APP_KEY, APP_PUB, new_signing_pair
-from common.checkpoint import encode_key, new_key
-from common.errors import FedprivError
-from common.roster import sign_roster
-from common import rundir
-from common.fileio import write_atomic
+from fedpriv.common.appsign import APP_KEY, APP_PUB, new_signing_pair
+from fedpriv.common.checkpoint import encode_key, new_key
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.roster import sign_roster
+from fedpriv.common import rundir
+from fedpriv.common.fileio import write_atomic
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"

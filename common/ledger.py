@@ -41,8 +41,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import FedprivError
-from common.rundir import create_private, json_safe, write_atomic
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.rundir import create_private, json_safe, write_atomic
 
 GENESIS = "0" * 64
 LEDGER = "ledger.jsonl"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.config import ModelSection
-from common.errors import DataError
+from fedpriv.common.config import ModelSection
+from fedpriv.common.errors import DataError
 
 CNN_KERNEL = 3
 
@@ -43,7 +43,7 @@ def cnn_output_size(input_shape: tuple[int, ...]) -> int:
 
 def build_layers(name: str, model: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> list[Any]:
     """Layers of the model ``name`` ('cnn' or 'mlp'); the last layer emits logits."""
-    from common.tf_runtime import keras
+    from fedpriv.common.tf_runtime import keras
 
     layers = keras().layers
     if name == "cnn":
@@ -69,6 +69,6 @@ def build_layers(name: str, model: ModelSection, input_shape: tuple[int, ...], n
 
 def build_model(name: str, model: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> Any:
     """A plain (non-private) Keras model, used by the server and for baselines."""
-    from common.tf_runtime import keras
+    from fedpriv.common.tf_runtime import keras
 
     return keras().Sequential(build_layers(name, model, input_shape, num_classes))

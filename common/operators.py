@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import FedprivError
-from common.ledger import LEDGER, verify_ledger
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import LEDGER, verify_ledger
 
 ROLES = ("admin", "researcher", "auditor")
 ROLE_PREFIX = "fedpriv-role:"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.config import DataSection
-from common.errors import DataError
+from fedpriv.common.config import DataSection
+from fedpriv.common.errors import DataError
 
 DIRICHLET_MAX_TRIES = 100
 

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TextIO
 
-from common.errors import FedprivError
+from fedpriv.common.errors import FedprivError
 
 
 def flower_executable(name: str) -> str:

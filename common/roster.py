@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.errors import FedprivError
-from common.keyfiles import KEY_ERRORS, parse_private_key, read_key_file
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.keyfiles import KEY_ERRORS, parse_private_key, read_key_file
 
 ROSTER_ENV = "FEDPRIV_ROSTER"  # the signed roster file a deployed ServerApp sends to nodes
 ROSTER_KEY = "fedpriv_roster"  # the SecAgg+ setup config key the server sends the roster under
@@ -226,7 +226,7 @@ SIM_NODE_SECRET = "federation-nodes.secret"  # the simulated nodes' keys are der
 
 
 def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
-    from common.fileio import create_private
+    from fedpriv.common.fileio import create_private
 
     try:
         create_private(path, make())
@@ -262,7 +262,7 @@ def simulated_federation(nodes_root: Path, names: Iterable[str]) -> bytes:
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     pub_path = nodes_root / SIM_ANCHOR_PUB
     if not pub_path.exists() or pub_path.read_bytes() != anchor_pub:
-        from common.fileio import write_atomic
+        from fedpriv.common.fileio import write_atomic
 
         write_atomic(pub_path, anchor_pub)
     secret_path = nodes_root / SIM_NODE_SECRET

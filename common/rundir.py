@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 # Atomic and private file IO lives in common.fileio; these names stay importable from here.
-from common.fileio import create_private, json_safe, write_atomic, write_json  # noqa: F401
+from fedpriv.common.fileio import create_private, json_safe, write_atomic, write_json  # noqa: F401
 
 if TYPE_CHECKING:
-    from common.config import RunConfig
+    from fedpriv.common.config import RunConfig
 
 # ---- a run directory ---------------------------------------------------------------------------
 SUMMARY = "summary.json"  # final results, per-round metrics, privacy, the full configuration

@@ -30,10 +30,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common import accounting
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.secagg_masks import GENERATOR
+from fedpriv.common import accounting
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import ConfigError
+from fedpriv.common.secagg_masks import GENERATOR
 
 RandomBytes = Callable[[int], bytes]
 MODULUS = 2**32  # Flower's SecAgg+ masking modulus (its default modulus_range)

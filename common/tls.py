@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import FedprivError
+from fedpriv.common.errors import FedprivError
 
 
 class DeploymentError(FedprivError):

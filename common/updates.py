@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from common import secagg
-from common.config import RunConfig
+from fedpriv.common import secagg
+from fedpriv.common.config import RunConfig
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 NORM_TOLERANCE = 1e-5  # relative: an update clipped in float64 and sent as float32

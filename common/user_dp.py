@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import dp_accounting
 import numpy as np
 
-from common import accounting, secagg
-from common.config import RunConfig
+from fedpriv.common import accounting, secagg
+from fedpriv.common.config import RunConfig
 
 USER_LEVEL_SAMPLING = "poisson"  # with user-level DP the server samples clients independently
 

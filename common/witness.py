@@ -29,14 +29,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.accounting import DPSGDSpend
-from common.errors import FedprivError
-from common.ledger import (
+from fedpriv.common.accounting import DPSGDSpend
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import (
     LEDGER, PUBLIC_KEY, canonical, key_id, load_public_key, public_pem, verify_head_signature,
     verify_ledger,
 )
-from common import rundir
-from common.fileio import write_atomic
+from fedpriv.common import rundir
+from fedpriv.common.fileio import write_atomic
 
 WITNESS_ENV = "FEDPRIV_LEDGER_WITNESS"
 WITNESS_DIR = "ledger-witness"  # under $FEDPRIV_HOME, or a federation server's state directory

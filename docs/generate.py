@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import load_config
-from common.config import toml_value
+from fedpriv.common.config import load_config
+from fedpriv.common.config import toml_value
 from fedpriv.cli import settings_markdown
-from simulations.presets import preset_layers
+from fedpriv.simulations.presets import preset_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER_CONFIG = "[tool.flwr.app.config]"

@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.audit import AUDIT_EMPIRICAL, AUDIT_MD, AUDIT_PNG, audit_run
-from common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
-from common.empirical import DEFAULT_CONFIDENCE
-from common.errors import FedprivError
-from common.rundir import json_safe, write_atomic, write_json
+from fedpriv.common.audit import AUDIT_EMPIRICAL, AUDIT_MD, AUDIT_PNG, audit_run
+from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
+from fedpriv.common.empirical import DEFAULT_CONFIDENCE
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.rundir import json_safe, write_atomic, write_json
 
 EXIT_FAILED = 1
 EMPIRICAL_OPTIONS = ("canaries", "confidence", "rounds", "seed", "work_dir")
@@ -209,7 +209,7 @@ def _empirical(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, An
     """Run the empirical audit and fold its verdict into ``report``."""
     if not report["ledger_ok"]:
         return {"skipped": "the ledger does not verify, so the run's configuration cannot be trusted"}
-    from simulations.empirical_audit import check_options, run_empirical_audit, verdict_line
+    from fedpriv.simulations.empirical_audit import check_options, run_empirical_audit, verdict_line
 
     options = {k: getattr(args, k) for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None}
     check_options(**options)
@@ -291,7 +291,7 @@ def _print_empirical(console: Any, result: dict[str, Any]) -> None:
     if result.get("skipped"):
         console.print(f"empirical audit not run: {result['skipped']}", highlight=False)
         return
-    from simulations.empirical_audit import verdict_line
+    from fedpriv.simulations.empirical_audit import verdict_line
 
     tpr = result["tpr_at_fpr"]
     console.print(

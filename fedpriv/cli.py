@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.errors import FedprivError
+from fedpriv.common.errors import FedprivError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- commands -------------------------------------------------------------------------------
 def resolve_config(preset: str | None, config_file: str | None, overrides: list[str]) -> Any:
-    from common.config import load_config, read_toml
-    from simulations.presets import DEFAULT_PRESET, preset_layers
+    from fedpriv.common.config import load_config, read_toml
+    from fedpriv.simulations.presets import DEFAULT_PRESET, preset_layers
 
     layers = []
     file_layer = read_toml(config_file) if config_file else None
@@ -159,8 +159,8 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
 def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> Any:
     """The configuration a run last ran with (from its verified ledger), then ``--config`` and
     ``--set``, with run.resume on and run.out_dir set to ``run_dir``."""
-    from common.config import load_config, read_toml, unflatten
-    from server.resume import check_budgets, recorded_config, verified_entries
+    from fedpriv.common.config import load_config, read_toml, unflatten
+    from fedpriv.server.resume import check_budgets, recorded_config, verified_entries
 
     if not run_dir.is_dir():
         raise FedprivError(f"no run to resume: {run_dir} is not a directory")
@@ -180,7 +180,7 @@ def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) 
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from simulations.presets import available, preset_layers
+    from fedpriv.simulations.presets import available, preset_layers
 
     for name in available():
         layers = preset_layers(name)
@@ -190,7 +190,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from common.config import describe_settings, toml_value
+    from fedpriv.common.config import describe_settings, toml_value
 
     if args.preset or args.config or args.overrides:
         cfg = resolve_config(args.preset, args.config, args.overrides)
@@ -210,7 +210,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def settings_markdown() -> str:
     """The settings reference in docs/configuration.md (a test keeps the two identical)."""
-    from common.config import describe_settings
+    from fedpriv.common.config import describe_settings
 
     lines = ["| setting | default | meaning |", "|---|---|---|"]
     for key, default, help_text in describe_settings():
@@ -221,7 +221,7 @@ def settings_markdown() -> str:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from common import rundir
+    from fedpriv.common import rundir
 
     console = Console(stderr=False)
     if args.resume:
@@ -239,13 +239,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # Every process (server, virtual clients) must agree on the run directory.
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir.resolve())))
 
-    from simulations.run import plan
+    from fedpriv.simulations.run import plan
 
     started = time.perf_counter()
     with console.status("Loading data and checking the configuration..."):
         run_plan = plan(cfg)
     if run_plan.restore is not None:
-        from server.resume import NothingToResume, remaining_rounds
+        from fedpriv.server.resume import NothingToResume, remaining_rounds
 
         try:
             remaining_rounds(cfg, run_plan.restore, out_dir)
@@ -287,7 +287,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _run_with_progress(console: Any, cfg: Any, out_dir: Path, verbose: bool, run_plan: Any) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulations.run import simulate
+    from fedpriv.simulations.run import simulate
 
     def describe(entry: Any) -> str:
         acc = f"{entry.accuracy:.3f}" if entry.accuracy is not None else "-"

@@ -193,7 +193,7 @@ def _resolve(args: argparse.Namespace) -> Any:
 
 
 def cmd_server_start(args: argparse.Namespace) -> int:
-    from server.superlink import plan_superlink, start_superlink
+    from fedpriv.server.superlink import plan_superlink, start_superlink
 
     plan = plan_superlink(args.keys, args.state, args.host, args.port, args.register,
                           args.admin_host, args.admin_port, args.roster, args.internal_port)
@@ -206,7 +206,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
 
 def cmd_server_revoke(args: argparse.Namespace) -> int:
-    from common.errors import FedprivError
+    from fedpriv.common.errors import FedprivError
 
     if (args.operator_cert is None) == (args.node is None):
         raise FedprivError("give one of --operator-cert FILE or --node KEY.pub")
@@ -214,13 +214,13 @@ def cmd_server_revoke(args: argparse.Namespace) -> int:
     if not state.is_dir():
         raise FedprivError(f"no server state at {state} (the --state of fedpriv server start)")
     if args.operator_cert is not None:
-        from server.operators import revoke_operator
+        from fedpriv.server.operators import revoke_operator
 
         who = revoke_operator(state, args.operator_cert)
         print(f"fedpriv: revoked {who.name} ({who.role}, serial {who.serial}); the operators' port refuses it "
               "from its next request")
         return 0
-    from server.superlink import unregister_node
+    from fedpriv.server.superlink import unregister_node
 
     node_id = unregister_node(args.node, state)
     print(f"fedpriv: unregistered node {node_id} ({args.node.name}); it can no longer connect")
@@ -228,14 +228,14 @@ def cmd_server_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
-    from common.ledger import LEDGER
-    from server.superlink import app_key_path, default_app_dir, run_config_string, signed_app, submit_run
+    from fedpriv.common.ledger import LEDGER
+    from fedpriv.server.superlink import app_key_path, default_app_dir, run_config_string, signed_app, submit_run
 
     if args.resume:
         args.overrides = [*args.overrides, "run.resume=true", f"run.out_dir={args.resume}"]
     cfg = _resolve(args)
     if args.resume and (Path(args.resume) / LEDGER).is_file():  # on this machine: refuse a relaxed budget
-        from server.resume import check_budgets, verified_entries  # before submitting anything
+        from fedpriv.server.resume import check_budgets, verified_entries  # before submitting anything
 
         check_budgets(verified_entries(Path(args.resume)), cfg)
     if args.dry_run:
@@ -258,7 +258,7 @@ def cmd_server_run(args: argparse.Namespace) -> int:
 
 
 def cmd_node_join(args: argparse.Namespace) -> int:
-    from clients.supernode import INSECURE_WARNING, describe, join, plan_join
+    from fedpriv.clients.supernode import INSECURE_WARNING, describe, join, plan_join
 
     if args.insecure and (args.root_cert or args.auth_key):
         print("fedpriv: --insecure ignores --root-cert and --auth-key", file=sys.stderr)
@@ -271,7 +271,7 @@ def cmd_node_join(args: argparse.Namespace) -> int:
         print(f"fedpriv: {describe(plan)}")
         print(shlex.join(plan.argv))
         if plan.gate_argv:  # started beside the SuperNode, in place of Flower's SuperExec
-            from common.appsign import TRUST_ENV
+            from fedpriv.common.appsign import TRUST_ENV
 
             print(f"{TRUST_ENV}={shlex.quote(plan.gate_env[TRUST_ENV])} {shlex.join(plan.gate_argv)} "
                   f"--parent-pid SUPERNODE_PID")
@@ -280,8 +280,8 @@ def cmd_node_join(args: argparse.Namespace) -> int:
 
 
 def cmd_app_sign(args: argparse.Namespace) -> int:
-    from common.appsign import SIGNATURE_SETTING, fab_hash, fingerprint, load_signing_key, sign_app, snapshot_app
-    from common.errors import FedprivError
+    from fedpriv.common.appsign import SIGNATURE_SETTING, fab_hash, fingerprint, load_signing_key, sign_app, snapshot_app
+    from fedpriv.common.errors import FedprivError
 
     import tempfile
 
@@ -301,10 +301,10 @@ def cmd_app_sign(args: argparse.Namespace) -> int:
 def cmd_split_data(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from common.data import load_dataset
-    from common.errors import FedprivError
-    from common.partition import partition
-    from common.fileio import write_atomic
+    from fedpriv.common.data import load_dataset
+    from fedpriv.common.errors import FedprivError
+    from fedpriv.common.partition import partition
+    from fedpriv.common.fileio import write_atomic
 
     if args.nodes < 1:
         raise FedprivError(f"--nodes must be at least 1, got {args.nodes}")

@@ -54,8 +54,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from common.keys import app_signing_keys, federation_keys, roster_file, write_keys
-    from common.fileio import write_atomic
+    from fedpriv.common.keys import app_signing_keys, federation_keys, roster_file, write_keys
+    from fedpriv.common.fileio import write_atomic
 
     if args.sign_roster:
         roster = roster_file(args.out, args.node_keys)
@@ -64,7 +64,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print("next: give it to fedpriv server start (DIR/roster.signed, or --roster FILE) and restart it")
         return EXIT_OK
     if args.node_keys:
-        from common.errors import FedprivError
+        from fedpriv.common.errors import FedprivError
 
         raise FedprivError("--node-key goes with --sign-roster")
     if args.operator or args.role:
@@ -86,9 +86,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _issue_operator(args: argparse.Namespace) -> int:
-    from common.errors import FedprivError
-    from common.keys import CA_CERT, CA_KEY, KeyFile, write_keys
-    from common.operators import OPERATORS_DIR, issue_operator
+    from fedpriv.common.errors import FedprivError
+    from fedpriv.common.keys import CA_CERT, CA_KEY, KeyFile, write_keys
+    from fedpriv.common.operators import OPERATORS_DIR, issue_operator
 
     if not (args.operator and args.role):
         raise FedprivError("--operator NAME and --role ROLE go together")

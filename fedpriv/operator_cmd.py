@@ -44,9 +44,9 @@ def start_forwarder(superlink: str, root_cert: Path, cert: Path, key: Path, port
     """A started :class:`server.gateway.Forwarder` (one-line errors for bad input)."""
     import ssl
 
-    from common.errors import FedprivError
-    from common.tls import load_certificate, parse_address
-    from server.gateway import Forwarder
+    from fedpriv.common.errors import FedprivError
+    from fedpriv.common.tls import load_certificate, parse_address
+    from fedpriv.server.gateway import Forwarder
 
     address = parse_address(superlink, "--superlink")
     load_certificate(root_cert, "root certificate")

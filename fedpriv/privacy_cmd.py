@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import dp_accounting
 
-from common import accounting
-from common.accounting import ENFORCEMENT_ACCOUNTANT
-from common.errors import FedprivError
+from fedpriv.common import accounting
+from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
+from fedpriv.common.errors import FedprivError
 
 
 def add_parser(sub: Any) -> None:
@@ -176,7 +176,7 @@ def _number(value: Any) -> str:
 
 
 def _emit(report: dict[str, Any], as_json: bool) -> int:
-    from common.rundir import json_safe
+    from fedpriv.common.rundir import json_safe
 
     if as_json:
         print(json.dumps(json_safe(report), indent=2))

@@ -24,17 +24,17 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from common import checkpoint, rundir, secagg
-from common.config import RunConfig, config_from_run_config
-from common.data import load_dataset
-from common.models import build_model, resolve_model_name
-from common.tf_runtime import keras, tf
-from server import resume
-from server.privacy import PrivacyRecorder
-from server.report import write_run
-from server.run_log import RoundEntry, RunLog
-from server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
-from server.strategy import FedprivStrategy, ObservedGrid
+from fedpriv.common import checkpoint, rundir, secagg
+from fedpriv.common.config import RunConfig, config_from_run_config
+from fedpriv.common.data import load_dataset
+from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.common.tf_runtime import keras, tf
+from fedpriv.server import resume
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.report import write_run
+from fedpriv.server.run_log import RoundEntry, RunLog
+from fedpriv.server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
+from fedpriv.server.strategy import FedprivStrategy, ObservedGrid
 
 log = logging.getLogger("fedpriv")
 

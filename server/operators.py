@@ -25,11 +25,11 @@ from typing import Any
 
 from cryptography import x509
 
-from common.errors import FedprivError
-from common.ledger import LedgerWriter
-from common.operators import OPERATOR_LOG, PERMISSIONS, Operator, operator_of, submitted_runs
-from common.fileio import write_atomic
-from server.gateway import Gateway
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import LedgerWriter
+from fedpriv.common.operators import OPERATOR_LOG, PERMISSIONS, Operator, operator_of, submitted_runs
+from fedpriv.common.fileio import write_atomic
+from fedpriv.server.gateway import Gateway
 
 log = logging.getLogger("fedpriv")
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import dp_accounting
 
-from common import accounting, rundir, user_dp
-from common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
-from common.config import RunConfig
-from common.errors import FedprivError
-from common import witness
-from common.ledger import LedgerWriter, event_from_json, key_id, load_or_create_signing_key
-from common.user_dp import USER_LEVEL_SAMPLING
-from server import resume as resume_checks
-from server.resume import RestorePoint
+from fedpriv.common import accounting, rundir, user_dp
+from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import FedprivError
+from fedpriv.common import witness
+from fedpriv.common.ledger import LedgerWriter, event_from_json, key_id, load_or_create_signing_key
+from fedpriv.common.user_dp import USER_LEVEL_SAMPLING
+from fedpriv.server import resume as resume_checks
+from fedpriv.server.resume import RestorePoint
 
 KEY_ENV = rundir.LEDGER_KEY_ENV
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).

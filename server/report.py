@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from common import ledger, rundir, user_dp
-from common.accounting import ENFORCEMENT_ACCOUNTANT
-from common.config import RunConfig
-from server.privacy import PrivacyRecorder
-from server.run_log import RunLog
+from fedpriv.common import ledger, rundir, user_dp
+from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
+from fedpriv.common.config import RunConfig
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.run_log import RunLog
 
 # One row per round: the server's evaluation on its own test data (accuracy, loss), the
 # accounted epsilons, client counts the server knows itself, wall time. No client statistic.

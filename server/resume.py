@@ -17,11 +17,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from common import checkpoint
-from common.checkpoint import CheckpointError
-from common.config import RunConfig
-from common.errors import FedprivError
-from common.ledger import LEDGER, verify_ledger
+from fedpriv.common import checkpoint
+from fedpriv.common.checkpoint import CheckpointError
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import LEDGER, verify_ledger
 
 # Settings a resume cannot change: the delta epsilon is stated at, and what decides which records
 # each client id holds (changing those would split a record's spending across client ids).

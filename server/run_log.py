@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from common.protocol import CLIENT_ID, RECORD_EPSILON
+from fedpriv.common.protocol import CLIENT_ID, RECORD_EPSILON
 
 # Per-round fields of older checkpoints that are no longer kept (a resume drops them).
 RETIRED_FIELDS = frozenset({"train_loss"})

@@ -23,10 +23,10 @@ from typing import Any, Iterable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from common import roster as rosters
-from common import rundir, secagg_masks
-from common.config import RunConfig
-from common.errors import FedprivError
+from fedpriv.common import roster as rosters
+from fedpriv.common import rundir, secagg_masks
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import FedprivError
 
 
 def federation_roster(cfg: RunConfig) -> bytes:

@@ -37,17 +37,17 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 
-from common import secagg, user_dp
-from common.config import RunConfig
-from common.errors import FedprivError
-from common.updates import clip_bound, update_problem
-from common.protocol import (
+from fedpriv.common import secagg, user_dp
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.updates import clip_bound, update_problem
+from fedpriv.common.protocol import (
     CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, REFUSAL_CODES, RUN_HEAD, RUN_ID,
     SERVER_ROUND,
 )
-from server.privacy import PrivacyRecorder, UserBudgetExhausted
-from server.rounds import Rounds
-from server.run_log import RunLog
+from fedpriv.server.privacy import PrivacyRecorder, UserBudgetExhausted
+from fedpriv.server.rounds import Rounds
+from fedpriv.server.run_log import RunLog
 
 log = logging.getLogger("fedpriv")
 class NotEnoughClients(FedprivError):

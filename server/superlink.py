@@ -31,19 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import checkpoint, rundir
-from common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
-from common.keys import ROSTER
-from common.roster import ROSTER_ENV
-from common.fileio import write_atomic
-from common.witness import WITNESS_DIR, WITNESS_ENV
-from common.config import RunConfig, toml_value
-from common.process import Child, flower_environment, flower_executable, terminate_as_exit
-from common.tls import (
+from fedpriv.common import checkpoint, rundir
+from fedpriv.common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
+from fedpriv.common.keys import ROSTER
+from fedpriv.common.roster import ROSTER_ENV
+from fedpriv.common.fileio import write_atomic
+from fedpriv.common.witness import WITNESS_DIR, WITNESS_ENV
+from fedpriv.common.config import RunConfig, toml_value
+from fedpriv.common.process import Child, flower_environment, flower_executable, terminate_as_exit
+from fedpriv.common.tls import (
     Address, DeploymentError, check_issued_by, check_key_pair, check_node_public_key, check_tls,
     load_certificate, parse_address, read_file, subject_names,
 )
-from server.gateway import Forwarder, Gateway
+from fedpriv.server.gateway import Forwarder, Gateway
 
 CONNECTION = "fedpriv"
 # The layout of the state directory (named in common.rundir).
@@ -146,7 +146,7 @@ def free_loopback_port() -> int:
 
 def check_roster(path: Path, ca_path: Path, node_keys: list[Path]) -> None:
     """The signed node roster must verify against the CA and name every node key registered."""
-    from common.roster import RosterError, load_trust_anchor, open_roster
+    from fedpriv.common.roster import RosterError, load_trust_anchor, open_roster
 
     try:
         roster = open_roster(read_file(path, "node roster"), load_trust_anchor(ca_path))
@@ -235,8 +235,8 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
     child = Child(plan.argv, plan.env)
     gateway = Gateway(plan.public.host, plan.public.port, plan.cert, plan.key,
                       plan.internal.host, plan.internal.port, plan.ca)
-    from common.ledger import load_or_create_signing_key
-    from server.operators import OperatorGateway
+    from fedpriv.common.ledger import load_or_create_signing_key
+    from fedpriv.server.operators import OperatorGateway
 
     operators = OperatorGateway(plan.admin_host, plan.admin.port, plan.cert, plan.key, plan.internal.host,
                                 plan.internal.port, plan.ca, plan.state,

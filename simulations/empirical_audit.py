@@ -31,18 +31,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from clients.app import local_data
-from common import empirical, rundir
-from common.audit import audit_run
-from common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
-from common.canaries import DESIGN, Canaries
-from common.config import RunConfig
-from common.data import load_dataset
-from common.errors import FedprivError
-from common.ledger import load_public_key, verify_ledger
-from common.models import build_model, resolve_model_name
-from server.resume import recorded_config
-from server.run_log import RoundEntry
+from fedpriv.clients.app import local_data
+from fedpriv.common import empirical, rundir
+from fedpriv.common.audit import audit_run
+from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
+from fedpriv.common.canaries import DESIGN, Canaries
+from fedpriv.common.config import RunConfig
+from fedpriv.common.data import load_dataset
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import load_public_key, verify_ledger
+from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.server.resume import recorded_config
+from fedpriv.server.run_log import RoundEntry
 
 MAX_CANARIES = 1_000_000
 VERDICT_CONSISTENT = "consistent"
@@ -87,7 +87,7 @@ def accounted(report: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _losses(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from common.tf_runtime import keras
+    from fedpriv.common.tf_runtime import keras
 
     loss = keras().losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     out = []
@@ -163,7 +163,7 @@ def run_empirical_audit(
 def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool, count: int,
            confidence: float, rounds: int | None, seed: int | None, public_key: Path | None,
            verbose: bool, on_round: Callable[[RoundEntry], None] | None) -> dict[str, Any]:
-    from simulations.run import plan, simulate
+    from fedpriv.simulations.run import plan, simulate
 
     started = time.perf_counter()
     recorded, cfg = audit_config(run_dir, public_key, rounds, scratch)

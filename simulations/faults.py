@@ -27,9 +27,9 @@ from flwr.app.message_type import MessageType
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from common import secagg
-from common.config import RunConfig, config_from_run_config
-from common.protocol import PRIVACY, ROUND_SPEND
+from fedpriv.common import secagg
+from fedpriv.common.config import RunConfig, config_from_run_config
+from fedpriv.common.protocol import PRIVACY, ROUND_SPEND
 
 MALFORMED = ("wrong_count", "wrong_shape", "wrong_dtype", "nan", "inf", "over_clip", "bad_record")
 HANG_MARGIN_S = 3.0  # how long past the deadline a hanging client sleeps

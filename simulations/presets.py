@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.config import read_toml
-from common.errors import ConfigError
+from fedpriv.common.config import read_toml
+from fedpriv.common.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quickstart"

@@ -10,19 +10,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from clients.app import local_data, make_client_app
-from common import checkpoint, secagg
-from common.canaries import Canaries
-from common.config import RunConfig
-from common.data import Dataset, load_dataset
-from common.errors import FedprivError
-from common.models import build_model, resolve_model_name
-from common.tf_runtime import RUNTIME_ENV, gpu_count
-from server import resume
-from server.app import make_server_app
-from server.resume import RestorePoint
-from server.run_log import RoundEntry
-from simulations.faults import make_fault_mods
+from fedpriv.clients.app import local_data, make_client_app
+from fedpriv.common import checkpoint, secagg
+from fedpriv.common.canaries import Canaries
+from fedpriv.common.config import RunConfig
+from fedpriv.common.data import Dataset, load_dataset
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.common.tf_runtime import RUNTIME_ENV, gpu_count
+from fedpriv.server import resume
+from fedpriv.server.app import make_server_app
+from fedpriv.server.resume import RestorePoint
+from fedpriv.server.run_log import RoundEntry
+from fedpriv.simulations.faults import make_fault_mods
 
 
 @dataclass(frozen=True)

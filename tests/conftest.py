@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-import common.tf_runtime  # noqa: F401  - sets TF_USE_LEGACY_KERAS before anything imports TF
+from fedpriv.common import tf_runtime  # noqa: F401  - sets TF_USE_LEGACY_KERAS before anything imports TF
 
 ROOT = Path(__file__).resolve().parents[1]
 

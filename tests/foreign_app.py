@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.appsign import SIGNATURE_SETTING
+from fedpriv.common.appsign import SIGNATURE_SETTING
 
 FOREIGN_CLIENT = '''
 from pathlib import Path

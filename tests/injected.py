@@ -26,8 +26,8 @@ import sys
 import time
 from typing import Any
 
-from clients.trainer import LocalTrainer
-from server.strategy import FedprivStrategy
+from fedpriv.clients.trainer import LocalTrainer
+from fedpriv.server.strategy import FedprivStrategy
 
 PAUSED = "fedpriv-test: paused"
 log = logging.getLogger("fedpriv")
@@ -79,9 +79,9 @@ class PausingStrategy(FedprivStrategy):
 def install(noiseless: bool = False, pause_in_round: int | None = None,
             pause_after_round: int | None = None) -> None:
     """Make this process's simulations build their apps with the injected trainer and strategy."""
-    from clients.app import make_client_app
-    from server.app import make_server_app
-    from simulations import run
+    from fedpriv.clients.app import make_client_app
+    from fedpriv.server.app import make_server_app
+    from fedpriv.simulations import run
 
     if noiseless:
         run.make_client_app = functools.partial(make_client_app, trainer_factory=noiseless_trainer)

@@ -39,11 +39,11 @@ def _plain(value: Any, blobs: Path, counter: list[int]) -> Any:
 def main(argv: list[str]) -> int:
     from flwr.simulation import run_simulation
 
-    from clients.app import make_client_app
-    from common.config import load_config
-    from server.app import make_server_app
-    from simulations.presets import preset_layers
-    from simulations.run import backend_config, plan, quiet_flower
+    from fedpriv.clients.app import make_client_app
+    from fedpriv.common.config import load_config
+    from fedpriv.server.app import make_server_app
+    from fedpriv.simulations.presets import preset_layers
+    from fedpriv.simulations.run import backend_config, plan, quiet_flower
 
     out = Path(argv[0])
     blobs = out / "blobs"

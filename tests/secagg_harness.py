@@ -44,7 +44,7 @@ def deviate_in_unmask() -> None:
     (the server process's grid, just before the requests leave)."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-    from server.strategy import ObservedGrid
+    from fedpriv.server.strategy import ObservedGrid
 
     honest = ObservedGrid.send_and_receive
 
@@ -69,11 +69,11 @@ def main(argv: list[str]) -> int:
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
     from flwr.simulation import run_simulation
 
-    from clients.app import make_client_app
-    from common.config import load_config
-    from server.app import make_server_app
-    from simulations.presets import preset_layers
-    from simulations.run import backend_config, plan, quiet_flower
+    from fedpriv.clients.app import make_client_app
+    from fedpriv.common.config import load_config
+    from fedpriv.server.app import make_server_app
+    from fedpriv.simulations.presets import preset_layers
+    from fedpriv.simulations.run import backend_config, plan, quiet_flower
 
     if argv[0] == "--deviate":
         argv = argv[1:]

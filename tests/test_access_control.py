@@ -19,18 +19,18 @@ from dp_accounting import rdp
 from flwr.app import Context, Message, RecordDict
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
 
-from clients.app import TRAINING_LOG, make_client_app
-from clients.policy import NodePolicy, load_policy
-from common.config import load_config
-from common.data import load_dataset
-from common.errors import ConfigError
-from common.ledger import verify_ledger
-from common.models import build_model, resolve_model_name
-from common.protocol import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, RUN_ID, SECAGG_REFUSED_CODE, SERVER_ROUND
-from server.privacy import PrivacyRecorder
-from simulations.presets import preset_layers
-from server.run_log import RunLog
-from server.strategy import FedprivStrategy, clean_reason
+from fedpriv.clients.app import TRAINING_LOG, make_client_app
+from fedpriv.clients.policy import NodePolicy, load_policy
+from fedpriv.common.config import load_config
+from fedpriv.common.data import load_dataset
+from fedpriv.common.errors import ConfigError
+from fedpriv.common.ledger import verify_ledger
+from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.common.protocol import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, RUN_ID, SECAGG_REFUSED_CODE, SERVER_ROUND
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.simulations.presets import preset_layers
+from fedpriv.server.run_log import RunLog
+from fedpriv.server.strategy import FedprivStrategy, clean_reason
 from tests.conftest import task_identity
 
 

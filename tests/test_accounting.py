@@ -7,7 +7,7 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from common.accounting import (
+from fedpriv.common.accounting import (
     DPSGDSpend, effective_noise_multiplier, merge_spends, record_level_epsilon,
 )
 
@@ -86,7 +86,7 @@ def test_one_example_per_microbatch_keeps_full_noise():
 
 # ---- one epsilon policy, failing closed -----------------------------------------------------------
 def test_an_event_no_accountant_can_analyse_is_infinite_never_zero():
-    from common.accounting import analysable, epsilon
+    from fedpriv.common.accounting import analysable, epsilon
 
     step = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0))
     # dp-accounting's RDP accountant cannot analyse sampling without replacement under add/remove
@@ -105,7 +105,7 @@ def test_an_event_no_accountant_can_analyse_is_infinite_never_zero():
 
 
 def test_replace_one_relation_for_fixed_size_sampling_matches_dp_accounting():
-    from common.accounting import epsilon, epsilon_or_none
+    from fedpriv.common.accounting import epsilon, epsilon_or_none
 
     event = dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(0.5))
     acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)

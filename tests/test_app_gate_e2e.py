@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.appsign import APP_REFUSED_CODE, SIGNATURE_SETTING
-from common.ledger import verify_ledger
+from fedpriv.common.appsign import APP_REFUSED_CODE, SIGNATURE_SETTING
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 from tests.foreign_app import FOREIGN_CLIENT, write_foreign_app
 from tests.test_deploy import SuperLink

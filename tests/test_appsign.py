@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.appsign import (
+from fedpriv.common.appsign import (
     APP_KEY, APP_PUB, APP_REFUSED_CODE, SIGNATURE_SETTING, AppRefused, build_app, check_bundle, fab_hash,
     load_signing_key, load_trusted_key, sign_app, snapshot_app, verify_app,
 )
-from common.errors import FedprivError
+from fedpriv.common.errors import FedprivError
 from tests.conftest import task_identity
 from tests.foreign_app import FOREIGN_CLIENT, write_foreign_app
 
@@ -88,7 +88,7 @@ def test_flower_builds_the_same_bundle_twice_and_from_a_snapshot(tmp_path):
 
 
 def test_keys_are_written_and_read_in_the_formats_given(tmp_path):
-    from common.keys import federation_keys, write_keys
+    from fedpriv.common.keys import federation_keys, write_keys
 
     files = {f.path.name: f for f in federation_keys(tmp_path, [], 1, 1)}
     assert files[APP_KEY].private and not files[APP_PUB].private
@@ -122,7 +122,7 @@ def run_task(app: Path, signature: str, trusted: list, node_dir: Path, data: Pat
     from flwr.supercore.fab import Fab
     from flwr.supercore.run import Run
 
-    from clients.app_gate import gated
+    from fedpriv.clients.app_gate import gated
 
     fab = build_app(app) if fab is None else fab
     with task_identity(run_id=5, node_id=7):
@@ -153,7 +153,7 @@ def installed_apps(flwr_home: Path) -> list[Path]:
 
 
 def test_the_gate_refuses_before_the_app_is_installed_or_imported(tmp_path, monkeypatch):
-    from common.ledger import verify_ledger
+    from fedpriv.common.ledger import verify_ledger
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -200,12 +200,12 @@ def test_the_gate_refuses_before_the_app_is_installed_or_imported(tmp_path, monk
 
 
 def test_the_runner_and_superexec_modes_put_the_gate_in_place(tmp_path, monkeypatch):
-    """``python -m clients.app_gate clientapp`` wraps Flower's own pull_task_input; the
+    """``python -m fedpriv.clients.app_gate clientapp`` wraps Flower's own pull_task_input; the
     superexec mode takes only ClientApp tasks and starts them with fedpriv's runner."""
     import subprocess
 
     code = (
-        "import sys; from flwr.supernode.runtime import run_clientapp as r; import clients.app_gate as g;"
+        "import sys; from flwr.supernode.runtime import run_clientapp as r; import fedpriv.clients.app_gate as g;"
         "orig = r.pull_task_input; g.install(); assert r.pull_task_input is not orig;"
         "assert r.pull_task_input.__qualname__.startswith('gated'); print('ok')"
     )
@@ -213,7 +213,7 @@ def test_the_runner_and_superexec_modes_put_the_gate_in_place(tmp_path, monkeypa
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
     # without a trusted key the superexec refuses to start, in one line
     env = {k: v for k, v in os.environ.items() if k != "FEDPRIV_APP_TRUST"}
-    proc = subprocess.run([sys.executable, "-m", "clients.app_gate", "superexec", "--runtime-api-address",
+    proc = subprocess.run([sys.executable, "-m", "fedpriv.clients.app_gate", "superexec", "--runtime-api-address",
                            "127.0.0.1:1", "--insecure"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
 

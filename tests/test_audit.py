@@ -6,12 +6,12 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from common.accounting import DPSGDSpend
-from common.audit import audit_run
-from common.config import load_config
-from common.ledger import LEDGER
+from fedpriv.common.accounting import DPSGDSpend
+from fedpriv.common.audit import audit_run
+from fedpriv.common.config import load_config
+from fedpriv.common.ledger import LEDGER
 from fedpriv.cli import main
-from server.privacy import PrivacyRecorder
+from fedpriv.server.privacy import PrivacyRecorder
 
 DELTA = 1e-5
 SPEND = DPSGDSpend(0.08, 1.2, 13)

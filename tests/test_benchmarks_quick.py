@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from clients.trainer import choose_implementation
-from common.config import DPSection
+from fedpriv.clients.trainer import choose_implementation
+from fedpriv.common.config import DPSection
 from tests.conftest import ROOT
 
 VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")

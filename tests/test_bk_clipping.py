@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clients import bk_clipping
-from common.config import ModelSection
-from common.models import build_layers
-from common.tf_runtime import keras, tf
+from fedpriv.clients import bk_clipping
+from fedpriv.common.config import ModelSection
+from fedpriv.common.models import build_layers
+from fedpriv.common.tf_runtime import keras, tf
 
 
 def exact_clipped_mean(model, x, y, clip):

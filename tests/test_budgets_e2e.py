@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from common.ledger import verify_ledger
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import poisson_gaussian_epsilon, run_cli_here, simulate_run
 
 pytestmark = pytest.mark.slow

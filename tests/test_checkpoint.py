@@ -8,8 +8,8 @@ import stat
 import numpy as np
 import pytest
 
-from common import checkpoint
-from common.checkpoint import CheckpointError
+from fedpriv.common import checkpoint
+from fedpriv.common.checkpoint import CheckpointError
 
 
 def _arrays():
@@ -87,7 +87,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
         "import base64, os, signal, sys\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "from common import checkpoint\n"
+        "from fedpriv.common import checkpoint\n"
         "def killed(fd):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "os.fsync = killed\n"

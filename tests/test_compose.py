@@ -211,15 +211,14 @@ def test_every_command_parses_with_fedpriv(compose: dict[str, Any]) -> None:
 
 
 def test_superlink_healthcheck_is_valid_python(compose: dict[str, Any]) -> None:
-    import common.tls
-
+    from fedpriv.common import tls
     test = compose["services"]["superlink"]["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
     code = test[3]
     compile(code, "healthcheck", "exec")
     for name in re.findall(r"import ([\w, ]+)", code)[-1].split(","):
         if name.strip() not in ("Path",):
-            assert hasattr(common.tls, name.strip()), name
+            assert hasattr(tls, name.strip()), name
     port = _command(compose, "superlink")[_command(compose, "superlink").index("--port") + 1]
     assert f"'127.0.0.1', {port}" in code and "/run/secrets/ca.crt" in code
 
@@ -341,7 +340,7 @@ def _parse_flower(parser_factory: Any, argv: list[str]) -> Any:
 
 
 def _cert_names(deployment: Path) -> list[str]:
-    from common.tls import load_certificate, subject_names
+    from fedpriv.common.tls import load_certificate, subject_names
 
     return subject_names(load_certificate(deployment / "deploy/keys/superlink.crt", "certificate"))
 
@@ -350,7 +349,7 @@ def test_superlink_command_is_accepted_by_fedpriv_and_flower(
         compose: dict[str, Any], deployment: Path, dry_runs: dict[str, Any]) -> None:
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
-    from common.tls import check_node_key
+    from fedpriv.common.tls import check_node_key
 
     tree, _, out = dry_runs["superlink"]
     argv = _printed_command(out, "flower-superlink")
@@ -419,7 +418,7 @@ def test_node_command_is_accepted_by_fedpriv_and_flower(
     assert node_config["record-budget"] == float(container[container.index("--budget") + 1])
     # Flower's SuperExec is replaced by fedpriv's app gate, which trusts the mounted app-signing.pub
     assert args.isolation == "process"
-    gate = next(line for line in out.splitlines() if "clients.app_gate superexec" in line)
+    gate = next(line for line in out.splitlines() if "fedpriv.clients.app_gate superexec" in line)
     assert gate.startswith(f"FEDPRIV_APP_TRUST={secrets / 'app-signing.pub'} ")
     assert f"--runtime-api-address 127.0.0.1:{args.port}" in gate
 
@@ -458,7 +457,7 @@ def test_run_command_is_accepted_by_fedpriv_and_flower(
 
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    from common.appsign import load_trusted_key
+    from fedpriv.common.appsign import load_trusted_key
 
     signer = base64.b64decode(fused["run.app_signature"].split(":")[1])
     public = load_trusted_key(deployment / "deploy/keys/app-signing.pub")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
 
-from common.config import ConfigError, RunConfig, load_config, parse_override
-from simulations.presets import available, preset_layers
+from fedpriv.common.config import ConfigError, RunConfig, load_config, parse_override
+from fedpriv.simulations.presets import available, preset_layers
 from tests.conftest import ROOT
 
 
@@ -111,7 +111,7 @@ def test_flower_run_config_in_pyproject_is_the_quickstart_preset():
 def test_strategy_choice():
     from flwr.server.strategy import FedAdam, FedAvg
 
-    from server.strategy import build_inner_strategy
+    from fedpriv.server.strategy import build_inner_strategy
 
     initial = ndarrays_to_parameters([np.zeros(3, dtype=np.float32)])
     fedavg = build_inner_strategy(load_config(overrides=["federation.fraction_train=0.5",
@@ -179,7 +179,7 @@ class _Grid:
 
 
 def test_waiting_for_clients_ends_with_a_clear_error():
-    from server.strategy import NotEnoughClients, wait_for_clients
+    from fedpriv.server.strategy import NotEnoughClients, wait_for_clients
 
     assert wait_for_clients(_Grid([1, 2, 3]), needed=3, timeout=5, poll=0.01) == 3
     with pytest.raises(NotEnoughClients, match="only 2 of the 10 clients"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clients.conv_clipping import layer_registry, use_ghost_norm
-from common.tf_runtime import keras, tf
+from fedpriv.clients.conv_clipping import layer_registry, use_ghost_norm
+from fedpriv.common.tf_runtime import keras, tf
 
 
 def exact_norms(model, x, y, loss_fn, microbatches=None):
@@ -73,8 +73,8 @@ def test_conv2d_norms_match_exact_per_example_norms(case, dtype):
 def test_the_seed_cnn_takes_the_fast_path_with_exact_norms():
     from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_utils
 
-    from common.config import ModelSection
-    from common.models import build_layers
+    from fedpriv.common.config import ModelSection
+    from fedpriv.common.models import build_layers
 
     k = keras()
     k.utils.set_random_seed(2)

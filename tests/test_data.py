@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from common.config import DataSection
-from common.data import load_dataset, load_file
-from common.errors import DataError
-from common.models import resolve_model_name
-from common.config import ModelSection
+from fedpriv.common.config import DataSection
+from fedpriv.common.data import load_dataset, load_file
+from fedpriv.common.errors import DataError
+from fedpriv.common.models import resolve_model_name
+from fedpriv.common.config import ModelSection
 
 
 def test_builtin_is_real_mnist_offline():
@@ -39,8 +39,7 @@ def test_npz_and_csv_files(tmp_path):
 
 
 def test_downloads_fall_back_to_builtin_with_a_message(monkeypatch):
-    import common.data as data
-
+    import fedpriv.common.data as data
     def offline(name):
         raise OSError("network is unreachable")
 

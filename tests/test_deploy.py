@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from common.tls import DeploymentError, load_certificate
-from server.gateway import allowed
-from common.ledger import verify_ledger
+from fedpriv.common.tls import DeploymentError, load_certificate
+from fedpriv.server.gateway import allowed
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 
 
@@ -126,7 +126,7 @@ def test_nodes_trust_an_app_signing_key_and_runs_are_signed(cli_here, material, 
     assert "Ed25519" in line, line
     proc = cli_here(*args, "--trust", str(material / "keys/app-signing.pub"), "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "--isolation process" in proc.stdout and "clients.app_gate superexec" in proc.stdout
+    assert "--isolation process" in proc.stdout and "fedpriv.clients.app_gate superexec" in proc.stdout
     assert "runs only apps signed by app-signing key" in proc.stdout
     # the default: app-signing.pub beside --root-cert
     proc = cli_here(*join_args(material, free_port()), "--dry-run")
@@ -176,7 +176,7 @@ def test_server_start_checks_its_key_material(cli_here, material, tmp_path):
     assert "node roster" in line and "roster.signed" in line  # none yet
     (keys / "roster.signed").write_bytes((material / "other/roster.signed").read_bytes())
     assert "does not verify against this node's trust anchor" in one_error_line(cli_here(*base))
-    from common.roster import sign_roster
+    from fedpriv.common.roster import sign_roster
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     ca_key = load_pem_private_key((material / "keys/ca.key").read_bytes(), None)

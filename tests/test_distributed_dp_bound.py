@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from common.audit import audit_run
-from common.config import load_config
-from common.ledger import verify_ledger
-from server.privacy import PrivacyRecorder, UserBudgetExhausted
-from server.run_log import RunLog
-from server.strategy import FedprivStrategy
+from fedpriv.common.audit import audit_run
+from fedpriv.common.config import load_config
+from fedpriv.common.ledger import verify_ledger
+from fedpriv.server.privacy import PrivacyRecorder, UserBudgetExhausted
+from fedpriv.server.run_log import RunLog
+from fedpriv.server.strategy import FedprivStrategy
 
 DELTA = 1e-5
 

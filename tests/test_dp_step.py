@@ -7,8 +7,8 @@ gradient is known in closed form and the step's update can be checked exactly.
 import numpy as np
 import pytest
 
-from clients.trainer import LocalTrainer, choose_implementation
-from common.config import ClientSection, DPSection, ModelSection
+from fedpriv.clients.trainer import LocalTrainer, choose_implementation
+from fedpriv.common.config import ClientSection, DPSection, ModelSection
 
 IMPLEMENTATIONS = ["vectorized", "keras", "fast", "bookkeeping"]
 LR = 1.0
@@ -28,7 +28,7 @@ def _trainer(implementation, clip, noise, dims=4, classes=3):
 
 def _per_example_grads(trainer, x, y):
     """Exact per-example gradients of the trainer's loss, computed with a plain GradientTape."""
-    from common.tf_runtime import keras, tf
+    from fedpriv.common.tf_runtime import keras, tf
 
     loss_fn = keras().losses.SparseCategoricalCrossentropy(from_logits=True)
     grads = []
@@ -124,9 +124,9 @@ def test_microbatching_halves_the_effective_noise_in_the_spend():
 
 
 def test_auto_implementation():
-    from common.config import ModelSection
-    from common.models import build_layers
-    from common.tf_runtime import keras
+    from fedpriv.common.config import ModelSection
+    from fedpriv.common.models import build_layers
+    from fedpriv.common.tf_runtime import keras
 
     cnn = build_layers("cnn", ModelSection(), (28, 28, 1), 10)
     assert choose_implementation(DPSection(implementation="auto"), cnn) == "bookkeeping"

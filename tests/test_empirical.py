@@ -25,15 +25,15 @@ import scipy.optimize
 import scipy.stats
 from flwr.app import Context, RecordDict
 
-from clients.app import local_data, node_setup
-from clients.trainer import LocalTrainer
-from common import empirical
-from common.canaries import Canaries
-from common.config import load_config
-from common.data import load_dataset
+from fedpriv.clients.app import local_data, node_setup
+from fedpriv.clients.trainer import LocalTrainer
+from fedpriv.common import empirical
+from fedpriv.common.canaries import Canaries
+from fedpriv.common.config import load_config
+from fedpriv.common.data import load_dataset
 from fedpriv.cli import main
-from server.privacy import PrivacyRecorder
-from simulations.presets import preset_layers
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.simulations.presets import preset_layers
 from tests.conftest import ROOT, run_cli, simulate_run
 from tests.injected import NoiselessTrainer
 

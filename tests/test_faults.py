@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.ledger import verify_ledger
-from common.updates import update_problem
-from simulations.faults import corrupt
+from fedpriv.common.ledger import verify_ledger
+from fedpriv.common.updates import update_problem
+from fedpriv.simulations.faults import corrupt
 from tests.conftest import simulate_run
 
 SHAPES = [(3, 4), (4,)]

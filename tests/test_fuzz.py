@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from common.config import DataSection, RunConfig, ConfigError, load_config, read_toml, toml_value
-from common.data import load_dataset, load_node_data
-from common.errors import FedprivError
+from fedpriv.common.config import DataSection, RunConfig, ConfigError, load_config, read_toml, toml_value
+from fedpriv.common.data import load_dataset, load_node_data
+from fedpriv.common.errors import FedprivError
 
 EXAMPLES = 500
 FUZZ = settings(max_examples=EXAMPLES, deadline=5000, derandomize=True, database=None,

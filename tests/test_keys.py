@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from common.ledger import load_or_create_signing_key, load_public_key
+from fedpriv.common.ledger import load_or_create_signing_key, load_public_key
 from tests.conftest import free_port
 
 PRIVATE = ["ca.key", "superlink.key", "nodes/node-1", "nodes/node-2", "ledger-signing.key", "checkpoint.key"]
@@ -57,7 +57,7 @@ def test_keys_are_complete_valid_and_private(cli_here, tmp_path):
     ledger_key = load_or_create_signing_key(out / "ledger-signing.key")
     assert ledger_key.public_key() == load_public_key(out / "ledger-signing.pub")
     # The roster names exactly the node keys, signed by the CA.
-    from common.roster import load_trust_anchor, open_roster
+    from fedpriv.common.roster import load_trust_anchor, open_roster
 
     roster = open_roster((out / "roster.signed").read_bytes(), load_trust_anchor(out / "ca.crt"))
     assert roster.nodes == {" ".join((out / "nodes" / f"{n}.pub").read_text().split()[:2])
@@ -65,7 +65,7 @@ def test_keys_are_complete_valid_and_private(cli_here, tmp_path):
 
 
 def test_the_roster_is_re_signed_with_a_new_node_key(cli_here, tmp_path):
-    from common.roster import load_trust_anchor, open_roster
+    from fedpriv.common.roster import load_trust_anchor, open_roster
 
     out, other = tmp_path / "keys", tmp_path / "other"
     assert cli_here("keys", "--out", str(out), "--nodes", "1").returncode == 0

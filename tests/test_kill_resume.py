@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common import checkpoint
-from common.accounting import DPSGDSpend
-from common.ledger import verify_ledger
+from fedpriv.common import checkpoint
+from fedpriv.common.accounting import DPSGDSpend
+from fedpriv.common.ledger import verify_ledger
 from tests.injected import PAUSED
 from tests.conftest import ROOT, dp_sgd_epsilon, run_cli, simulate_run
 

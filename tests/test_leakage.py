@@ -19,14 +19,14 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
 
-from clients.app import TRAINING_LOG, make_client_app
-from common.config import load_config
-from common.data import load_dataset
-from common.models import build_model, resolve_model_name
-from server.privacy import PrivacyRecorder
-from server.report import build_summary, metrics_csv
-from server.run_log import RoundEntry, RunLog
-from server.strategy import FedprivStrategy
+from fedpriv.clients.app import TRAINING_LOG, make_client_app
+from fedpriv.common.config import load_config
+from fedpriv.common.data import load_dataset
+from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.report import build_summary, metrics_csv
+from fedpriv.server.run_log import RoundEntry, RunLog
+from fedpriv.server.strategy import FedprivStrategy
 from tests.conftest import run_harness, task_identity
 
 # What a reply's metrics may carry (docs/secure-aggregation.md, "What the server sees of each client").

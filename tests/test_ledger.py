@@ -7,11 +7,11 @@ import shutil
 import dp_accounting
 import pytest
 
-from common.ledger import (
+from fedpriv.common.ledger import (
     HEAD, LEDGER, LedgerWriter, canonical, entry_hash, event_from_json, event_to_json, key_id,
     load_or_create_signing_key, verify_ledger,
 )
-from common.errors import FedprivError
+from fedpriv.common.errors import FedprivError
 
 EVENTS = [
     dp_accounting.SelfComposedDpEvent(
@@ -150,7 +150,7 @@ def _kill_writer_before_head(directory, key_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "import common.ledger as ledger\n"
+        "import fedpriv.common.ledger as ledger\n"
         "def killed(path, data):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "writer = ledger.LedgerWriter(Path(sys.argv[1]), ledger.load_or_create_signing_key(Path(sys.argv[2])))\n"

@@ -18,7 +18,7 @@ from collections import defaultdict
 import pytest
 
 from benchmarks.scale import descendants, rss_bytes
-from common.ledger import verify_ledger
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT
 
 CLIENTS, ROUNDS = 50, 10

@@ -8,12 +8,12 @@ import time
 
 import numpy as np
 
-from clients.trainer import LocalTrainer
-from common.config import load_config
-from common.data import load_dataset
-from server.privacy import PrivacyRecorder
-from server.run_log import RunLog
-from server.strategy import FedprivStrategy
+from fedpriv.clients.trainer import LocalTrainer
+from fedpriv.common.config import load_config
+from fedpriv.common.data import load_dataset
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.run_log import RunLog
+from fedpriv.server.strategy import FedprivStrategy
 from tests.conftest import ROOT
 
 # The variables release builds obeyed before (they are inherited by every child process).

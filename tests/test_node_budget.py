@@ -2,10 +2,10 @@
 
 import pytest
 
-from clients.budget import BudgetExhausted, open_guard
-from common.accounting import DPSGDSpend, record_level_epsilon
-from common.errors import FedprivError
-from common.ledger import LEDGER
+from fedpriv.clients.budget import BudgetExhausted, open_guard
+from fedpriv.common.accounting import DPSGDSpend, record_level_epsilon
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import LEDGER
 
 SPEND = DPSGDSpend(0.1, 1.1, 10)
 DELTA = 1e-5

@@ -11,11 +11,11 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 
-from clients.app import make_client_app
-from common.config import load_config
-from common.data import load_dataset
-from common.errors import DataError
-from common.models import build_model, resolve_model_name
+from fedpriv.clients.app import make_client_app
+from fedpriv.common.config import load_config
+from fedpriv.common.data import load_dataset
+from fedpriv.common.errors import DataError
+from fedpriv.common.models import build_model, resolve_model_name
 from tests.conftest import task_identity
 
 

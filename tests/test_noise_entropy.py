@@ -18,10 +18,10 @@ import os
 import numpy as np
 import pytest
 
-from clients.trainer import LocalTrainer
-from common import entropy, secagg
-from common.config import ClientSection, DPSection, ModelSection
-from common.tf_runtime import keras, tf
+from fedpriv.clients.trainer import LocalTrainer
+from fedpriv.common import entropy, secagg
+from fedpriv.common.config import ClientSection, DPSection, ModelSection
+from fedpriv.common.tf_runtime import keras, tf
 
 IMPLEMENTATIONS = ["bookkeeping", "fast", "keras", "vectorized"]
 # Stateful random ops that seed themselves from TensorFlow's process-wide 32-bit-seeded source
@@ -213,7 +213,7 @@ def test_a_round_of_training_is_a_function_of_os_urandom_alone(monkeypatch):
 
 
 def test_user_level_noise_rounding_and_client_sampling_read_os_urandom():
-    """common.secagg's samplers (central and distributed user-level noise, randomized rounding,
+    """fedpriv.common.secagg's samplers (central and distributed user-level noise, randomized rounding,
     the server's client sampling) default to os.urandom and are functions of their byte source."""
     for sampler in (secagg.uniform, secagg.gaussian, secagg.discrete_gaussian, secagg.randomized_round):
         assert inspect.signature(sampler).parameters["random_bytes"].default is os.urandom, sampler

@@ -18,10 +18,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.proto.control_pb2 import StartRunResponse, StopRunRequest
 
-from common.keys import federation_keys, write_keys
-from common.ledger import verify_ledger
-from common.operators import issue_operator
-from server.operators import OPERATOR_LOG, OperatorGateway, revoke_operator
+from fedpriv.common.keys import federation_keys, write_keys
+from fedpriv.common.ledger import verify_ledger
+from fedpriv.common.operators import issue_operator
+from fedpriv.server.operators import OPERATOR_LOG, OperatorGateway, revoke_operator
 
 
 class _FakeSuperLink(BaseHTTPRequestHandler):
@@ -152,7 +152,7 @@ def test_a_revoked_certificate_is_refused_without_a_restart(federation):
 
 
 def test_operator_names_and_roles_are_checked_when_issued(federation):
-    from common.errors import FedprivError
+    from fedpriv.common.errors import FedprivError
 
     ca = federation["keys"]
     for name, role in [("bad name", "admin"), ("ok", "root")]:
@@ -197,7 +197,7 @@ def test_flwr_reaches_the_operators_port_through_fedpriv_operator_connect(federa
 
 
 def test_operator_connect_refuses_bad_input_in_one_line(federation, tmp_path):
-    from common.errors import FedprivError
+    from fedpriv.common.errors import FedprivError
     from fedpriv.operator_cmd import start_forwarder
 
     cert, key = federation["certs"]["rita"]
@@ -214,7 +214,7 @@ def test_operator_connect_refuses_bad_input_in_one_line(federation, tmp_path):
 def test_fedpriv_keys_issues_operator_certificates_the_gateway_accepts(tmp_path, capsys):
     from cryptography import x509
 
-    from common.operators import operator_of
+    from fedpriv.common.operators import operator_of
     from fedpriv.cli import main
 
     assert main(["keys", "--out", str(tmp_path), "--nodes", "0"]) == 0
@@ -235,9 +235,9 @@ def test_the_audit_says_who_submitted_a_run_and_fails_on_a_forged_operator_log(f
     verified operator log (STATE/operator-log beside STATE/runs), and fails when that log is altered."""
     import json as _json
 
-    from common.audit import audit_run
-    from common.config import load_config
-    from server.privacy import PrivacyRecorder
+    from fedpriv.common.audit import audit_run
+    from fedpriv.common.config import load_config
+    from fedpriv.server.privacy import PrivacyRecorder
 
     assert call(federation, "rita", "start-run")[0] == 200
     run = max(federation["gateway"].log.submitted_runs())

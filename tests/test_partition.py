@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from common.config import DataSection
-from common.errors import DataError
-from common.partition import dirichlet, iid, partition, pathological
+from fedpriv.common.config import DataSection
+from fedpriv.common.errors import DataError
+from fedpriv.common.partition import dirichlet, iid, partition, pathological
 
 LABELS = np.repeat(np.arange(10), 100)  # 1,000 examples, 10 balanced classes
 RNG_LABELS = np.random.default_rng(0).permutation(LABELS)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from common import checkpoint, rundir
-from common.fileio import append_private
-from common.ledger import load_or_create_signing_key
-from server.privacy import signing_key_path
+from fedpriv.common import checkpoint, rundir
+from fedpriv.common.fileio import append_private
+from fedpriv.common.ledger import load_or_create_signing_key
+from fedpriv.server.privacy import signing_key_path
 
 
 def _homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None) -> tuple[Path, Path]:

@@ -143,7 +143,7 @@ def test_the_calculator_gives_the_epsilon_a_real_simulation_records(tmp_path, ca
     r*E epochs over its public schedule size N, so the calculator with ``--epochs r*E`` must agree."""
     import random
 
-    from common.ledger import verify_ledger
+    from fedpriv.common.ledger import verify_ledger
     from tests.conftest import simulate_run
 
     rng = random.Random(20261130)

@@ -3,7 +3,7 @@
 import io
 import sys
 
-from common.process import Child, flower_environment
+from fedpriv.common.process import Child, flower_environment
 
 CHILD = """
 import sys

@@ -15,20 +15,20 @@ import pytest
 from dp_accounting import rdp
 from flwr.app import Context, RecordDict
 
-from clients.app import _prior_spending
-from clients.budget import open_guard
-from common import checkpoint
-from common.accounting import DPSGDSpend, merge_spends, record_level_epsilon
-from common.audit import audit_run
-from common.checkpoint import CheckpointError
-from common.config import load_config
-from common.errors import FedprivError
-from common.ledger import LEDGER, verify_ledger
-from server import resume
-from server.privacy import PrivacyRecorder
-from server.resume import RestorePoint
-from server.run_log import RunLog
-from server.strategy import FedprivStrategy
+from fedpriv.clients.app import _prior_spending
+from fedpriv.clients.budget import open_guard
+from fedpriv.common import checkpoint
+from fedpriv.common.accounting import DPSGDSpend, merge_spends, record_level_epsilon
+from fedpriv.common.audit import audit_run
+from fedpriv.common.checkpoint import CheckpointError
+from fedpriv.common.config import load_config
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import LEDGER, verify_ledger
+from fedpriv.server import resume
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.resume import RestorePoint
+from fedpriv.server.run_log import RunLog
+from fedpriv.server.strategy import FedprivStrategy
 from tests.conftest import dp_sgd_epsilon, run_cli, simulate_run
 
 DELTA = 1e-5

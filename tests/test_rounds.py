@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.rounds import NO_REPLY, Rounds
+from fedpriv.server.rounds import NO_REPLY, Rounds
 
 
 def test_a_rounds_failures_are_one_line_per_sampled_node():

@@ -15,12 +15,12 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from clients.app import encode_update
-from common import secagg
-from common.config import ConfigError, load_config
-from server.privacy import PrivacyRecorder
-from server.run_log import RunLog
-from server.strategy import FedprivStrategy
+from fedpriv.clients.app import encode_update
+from fedpriv.common import secagg
+from fedpriv.common.config import ConfigError, load_config
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.run_log import RunLog
+from fedpriv.server.strategy import FedprivStrategy
 
 
 def seeded(seed: int):

@@ -24,12 +24,12 @@ from flwr.common.secure_aggregation import secaggplus_utils
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from clients.mods import make_secure_aggregation_mod, node_name_and_state_dir
-from common import roster as rosters
-from common import secagg_masks
-from common.config import load_config
-from common.ledger import verify_ledger
-from server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
+from fedpriv.clients.mods import make_secure_aggregation_mod, node_name_and_state_dir
+from fedpriv.common import roster as rosters
+from fedpriv.common import secagg_masks
+from fedpriv.common.config import load_config
+from fedpriv.common.ledger import verify_ledger
+from fedpriv.server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
 from tests.secagg_protocol import make_nodes, run_round, stock_mod
 
 M = 2**32
@@ -133,8 +133,8 @@ def _node_refusals(cfg, node) -> list[str]:
     _, state_dir = node_name_and_state_dir(node.context, cfg)
     if not (state_dir / "ledger.jsonl").exists():
         return []
-    from clients.budget import NODE_KEY
-    from common.ledger import load_or_create_signing_key
+    from fedpriv.clients.budget import NODE_KEY
+    from fedpriv.common.ledger import load_or_create_signing_key
 
     report = verify_ledger(state_dir, load_or_create_signing_key(state_dir / NODE_KEY).public_key())
     assert report.ok, report.failures
@@ -428,8 +428,8 @@ def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_
     final = np.concatenate([model[k].ravel() for k in model.files]).astype(np.float64)
     assert np.array_equal(final, view["global"].astype(np.float64))
     # Each refusing node recorded it in its own ledger before replying.
-    from clients.budget import NODE_KEY
-    from common.ledger import load_or_create_signing_key
+    from fedpriv.clients.budget import NODE_KEY
+    from fedpriv.common.ledger import load_or_create_signing_key
 
     noted = 0
     for node_dir in sorted((run / "nodes").glob("sim-*")):

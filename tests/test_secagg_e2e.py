@@ -11,7 +11,7 @@ from dp_accounting import rdp
 from flwr.common.secure_aggregation.quantization import quantize
 from scipy import stats
 
-from common.ledger import verify_ledger
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import run_harness, simulate_run
 
 SMALL = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from common import checkpoint
-from common.ledger import verify_ledger
+from fedpriv.common import checkpoint
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import poisson_gaussian_epsilon, run_cli_here
 
 pytestmark = pytest.mark.slow

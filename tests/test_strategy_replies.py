@@ -12,10 +12,10 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-from common.config import load_config
-from server.privacy import PrivacyRecorder
-from server.run_log import RunLog
-from server.strategy import FedprivStrategy
+from fedpriv.common.config import load_config
+from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.run_log import RunLog
+from fedpriv.server.strategy import FedprivStrategy
 
 SPEND = {"sampling_probability": 0.05, "noise_multiplier": 1.1, "steps": 20}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger import verify_ledger
+from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from clients.app import encode_update
-from common import user_dp
-from common.config import load_config
+from fedpriv.clients.app import encode_update
+from fedpriv.common import user_dp
+from fedpriv.common.config import load_config
 from tests.test_distributed_dp_bound import _paper_rho
 
 

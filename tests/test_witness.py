@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from clients.budget import open_guard
-from common.accounting import DPSGDSpend
-from common.config import load_config
-from common.errors import FedprivError
-from common.ledger import HEAD, LEDGER, PUBLIC_KEY, load_or_create_signing_key, verify_ledger
+from fedpriv.clients.budget import open_guard
+from fedpriv.common.accounting import DPSGDSpend
+from fedpriv.common.config import load_config
+from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger import HEAD, LEDGER, PUBLIC_KEY, load_or_create_signing_key, verify_ledger
 from fedpriv.cli import main
-from server.privacy import PrivacyRecorder, signing_key_path
-from server.resume import RestorePoint
+from fedpriv.server.privacy import PrivacyRecorder, signing_key_path
+from fedpriv.server.resume import RestorePoint
 
 DELTA = 1e-5
 SPEND = DPSGDSpend(0.08, 1.2, 13)
@@ -48,7 +48,7 @@ def _rounds(recorder, first, last, spend=SPEND, node_dir=None, node_1_dir=None):
         for cid, directory in (("0", node_dir), ("1", node_1_dir)):
             if directory is None:
                 continue
-            from common.witness import parse_node_run_head
+            from fedpriv.common.witness import parse_node_run_head
 
             head = parse_node_run_head(recorder.run_head())
             with open_guard(directory, 0.0, DELTA) as guard:
@@ -254,7 +254,7 @@ def test_signed_head_binds_the_run_id(tmp_path):
     key = load_or_create_signing_key(signing_key_path())
 
     def resign(body):
-        from common.ledger import canonical
+        from fedpriv.common.ledger import canonical
         body = {k: v for k, v in body.items() if k != "signature"}
         body["signature"] = base64.b64encode(key.sign(hashlib.sha256(canonical(body)).digest())).decode()
         (run / HEAD).write_text(json.dumps(body))
