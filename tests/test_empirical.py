@@ -32,7 +32,11 @@ from fedpriv.common.canaries import Canaries
 from fedpriv.common.config import load_config
 from fedpriv.common.data import load_dataset
 from fedpriv.cli import main
+from fedpriv.common.fileio import write_json
+from fedpriv.common.rundir import SUMMARY
 from fedpriv.server.privacy import PrivacyRecorder
+from fedpriv.server.report import build_summary
+from fedpriv.server.run_log import RunLog
 from fedpriv.simulations.presets import preset_layers
 from tests.conftest import ROOT, run_cli, simulate_run
 from tests.injected import NoiselessTrainer
@@ -320,7 +324,9 @@ def test_power_without_dp(tmp_path):
     # audits a run that really trained).
     cfg = load_config(preset_layers("no-dp"), [*SMALL, "run.rounds=8"])
     run = tmp_path / "nodp"
-    PrivacyRecorder(cfg, run).finish()
+    recorder = PrivacyRecorder(cfg, run)
+    # and the summary.json every finished run has beside its ledger (the audit names a missing one)
+    write_json(run / SUMMARY, build_summary(cfg, RunLog(), {}, recorder.finish(), recorder))
     proc, report = _audit(run, "--seed", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = report["empirical"]
