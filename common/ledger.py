@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.rundir import create_private, json_safe, write_atomic
+from fedpriv.common.fileio import create_private, json_safe, write_atomic
 
 GENESIS = "0" * 64
 LEDGER = "ledger.jsonl"

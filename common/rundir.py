@@ -13,9 +13,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-# Atomic and private file IO lives in common.fileio; these names stay importable from here.
-from fedpriv.common.fileio import create_private, json_safe, write_atomic, write_json  # noqa: F401
-
 if TYPE_CHECKING:
     from fedpriv.common.config import RunConfig
 

@@ -13,7 +13,7 @@ from fedpriv.common.audit import AUDIT_EMPIRICAL, AUDIT_MD, AUDIT_PNG, audit_run
 from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
 from fedpriv.common.empirical import DEFAULT_CONFIDENCE
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.rundir import json_safe, write_atomic, write_json
+from fedpriv.common.fileio import json_safe, write_atomic, write_json
 
 EXIT_FAILED = 1
 EMPIRICAL_OPTIONS = ("canaries", "confidence", "rounds", "seed", "work_dir")

@@ -176,7 +176,7 @@ def _number(value: Any) -> str:
 
 
 def _emit(report: dict[str, Any], as_json: bool) -> int:
-    from fedpriv.common.rundir import json_safe
+    from fedpriv.common.fileio import json_safe
 
     if as_json:
         print(json.dumps(json_safe(report), indent=2))

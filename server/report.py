@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpriv.common import ledger, rundir, user_dp
+from fedpriv.common import fileio, ledger, rundir, user_dp
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
 from fedpriv.common.config import RunConfig
 from fedpriv.server.privacy import PrivacyRecorder
@@ -129,17 +129,17 @@ def plot_progress(run_log: RunLog, path: Path, title: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    rundir.write_atomic(path, buffer.getvalue())
+    fileio.write_atomic(path, buffer.getvalue())
 
 
 def write_run(out_dir: Path, config: RunConfig, run_log: RunLog, weights: list[np.ndarray],
               extra: dict[str, Any], figures: dict[str, Any], recorder: PrivacyRecorder) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = build_summary(config, run_log, extra, figures, recorder)
-    rundir.write_json(out_dir / rundir.SUMMARY, summary)
-    rundir.write_atomic(out_dir / rundir.METRICS, metrics_csv(run_log).encode())
+    fileio.write_json(out_dir / rundir.SUMMARY, summary)
+    fileio.write_atomic(out_dir / rundir.METRICS, metrics_csv(run_log).encode())
     model = io.BytesIO()
     np.savez(model, *weights)
-    rundir.write_atomic(out_dir / rundir.MODEL, model.getvalue())
+    fileio.write_atomic(out_dir / rundir.MODEL, model.getvalue())
     plot_progress(run_log, out_dir / rundir.PLOT, f"{config.run.name}: accuracy and privacy per round")
     return summary
