@@ -138,49 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- commands -------------------------------------------------------------------------------
-def resolve_config(preset: str | None, config_file: str | None, overrides: list[str]) -> Any:
-    from fedpriv.common.config import load_config, read_toml
-    from fedpriv.simulations.presets import DEFAULT_PRESET, preset_layers
-
-    layers = []
-    file_layer = read_toml(config_file) if config_file else None
-    base = preset
-    if file_layer is not None and "extends" in file_layer:
-        extends = file_layer.pop("extends")
-        if preset and preset != extends:
-            raise FedprivError(f"--preset {preset} conflicts with extends = '{extends}' in {config_file}")
-        base = str(extends)
-    layers += preset_layers(base or DEFAULT_PRESET)
-    if file_layer is not None:
-        layers.append(file_layer)
-    return load_config(layers, overrides)
-
-
-def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> Any:
-    """The configuration a run last ran with (from its verified ledger), then ``--config`` and
-    ``--set``, with run.resume on and run.out_dir set to ``run_dir``."""
-    from fedpriv.common.config import load_config, read_toml, unflatten
-    from fedpriv.server.resume import check_budgets, recorded_config, verified_entries
-
-    if not run_dir.is_dir():
-        raise FedprivError(f"no run to resume: {run_dir} is not a directory")
-    entries = verified_entries(run_dir)
-    layers = [unflatten(recorded_config(entries))]
-    if config_file:
-        file_layer = read_toml(config_file)
-        if "extends" in file_layer:
-            raise FedprivError(f"{config_file} extends a preset; with --resume the base is the run's "
-                               f"own configuration")
-        layers.append(file_layer)
-    cfg = load_config(layers, overrides)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True, out_dir=str(run_dir.resolve())))
-    cfg.validate()
-    check_budgets(entries, cfg)  # before anything starts: a resume may only tighten a budget
-    return cfg
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
-    from fedpriv.simulations.presets import available, preset_layers
+    from fedpriv.common.presets import available, preset_layers
 
     for name in available():
         layers = preset_layers(name)
@@ -193,6 +152,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     from fedpriv.common.config import describe_settings, toml_value
 
     if args.preset or args.config or args.overrides:
+        from fedpriv.common.settings import resolve_config
+
         cfg = resolve_config(args.preset, args.config, args.overrides)
         for section, values in cfg.to_dict().items():
             print(f"[{section}]")
@@ -222,14 +183,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedpriv.common import rundir
+    from fedpriv.common.settings import resolve_config
 
     console = Console(stderr=False)
     if args.resume:
-        if args.out or args.preset:
-            raise FedprivError("--resume continues RUN_DIR in place with its recorded configuration; "
-                               "drop --out and --preset")
+        if args.out:
+            raise FedprivError("--resume continues RUN_DIR in place; drop --out")
         out_dir = Path(args.resume)
-        cfg = resume_config(out_dir, args.config, args.overrides)
+        cfg = resolve_config(args.preset, args.config, args.overrides, resume=out_dir)
     else:
         cfg = resolve_config(args.preset, args.config, args.overrides)
         out_dir = Path(args.out or cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))

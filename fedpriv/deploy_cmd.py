@@ -90,8 +90,9 @@ def add_parser(sub: Any) -> None:
                      help="with --state: how long to wait for a SuperLink that is still starting (default 120)")
     _config_options(run, "the run")
     run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue this run (a directory on the SuperLink's machine) from its latest "
-                          "checkpoint, with the settings it used; --set run.rounds=N to extend it")
+                     help="continue this run (a run directory in the server's --state, read here) from "
+                          "its latest checkpoint with the configuration its ledger recorded, then --config "
+                          "and --set (as fedpriv simulate --resume); --set run.rounds=N to extend it")
     run.add_argument("--dry-run", action="store_true", help="validate and print the command, submit nothing")
     run.set_defaults(func=cmd_server_run)
 
@@ -186,10 +187,10 @@ def add_parser(sub: Any) -> None:
     split.set_defaults(func=cmd_split_data)
 
 
-def _resolve(args: argparse.Namespace) -> Any:
-    from fedpriv.cli import resolve_config
+def _resolve(args: argparse.Namespace, resume: Path | None = None) -> Any:
+    from fedpriv.common.settings import resolve_config
 
-    return resolve_config(args.preset, args.config, args.overrides)
+    return resolve_config(args.preset, args.config, args.overrides, resume=resume)
 
 
 def cmd_server_start(args: argparse.Namespace) -> int:
@@ -228,16 +229,11 @@ def cmd_server_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
-    from fedpriv.common.ledger import LEDGER
     from fedpriv.server.superlink import app_key_path, default_app_dir, run_config_string, signed_app, submit_run
 
-    if args.resume:
-        args.overrides = [*args.overrides, "run.resume=true", f"run.out_dir={args.resume}"]
-    cfg = _resolve(args)
-    if args.resume and (Path(args.resume) / LEDGER).is_file():  # on this machine: refuse a relaxed budget
-        from fedpriv.server.resume import check_budgets, verified_entries  # before submitting anything
-
-        check_budgets(verified_entries(Path(args.resume)), cfg)
+    # --resume means what it means for fedpriv simulate: the run's recorded configuration, then
+    # --config and --set; a relaxed budget is refused here, before anything is submitted.
+    cfg = _resolve(args, resume=Path(args.resume) if args.resume else None)
     if args.dry_run:
         import tempfile
 

@@ -21,7 +21,8 @@ from fedpriv.common import checkpoint
 from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.ledger import LEDGER, verify_ledger
+from fedpriv.common.ledger import LEDGER
+from fedpriv.common.settings import check_budgets, verified_entries
 
 # Settings a resume cannot change: the delta epsilon is stated at, and what decides which records
 # each client id holds (changing those would split a record's spending across client ids).
@@ -29,9 +30,6 @@ FIXED_ON_RESUME = (
     "privacy.delta", "run.seed", "federation.num_clients", "data.dataset", "data.test_fraction",
     "data.partitioning", "data.alpha", "data.classes_per_client",
 )
-RUN_KINDS = ("run_start", "run_resume")
-# Budgets a resume may only tighten: every value ever in force for the run stays in force.
-BUDGETS = ("record_budget", "user_budget")
 
 
 @dataclass(frozen=True)
@@ -131,24 +129,6 @@ def check_ledger(point: RestorePoint, entries: list[dict[str, Any]], run_dir: Pa
                               f"({point.run_id}, not {run_id})")
 
 
-def verified_entries(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's ledger entries, verified against ``ledger.pub`` beside it."""
-    if not (run_dir / LEDGER).is_file():
-        raise FedprivError(f"no run to resume in {run_dir} (no {LEDGER})")
-    report = verify_ledger(run_dir, crash_tail=True)  # what a killed writer left: repaired on reopening
-    if not report.ok:
-        raise FedprivError(f"cannot resume {run_dir}: {report.failures[0]}")
-    return report.entries
-
-
-def recorded_config(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The configuration the run last ran with (its latest run_start or run_resume), flat."""
-    for entry in reversed(entries):
-        if entry.get("kind") in RUN_KINDS and isinstance(entry.get("parameters", {}).get("config"), dict):
-            return dict(entry["parameters"]["config"])
-    raise FedprivError("the run's ledger records no configuration")
-
-
 def check_settings(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
     """Refuse a resume that changes a setting of :data:`FIXED_ON_RESUME` (delta above all) or
     relaxes a budget (:func:`check_budgets`)."""
@@ -162,32 +142,6 @@ def check_settings(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
         if key in recorded and recorded[key] != current.get(key):
             raise FedprivError(f"a resume cannot change {key} (the run has {recorded[key]!r}, the "
                                f"configuration {current.get(key)!r}): it decides what each client holds")
-
-
-def budgets_in_force(entries: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per budget, the strictest value any run_start or run_resume of the run put in force
-    (None: never limited; 0 or absent in an entry means no limit)."""
-    limits: dict[str, float | None] = dict.fromkeys(BUDGETS)
-    for entry in entries:
-        if entry.get("kind") not in RUN_KINDS:
-            continue
-        params = entry.get("parameters") or {}
-        for name in BUDGETS:
-            value = params.get(name) or None
-            if value is not None and (limits[name] is None or value < limits[name]):
-                limits[name] = float(value)
-    return limits
-
-
-def check_budgets(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
-    """Refuse a resume that would relax a budget the run has had in force: raise it, or set it
-    to 0 (no limit). Budgets can only tighten."""
-    for name, limit in budgets_in_force(entries).items():
-        value = getattr(cfg.privacy, name)
-        if limit is not None and (not value or value > limit):
-            wanted = "0 (no limit)" if not value else f"{value:g}"
-            raise FedprivError(f"a resume cannot relax privacy.{name}: the run has had {limit:g} in force, "
-                               f"the configuration sets {wanted}; budgets can only tighten")
 
 
 class NothingToResume(FedprivError):

@@ -41,7 +41,7 @@ from fedpriv.common.data import load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import load_public_key, verify_ledger
 from fedpriv.common.models import build_model, resolve_model_name
-from fedpriv.server.resume import recorded_config
+from fedpriv.common.settings import recorded_config
 from fedpriv.server.run_log import RoundEntry
 
 MAX_CANARIES = 1_000_000

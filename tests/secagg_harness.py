@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     from fedpriv.clients.app import make_client_app
     from fedpriv.common.config import load_config
     from fedpriv.server.app import make_server_app
-    from fedpriv.simulations.presets import preset_layers
+    from fedpriv.common.presets import preset_layers
     from fedpriv.simulations.run import backend_config, plan, quiet_flower
 
     if argv[0] == "--deviate":

@@ -28,7 +28,7 @@ from fedpriv.common.ledger import verify_ledger
 from fedpriv.common.models import build_model, resolve_model_name
 from fedpriv.common.protocol import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, RUN_ID, SECAGG_REFUSED_CODE, SERVER_ROUND
 from fedpriv.server.privacy import PrivacyRecorder
-from fedpriv.simulations.presets import preset_layers
+from fedpriv.common.presets import preset_layers
 from fedpriv.server.run_log import RunLog
 from fedpriv.server.strategy import FedprivStrategy, clean_reason
 from tests.conftest import task_identity

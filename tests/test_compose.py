@@ -181,7 +181,7 @@ def test_services_get_only_the_keys_they_need(compose: dict[str, Any]) -> None:
 
 def test_node_count_fits_the_preset(compose: dict[str, Any]) -> None:
     """SecAgg+ and min_available_clients of the preset the nodes join with need every node."""
-    from fedpriv.cli import resolve_config
+    from fedpriv.common.settings import resolve_config
 
     nodes = _node_services(compose)
     presets = set()
@@ -427,7 +427,7 @@ def test_run_command_is_accepted_by_fedpriv_and_flower(
         compose: dict[str, Any], deployment: Path, dry_runs: dict[str, Any]) -> None:
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-    from fedpriv.cli import resolve_config
+    from fedpriv.common.settings import resolve_config
 
     (name,) = _services(compose, "server", "run")
     _, _, out = dry_runs[name]

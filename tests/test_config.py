@@ -6,7 +6,7 @@ import pytest
 from flwr.common import ndarrays_to_parameters
 
 from fedpriv.common.config import ConfigError, RunConfig, load_config, parse_override
-from fedpriv.simulations.presets import available, preset_layers
+from fedpriv.common.presets import available, preset_layers
 from tests.conftest import ROOT
 
 

@@ -37,7 +37,7 @@ from fedpriv.common.rundir import SUMMARY
 from fedpriv.server.privacy import PrivacyRecorder
 from fedpriv.server.report import build_summary
 from fedpriv.server.run_log import RunLog
-from fedpriv.simulations.presets import preset_layers
+from fedpriv.common.presets import preset_layers
 from tests.conftest import ROOT, run_cli, simulate_run
 from tests.injected import NoiselessTrainer
 

@@ -187,6 +187,42 @@ def test_simulate_resume_that_relaxes_a_budget_is_one_error_line(tmp_path, capsy
         assert sorted((p.name, p.read_bytes()) for p in run.iterdir()) == before
 
 
+def test_server_run_and_simulate_resume_resolve_one_configuration(tmp_path):
+    """``--resume`` means one thing for both commands (common.settings.resolve_config): the run's
+    recorded configuration (not a preset's), then --set, with run.resume on and run.out_dir the run;
+    a preset beside it and a relaxed budget are refused by both with one error line."""
+    import shlex
+
+    from fedpriv.common.settings import resolve_config
+    from tests.conftest import run_cli_here
+
+    run = tmp_path / "run"
+    recorder = PrivacyRecorder(_cfg("dp.noise_multiplier=1.7", "privacy.record_budget=5", "run.rounds=2"), run)
+    _round(recorder, 1)
+    recorder.finish()
+    cfg = resolve_config(None, None, ["run.rounds=3"], resume=run)
+    assert cfg.dp.noise_multiplier == 1.7 and cfg.privacy.record_budget == 5 and cfg.run.rounds == 3
+    assert cfg.run.resume is True and cfg.run.out_dir == str(run.resolve())
+
+    keys = tmp_path / "keys"
+    assert run_cli_here("keys", "--out", str(keys), "--app-key-only").returncode == 0
+    app_key = next(keys.glob("app-signing*.key"))
+    server = ["server", "run", "--state", str(tmp_path / "state"), "--app-key", str(app_key), "--dry-run"]
+    proc = run_cli_here(*server, "--resume", str(run), "--set", "run.rounds=3")
+    assert proc.returncode == 0, proc.stderr
+    command = shlex.split(proc.stdout.strip().splitlines()[-1])
+    submitted = dict(item.split("=", 1) for item in shlex.split(command[command.index("--run-config") + 1]))
+    assert submitted["dp.noise_multiplier"] == "1.7" and submitted["run.rounds"] == "3"
+    assert submitted["run.resume"] == "true" and submitted["run.out_dir"] == str(run.resolve())
+
+    for args in (["--preset", "federation"], ["--set", "privacy.record_budget=6"]):
+        for cli in (["simulate"], server):
+            proc = run_cli_here(*cli, "--resume", str(run), *args)
+            err = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:"), (cli, args, err)
+            assert ("drop --preset" if "--preset" in args else "cannot relax privacy.record_budget") in err[0]
+
+
 def test_audit_requires_a_resume_at_the_runs_delta(tmp_path):
     run = tmp_path / "run"
     recorder = PrivacyRecorder(_cfg(), run)

@@ -1,4 +1,4 @@
-"""Named configurations shipped with fedpriv (``simulations/presets/*.toml``).
+"""Named configurations shipped with fedpriv (``common/presets/*.toml``).
 
 A preset may name another with a top-level ``extends = "NAME"``; its settings are applied on
 top of that preset's.

@@ -1,0 +1,100 @@
+"""The layers stay layered: every import of a fedpriv module (at the top of a file or inside a
+function) is read from the source, and the graph must have no cycle; common/ imports none of
+server/, clients/, simulations/ or the command line; server/ and clients/ never import each other;
+only ``python -m fedpriv`` imports the command line's entry point."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PARTS = ("common", "server", "clients", "simulations", "fedpriv")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts if parts[0] == "fedpriv" else ["fedpriv", *parts])
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {}
+    for part in PARTS:
+        for path in (ROOT / part).rglob("*.py"):
+            modules[_module_name(path)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                found = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            else:
+                continue
+            for target in found:
+                while target and target not in modules:  # "pkg.mod.func" -> "pkg.mod"
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in PARTS else "fedpriv"
+
+
+def test_the_scan_sees_the_imports_it_checks():
+    graph = _graph()
+    assert "fedpriv.common.settings" in graph["fedpriv.cli"]  # an import inside a function
+    assert "fedpriv.common.ledger" in graph["fedpriv.server.privacy"]
+
+
+def test_layers_import_only_downwards():
+    allowed = {
+        "common": {"common"},
+        "server": {"common", "server"},
+        "clients": {"common", "clients"},
+        "simulations": {"common", "server", "clients", "simulations"},
+        "fedpriv": set(PARTS),
+    }
+    wrong = sorted(f"{m} imports {t}" for m, targets in _graph().items() for t in targets
+                   if _layer(t) not in allowed[_layer(m)])
+    assert not wrong, wrong
+
+
+def test_only_the_entry_point_imports_the_command_line():
+    graph = _graph()
+    cli = next(name for name in graph if name.endswith(".cli") and _layer(name) == "fedpriv")
+    importers = sorted(m for m, targets in graph.items() if cli in targets)
+    assert importers == [cli.rsplit(".", 1)[0] + ".__main__"], importers
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles[:5]
