@@ -24,9 +24,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
+
+from fedpriv.common.lazy import lazy_import
+
+dp_accounting = lazy_import("dp_accounting")  # scipy: loaded when first used (see common.lazy)
 
 ACCOUNTANTS = ("rdp", "pld")
 ENFORCEMENT_ACCOUNTANT = "rdp"  # the accountant every budget is enforced and audited with
@@ -111,7 +113,7 @@ def _rdp_curve(event: dp_accounting.DpEvent, relation: dp_accounting.Neighboring
     Ledgers repeat the same per-round mechanism many times; the curve of each distinct one is
     what costs time (tenths of a second), and composition just adds curves.
     """
-    curve = rdp.RdpAccountant(neighboring_relation=relation).compose(event).rdp
+    curve = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation).compose(event).rdp
     curve.flags.writeable = False  # shared by every caller of the cache
     return curve
 
@@ -147,9 +149,9 @@ def make_accountant(accountant: str, sampling: str = "poisson") -> dp_accounting
     """A fresh dp-accounting accountant: the only place fedpriv builds one."""
     relation = neighboring_relation(sampling)
     if accountant == "rdp":
-        return rdp.RdpAccountant(neighboring_relation=relation)
+        return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
     if accountant == "pld":
-        return pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
+        return dp_accounting.pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
     raise ValueError(f"unknown accountant {accountant!r}; use one of {ACCOUNTANTS}")
 
 
@@ -183,12 +185,12 @@ def epsilon(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], del
     acc = make_accountant(accountant, sampling)
     if not acc.supports(event):
         return math.inf
-    if isinstance(acc, rdp.RdpAccountant):
+    if isinstance(acc, dp_accounting.rdp.RdpAccountant):
         relation = neighboring_relation(sampling)
         curve = sum(count * _rdp_curve(inner, relation) for inner, count in _counted(event))
         if np.all(np.isinf(curve)):
             return math.inf
-        return float(rdp.compute_epsilon(acc.orders, curve, delta)[0])
+        return float(dp_accounting.rdp.compute_epsilon(acc.orders, curve, delta)[0])
     return float(acc.compose(event).get_epsilon(delta))
 
 

@@ -36,13 +36,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attr
-import dp_accounting
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import create_private, json_safe, write_atomic
+from fedpriv.common.lazy import lazy_import
+
+dp_accounting = lazy_import("dp_accounting")  # scipy: loaded when first used (see common.lazy)
 
 GENESIS = "0" * 64
 LEDGER = "ledger.jsonl"

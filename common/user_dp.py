@@ -25,11 +25,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import dp_accounting
 import numpy as np
 
 from fedpriv.common import accounting, secagg
 from fedpriv.common.config import RunConfig
+from fedpriv.common.lazy import lazy_import
+
+dp_accounting = lazy_import("dp_accounting")  # scipy: loaded when first used (see common.lazy)
 
 USER_LEVEL_SAMPLING = "poisson"  # with user-level DP the server samples clients independently
 

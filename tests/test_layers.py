@@ -98,3 +98,19 @@ def test_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert not cycles, cycles[:5]
+
+
+def test_loading_the_client_app_imports_no_scipy_or_tensorflow():
+    """A deployed node starts a fresh ClientApp process for every message, and most messages
+    (SecAgg+'s stages) neither train nor account: loading the app must not pay for TensorFlow or
+    for dp-accounting's scipy (common.lazy); training and accounting load them when used."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import fedpriv.clients.app as a; a.app; "
+             "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
+             "from fedpriv.common.accounting import DPSGDSpend, epsilon; "
+             "print(epsilon([DPSGDSpend(0.01, 1.1, 100).to_event()], 1e-5) > 0, 'scipy' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["[]", "True True"], proc.stdout
