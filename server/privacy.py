@@ -23,7 +23,9 @@ from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common import witness
-from fedpriv.common.ledger import LedgerWriter, event_from_json, key_id, load_or_create_signing_key
+from fedpriv.common.ledger import LedgerWriter, key_id, load_or_create_signing_key
+from fedpriv.common.ledger_schema import SERVER, Kind, client_actor, node_actor
+from fedpriv.common.replay import LedgerState, node_of, replay
 from fedpriv.common.user_dp import USER_LEVEL_SAMPLING
 from fedpriv.server import resume as resume_checks
 from fedpriv.server.resume import RestorePoint
@@ -88,17 +90,17 @@ class PrivacyRecorder:
                                    f"run.resume = true (fedpriv simulate --resume {run_dir})")
             self.run_id = uuid.uuid4().hex  # fedpriv's run id: nodes tag their spends with it
             self._witness()
-            self.ledger.append(actor="server", kind="run_start", parameters={**parameters, "run_id": self.run_id})
+            self.ledger.append(actor=SERVER, kind=Kind.RUN_START, parameters={**parameters, "run_id": self.run_id})
             return
         entries = self.ledger.existing
         resume_checks.check_ledger(resume, entries, run_dir)
-        resume_checks.check_settings(entries, cfg)
+        state = replay(entries)  # the one replay of the ledger (common.replay)
+        resume_checks.check_settings(state, cfg)
         self.run_id = resume.run_id
         self._witness()
-        for entry in entries:
-            self._replay(entry)
+        self._restore(state)
         self.ledger.append(
-            actor="server", kind="run_resume", round=resume.round + 1,
+            actor=SERVER, kind=Kind.RUN_RESUME, round=resume.round + 1,
             parameters={**parameters, "run_id": self.run_id, "checkpoint_round": resume.round,
                         "checkpoint_ledger_entries": resume.ledger_entries},
             note=f"resumed from the checkpoint of round {resume.round}; every entry before this one "
@@ -122,31 +124,27 @@ class PrivacyRecorder:
         """The run ledger's head as sent to nodes, which record it in their own ledgers."""
         return witness.node_run_head(self.ledger.seq, self.ledger.prev_hash)
 
-    def _replay(self, entry: dict[str, Any]) -> None:
-        """Rebuild the accounting state from one verified entry of the run's ledger."""
-        kind, actor = entry["kind"], entry["actor"]
-        try:
-            event = event_from_json(entry["event"]) if entry.get("event") is not None else None
-        except (ValueError, TypeError) as exc:
-            raise FedprivError(f"ledger entry {entry['seq']}: its DpEvent cannot be read ({exc})") from None
-        if kind in ("record_level", "record_level_carried") and event is not None:
-            client_id = actor.removeprefix("client:")
-            self.client_events.setdefault(client_id, []).append(event)
-            if kind == "record_level_carried":
+    def _restore(self, state: LedgerState) -> None:
+        """Rebuild the accounting state from the replay of the run's verified ledger."""
+        if state.unreadable:
+            bad = state.unreadable[0]
+            raise FedprivError(f"ledger entry {bad.seq}: its DpEvent cannot be read ({bad.note})")
+        for client_id, spends in state.clients().items():
+            self.client_events[client_id] = [s.event for s in spends.of_kind(Kind.RECORD_LEVEL,
+                                                                              Kind.RECORD_LEVEL_CARRIED)]
+            if spends.carried:
                 self.carried.add(client_id)
-        elif kind == "user_level" and event is not None:
-            self.user_events.append(event)
-            params = entry.get("parameters") or {}
-            self.user_delta_additions.append(float(params.get("delta_addition") or 0.0))
+        for spend in state.user_level():
+            params = spend.parameters
+            self.user_events.append(spend.event)
+            self.user_delta_additions.append(spend.delta_addition)
             if params.get("gaussian_approximation_noise_multiplier") is not None:
                 self.user_gaussian_approximation.append(accounting.dpfedavg_round_event(
                     float(params["gaussian_approximation_noise_multiplier"]), int(params["population"]),
                     float(params["clients_expected"]), USER_LEVEL_SAMPLING))
-        elif kind == "refusal":
-            self.refusals.append({"round": entry["round"], "node": actor.removeprefix("node:"),
-                                  "reason": entry["note"]})
-        elif kind == "round_failed":
-            self.failed_rounds.append({"round": entry["round"], "reason": entry["note"]})
+        self.refusals += [{"round": r.round, "node": node_of(r.actor) or r.actor, "reason": r.note}
+                          for r in state.refusals if r.kind == Kind.REFUSAL]
+        self.failed_rounds += [{"round": f.round, "reason": f.note} for f in state.round_failures]
 
     # ---- record level -------------------------------------------------------------------
     @staticmethod
@@ -161,7 +159,7 @@ class PrivacyRecorder:
 
     def record_client(self, server_round: int, client_id: str, declared: dict[str, Any]) -> float | None:
         """Record a client's declared spending for this round; return its cumulative epsilon."""
-        actor = f"client:{client_id}"
+        actor = client_actor(client_id)
         events = self.client_events.setdefault(client_id, [])
         prior = declared["prior"]
         if prior and client_id not in self.carried:  # declared in every reply; recorded once
@@ -169,7 +167,7 @@ class PrivacyRecorder:
             carried = accounting.composed_event(prior)
             events.append(carried)
             self.ledger.append(
-                actor=actor, kind="record_level_carried", round=server_round, event=carried,
+                actor=actor, kind=Kind.RECORD_LEVEL_CARRIED, round=server_round, event=carried,
                 parameters={"spends": [s.to_json() for s in prior]}, sampling="poisson",
                 epsilon={ENFORCEMENT_ACCOUNTANT: self._epsilon(events)},
                 note="spending before this run, from the node's own ledger",
@@ -180,7 +178,7 @@ class PrivacyRecorder:
         events.append(spend.to_event())
         epsilon = self._epsilon(events)
         self.ledger.append(
-            actor=actor, kind="record_level", round=server_round, event=spend.to_event(),
+            actor=actor, kind=Kind.RECORD_LEVEL, round=server_round, event=spend.to_event(),
             parameters={**spend.to_json(), "l2_norm_clip": self.cfg.dp.l2_norm_clip},
             sampling="poisson", epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
         )
@@ -188,7 +186,7 @@ class PrivacyRecorder:
 
     def record_refusal(self, server_round: int, node: str, reason: str) -> None:
         self.refusals.append({"round": server_round, "node": node, "reason": reason})
-        self.ledger.append(actor=f"node:{node}", kind="refusal", round=server_round, note=reason)
+        self.ledger.append(actor=node_actor(node), kind=Kind.REFUSAL, round=server_round, note=reason)
 
     # ---- user level ---------------------------------------------------------------------
     def user_round_event(self, population: int, expected: float) -> dp_accounting.DpEvent:
@@ -211,7 +209,7 @@ class PrivacyRecorder:
             reason = (f"round {server_round} would raise user-level epsilon from {before:.3f} to "
                       f"{after:.3f}, above the budget of {budget:g}; ending the run")
             self.stopped = {"round": server_round, "reason": reason}
-            self.ledger.append(actor="server", kind="budget_stop", round=server_round,
+            self.ledger.append(actor=SERVER, kind=Kind.BUDGET_STOP, round=server_round,
                                epsilon={ENFORCEMENT_ACCOUNTANT: before}, note=reason)
             raise UserBudgetExhausted(reason)
 
@@ -237,7 +235,7 @@ class PrivacyRecorder:
         self.user_delta_additions.append(float(mechanism.get("delta_addition") or 0.0))
         epsilon = self._user_epsilon(self.user_events)
         self.ledger.append(
-            actor="server", kind="user_level", round=server_round, event=event,
+            actor=SERVER, kind=Kind.USER_LEVEL, round=server_round, event=event,
             parameters={
                 **mechanism,
                 "population": population, "sampling_probability": expected / population,
@@ -254,7 +252,7 @@ class PrivacyRecorder:
 
     def record_round_failure(self, server_round: int, reason: str) -> None:
         self.failed_rounds.append({"round": server_round, "reason": reason})
-        self.ledger.append(actor="server", kind="round_failed", round=server_round, note=reason)
+        self.ledger.append(actor=SERVER, kind=Kind.ROUND_FAILED, round=server_round, note=reason)
 
     # ---- end ----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
@@ -267,7 +265,7 @@ class PrivacyRecorder:
         user = None
         if self.cfg.user_dp.enabled:
             user = accounting.figures(self.user_events, self.delta, USER_LEVEL_SAMPLING, self.user_delta_additions)
-        self.ledger.append(actor="server", kind="run_end",
+        self.ledger.append(actor=SERVER, kind=Kind.RUN_END,
                            epsilon={"record_level": record, "user_level": user},
                            note=self.stopped["reason"] if self.stopped else None)
         figures: dict[str, Any] = {"record_level": record, "user_level": user}

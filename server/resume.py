@@ -22,6 +22,8 @@ from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import LEDGER, verify_ledger
+from fedpriv.common.ledger_schema import Kind
+from fedpriv.common.replay import LedgerState, replay
 
 # Settings a resume cannot change: the delta epsilon is stated at, and what decides which records
 # each client id holds (changing those would split a record's spending across client ids).
@@ -29,9 +31,8 @@ FIXED_ON_RESUME = (
     "privacy.delta", "run.seed", "federation.num_clients", "data.dataset", "data.test_fraction",
     "data.partitioning", "data.alpha", "data.classes_per_client",
 )
-RUN_KINDS = ("run_start", "run_resume")
-# Budgets a resume may only tighten: every value ever in force for the run stays in force.
-BUDGETS = ("record_budget", "user_budget")
+# Budgets a resume may only tighten (common.replay.BUDGETS): every value ever in force for the
+# run stays in force.
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def check_ledger(point: RestorePoint, entries: list[dict[str, Any]], run_dir: Pa
         raise CheckpointError(
             f"checkpoint {run_dir / checkpoint.CHECKPOINT} does not belong to the ledger in "
             f"{run_dir}: its entry {n - 1} is not the one the checkpoint recorded")
-    if entries[0].get("kind") != "run_start":
+    if entries[0].get("kind") != Kind.RUN_START:
         raise FedprivError(f"{run_dir / LEDGER} does not begin with a run_start entry")
     run_id = entries[0].get("parameters", {}).get("run_id")
     if not run_id:
@@ -141,45 +142,43 @@ def verified_entries(run_dir: Path) -> list[dict[str, Any]]:
     return report.entries
 
 
-def recorded_config(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _state(entries: list[dict[str, Any]] | LedgerState) -> LedgerState:
+    return entries if isinstance(entries, LedgerState) else replay(entries)
+
+
+def recorded_config(entries: list[dict[str, Any]] | LedgerState) -> dict[str, Any]:
     """The configuration the run last ran with (its latest run_start or run_resume), flat."""
-    for entry in reversed(entries):
-        if entry.get("kind") in RUN_KINDS and isinstance(entry.get("parameters", {}).get("config"), dict):
-            return dict(entry["parameters"]["config"])
-    raise FedprivError("the run's ledger records no configuration")
+    config = _state(entries).config
+    if config is None:
+        raise FedprivError("the run's ledger records no configuration")
+    return dict(config)
 
 
-def check_settings(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
+def check_settings(entries: list[dict[str, Any]] | LedgerState, cfg: RunConfig) -> None:
     """Refuse a resume that changes a setting of :data:`FIXED_ON_RESUME` (delta above all) or
     relaxes a budget (:func:`check_budgets`)."""
-    check_budgets(entries, cfg)
-    start = entries[0].get("parameters", {})
-    if start.get("delta") != cfg.privacy.delta:
-        raise FedprivError(f"the run was accounted at delta {start.get('delta')}; a resume cannot "
+    state = _state(entries)
+    check_budgets(state, cfg)
+    start = state.runs[0] if state.runs else None
+    delta = start.delta if start is not None else None
+    if delta != cfg.privacy.delta:
+        raise FedprivError(f"the run was accounted at delta {delta}; a resume cannot "
                            f"change it (privacy.delta is {cfg.privacy.delta:g})")
-    recorded, current = start.get("config", {}), cfg.to_flat()
+    recorded, current = (start.config if start is not None else None) or {}, cfg.to_flat()
     for key in FIXED_ON_RESUME:
         if key in recorded and recorded[key] != current.get(key):
             raise FedprivError(f"a resume cannot change {key} (the run has {recorded[key]!r}, the "
                                f"configuration {current.get(key)!r}): it decides what each client holds")
 
 
-def budgets_in_force(entries: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per budget, the strictest value any run_start or run_resume of the run put in force
-    (None: never limited; 0 or absent in an entry means no limit)."""
-    limits: dict[str, float | None] = dict.fromkeys(BUDGETS)
-    for entry in entries:
-        if entry.get("kind") not in RUN_KINDS:
-            continue
-        params = entry.get("parameters") or {}
-        for name in BUDGETS:
-            value = params.get(name) or None
-            if value is not None and (limits[name] is None or value < limits[name]):
-                limits[name] = float(value)
-    return limits
+def budgets_in_force(entries: list[dict[str, Any]] | LedgerState) -> dict[str, float | None]:
+    """Per budget (:data:`common.replay.BUDGETS`), the strictest value any run_start or
+    run_resume of the run put in force (None: never limited; 0 or absent in an entry means no
+    limit)."""
+    return _state(entries).budgets_in_force()
 
 
-def check_budgets(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
+def check_budgets(entries: list[dict[str, Any]] | LedgerState, cfg: RunConfig) -> None:
     """Refuse a resume that would relax a budget the run has had in force: raise it, or set it
     to 0 (no limit). Budgets can only tighten."""
     for name, limit in budgets_in_force(entries).items():
