@@ -23,6 +23,7 @@ from fedpriv.common.ledger import (
     LEDGER, PUBLIC_KEY, key_id, ledger_run_id, load_public_key, verify_ledger,
 )
 from fedpriv.common.ledger_schema import Kind, client_id_of
+from fedpriv.common.population import COMPOSED, recheck
 from fedpriv.common.replay import LedgerState, replay
 
 RELATIVE_TOLERANCE = 1e-6
@@ -199,6 +200,16 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     mismatches += _check_summary(run_dir, record_level, user_level)
     budget_failures = relaxed + _check_budgets(actors, periods, budget)
     budgets = _strictest(periods)
+    cumulative, composed, composed_failures = _composed(state, actors, delta, resolved["witness_root"])
+    failures += composed_failures
+    if cumulative is not None:
+        recorded = ((recorded_final or {}).get("user_level_cumulative") or {}).get("rdp")
+        if recorded_final is not None and not _close(cumulative["rdp"], recorded):
+            mismatches.append(f"user level with the earlier runs: run_end records epsilon {recorded}, the events "
+                              f"of this run and of the composed earlier runs give {cumulative['rdp']:.6g}")
+        if _over(cumulative["rdp"], budgets["user_level"]):
+            budget_failures.append(f"user-level epsilon {cumulative['rdp']:.4f} composed with the earlier runs of "
+                                   f"this server state exceeds the user-level budget {budgets['user_level']:g}")
     failures += mismatches + budget_failures
     submitted: list[dict[str, str]] | None = None
     log_dir = operator_log or default_operator_log(run_dir)
@@ -225,6 +236,9 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "delta": delta,
         "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
         "epsilon": {"user_level": user_level, "record_level": record_level},
+        # this run's user-level spending composed with the earlier runs' of its server state
+        "user_level_cumulative": cumulative,
+        "composed_runs": composed,
         "budgets": {**budgets, "audit": budget},  # the strictest ever in force
         "budget_history": [{"ledger_entry": p.seq, **p.budgets} for p in periods],
         "refusals": refusals,
@@ -239,6 +253,22 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             "record_level_max": actors_series([a for a in actors.values() if a.level == "record"]),
         },
     }
+
+
+def _composed(state: LedgerState, actors: dict[str, _Actor], delta: Any,
+              root: Path) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The run's user-level epsilon composed with the earlier runs its latest run_start or
+    run_resume says it composed (common.population), read again from their ledgers:
+    (figures or None, the composed run ids, failures)."""
+    recorded = next((run.parameters[COMPOSED] for run in reversed(state.runs) if COMPOSED in run.parameters), None)
+    if recorded is None or delta is None:
+        return None, [], []
+    composition, failures = recheck(root, recorded)
+    user = next((actor for actor in actors.values() if actor.level == "user"), None)
+    events = composition.events + (user.events if user else [])
+    additions = composition.delta_additions + (user.delta_additions if user else [])
+    figures = accounting.figures(events, delta, user.sampling if user else "poisson", additions)
+    return figures, [run.run_id for run in composition.runs], failures
 
 
 def _key_swap(run_dir: Path, resolved: dict[str, Any], verified_ok: bool) -> list[str]:

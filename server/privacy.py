@@ -4,6 +4,8 @@ Every privacy-relevant thing the server learns or does goes into the run's ledge
 each client's record-level spend (and what it had spent before this run), each round of
 user-level DP, each refusal, and the stop before a round that would exceed the user-level budget.
 Cumulative epsilon is always recomputed from the recorded events, never kept as a running sum.
+User-level spending is composed with that of the earlier runs of the same server state (one
+population; :mod:`common.population`), and the user-level budget is enforced on the composition.
 A resumed run (:mod:`server.resume`) rebuilds its state from the verified ledger, every entry
 counted, and continues the same ledger after a ``run_resume`` entry.
 """
@@ -24,6 +26,7 @@ from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common import witness
 from fedpriv.common.ledger import LedgerWriter, key_id, load_or_create_signing_key
+from fedpriv.common.population import Composition, compose_state
 from fedpriv.common.ledger_schema import SERVER, Kind, client_actor, node_actor
 from fedpriv.common.replay import LedgerState, node_of, replay
 from fedpriv.common.user_dp import USER_LEVEL_SAMPLING
@@ -31,6 +34,7 @@ from fedpriv.server import resume as resume_checks
 from fedpriv.server.resume import RestorePoint
 
 KEY_ENV = rundir.LEDGER_KEY_ENV
+CUMULATIVE = "rdp_with_earlier_runs"  # a user_level entry's epsilon composed with the earlier runs'
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).
 ASSUMPTIONS = user_dp.ASSUMPTIONS
 
@@ -75,6 +79,8 @@ class PrivacyRecorder:
         self.failed_rounds: list[dict[str, Any]] = []
         self.carried: set[str] = set()  # clients whose spending before this run is recorded
         self.stopped: dict[str, Any] | None = None
+        # User-level spending of the earlier runs of this server state (common.population).
+        self.earlier = Composition()
         parameters = {
             "config": cfg.to_flat(),
             "delta": self.delta,
@@ -89,6 +95,7 @@ class PrivacyRecorder:
                 raise FedprivError(f"{self.ledger.path} already holds a run; continue it with "
                                    f"run.resume = true (fedpriv simulate --resume {run_dir})")
             self.run_id = uuid.uuid4().hex  # fedpriv's run id: nodes tag their spends with it
+            parameters.update(self._compose())
             self._witness()
             self.ledger.append(actor=SERVER, kind=Kind.RUN_START, parameters={**parameters, "run_id": self.run_id})
             return
@@ -97,6 +104,7 @@ class PrivacyRecorder:
         state = replay(entries)  # the one replay of the ledger (common.replay)
         resume_checks.check_settings(state, cfg)
         self.run_id = resume.run_id
+        parameters.update(self._compose())
         self._witness()
         self._restore(state)
         self.ledger.append(
@@ -106,6 +114,21 @@ class PrivacyRecorder:
             note=f"resumed from the checkpoint of round {resume.round}; every entry before this one "
                  f"stays counted, those after the checkpoint included",
         )
+
+    def _compose(self) -> dict[str, Any]:
+        """Read the user-level spending of the earlier runs of this server state, which the
+        user-level budget is enforced on with this run's (see :mod:`common.population`); return
+        what the run's start records of it."""
+        if not self.cfg.user_dp.enabled:
+            return {}
+        self.earlier = compose_state(self.witness_root, self.run_id)
+        if self.earlier.uncomposed and self.cfg.privacy.user_budget:
+            first = self.earlier.uncomposed[0]
+            raise FedprivError(
+                f"cannot enforce privacy.user_budget: the user-level spending of the earlier run "
+                f"{first['run_id']} of this server state ({self.witness_root}) cannot be read ({first['reason']}); "
+                f"restore its ledger, or remove its witness record to declare it another population")
+        return self.earlier.record()
 
     def _witness(self) -> None:
         path = witness.run_witness_path(self.witness_root, self.run_id)
@@ -203,10 +226,12 @@ class PrivacyRecorder:
         if not (self.cfg.user_dp.enabled and budget):
             return
         event, addition = worst or (self.user_round_event(population, expected), 0.0)
-        before = self._user_epsilon(self.user_events)
-        after = self._user_epsilon(self.user_events + [event], self.user_delta_additions + [addition])
+        before = self._cumulative_user_epsilon()
+        after = self._cumulative_user_epsilon([event], [addition])
         if after > budget:
-            reason = (f"round {server_round} would raise user-level epsilon from {before:.3f} to "
+            earlier = (f" (composed with {len(self.earlier.runs)} earlier run(s) of this server state)"
+                       if self.earlier.runs else "")
+            reason = (f"round {server_round} would raise user-level epsilon{earlier} from {before:.3f} to "
                       f"{after:.3f}, above the budget of {budget:g}; ending the run")
             self.stopped = {"round": server_round, "reason": reason}
             self.ledger.append(actor=SERVER, kind=Kind.BUDGET_STOP, round=server_round,
@@ -234,6 +259,9 @@ class PrivacyRecorder:
         self.user_events.append(event)
         self.user_delta_additions.append(float(mechanism.get("delta_addition") or 0.0))
         epsilon = self._user_epsilon(self.user_events)
+        recorded = {ENFORCEMENT_ACCOUNTANT: epsilon}
+        if self.earlier.runs:  # with the earlier runs of this server state
+            recorded[CUMULATIVE] = self._cumulative_user_epsilon()
         self.ledger.append(
             actor=SERVER, kind=Kind.USER_LEVEL, round=server_round, event=event,
             parameters={
@@ -245,7 +273,7 @@ class PrivacyRecorder:
                 "clipping_norm": self.cfg.user_dp.clipping_norm,
                 "secure_aggregation": self.cfg.secure_aggregation.enabled,
             },
-            sampling=sampling, epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
+            sampling=sampling, epsilon=recorded,
             note=ASSUMPTIONS[mechanism["noise_mode"]],
         )
         return epsilon
@@ -262,13 +290,20 @@ class PrivacyRecorder:
             for cid, events in sorted(self.client_events.items(), key=lambda kv: int(kv[0]))
             if events
         }
-        user = None
+        user = cumulative = None
         if self.cfg.user_dp.enabled:
             user = accounting.figures(self.user_events, self.delta, USER_LEVEL_SAMPLING, self.user_delta_additions)
+            cumulative = accounting.figures(self.earlier.events + self.user_events, self.delta, USER_LEVEL_SAMPLING,
+                                            self.earlier.delta_additions + self.user_delta_additions)
         self.ledger.append(actor=SERVER, kind=Kind.RUN_END,
-                           epsilon={"record_level": record, "user_level": user},
+                           epsilon={"record_level": record, "user_level": user,
+                                    **({"user_level_cumulative": cumulative} if user is not None else {})},
                            note=self.stopped["reason"] if self.stopped else None)
         figures: dict[str, Any] = {"record_level": record, "user_level": user}
+        if user is not None:  # this run's user-level spending composed with the earlier runs'
+            figures["user_level_cumulative"] = cumulative
+            figures["composed_runs"] = [run.run_id for run in self.earlier.runs]
+            figures["uncomposed_runs"] = list(self.earlier.uncomposed)
         if self.user_gaussian_approximation:  # distributed mode: the old approximation, labelled as such
             figures["user_level_gaussian_approximation"] = accounting.epsilon_or_none(
                 dp_accounting.ComposedDpEvent(self.user_gaussian_approximation), self.delta,
@@ -279,6 +314,12 @@ class PrivacyRecorder:
     def _epsilon(self, events: list[dp_accounting.DpEvent]) -> float:
         """Enforcement figure: fails closed (infinite) on anything the accountant cannot analyse."""
         return accounting.epsilon(events, self.delta, ENFORCEMENT_ACCOUNTANT)
+
+    def _cumulative_user_epsilon(self, events: list[dp_accounting.DpEvent] = (),
+                                 additions: list[float] = ()) -> float:
+        """User-level epsilon of the earlier runs of this server state, this run and ``events``."""
+        return self._user_epsilon(self.earlier.events + self.user_events + list(events),
+                                  self.earlier.delta_additions + self.user_delta_additions + list(additions))
 
     def _user_epsilon(self, events: list[dp_accounting.DpEvent], additions: list[float] | None = None) -> float:
         if events and self.cfg.user_dp.noise_multiplier == 0:
