@@ -63,10 +63,11 @@ def record_refusal(context: Any, reason: str) -> None:
     try:
         from fedpriv.clients.budget import open_guard
         from fedpriv.common.config import RunConfig
+        from fedpriv.common.ledger_schema import NODE, Kind
 
         state_dir = Path(str(config["state-dir"])) / str(config["node-name"])
         with open_guard(state_dir, 0.0, RunConfig().privacy.delta) as guard:
-            guard.ledger.append(actor="node", kind="app_refusal", round=None, note=reason)
+            guard.ledger.append(actor=NODE, kind=Kind.APP_REFUSAL, round=None, note=reason)
     except Exception as exc:  # the refusal stands either way
         print(f"fedpriv: could not record the app refusal in the node's ledger ({exc})", file=sys.stderr)
 

@@ -17,11 +17,12 @@ from typing import Any, Iterator
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend, record_level_epsilon
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import LedgerWriter, load_or_create_signing_key
+from fedpriv.common.ledger_schema import NODE, Kind
+from fedpriv.common.replay import replay
 from fedpriv.common.witness import NODE_CLIENT_ID, NODE_RUN_HEAD
 
 NODE_KEY = "node.key"
 LOCK = ".lock"
-RECORD_LEVEL = "record_level"
 RUN_ID = "run_id"  # the fedpriv run a spend was made in (entry parameters)
 
 
@@ -57,9 +58,14 @@ class NodeBudgetGuard:
         self.delta = delta
         key = load_or_create_signing_key(state_dir / NODE_KEY)
         self.ledger = LedgerWriter(state_dir, key)  # verifies what is already there
-        recorded = [entry for entry in self.ledger.existing if entry["kind"] == RECORD_LEVEL]
-        self.spends = [DPSGDSpend.from_json(entry["parameters"]) for entry in recorded]
-        self.run_ids: list[str | None] = [entry["parameters"].get(RUN_ID) for entry in recorded]
+        state = replay(self.ledger.existing)  # the one replay of a ledger (common.replay)
+        if state.unreadable:
+            raise FedprivError(f"node ledger {self.ledger.path}: entry {state.unreadable[0].seq}'s DpEvent "
+                               f"cannot be read ({state.unreadable[0].note})")
+        recorded = [spend for spends in state.actors.values() for spend in spends.of_kind(Kind.RECORD_LEVEL)]
+        recorded.sort(key=lambda spend: spend.seq)
+        self.spends = [DPSGDSpend.from_json(spend.parameters) for spend in recorded]
+        self.run_ids: list[str | None] = [spend.parameters.get(RUN_ID) for spend in recorded]
 
     def spends_before(self, run_id: str) -> list[DPSGDSpend]:
         """Spending outside the fedpriv run ``run_id``: every spend not tagged with it (untagged
@@ -110,7 +116,7 @@ class NodeBudgetGuard:
         if client_id is not None:
             parameters[NODE_CLIENT_ID] = str(client_id)
         self.ledger.append(
-            actor="node", kind=RECORD_LEVEL, round=server_round, event=spend.to_event(),
+            actor=NODE, kind=Kind.RECORD_LEVEL, round=server_round, event=spend.to_event(),
             parameters=parameters, sampling="poisson", epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
         )
         return epsilon

@@ -31,6 +31,7 @@ from fedpriv.clients.node import node_identity, node_name_and_state_dir, node_po
 from fedpriv.clients.secagg_guard import SecAggGuard, SecAggRefusal
 from fedpriv.common import secagg_masks
 from fedpriv.common.config import RunConfig, config_from_run_config
+from fedpriv.common.ledger_schema import NODE, Kind
 from fedpriv.common.protocol import MALFORMED_UPDATE_CODE, POLICY_REFUSED_CODE, SECAGG_REFUSED_CODE
 
 secagg_masks.install()
@@ -38,14 +39,14 @@ PLAIN_WEIGHT_KEY = "fitres.num_examples"  # where Flower's legacy FitRes keeps t
 
 
 def record_refusal(context: Context, cfg: RunConfig, server_round: int | None, reason: str,
-                   kind: str = "secagg_refusal") -> None:
+                   kind: Kind = Kind.SECAGG_REFUSAL) -> None:
     """Put a refusal (SecAgg+, or of a run below the node's policy) in the node's own signed
     ledger, before the reply leaves."""
     from fedpriv.clients.budget import open_guard
 
     _, state_dir = node_name_and_state_dir(context, cfg)
     with open_guard(state_dir, 0.0, cfg.privacy.delta) as guard:
-        guard.ledger.append(actor="node", kind=kind, round=server_round, note=reason)
+        guard.ledger.append(actor=NODE, kind=kind, round=server_round, note=reason)
 
 
 def _message_round(msg: Message) -> int | None:
@@ -70,7 +71,7 @@ def make_policy_mod(config: RunConfig | None = None):
         if not problems:
             return call_next(msg, context)
         reason = "run refused by this node's policy: " + "; ".join(problems)
-        record_refusal(context, cfg, _message_round(msg), reason, kind="policy_refusal")
+        record_refusal(context, cfg, _message_round(msg), reason, kind=Kind.POLICY_REFUSAL)
         return Message(Error(code=POLICY_REFUSED_CODE, reason=reason), reply_to=msg)
 
     return policy_mod

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
 
 from fedpriv.common import accounting
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
@@ -20,8 +19,14 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common.rundir import NODES_DIR
 from fedpriv.common import witness
 from fedpriv.common.ledger import (
-    LEDGER, PUBLIC_KEY, RECOVERY, event_from_json, key_id, ledger_run_id, load_public_key, verify_ledger,
+    LEDGER, PUBLIC_KEY, key_id, ledger_run_id, load_public_key, verify_ledger,
 )
+from fedpriv.common.ledger_schema import Kind, client_id_of
+from fedpriv.common.population import COMPOSED, recheck
+from fedpriv.common.replay import LedgerState, replay
+from fedpriv.common.lazy import lazy_import
+
+dp_accounting = lazy_import("dp_accounting")  # scipy: loaded when first used (see common.lazy)
 
 RELATIVE_TOLERANCE = 1e-6
 AUDIT_MD = "audit.md"
@@ -38,6 +43,13 @@ class _Actor:
     # failure probabilities charged to delta (a distributed round's SecAgg+ range overflow)
     delta_additions: list[float] = field(default_factory=list)
     current: float = 0.0  # enforcement epsilon after its latest event
+    history: list[tuple[int, float]] = field(default_factory=list)  # (ledger entry, epsilon after it)
+
+    def epsilon_before(self, seq: int | None) -> float | None:
+        """Its enforcement epsilon after its last event before ledger entry ``seq`` (None: the
+        end); None if it had spent nothing by then."""
+        before = [eps for at, eps in self.history if seq is None or at < seq]
+        return before[-1] if before else None
 
 
 BUDGET_KEYS = {"record_level": "record_budget", "user_level": "user_budget"}
@@ -104,72 +116,63 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     failures += witness_failures
     ledger_ok = verified.ok and not witness_failures
 
-    delta = None
-    periods: list[_Period] = []  # every budget ever in force, in order
+    full = replay(verified.entries)  # the one replay of the ledger (common.replay)
+    cutoff, problems = _structure(full)  # a ledger whose run does not start first is read up to there
+    state = full if cutoff is None else replay(verified.entries[:cutoff])
+    starts = [run for run in state.runs if run.kind == Kind.RUN_START]
+    delta = starts[-1].delta if starts else None
+    flower_runs = [run.flower_run_id for run in state.runs if run.flower_run_id]
+    resumes = sum(1 for run in full.resumes if cutoff is None or run.seq <= cutoff)
+    ordered: list[tuple[int, str]] = list(problems)  # failures in ledger order
+    ordered += [(bad.seq, f"ledger entry {bad.seq}: its DpEvent cannot be read ({bad.note})") for bad in state.unreadable]
     relaxed: list[str] = []  # resumes that relaxed a budget in force
+    periods: list[_Period] = []  # every budget ever in force, in order
+    for run in state.runs:
+        where = f"ledger entry {run.seq}"
+        if run.kind == Kind.RUN_START:
+            delta_now, run_id_now = run.delta, run.run_id
+        elif periods:  # the same run, continued: every entry before it stays counted
+            if run.delta != delta_now:
+                ordered.append((run.seq, f"{where}: the run was resumed at delta {run.delta}, not at the "
+                                          f"run's delta {delta_now}"))
+            if run.run_id != run_id_now:
+                ordered.append((run.seq, f"{where}: the run_resume names run {run.run_id}, not {run_id_now}"))
+            relaxed += _relaxations(where, periods, _levels(run.budgets))
+        periods.append(_Period(run.seq, _levels(run.budgets)))
+
     actors: dict[str, _Actor] = {}
-    refusals, stopped, recorded_final, run_id, resumes = 0, None, None, None, 0
-    flower_runs: list[str] = []
-    for entry in verified.entries:
-        kind, params = entry.get("kind"), entry.get("parameters") or {}
-        where = f"ledger entry {entry['seq']}"
-        if kind in ("run_start", "run_resume") and params.get("flower_run_id"):
-            flower_runs.append(str(params["flower_run_id"]))
-        if kind == "run_start":
-            delta, run_id = params.get("delta"), params.get("run_id")
-            periods.append(_Period(entry["seq"], _budgets(params)))
-            continue
-        if kind == "run_resume":  # the same run, continued: every entry before it stays counted
-            resumes += 1
-            if delta is None:
-                failures.append(f"{where}: a run_resume before the run_start entry")
-                break
-            if params.get("delta") != delta:
-                failures.append(f"{where}: the run was resumed at delta {params.get('delta')}, not at the "
-                                f"run's delta {delta}")
-            if params.get("run_id") != run_id:
-                failures.append(f"{where}: the run_resume names run {params.get('run_id')}, not {run_id}")
-            periods[-1].epsilon_at_end = {name: actor.current for name, actor in actors.items()}
-            relaxed += _relaxations(where, periods, _budgets(params))
-            periods.append(_Period(entry["seq"], _budgets(params)))
-            recorded_final, stopped = None, None  # an earlier end no longer describes the run
-            continue
-        if kind == "refusal":
-            refusals += 1
-            continue
-        if kind == "budget_stop":
-            stopped = {"round": entry.get("round"), "reason": entry.get("note")}
-            continue
-        if kind == "run_end":
-            recorded_final = entry.get("epsilon")
-            continue
-        if entry.get("event") is None:
-            continue
-        if delta is None:
-            failures.append(f"{where}: a spend before the run_start entry (no delta)")
-            break
-        try:
-            event = event_from_json(entry["event"])
-        except (ValueError, TypeError) as exc:
-            failures.append(f"{where}: its DpEvent cannot be read ({exc})")
-            continue
-        level = "user" if kind == "user_level" else "record"
-        actor = actors.setdefault(entry["actor"], _Actor(level, entry.get("sampling") or "poisson"))
-        actor.events.append(event)
-        if level == "user":
-            actor.delta_additions.append(float(params.get("delta_addition") or 0.0))
-        if not accounting.analysable(event, ENFORCEMENT_ACCOUNTANT, actor.sampling):
-            failures.append(f"{where} ({entry['actor']}): unanalysable event: the {ENFORCEMENT_ACCOUNTANT} "
-                            f"accountant cannot analyse its {type(event).__name__}, so its epsilon counts "
-                            f"as infinite")
-        recomputed = actor.current = accounting.epsilon(actor.events, delta, ENFORCEMENT_ACCOUNTANT, actor.sampling,
-                                                        actor.delta_additions)
-        recorded = (entry.get("epsilon") or {}).get(ENFORCEMENT_ACCOUNTANT)
-        if not _close(recomputed, recorded):
-            mismatches.append(f"{where} ({entry['actor']}): recorded epsilon {recorded} but the events give "
-                            f"{recomputed:.6g}")
-        if entry.get("round") is not None:
-            actor.by_round[int(entry["round"])] = recomputed
+    checked: list[tuple[int, str]] = []
+    for name, spends in state.actors.items():
+        first = spends.spends[0]
+        actor = actors[name] = _Actor("user" if first.kind == Kind.USER_LEVEL else "record", spends.sampling)
+        for spend in spends.spends:
+            where = f"ledger entry {spend.seq}"
+            at_delta = next((r.delta for r in reversed(state.runs) if r.kind == Kind.RUN_START and r.seq < spend.seq),
+                            delta)
+            actor.events.append(spend.event)
+            if actor.level == "user":
+                actor.delta_additions.append(spend.delta_addition)
+            if not accounting.analysable(spend.event, ENFORCEMENT_ACCOUNTANT, actor.sampling):
+                ordered.append((spend.seq, f"{where} ({name}): unanalysable event: the {ENFORCEMENT_ACCOUNTANT} "
+                                           f"accountant cannot analyse its {type(spend.event).__name__}, so its "
+                                           f"epsilon counts as infinite"))
+            recomputed = actor.current = accounting.epsilon(actor.events, at_delta, ENFORCEMENT_ACCOUNTANT,
+                                                            actor.sampling, actor.delta_additions)
+            actor.history.append((spend.seq, recomputed))
+            if not _close(recomputed, spend.recorded_epsilon):
+                checked.append((spend.seq, f"{where} ({name}): recorded epsilon {spend.recorded_epsilon} but the "
+                                           f"events give {recomputed:.6g}"))
+            if spend.round is not None:
+                actor.by_round[int(spend.round)] = recomputed
+    mismatches += [message for _, message in sorted(checked, key=lambda item: item[0])]
+    failures += [message for _, message in sorted(ordered, key=lambda item: item[0])]
+    # Each budget period ends where the next run entry begins: every actor's epsilon by then.
+    for period, following in zip(periods, periods[1:] + [None]):
+        period.epsilon_at_end = {name: eps for name, actor in actors.items()
+                                 if (eps := actor.epsilon_before(following.seq if following else None)) is not None}
+    recorded_final = state.run_end.epsilon if state.run_end is not None else None
+    stopped = {"round": state.stopped.round, "reason": state.stopped.note} if state.stopped is not None else None
+    refusals = sum(1 for refusal in state.refusals if refusal.kind == Kind.REFUSAL)
 
     record_level: dict[str, dict[str, Any]] = {}
     user_level: dict[str, Any] | None = None
@@ -178,7 +181,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         if actor.level == "user":
             user_level = figures
         else:
-            record_level[name.removeprefix("client:")] = figures
+            record_level[client_id_of(name) or name] = figures
     record_level = dict(sorted(record_level.items(), key=lambda kv: (len(kv[0]), kv[0])))
 
     if verified.entries and recorded_final is None and ledger_ok:
@@ -197,10 +200,18 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         failures.append("summary.json is missing: the run's reported results cannot be checked against the ledger "
                         "(deleted, or the run did not finish)")
     mismatches += _check_summary(run_dir, record_level, user_level)
-    if periods:
-        periods[-1].epsilon_at_end = {name: actor.current for name, actor in actors.items()}
     budget_failures = relaxed + _check_budgets(actors, periods, budget)
     budgets = _strictest(periods)
+    cumulative, composed, composed_failures = _composed(state, actors, delta, resolved["witness_root"])
+    failures += composed_failures
+    if cumulative is not None:
+        recorded = ((recorded_final or {}).get("user_level_cumulative") or {}).get("rdp")
+        if recorded_final is not None and not _close(cumulative["rdp"], recorded):
+            mismatches.append(f"user level with the earlier runs: run_end records epsilon {recorded}, the events "
+                              f"of this run and of the composed earlier runs give {cumulative['rdp']:.6g}")
+        if _over(cumulative["rdp"], budgets["user_level"]):
+            budget_failures.append(f"user-level epsilon {cumulative['rdp']:.4f} composed with the earlier runs of "
+                                   f"this server state exceeds the user-level budget {budgets['user_level']:g}")
     failures += mismatches + budget_failures
     submitted: list[dict[str, str]] | None = None
     log_dir = operator_log or default_operator_log(run_dir)
@@ -227,12 +238,15 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "delta": delta,
         "enforcement_accountant": ENFORCEMENT_ACCOUNTANT,
         "epsilon": {"user_level": user_level, "record_level": record_level},
+        # this run's user-level spending composed with the earlier runs' of its server state
+        "user_level_cumulative": cumulative,
+        "composed_runs": composed,
         "budgets": {**budgets, "audit": budget},  # the strictest ever in force
         "budget_history": [{"ledger_entry": p.seq, **p.budgets} for p in periods],
         "refusals": refusals,
         "resumes": resumes,
         # What a crash left at the ledger's end: repaired on reopening (entries), or still there.
-        "crash_recoveries": [e.get("note") for e in verified.entries if e.get("kind") == RECOVERY]
+        "crash_recoveries": [recovery.note for recovery in full.recoveries]
         + verified.crash_notes,
         "stopped_early": stopped,
         "failures": failures,
@@ -241,6 +255,22 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             "record_level_max": actors_series([a for a in actors.values() if a.level == "record"]),
         },
     }
+
+
+def _composed(state: LedgerState, actors: dict[str, _Actor], delta: Any,
+              root: Path) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The run's user-level epsilon composed with the earlier runs its latest run_start or
+    run_resume says it composed (common.population), read again from their ledgers:
+    (figures or None, the composed run ids, failures)."""
+    recorded = next((run.parameters[COMPOSED] for run in reversed(state.runs) if COMPOSED in run.parameters), None)
+    if recorded is None or delta is None:
+        return None, [], []
+    composition, failures = recheck(root, recorded)
+    user = next((actor for actor in actors.values() if actor.level == "user"), None)
+    events = composition.events + (user.events if user else [])
+    additions = composition.delta_additions + (user.delta_additions if user else [])
+    figures = accounting.figures(events, delta, user.sampling if user else "poisson", additions)
+    return figures, [run.run_id for run in composition.runs], failures
 
 
 def _key_swap(run_dir: Path, resolved: dict[str, Any], verified_ok: bool) -> list[str]:
@@ -282,7 +312,8 @@ def _witnesses(run_dir: Path, resolved: dict[str, Any], verified: Any,
             checked.append(result)
         if (run_dir / NODES_DIR).is_dir() and all(c["client_id"] or not c["spends"] for c in checked):
             # Simulated nodes keep their ledgers here: every client that spent needs one.
-            spent = {e["actor"].removeprefix("client:") for e in verified.entries if e.get("kind") == "record_level"}
+            spent = {cid for cid, spends in replay(verified.entries).clients().items()
+                     if spends.of_kind(Kind.RECORD_LEVEL)}
             for client in sorted(spent - {c["client_id"] for c in checked}, key=lambda c: (len(c), c)):
                 failures.append(f"the run ledger records spends of client {client}, but no node ledger under "
                                 f"{run_dir / NODES_DIR} holds them (removed?)")
@@ -307,9 +338,26 @@ def _over(value: float | None, limit: float | None) -> bool:
     return value is not None and limit is not None and value > limit * (1 + 1e-9)
 
 
-def _budgets(params: dict[str, Any]) -> dict[str, float | None]:
-    """The budgets a run_start or run_resume entry put in force (0 or absent: no limit)."""
-    return {level: params.get(key) or None for level, key in BUDGET_KEYS.items()}
+def _levels(budgets: dict[str, float | None]) -> dict[str, float | None]:
+    """The budgets a run_start or run_resume entry put in force (replayed), by level (None: no limit)."""
+    return {level: budgets.get(key) for level, key in BUDGET_KEYS.items()}
+
+
+def _structure(state: LedgerState) -> tuple[int | None, list[tuple[int, str]]]:
+    """Where the run ledger stops making sense, if it does: a run_resume, or a spend, before the
+    run's run_start (or a run_start without delta). Returns (that entry's seq, the failure)."""
+    start = next((run for run in state.runs if run.kind == Kind.RUN_START), None)
+    first = start.seq if start is not None and start.delta is not None else None
+    early_resume = [run.seq for run in state.resumes if first is None or run.seq < first]
+    early_spend = [spend.seq for spends in state.actors.values() for spend in spends.spends
+                   if first is None or spend.seq < first]
+    early_spend += [bad.seq for bad in state.unreadable if first is None or bad.seq < first]
+    candidates = [(seq, f"ledger entry {seq}: a run_resume before the run_start entry") for seq in early_resume]
+    candidates += [(seq, f"ledger entry {seq}: a spend before the run_start entry (no delta)") for seq in early_spend]
+    if not candidates:
+        return None, []
+    seq, message = min(candidates)
+    return seq, [(seq, message)]
 
 
 def _strictest(periods: list[_Period]) -> dict[str, float | None]:
@@ -337,7 +385,7 @@ def _check_budgets(actors: dict[str, _Actor], periods: list[_Period], audit_budg
     for name, actor in sorted(actors.items(), key=lambda kv: (len(kv[0]), kv[0])):
         level = "user_level" if actor.level == "user" else "record_level"
         who = "user-level epsilon" if actor.level == "user" else \
-            f"client {name.removeprefix('client:')}: record-level epsilon"
+            f"client {client_id_of(name) or name}: record-level epsilon"
         whose = "the user-level budget" if actor.level == "user" else "its record-level budget"
         over = [(period, period.epsilon_at_end[name]) for period in periods
                 if name in period.epsilon_at_end and _over(period.epsilon_at_end[name], period.budgets[level])]

@@ -5,7 +5,8 @@ Each line is one entry, written as canonical JSON (sorted keys, no spaces). An e
 - ``seq`` (0, 1, 2, ...), ``time`` (UTC), ``round``, ``actor`` (``server``, ``client:<id>``) and
   ``kind`` (``run_start``, ``record_level``, ``record_level_carried``, ``user_level``,
   ``refusal``, ``round_failed``, ``budget_stop``, ``run_end``, and ``run_resume`` where a run
-  continues from its checkpoint in a new server process);
+  continues from its checkpoint in a new server process): the vocabulary is
+  :mod:`common.ledger_schema`, and :func:`common.replay.replay` is the one reading of entries;
 - ``event``: the mechanism as a serialised dp-accounting ``DpEvent`` (or null), with
   ``parameters`` and ``sampling`` spelled out for people;
 - ``epsilon``: the actor's cumulative epsilon after this entry, as recorded by the writer;
@@ -43,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import create_private, json_safe, write_atomic
 from fedpriv.common.lazy import lazy_import
+from fedpriv.common.ledger_schema import LEDGER_ACTOR, Kind
 
 dp_accounting = lazy_import("dp_accounting")  # scipy: loaded when first used (see common.lazy)
 
@@ -50,8 +52,8 @@ GENESIS = "0" * 64
 LEDGER = "ledger.jsonl"
 HEAD = "ledger.head.json"
 PUBLIC_KEY = "ledger.pub"
-TORN = "ledger.torn"  # what crash recovery cut off the end of a ledger (see LedgerWriter)
-RECOVERY = "ledger_recovery"  # the entry kind that records it
+TORN = "ledger.torn"  # what crash recovery cut off the end of a ledger (see LedgerWriter);
+# the entry that records it is of kind Kind.LEDGER_RECOVERY (common.ledger_schema)
 
 
 # ---- DpEvent (de)serialisation ----------------------------------------------------------------
@@ -183,9 +185,9 @@ class LedgerWriter:
                 handle.truncate(size)
                 handle.flush()
                 os.fsync(handle.fileno())
-        self.append(actor="ledger", kind=RECOVERY, note="; ".join(report.crash_notes))
+        self.append(actor=LEDGER_ACTOR, kind=Kind.LEDGER_RECOVERY, note="; ".join(report.crash_notes))
 
-    def append(self, *, actor: str, kind: str, round: int | None = None,
+    def append(self, *, actor: str, kind: Kind | str, round: int | None = None,
                event: dp_accounting.DpEvent | None = None, parameters: dict[str, Any] | None = None,
                sampling: str | None = None, epsilon: dict[str, Any] | None = None,
                note: str | None = None) -> dict[str, Any]:
@@ -193,8 +195,8 @@ class LedgerWriter:
             "seq": self.seq,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
             "round": round,
-            "actor": actor,
-            "kind": kind,
+            "actor": str(actor),  # plain strings on disk (common.ledger_schema's enums are str)
+            "kind": str(kind),
             "event": event_to_json(event) if event is not None else None,
             "parameters": parameters or {},
             "sampling": sampling,
@@ -233,7 +235,7 @@ class LedgerWriter:
 
 def ledger_run_id(entries: list[dict[str, Any]]) -> str | None:
     """The run id a run ledger's first entry (``run_start``) names; None for other ledgers."""
-    if not entries or entries[0].get("kind") != "run_start":
+    if not entries or entries[0].get("kind") != Kind.RUN_START:
         return None
     run_id = (entries[0].get("parameters") or {}).get("run_id")
     return run_id if isinstance(run_id, str) else None

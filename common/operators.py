@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import LEDGER, verify_ledger
+from fedpriv.common.ledger_schema import Kind, Role, parse_actor
 
 ROLES = ("admin", "researcher", "auditor")
 ROLE_PREFIX = "fedpriv-role:"
@@ -112,8 +113,9 @@ def submitted_runs(log_dir: Path, public_key: Any = None) -> dict[int, dict[str,
     for entry in report.entries:
         parameters = entry.get("parameters") or {}
         run = parameters.get("run_id")
-        if (entry.get("kind") == "operator_action" and parameters.get("action") == "start-run"
+        actor = parse_actor(entry.get("actor"))
+        if (entry.get("kind") == Kind.OPERATOR_ACTION and parameters.get("action") == "start-run"
                 and parameters.get("allowed") and run):
-            runs[int(run)] = {"operator": str(entry["actor"]).removeprefix("operator:"),
+            runs[int(run)] = {"operator": actor.id if actor.role is Role.OPERATOR and actor.id is not None else actor.raw,
                               "role": str(parameters.get("role", ""))}
     return runs

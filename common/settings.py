@@ -26,10 +26,7 @@ from fedpriv.common.config import RunConfig, load_config, read_toml, unflatten
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import LEDGER, verify_ledger
 from fedpriv.common.presets import DEFAULT_PRESET, preset_layers
-
-RUN_KINDS = ("run_start", "run_resume")
-# Budgets a resume may only tighten: every value ever in force for the run stays in force.
-BUDGETS = ("record_budget", "user_budget")
+from fedpriv.common.replay import LedgerState, replay
 
 
 def resolve_config(preset: str | None, config_file: str | None, overrides: list[str],
@@ -81,30 +78,27 @@ def verified_entries(run_dir: Path) -> list[dict[str, Any]]:
     return report.entries
 
 
-def recorded_config(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def ledger_state(entries: list[dict[str, Any]] | LedgerState) -> LedgerState:
+    """The replay of ``entries`` (or ``entries`` itself, already replayed)."""
+    return entries if isinstance(entries, LedgerState) else replay(entries)
+
+
+def recorded_config(entries: list[dict[str, Any]] | LedgerState) -> dict[str, Any]:
     """The configuration the run last ran with (its latest run_start or run_resume), flat."""
-    for entry in reversed(entries):
-        if entry.get("kind") in RUN_KINDS and isinstance(entry.get("parameters", {}).get("config"), dict):
-            return dict(entry["parameters"]["config"])
-    raise FedprivError("the run's ledger records no configuration")
+    config = ledger_state(entries).config
+    if config is None:
+        raise FedprivError("the run's ledger records no configuration")
+    return dict(config)
 
 
-def budgets_in_force(entries: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per budget, the strictest value any run_start or run_resume of the run put in force
-    (None: never limited; 0 or absent in an entry means no limit)."""
-    limits: dict[str, float | None] = dict.fromkeys(BUDGETS)
-    for entry in entries:
-        if entry.get("kind") not in RUN_KINDS:
-            continue
-        params = entry.get("parameters") or {}
-        for name in BUDGETS:
-            value = params.get(name) or None
-            if value is not None and (limits[name] is None or value < limits[name]):
-                limits[name] = float(value)
-    return limits
+def budgets_in_force(entries: list[dict[str, Any]] | LedgerState) -> dict[str, float | None]:
+    """Per budget (:data:`common.replay.BUDGETS`), the strictest value any run_start or
+    run_resume of the run put in force (None: never limited; 0 or absent in an entry means no
+    limit). Budgets a resume may only tighten: every value ever in force stays in force."""
+    return ledger_state(entries).budgets_in_force()
 
 
-def check_budgets(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
+def check_budgets(entries: list[dict[str, Any]] | LedgerState, cfg: RunConfig) -> None:
     """Refuse a resume that would relax a budget the run has had in force: raise it, or set it
     to 0 (no limit). Budgets can only tighten."""
     for name, limit in budgets_in_force(entries).items():

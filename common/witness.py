@@ -36,6 +36,8 @@ from fedpriv.common.ledger import (
     verify_ledger,
 )
 from fedpriv.common import rundir
+from fedpriv.common.ledger_schema import Kind, client_actor
+from fedpriv.common.replay import replay
 from fedpriv.common.fileio import write_atomic
 
 WITNESS_ENV = "FEDPRIV_LEDGER_WITNESS"
@@ -238,20 +240,21 @@ def check_node_ledger(path: Path, run_id: str | None, run_entries: list[dict[str
     if not verified.ok:
         out["failures"].append(f"{where} does not verify: {verified.failures[0]}")
         return out
-    mine = [e for e in verified.entries
-            if e.get("kind") == "record_level" and (e.get("parameters") or {}).get(NODE_RUN_ID) == run_id]
+    node_state = replay(verified.entries)
+    mine = sorted((s for spends in node_state.actors.values() for s in spends.of_kind(Kind.RECORD_LEVEL)
+                   if s.parameters.get(NODE_RUN_ID) == run_id), key=lambda s: s.seq)
     out["spends"] = len(mine)
     if not mine:
         out["notes"].append(f"{where} records no spend in this run")
         return out
-    for entry in mine:
-        head = (entry.get("parameters") or {}).get(NODE_RUN_HEAD)
+    for spend in mine:
+        head = spend.parameters.get(NODE_RUN_HEAD)
         if isinstance(head, dict):
             problem = prefix_problem(run_entries, head.get("entries"), head.get("head_hash"))
             if problem:
-                out["failures"].append(f"rollback: {problem} ({where}, its entry {entry['seq']})")
-    clients = {str((e.get("parameters") or {}).get(NODE_CLIENT_ID)) for e in mine
-               if (e.get("parameters") or {}).get(NODE_CLIENT_ID) is not None}
+                out["failures"].append(f"rollback: {problem} ({where}, its entry {spend.seq})")
+    clients = {str(s.parameters.get(NODE_CLIENT_ID)) for s in mine
+               if s.parameters.get(NODE_CLIENT_ID) is not None}
     if not clients:
         out["notes"].append(f"{where} names no client id (written by an older fedpriv): its spends "
                             "cannot be matched with the run's")
@@ -262,9 +265,10 @@ def check_node_ledger(path: Path, run_id: str | None, run_entries: list[dict[str
     (client_id,) = clients
     out["client_id"] = client_id
     try:
-        node_spends = [_spend_key(e.get("round"), e["parameters"]) for e in mine]
-        run_spends = [_spend_key(e.get("round"), e.get("parameters") or {}) for e in run_entries
-                      if e.get("kind") == "record_level" and e.get("actor") == f"client:{client_id}"]
+        node_spends = [_spend_key(s.round, s.parameters) for s in mine]
+        run_client = replay(run_entries).actors.get(client_actor(client_id))
+        run_spends = [_spend_key(s.round, s.parameters)
+                      for s in (run_client.of_kind(Kind.RECORD_LEVEL) if run_client is not None else [])]
     except (KeyError, TypeError, ValueError) as exc:
         out["failures"].append(f"{where}: a spend cannot be read ({exc})")
         return out

@@ -309,6 +309,9 @@ def _print_result(console: Any, summary: dict, out_dir: Path, seconds: float) ->
     if user["enabled"]:
         console.print(f"user-level epsilon {_fmt(user['epsilon'], '.3f')} at delta {privacy['delta']:g}"
                       + (f" (budget {user['budget']:g})" if user["budget"] else ""))
+        if user.get("composed_runs"):
+            console.print(f"user-level epsilon with the {len(user['composed_runs'])} earlier run(s) of this "
+                          f"server state {_fmt(user.get('cumulative_epsilon'), '.3f')}")
         if user.get("epsilon_gaussian_approximation") is not None:
             console.print(f"  continuous-Gaussian approximation (not a bound; for comparison only): "
                           f"{_fmt(user['epsilon_gaussian_approximation'], '.3f')}")

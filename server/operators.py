@@ -27,6 +27,7 @@ from cryptography import x509
 
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import LedgerWriter
+from fedpriv.common.ledger_schema import Kind, operator_actor
 from fedpriv.common.operators import OPERATOR_LOG, PERMISSIONS, Operator, operator_of, submitted_runs
 from fedpriv.common.fileio import write_atomic
 from fedpriv.server.gateway import Gateway
@@ -120,12 +121,12 @@ class OperatorLog:
 
     def record(self, operator: Operator | None, action: str, allowed: bool, note: str = "",
                **parameters: Any) -> None:
-        actor = f"operator:{operator.name}" if operator else "operator:unknown"
+        actor = operator_actor(operator.name if operator else None)
         details = {"action": action, "allowed": allowed, **parameters}
         if operator is not None:
             details.update(role=operator.role, serial=str(operator.serial))
         with self._lock:
-            self._writer.append(actor=actor, kind="operator_action", parameters=details, note=note or None)
+            self._writer.append(actor=actor, kind=Kind.OPERATOR_ACTION, parameters=details, note=note or None)
 
     def submitted_runs(self) -> dict[int, str]:
         """Flower run id -> the operator who submitted it."""

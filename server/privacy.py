@@ -4,6 +4,8 @@ Every privacy-relevant thing the server learns or does goes into the run's ledge
 each client's record-level spend (and what it had spent before this run), each round of
 user-level DP, each refusal, and the stop before a round that would exceed the user-level budget.
 Cumulative epsilon is always recomputed from the recorded events, never kept as a running sum.
+User-level spending is composed with that of the earlier runs of the same server state (one
+population; :mod:`common.population`), and the user-level budget is enforced on the composition.
 A resumed run (:mod:`server.resume`) rebuilds its state from the verified ledger, every entry
 counted, and continues the same ledger after a ``run_resume`` entry.
 """
@@ -23,12 +25,16 @@ from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common import witness
-from fedpriv.common.ledger import LedgerWriter, event_from_json, key_id, load_or_create_signing_key
+from fedpriv.common.ledger import LedgerWriter, key_id, load_or_create_signing_key
+from fedpriv.common.population import Composition, compose_state
+from fedpriv.common.ledger_schema import SERVER, Kind, client_actor, node_actor
+from fedpriv.common.replay import LedgerState, node_of, replay
 from fedpriv.common.user_dp import USER_LEVEL_SAMPLING
 from fedpriv.server import resume as resume_checks
 from fedpriv.server.resume import RestorePoint
 
 KEY_ENV = rundir.LEDGER_KEY_ENV
+CUMULATIVE = "rdp_with_earlier_runs"  # a user_level entry's epsilon composed with the earlier runs'
 # What the user-level accounting of a round assumes, by noise mode (written into each entry).
 ASSUMPTIONS = user_dp.ASSUMPTIONS
 
@@ -73,6 +79,8 @@ class PrivacyRecorder:
         self.failed_rounds: list[dict[str, Any]] = []
         self.carried: set[str] = set()  # clients whose spending before this run is recorded
         self.stopped: dict[str, Any] | None = None
+        # User-level spending of the earlier runs of this server state (common.population).
+        self.earlier = Composition()
         parameters = {
             "config": cfg.to_flat(),
             "delta": self.delta,
@@ -87,23 +95,40 @@ class PrivacyRecorder:
                 raise FedprivError(f"{self.ledger.path} already holds a run; continue it with "
                                    f"run.resume = true (fedpriv simulate --resume {run_dir})")
             self.run_id = uuid.uuid4().hex  # fedpriv's run id: nodes tag their spends with it
+            parameters.update(self._compose())
             self._witness()
-            self.ledger.append(actor="server", kind="run_start", parameters={**parameters, "run_id": self.run_id})
+            self.ledger.append(actor=SERVER, kind=Kind.RUN_START, parameters={**parameters, "run_id": self.run_id})
             return
         entries = self.ledger.existing
         resume_checks.check_ledger(resume, entries, run_dir)
-        resume_checks.check_settings(entries, cfg)
+        state = replay(entries)  # the one replay of the ledger (common.replay)
+        resume_checks.check_settings(state, cfg)
         self.run_id = resume.run_id
+        parameters.update(self._compose())
         self._witness()
-        for entry in entries:
-            self._replay(entry)
+        self._restore(state)
         self.ledger.append(
-            actor="server", kind="run_resume", round=resume.round + 1,
+            actor=SERVER, kind=Kind.RUN_RESUME, round=resume.round + 1,
             parameters={**parameters, "run_id": self.run_id, "checkpoint_round": resume.round,
                         "checkpoint_ledger_entries": resume.ledger_entries},
             note=f"resumed from the checkpoint of round {resume.round}; every entry before this one "
                  f"stays counted, those after the checkpoint included",
         )
+
+    def _compose(self) -> dict[str, Any]:
+        """Read the user-level spending of the earlier runs of this server state, which the
+        user-level budget is enforced on with this run's (see :mod:`common.population`); return
+        what the run's start records of it."""
+        if not self.cfg.user_dp.enabled:
+            return {}
+        self.earlier = compose_state(self.witness_root, self.run_id)
+        if self.earlier.uncomposed and self.cfg.privacy.user_budget:
+            first = self.earlier.uncomposed[0]
+            raise FedprivError(
+                f"cannot enforce privacy.user_budget: the user-level spending of the earlier run "
+                f"{first['run_id']} of this server state ({self.witness_root}) cannot be read ({first['reason']}); "
+                f"restore its ledger, or remove its witness record to declare it another population")
+        return self.earlier.record()
 
     def _witness(self) -> None:
         path = witness.run_witness_path(self.witness_root, self.run_id)
@@ -122,31 +147,27 @@ class PrivacyRecorder:
         """The run ledger's head as sent to nodes, which record it in their own ledgers."""
         return witness.node_run_head(self.ledger.seq, self.ledger.prev_hash)
 
-    def _replay(self, entry: dict[str, Any]) -> None:
-        """Rebuild the accounting state from one verified entry of the run's ledger."""
-        kind, actor = entry["kind"], entry["actor"]
-        try:
-            event = event_from_json(entry["event"]) if entry.get("event") is not None else None
-        except (ValueError, TypeError) as exc:
-            raise FedprivError(f"ledger entry {entry['seq']}: its DpEvent cannot be read ({exc})") from None
-        if kind in ("record_level", "record_level_carried") and event is not None:
-            client_id = actor.removeprefix("client:")
-            self.client_events.setdefault(client_id, []).append(event)
-            if kind == "record_level_carried":
+    def _restore(self, state: LedgerState) -> None:
+        """Rebuild the accounting state from the replay of the run's verified ledger."""
+        if state.unreadable:
+            bad = state.unreadable[0]
+            raise FedprivError(f"ledger entry {bad.seq}: its DpEvent cannot be read ({bad.note})")
+        for client_id, spends in state.clients().items():
+            self.client_events[client_id] = [s.event for s in spends.of_kind(Kind.RECORD_LEVEL,
+                                                                              Kind.RECORD_LEVEL_CARRIED)]
+            if spends.carried:
                 self.carried.add(client_id)
-        elif kind == "user_level" and event is not None:
-            self.user_events.append(event)
-            params = entry.get("parameters") or {}
-            self.user_delta_additions.append(float(params.get("delta_addition") or 0.0))
+        for spend in state.user_level():
+            params = spend.parameters
+            self.user_events.append(spend.event)
+            self.user_delta_additions.append(spend.delta_addition)
             if params.get("gaussian_approximation_noise_multiplier") is not None:
                 self.user_gaussian_approximation.append(accounting.dpfedavg_round_event(
                     float(params["gaussian_approximation_noise_multiplier"]), int(params["population"]),
                     float(params["clients_expected"]), USER_LEVEL_SAMPLING))
-        elif kind == "refusal":
-            self.refusals.append({"round": entry["round"], "node": actor.removeprefix("node:"),
-                                  "reason": entry["note"]})
-        elif kind == "round_failed":
-            self.failed_rounds.append({"round": entry["round"], "reason": entry["note"]})
+        self.refusals += [{"round": r.round, "node": node_of(r.actor) or r.actor, "reason": r.note}
+                          for r in state.refusals if r.kind == Kind.REFUSAL]
+        self.failed_rounds += [{"round": f.round, "reason": f.note} for f in state.round_failures]
 
     # ---- record level -------------------------------------------------------------------
     @staticmethod
@@ -161,7 +182,7 @@ class PrivacyRecorder:
 
     def record_client(self, server_round: int, client_id: str, declared: dict[str, Any]) -> float | None:
         """Record a client's declared spending for this round; return its cumulative epsilon."""
-        actor = f"client:{client_id}"
+        actor = client_actor(client_id)
         events = self.client_events.setdefault(client_id, [])
         prior = declared["prior"]
         if prior and client_id not in self.carried:  # declared in every reply; recorded once
@@ -169,7 +190,7 @@ class PrivacyRecorder:
             carried = accounting.composed_event(prior)
             events.append(carried)
             self.ledger.append(
-                actor=actor, kind="record_level_carried", round=server_round, event=carried,
+                actor=actor, kind=Kind.RECORD_LEVEL_CARRIED, round=server_round, event=carried,
                 parameters={"spends": [s.to_json() for s in prior]}, sampling="poisson",
                 epsilon={ENFORCEMENT_ACCOUNTANT: self._epsilon(events)},
                 note="spending before this run, from the node's own ledger",
@@ -180,7 +201,7 @@ class PrivacyRecorder:
         events.append(spend.to_event())
         epsilon = self._epsilon(events)
         self.ledger.append(
-            actor=actor, kind="record_level", round=server_round, event=spend.to_event(),
+            actor=actor, kind=Kind.RECORD_LEVEL, round=server_round, event=spend.to_event(),
             parameters={**spend.to_json(), "l2_norm_clip": self.cfg.dp.l2_norm_clip},
             sampling="poisson", epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
         )
@@ -188,7 +209,7 @@ class PrivacyRecorder:
 
     def record_refusal(self, server_round: int, node: str, reason: str) -> None:
         self.refusals.append({"round": server_round, "node": node, "reason": reason})
-        self.ledger.append(actor=f"node:{node}", kind="refusal", round=server_round, note=reason)
+        self.ledger.append(actor=node_actor(node), kind=Kind.REFUSAL, round=server_round, note=reason)
 
     # ---- user level ---------------------------------------------------------------------
     def user_round_event(self, population: int, expected: float) -> dp_accounting.DpEvent:
@@ -205,13 +226,15 @@ class PrivacyRecorder:
         if not (self.cfg.user_dp.enabled and budget):
             return
         event, addition = worst or (self.user_round_event(population, expected), 0.0)
-        before = self._user_epsilon(self.user_events)
-        after = self._user_epsilon(self.user_events + [event], self.user_delta_additions + [addition])
+        before = self._cumulative_user_epsilon()
+        after = self._cumulative_user_epsilon([event], [addition])
         if after > budget:
-            reason = (f"round {server_round} would raise user-level epsilon from {before:.3f} to "
+            earlier = (f" (composed with {len(self.earlier.runs)} earlier run(s) of this server state)"
+                       if self.earlier.runs else "")
+            reason = (f"round {server_round} would raise user-level epsilon{earlier} from {before:.3f} to "
                       f"{after:.3f}, above the budget of {budget:g}; ending the run")
             self.stopped = {"round": server_round, "reason": reason}
-            self.ledger.append(actor="server", kind="budget_stop", round=server_round,
+            self.ledger.append(actor=SERVER, kind=Kind.BUDGET_STOP, round=server_round,
                                epsilon={ENFORCEMENT_ACCOUNTANT: before}, note=reason)
             raise UserBudgetExhausted(reason)
 
@@ -236,8 +259,11 @@ class PrivacyRecorder:
         self.user_events.append(event)
         self.user_delta_additions.append(float(mechanism.get("delta_addition") or 0.0))
         epsilon = self._user_epsilon(self.user_events)
+        recorded = {ENFORCEMENT_ACCOUNTANT: epsilon}
+        if self.earlier.runs:  # with the earlier runs of this server state
+            recorded[CUMULATIVE] = self._cumulative_user_epsilon()
         self.ledger.append(
-            actor="server", kind="user_level", round=server_round, event=event,
+            actor=SERVER, kind=Kind.USER_LEVEL, round=server_round, event=event,
             parameters={
                 **mechanism,
                 "population": population, "sampling_probability": expected / population,
@@ -247,14 +273,14 @@ class PrivacyRecorder:
                 "clipping_norm": self.cfg.user_dp.clipping_norm,
                 "secure_aggregation": self.cfg.secure_aggregation.enabled,
             },
-            sampling=sampling, epsilon={ENFORCEMENT_ACCOUNTANT: epsilon},
+            sampling=sampling, epsilon=recorded,
             note=ASSUMPTIONS[mechanism["noise_mode"]],
         )
         return epsilon
 
     def record_round_failure(self, server_round: int, reason: str) -> None:
         self.failed_rounds.append({"round": server_round, "reason": reason})
-        self.ledger.append(actor="server", kind="round_failed", round=server_round, note=reason)
+        self.ledger.append(actor=SERVER, kind=Kind.ROUND_FAILED, round=server_round, note=reason)
 
     # ---- end ----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
@@ -264,13 +290,20 @@ class PrivacyRecorder:
             for cid, events in sorted(self.client_events.items(), key=lambda kv: int(kv[0]))
             if events
         }
-        user = None
+        user = cumulative = None
         if self.cfg.user_dp.enabled:
             user = accounting.figures(self.user_events, self.delta, USER_LEVEL_SAMPLING, self.user_delta_additions)
-        self.ledger.append(actor="server", kind="run_end",
-                           epsilon={"record_level": record, "user_level": user},
+            cumulative = accounting.figures(self.earlier.events + self.user_events, self.delta, USER_LEVEL_SAMPLING,
+                                            self.earlier.delta_additions + self.user_delta_additions)
+        self.ledger.append(actor=SERVER, kind=Kind.RUN_END,
+                           epsilon={"record_level": record, "user_level": user,
+                                    **({"user_level_cumulative": cumulative} if user is not None else {})},
                            note=self.stopped["reason"] if self.stopped else None)
         figures: dict[str, Any] = {"record_level": record, "user_level": user}
+        if user is not None:  # this run's user-level spending composed with the earlier runs'
+            figures["user_level_cumulative"] = cumulative
+            figures["composed_runs"] = [run.run_id for run in self.earlier.runs]
+            figures["uncomposed_runs"] = list(self.earlier.uncomposed)
         if self.user_gaussian_approximation:  # distributed mode: the old approximation, labelled as such
             figures["user_level_gaussian_approximation"] = accounting.epsilon_or_none(
                 dp_accounting.ComposedDpEvent(self.user_gaussian_approximation), self.delta,
@@ -281,6 +314,12 @@ class PrivacyRecorder:
     def _epsilon(self, events: list[dp_accounting.DpEvent]) -> float:
         """Enforcement figure: fails closed (infinite) on anything the accountant cannot analyse."""
         return accounting.epsilon(events, self.delta, ENFORCEMENT_ACCOUNTANT)
+
+    def _cumulative_user_epsilon(self, events: list[dp_accounting.DpEvent] = (),
+                                 additions: list[float] = ()) -> float:
+        """User-level epsilon of the earlier runs of this server state, this run and ``events``."""
+        return self._user_epsilon(self.earlier.events + self.user_events + list(events),
+                                  self.earlier.delta_additions + self.user_delta_additions + list(additions))
 
     def _user_epsilon(self, events: list[dp_accounting.DpEvent], additions: list[float] | None = None) -> float:
         if events and self.cfg.user_dp.noise_multiplier == 0:

@@ -47,6 +47,12 @@ def build_summary(config: RunConfig, run_log: RunLog, extra: dict[str, Any],
             "enabled": config.user_dp.enabled,
             "epsilon": user["rdp"] if user else None,
             "epsilon_pld": user["pld"] if user else None,
+            # composed with the user-level spending of the earlier runs of this server state (one
+            # population, common/population.py); the budget is enforced on it
+            "cumulative_epsilon": (figures.get("user_level_cumulative") or {}).get("rdp") if user else None,
+            "cumulative_epsilon_pld": (figures.get("user_level_cumulative") or {}).get("pld") if user else None,
+            "composed_runs": figures.get("composed_runs", []),
+            "uncomposed_runs": figures.get("uncomposed_runs", []),
             # distributed mode: the sum of discrete Gaussians approximated by a continuous Gaussian
             # with Poisson amplification -- not a bound, printed for comparison only
             "epsilon_gaussian_approximation": figures.get("user_level_gaussian_approximation"),

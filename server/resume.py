@@ -22,7 +22,9 @@ from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import LEDGER
-from fedpriv.common.settings import check_budgets, verified_entries
+from fedpriv.common.ledger_schema import Kind
+from fedpriv.common.replay import LedgerState
+from fedpriv.common.settings import check_budgets, ledger_state, verified_entries
 
 # Settings a resume cannot change: the delta epsilon is stated at, and what decides which records
 # each client id holds (changing those would split a record's spending across client ids).
@@ -117,7 +119,7 @@ def check_ledger(point: RestorePoint, entries: list[dict[str, Any]], run_dir: Pa
         raise CheckpointError(
             f"checkpoint {run_dir / checkpoint.CHECKPOINT} does not belong to the ledger in "
             f"{run_dir}: its entry {n - 1} is not the one the checkpoint recorded")
-    if entries[0].get("kind") != "run_start":
+    if entries[0].get("kind") != Kind.RUN_START:
         raise FedprivError(f"{run_dir / LEDGER} does not begin with a run_start entry")
     run_id = entries[0].get("parameters", {}).get("run_id")
     if not run_id:
@@ -129,15 +131,17 @@ def check_ledger(point: RestorePoint, entries: list[dict[str, Any]], run_dir: Pa
                               f"({point.run_id}, not {run_id})")
 
 
-def check_settings(entries: list[dict[str, Any]], cfg: RunConfig) -> None:
+def check_settings(entries: list[dict[str, Any]] | LedgerState, cfg: RunConfig) -> None:
     """Refuse a resume that changes a setting of :data:`FIXED_ON_RESUME` (delta above all) or
     relaxes a budget (:func:`check_budgets`)."""
-    check_budgets(entries, cfg)
-    start = entries[0].get("parameters", {})
-    if start.get("delta") != cfg.privacy.delta:
-        raise FedprivError(f"the run was accounted at delta {start.get('delta')}; a resume cannot "
+    state = ledger_state(entries)
+    check_budgets(state, cfg)
+    start = state.runs[0] if state.runs else None
+    delta = start.delta if start is not None else None
+    if delta != cfg.privacy.delta:
+        raise FedprivError(f"the run was accounted at delta {delta}; a resume cannot "
                            f"change it (privacy.delta is {cfg.privacy.delta:g})")
-    recorded, current = start.get("config", {}), cfg.to_flat()
+    recorded, current = (start.config if start is not None else None) or {}, cfg.to_flat()
     for key in FIXED_ON_RESUME:
         if key in recorded and recorded[key] != current.get(key):
             raise FedprivError(f"a resume cannot change {key} (the run has {recorded[key]!r}, the "

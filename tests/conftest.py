@@ -24,6 +24,15 @@ def _isolated_fedpriv_home(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def own_server_state(tmp_path, monkeypatch):
+    """A server state of the test's own: user-level spending composes across the runs of one
+    server state (common/population.py), and the session's FEDPRIV_HOME is shared by every test."""
+    root = tmp_path / "server-state" / "ledger-witness"
+    monkeypatch.setenv("FEDPRIV_LEDGER_WITNESS", str(root))
+    return root
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``fedpriv`` as a user would, in a fresh interpreter (``env``: its environment, default

@@ -13,6 +13,10 @@ from fedpriv.common.ledger import LEDGER
 from fedpriv.cli import main
 from fedpriv.server.privacy import PrivacyRecorder
 
+# Every test its own server state: the user-level spending of other tests' runs (some tampered
+# with on purpose) is not composed with these runs' (common/population.py).
+pytestmark = pytest.mark.usefixtures("own_server_state")
+
 DELTA = 1e-5
 SPEND = DPSGDSpend(0.08, 1.2, 13)
 PRIOR = DPSGDSpend(0.05, 1.0, 40)

@@ -64,7 +64,7 @@ def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, t
         summary2["privacy"]["record_level"]["clients"]["0"], rel=1e-6)
 
 
-def test_server_stops_before_the_user_level_budget(cli, tmp_path):
+def test_server_stops_before_the_user_level_budget(cli, tmp_path, own_server_state):
     def user_eps(rounds):  # every client sampled (Poisson with q = 1), add/remove-one adjacency
         return poisson_gaussian_epsilon(1.0, 4.0, rounds, 1e-5)
 

@@ -150,7 +150,7 @@ def test_sampling_amplification_is_not_claimed_for_distributed_noise(tmp_path):
     recorder.finish()
 
 
-def test_budget_check_before_a_distributed_round_uses_a_bound_on_any_sample(tmp_path):
+def test_budget_check_before_a_distributed_round_uses_a_bound_on_any_sample(tmp_path, own_server_state):
     """Before sampling, the server must stop if some possible round could pass the budget: the
     check uses the worst case (everyone sampled and contributing), not the amplified Gaussian."""
     population, z, d = 20, 1.0, 10

@@ -142,7 +142,7 @@ def test_a_resume_that_does_not_fit_the_run_changes_nothing(tmp_path):
         assert (run / LEDGER).read_bytes() == before
 
 
-def test_a_resume_can_tighten_budgets_but_never_relax_them(tmp_path):
+def test_a_resume_can_tighten_budgets_but_never_relax_them(tmp_path, own_server_state):
     run = tmp_path / "run"
     recorder = PrivacyRecorder(_cfg("privacy.record_budget=5", "privacy.user_budget=3"), run)
     _round(recorder, 1)
