@@ -3,8 +3,8 @@
 Timings on a shared 2-core machine are noisy, so only what always holds is checked: the results
 file has the expected shape, every ratio is a positive number, and on the seed CNN per-example
 clipping with one microbatch per example (the textbook baseline) is slower than non-private
-training (by 10x or more; on the small MLP at the quick batch size the gap is small enough for
-noise to blur it, so it is not asserted there). The one-command harness (run_all.py) runs its
+training (by about 10x at the quick mode's batch of 16 and two timed rounds; on the small MLP the
+gap is small enough for noise to blur it, so it is not asserted there). The one-command harness (run_all.py) runs its
 quick mode too: its summary and the scale benchmark's results have their shape, and client state
 is created only for clients that trained. The harness's quick mode runs dp_step's quick mode
 itself, so both tests read one run of it (a module fixture) instead of running dp_step twice.

@@ -38,7 +38,7 @@ from fedpriv.server.privacy import PrivacyRecorder
 from fedpriv.server.report import build_summary
 from fedpriv.server.run_log import RunLog
 from fedpriv.common.presets import preset_layers
-from tests.conftest import ROOT, run_cli, simulate_run
+from tests.conftest import ROOT, run_cli
 from tests.injected import NoiselessTrainer
 
 
@@ -301,8 +301,17 @@ SMALL_DP = [*SMALL, "dp.l2_norm_clip=30", "dp.noise_multiplier=5"]
 
 
 def _fingerprint(run_dir):
-    return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+    """The run's own files (None for one it lacks: a built ledger has no model.npz)."""
+    return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() if (run_dir / name).exists() else None
             for name in ("ledger.jsonl", "ledger.head.json", "summary.json", "model.npz")}
+
+
+def _ledger_of(cfg, run_dir):
+    """The ledger the server writes for ``cfg`` (no rounds trained), and the summary.json every
+    finished run has beside it (the audit names a missing one)."""
+    recorder = PrivacyRecorder(cfg, run_dir)
+    write_json(run_dir / SUMMARY, build_summary(cfg, RunLog(), {}, recorder.finish(), recorder))
+    return run_dir
 
 
 def _audit(run_dir, *extra, env=None, noiseless=False):
@@ -321,12 +330,8 @@ def _audit(run_dir, *extra, env=None, noiseless=False):
 def test_power_without_dp(tmp_path):
     # The audit reads only the run's configuration from its ledger and trains it once more with
     # canaries, so a ledger the server writes for a no-DP run is all it needs (the next test
-    # audits a run that really trained).
-    cfg = load_config(preset_layers("no-dp"), [*SMALL, "run.rounds=8"])
-    run = tmp_path / "nodp"
-    recorder = PrivacyRecorder(cfg, run)
-    # and the summary.json every finished run has beside its ledger (the audit names a missing one)
-    write_json(run / SUMMARY, build_summary(cfg, RunLog(), {}, recorder.finish(), recorder))
+    # also audits a run that really trained).
+    run = _ledger_of(load_config(preset_layers("no-dp"), [*SMALL, "run.rounds=8"]), tmp_path / "nodp")
     proc, report = _audit(run, "--seed", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = report["empirical"]
@@ -347,24 +352,31 @@ def test_power_without_dp(tmp_path):
 
 @pytest.mark.slow
 def test_consistent_when_honest_and_a_violation_when_the_noise_is_skipped(tmp_path):
-    proc, summary = simulate_run(tmp_path / "dp", SMALL_DP)
+    # The honest audit reads the DP configuration from the ledger the server writes for it (as in
+    # test_power_without_dp) and keeps its canary run (--work-dir): an honest DP run of that
+    # configuration, with its ledger, summary and model. The noiseless audit then audits that run,
+    # one that really trained, so no separate `fedpriv simulate` of the same configuration is needed.
+    configured = _ledger_of(load_config(preset_layers("quickstart"), SMALL_DP), tmp_path / "configured")
+    run = tmp_path / "dp"
+    configured_before = _fingerprint(configured)
+
+    proc, honest = _audit(configured, "--seed", "2", "--work-dir", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / SUMMARY).read_text())
     accounted = summary["privacy"]["record_level"]["max_epsilon"]
     assert 0.2 < accounted < 0.5
-    before = _fingerprint(tmp_path / "dp")
-
-    proc, honest = _audit(tmp_path / "dp", "--seed", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
     result = honest["empirical"]
     print(f"consistency: lower bound {result['epsilon_lower_bound']:.3f} <= accounted "
           f"{result['accounted_epsilon']:.3f} (run: {accounted:.3f})")
     assert result["consistent"] is True and result["verdict"] == "consistent"
     assert result["epsilon_lower_bound"] <= result["accounted_epsilon"] <= accounted
-    assert result["accounted"]["run"]["rdp"] == pytest.approx(accounted)
-    assert set(result["membership_inference"]) == {"run_model", "canary_run_model"}
-    assert _fingerprint(tmp_path / "dp") == before  # the run itself is only read
+    assert result["work_dir"] == str(run) and result["accounted"]["run"] is None  # the ledger alone spent nothing
+    assert set(result["membership_inference"]) == {"canary_run_model"}  # the configured ledger has no model.npz
+    assert _fingerprint(configured) == configured_before  # the audited run is only read
+    before = _fingerprint(run)
+    assert before["model.npz"] is not None
 
-    proc, broken = _audit(tmp_path / "dp", "--seed", "2", noiseless=True)
+    proc, broken = _audit(run, "--seed", "2", noiseless=True)
     assert proc.returncode == 1, proc.stderr[-3000:]
     result = broken["empirical"]
     print(f"detection: lower bound {result['epsilon_lower_bound']:.3f} > accounted {result['accounted_epsilon']:.3f}")
@@ -372,5 +384,8 @@ def test_consistent_when_honest_and_a_violation_when_the_noise_is_skipped(tmp_pa
     assert result["verdict"] == "VIOLATION: measured leakage exceeds the accounted bound"
     assert result["epsilon_lower_bound"] > 1.0 > result["accounted_epsilon"], result
     assert broken["ok"] is False and any("VIOLATION" in f for f in broken["failures"])
-    assert "VIOLATION" in (tmp_path / "dp" / "audit.md").read_text()
-    assert _fingerprint(tmp_path / "dp") == before
+    assert "VIOLATION" in (run / "audit.md").read_text()
+    # the audit recomputes the run's own accounting, and scores its model.npz too
+    assert result["accounted"]["run"]["rdp"] == pytest.approx(accounted)
+    assert set(result["membership_inference"]) == {"run_model", "canary_run_model"}
+    assert _fingerprint(run) == before
