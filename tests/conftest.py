@@ -50,13 +50,15 @@ def cli():
 
 
 def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-                 timeout: float | None = None) -> subprocess.CompletedProcess:
+                 timeout: float | None = None, log_to_stderr: bool = False) -> subprocess.CompletedProcess:
     """``fedpriv ARGS`` in this process: ``fedpriv.cli.main`` with its output captured, returned as
     ``run_cli`` returns it, for commands that stop before any federation starts (bad input, dry
     runs, help, key and config commands). It saves starting an interpreter and importing the stack
     for every case; ``run_cli`` remains for runs and for the checks that a fresh interpreter prints
     no traceback. The environment, working directory and log levels the CLI changes are restored.
-    ``timeout`` is accepted for ``run_cli``'s signature and not enforced."""
+    ``timeout`` is accepted for ``run_cli``'s signature and not enforced. ``log_to_stderr``: log
+    records reach the captured stderr as the CLI's own ``logging.basicConfig`` sends them there in a
+    fresh interpreter (under pytest the root logger already has handlers, so that call does nothing)."""
     import io
     import logging
 
@@ -64,7 +66,12 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     loggers = {name: logging.getLogger(name).level for name in ("flwr", "ray", "absl")}
+    flower_propagates = logging.getLogger("flwr").propagate
     out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if log_to_stderr:
+        logging.getLogger().addHandler(handler)
     try:
         if env is not None:
             os.environ.clear()
@@ -84,6 +91,8 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None
         os.environ.update(saved_env)
         for name, level in loggers.items():
             logging.getLogger(name).setLevel(level)
+        logging.getLogger("flwr").propagate = flower_propagates
+        logging.getLogger().removeHandler(handler)
     return subprocess.CompletedProcess(["fedpriv", *args], code, out.getvalue(), err.getvalue())
 
 
@@ -115,15 +124,18 @@ def task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> Iterat
 
 
 def simulate_run(out: Path, settings: list[str], preset: str = "quickstart", env: dict[str, str] | None = None,
-                 resume: bool = False) -> tuple[subprocess.CompletedProcess, dict | None]:
+                 resume: bool = False, here: bool = False) -> tuple[subprocess.CompletedProcess, dict | None]:
     """``fedpriv simulate`` with ``--set`` settings (``resume``: ``--resume out`` instead of
-    ``--preset``/``--out``); its process and summary.json (None if absent)."""
+    ``--preset``/``--out``); its process and summary.json (None if absent). ``here``: in this
+    process (``run_cli_here``, log records on its stderr), which saves a fresh interpreter's
+    imports; Flower starts Ray for the run and shuts it down at its end. Keep a fresh interpreter
+    where a new process is the point (a restart, a resume after a crash, a clean stderr)."""
     sets = [x for s in settings for x in ("--set", s)]
     if resume:
         args = ["simulate", "--resume", str(out), *sets]
     else:
         args = ["simulate", "--preset", preset, *sets, "--out", str(out)]
-    proc = run_cli(*args, env=env)
+    proc = run_cli_here(*args, env=env, log_to_stderr=True) if here else run_cli(*args, env=env)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     return proc, summary
 

@@ -26,7 +26,9 @@ def _epsilon_after(rounds, n):
 
 
 def _simulate(cli, out, *settings):
-    return simulate_run(out, [*BASE, *settings])
+    # In this process: each run starts its own Ray and virtual clients (fresh processes that
+    # read their state from client.state_dir), so a second run still restarts every node.
+    return simulate_run(out, [*BASE, *settings], here=True)
 
 
 def test_clients_refuse_past_their_budget_and_spending_survives_a_restart(cli, tmp_path):

@@ -43,13 +43,17 @@ def test_the_clip_check_allows_float32_rounding_only():
 
 
 # ---- in simulation ----------------------------------------------------------------------------
-BASE = ["run.rounds=1", "client.batch_size=64", "simulation.fail_stage=train", "secure_aggregation.enabled=false",
+# The small MLP on scikit-learn's digits: what is tested is how the server treats faulty clients,
+# not the model, so each client's training stays short (2 hidden layers: 6 arrays).
+MODEL = ["data.dataset=digits", "data.test_fraction=0.2", "model.name=mlp"]
+BASE = [*MODEL, "run.rounds=1", "client.batch_size=64", "simulation.fail_stage=train",
+        "secure_aggregation.enabled=false",
         "federation.min_train_clients=2", "user_dp.enabled=true", "user_dp.clipping_norm=0.5"]
 MODES = ["crash", "hang", "wrong_count", "wrong_shape", "wrong_dtype", "nan", "inf", "over_clip", "bad_record"]
 REASONS = {
     "crash": "injected failure: client 1 at train in round 1",
     "hang": "no reply (dropped out or timed out)",
-    "wrong_count": "update rejected (9 arrays, the model has 10)",
+    "wrong_count": "update rejected (5 arrays, the model has 6)",
     "wrong_shape": "update rejected (array 0 has shape",
     "wrong_dtype": "update rejected (array 0 has dtype int32",
     "nan": "update rejected (non-finite values",
@@ -100,7 +104,7 @@ def test_a_round_with_too_few_usable_updates_fails_cleanly(tmp_path):
     proc, summary = simulate_run(out, [
         *BASE, "federation.num_clients=4", "federation.min_available_clients=4", "run.rounds=2",
         "simulation.fail_clients=0,1,2", "simulation.fail_mode=nan,over_clip,wrong_shape", "simulation.fail_rounds=1",
-    ])
+    ], here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = summary["rounds"]
     assert first["failed"] == "only 1 usable update(s), fewer than federation.min_train_clients (2)"
@@ -115,11 +119,12 @@ def test_a_round_with_too_few_usable_updates_fails_cleanly(tmp_path):
 def test_under_secagg_a_malformed_update_is_refused_by_its_client_and_counts_as_a_dropout(tmp_path):
     out = tmp_path / "run"
     proc, summary = simulate_run(out, [
-        "run.rounds=1", "client.batch_size=64", "federation.num_clients=5", "federation.min_available_clients=5",
+        *MODEL, "run.rounds=1", "client.batch_size=64", "federation.num_clients=5",
+        "federation.min_available_clients=5",
         "secure_aggregation.enabled=true", "secure_aggregation.num_shares=5",
         "secure_aggregation.reconstruction_threshold=3", "user_dp.enabled=true", "user_dp.clipping_norm=0.5",
         "simulation.fail_clients=1,3", "simulation.fail_mode=nan,over_clip",
-    ])
+    ], here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (entry,) = summary["rounds"]
     assert entry["failed"] is None and entry["clients_trained"] == 3 and entry["clients_failed"] == 2

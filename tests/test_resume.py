@@ -29,7 +29,7 @@ from fedpriv.server.privacy import PrivacyRecorder
 from fedpriv.server.resume import RestorePoint
 from fedpriv.server.run_log import RunLog
 from fedpriv.server.strategy import FedprivStrategy
-from tests.conftest import dp_sgd_epsilon, run_cli, simulate_run
+from tests.conftest import dp_sgd_epsilon, run_cli, run_cli_here, simulate_run
 
 DELTA = 1e-5
 SPEND = DPSGDSpend(0.08, 1.2, 13)
@@ -298,8 +298,10 @@ def test_the_strategy_shifts_flowers_rounds_by_the_offset(tmp_path):
 
 
 # ---- end to end: a server restart in the middle of a run -----------------------------------------
+# The small MLP on scikit-learn's digits: what is tested is the restart, not the model.
 SMALL = [
-    "federation.num_clients=4", "federation.min_available_clients=4", "run.rounds=2",
+    "data.dataset=digits", "data.test_fraction=0.2", "model.name=mlp", "federation.num_clients=4",
+    "federation.min_available_clients=4", "run.rounds=2",
     "client.local_epochs=1", "client.batch_size=64", "secure_aggregation.num_shares=3",
     "secure_aggregation.reconstruction_threshold=2", "user_dp.enabled=true",
 ]
@@ -310,7 +312,7 @@ def two_rounds(tmp_path_factory):
     """A finished 2-round run with encrypted checkpoints, and the environment holding its key."""
     env = {**os.environ, checkpoint.KEY_ENV: base64.b64encode(checkpoint.new_key()).decode()}
     out = tmp_path_factory.mktemp("resume") / "run"
-    proc, summary = simulate_run(out, SMALL, env=env)
+    proc, summary = simulate_run(out, SMALL, env=env, here=True)  # (the restart below is a fresh interpreter)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, env, summary
 
@@ -369,7 +371,7 @@ def test_resume_after_a_server_restart_continues_epsilon(two_rounds, tmp_path):
     _, header = checkpoint.read_checkpoint(run / checkpoint.CHECKPOINT,
                                            base64.b64decode(env[checkpoint.KEY_ENV]))
     assert header["round"] == 4 and header["run_id"] == run_id
-    audit = run_cli("audit", str(run), "--json")
+    audit = run_cli_here("audit", str(run), "--json")  # (in this process: it starts no federation)
     assert audit.returncode == 0, audit.stdout[-2000:]
     report = json.loads(audit.stdout)
     assert report["resumes"] == 1
@@ -392,11 +394,14 @@ def test_resume_refusals_leave_the_run_untouched(two_rounds, tmp_path):
         (wrong_key, None, "failed authentication: it was altered, or the key is wrong"),
         (env, bytes(flipped), "failed authentication: it was altered, or the key is wrong"),
     ]
-    for case_env, checkpoint_bytes, message in cases:
+    for i, (case_env, checkpoint_bytes, message) in enumerate(cases):
         if checkpoint_bytes is not None:
             sealed.write_bytes(checkpoint_bytes)
         ledger, sealed_bytes = (run / LEDGER).read_bytes(), sealed.read_bytes()
-        proc = run_cli("simulate", "--resume", str(run), "--set", "run.rounds=4", env=case_env)
+        # Refused before any federation starts, so in this process; the wrong key once in a fresh
+        # interpreter as well (after importing the stack, its one line is still the only one).
+        runner = run_cli if i == 1 else run_cli_here
+        proc = runner("simulate", "--resume", str(run), "--set", "run.rounds=4", env=case_env)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
@@ -404,7 +409,7 @@ def test_resume_refusals_leave_the_run_untouched(two_rounds, tmp_path):
     # A run already at run.rounds has nothing left: said plainly, exit 0, nothing changed.
     run = _copy(original, tmp_path / "done")
     ledger = (run / LEDGER).read_bytes()
-    proc = run_cli("simulate", "--resume", str(run), env=env)
+    proc = run_cli_here("simulate", "--resume", str(run), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "nothing left to resume" in proc.stdout and (run / LEDGER).read_bytes() == ledger
 
@@ -427,7 +432,7 @@ def test_missing_partial_or_older_run_directories_are_one_clear_error(two_rounds
     ]
     for run, message in cases:
         before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} if run.is_dir() else None
-        proc = run_cli("simulate", "--resume", str(run), "--set", "run.rounds=4", env=env)
+        proc = run_cli_here("simulate", "--resume", str(run), "--set", "run.rounds=4", env=env)  # refused first
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (message, proc.stderr)
