@@ -97,6 +97,10 @@ def markdown(report: dict[str, Any]) -> str:
     if eps["user_level"] is not None:
         lines.append(f"| user level | {_fmt(eps['user_level']['rdp'])} | {_fmt(eps['user_level']['pld'])} | "
                      f"{budgets['user_level'] or '-'} |")
+    cumulative = report.get("user_level_cumulative")
+    if cumulative is not None and report.get("composed_runs"):
+        lines.append(f"| user level, with the {len(report['composed_runs'])} earlier run(s) of this server state | "
+                     f"{_fmt(cumulative.get('rdp'))} | {_fmt(cumulative.get('pld'))} | {budgets['user_level'] or '-'} |")
     for cid, figures in eps["record_level"].items():
         lines.append(f"| client {cid}, record level | {_fmt(figures['rdp'])} | {_fmt(figures['pld'])} | "
                      f"{budgets['record_level'] or '-'} |")
@@ -259,6 +263,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if eps["user_level"] is not None:
             table.add_row("user level", _fmt(eps["user_level"]["rdp"]), _fmt(eps["user_level"]["pld"]),
                           str(budgets["user_level"] or "-"))
+        cumulative = report.get("user_level_cumulative")
+        if cumulative is not None and report.get("composed_runs"):
+            table.add_row(f"user level, with {len(report['composed_runs'])} earlier run(s)", _fmt(cumulative.get("rdp")),
+                          _fmt(cumulative.get("pld")), str(budgets["user_level"] or "-"))
         for cid, figures in eps["record_level"].items():
             table.add_row(f"client {cid}", _fmt(figures["rdp"]), _fmt(figures["pld"]),
                           str(budgets["record_level"] or "-"))

@@ -78,6 +78,11 @@ def test_the_second_run_starts_from_the_first_runs_spend(own_server_state, tmp_p
     assert report["user_level_cumulative"]["rdp"] == pytest.approx(_direct(3), rel=1e-6)
     assert report["epsilon"]["user_level"]["rdp"] == pytest.approx(_direct(1), rel=1e-6)
     assert report["ok"], report["failures"]
+    from fedpriv.audit_cmd import markdown  # audit.md shows the composed figure beside this run's
+
+    row = next(line for line in markdown(report).splitlines() if "earlier run(s) of this server state" in line)
+    assert row.startswith("| user level, with the 1 earlier run(s)")
+    assert float(row.split("|")[2]) == pytest.approx(_direct(3), rel=1e-3)
 
 
 def test_the_second_run_refuses_a_round_past_the_composed_budget(own_server_state, tmp_path):
