@@ -185,12 +185,13 @@ def test_the_calculator_gives_the_epsilon_a_real_simulation_records(tmp_path, ca
     import os
     import random
     import secrets
+    import sys
 
     from fedpriv.common.ledger import verify_ledger
     from tests.conftest import simulate_run
 
     seed = int(os.environ.get("FEDPRIV_TEST_SEED") or secrets.randbits(32))
-    print(f"calculator vs simulate: setting drawn with FEDPRIV_TEST_SEED={seed}")
+    print(f"calculator vs simulate: setting drawn with FEDPRIV_TEST_SEED={seed}", file=sys.stderr)
     rng = random.Random(seed)
     examples = rng.randint(150, 500)  # client.schedule_examples: the N every client's schedule uses
     batch = rng.choice([16, 24, 32, 40, 64])
