@@ -112,11 +112,11 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
     failures = list(verified.failures)
     failures += _key_swap(run_dir, resolved, verified.ok)
     mismatches: list[str] = []  # recorded figures that the events do not reproduce
-    witness_failures, witnessed = _witnesses(run_dir, resolved, verified, node_ledgers or [])
+    full = replay(verified.entries)  # the one replay of the ledger (common.replay)
+    witness_failures, witnessed = _witnesses(run_dir, resolved, verified, full, node_ledgers or [])
     failures += witness_failures
     ledger_ok = verified.ok and not witness_failures
 
-    full = replay(verified.entries)  # the one replay of the ledger (common.replay)
     cutoff, problems = _structure(full)  # a ledger whose run does not start first is read up to there
     state = full if cutoff is None else replay(verified.entries[:cutoff])
     starts = [run for run in state.runs if run.kind == Kind.RUN_START]
@@ -289,7 +289,7 @@ def _key_swap(run_dir: Path, resolved: dict[str, Any], verified_ok: bool) -> lis
             "another server (pin its key with --public-key)"]
 
 
-def _witnesses(run_dir: Path, resolved: dict[str, Any], verified: Any,
+def _witnesses(run_dir: Path, resolved: dict[str, Any], verified: Any, state: LedgerState,
                node_ledgers: list[Path]) -> tuple[list[str], dict[str, Any]]:
     """Compare the verified run ledger with its witnesses outside the run directory (the
     server's state, nodes' own ledgers; :mod:`common.witness`): (failures, notes)."""
@@ -306,13 +306,13 @@ def _witnesses(run_dir: Path, resolved: dict[str, Any], verified: Any,
         simulated = sorted(p for p in (run_dir / NODES_DIR).glob("*") if (p / LEDGER).is_file())
         given = {p.resolve() for p in node_ledgers}
         for path in list(node_ledgers) + [p for p in simulated if p.resolve() not in given]:
-            result = witness.check_node_ledger(path, run_id, verified.entries)
+            result = witness.check_node_ledger(path, run_id, verified.entries, state)
             failures += result["failures"]
             notes += result["notes"]
             checked.append(result)
         if (run_dir / NODES_DIR).is_dir() and all(c["client_id"] or not c["spends"] for c in checked):
             # Simulated nodes keep their ledgers here: every client that spent needs one.
-            spent = {cid for cid, spends in replay(verified.entries).clients().items()
+            spent = {cid for cid, spends in state.clients().items()
                      if spends.of_kind(Kind.RECORD_LEVEL)}
             for client in sorted(spent - {c["client_id"] for c in checked}, key=lambda c: (len(c), c)):
                 failures.append(f"the run ledger records spends of client {client}, but no node ledger under "

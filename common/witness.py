@@ -37,7 +37,7 @@ from fedpriv.common.ledger import (
 )
 from fedpriv.common import rundir
 from fedpriv.common.ledger_schema import Kind, client_actor
-from fedpriv.common.replay import replay
+from fedpriv.common.replay import LedgerState, replay
 from fedpriv.common.fileio import write_atomic
 
 WITNESS_ENV = "FEDPRIV_LEDGER_WITNESS"
@@ -217,9 +217,10 @@ def _spend_key(round_: Any, parameters: dict[str, Any]) -> tuple[Any, ...]:
     return (round_, spend.sampling_probability, spend.noise_multiplier, spend.steps)
 
 
-def check_node_ledger(path: Path, run_id: str | None, run_entries: list[dict[str, Any]]) -> dict[str, Any]:
+def check_node_ledger(path: Path, run_id: str | None, run_entries: list[dict[str, Any]],
+                      run_state: LedgerState) -> dict[str, Any]:
     """Cross-check one node's own ledger (its state directory, or its ``ledger.jsonl``) with the
-    verified run ledger: the node's ledger must verify, every run head it was sent must be a
+    verified run ledger (its entries and their replay): the node's ledger must verify, every run head it was sent must be a
     prefix of the run ledger, and every spend the run ledger recorded for the node's client must
     be in the node's ledger (a node ledger rolled back below them would let the node spend again).
     Returns ``{"node_ledger", "client_id", "spends", "failures", "notes"}``."""
@@ -266,7 +267,7 @@ def check_node_ledger(path: Path, run_id: str | None, run_entries: list[dict[str
     out["client_id"] = client_id
     try:
         node_spends = [_spend_key(s.round, s.parameters) for s in mine]
-        run_client = replay(run_entries).actors.get(client_actor(client_id))
+        run_client = run_state.actors.get(client_actor(client_id))
         run_spends = [_spend_key(s.round, s.parameters)
                       for s in (run_client.of_kind(Kind.RECORD_LEVEL) if run_client is not None else [])]
     except (KeyError, TypeError, ValueError) as exc:
