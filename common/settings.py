@@ -53,8 +53,8 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
 def _resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> RunConfig:
     if not run_dir.is_dir():
         raise FedprivError(f"no run to resume: {run_dir} is not a directory")
-    entries = verified_entries(run_dir)
-    layers = [unflatten(recorded_config(entries))]
+    state = replay(verified_entries(run_dir))
+    layers = [unflatten(recorded_config(state))]
     if config_file:
         file_layer = read_toml(config_file)
         if "extends" in file_layer:
@@ -64,7 +64,7 @@ def _resume_config(run_dir: Path, config_file: str | None, overrides: list[str])
     cfg = load_config(layers, overrides)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True, out_dir=str(run_dir.resolve())))
     cfg.validate()
-    check_budgets(entries, cfg)  # before anything starts: a resume may only tighten a budget
+    check_budgets(state, cfg)  # before anything starts: a resume may only tighten a budget
     return cfg
 
 
