@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,11 +193,24 @@ class LocalTrainer:
         return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
 
 
-@functools.lru_cache(maxsize=4)
 def get_trainer(*args: Any) -> LocalTrainer:
-    """One compiled trainer per process and configuration (the arguments of LocalTrainer).
+    """One compiled trainer per thread and configuration (the arguments of LocalTrainer).
 
-    A plain function rather than ``lru_cache(LocalTrainer)``: the ClientApp is pickled to Ray
-    workers by reference, and a cache object named like the class does not pickle.
+    Per thread: a trainer's model is overwritten by every call, so two ClientApps running at once
+    in one process must not share it (a Ray actor runs one message at a time on one thread;
+    a process can run several on threads). A plain function rather than
+    ``lru_cache(LocalTrainer)``: the ClientApp is pickled to Ray workers by reference, and a
+    cache object named like the class does not pickle.
     """
-    return LocalTrainer(*args)
+    return per_thread(LocalTrainer, *args)
+
+
+@functools.lru_cache(maxsize=16)
+def _per_thread(thread: int, factory: Any, *args: Any) -> Any:
+    return factory(*args)
+
+
+def per_thread(factory: Any, *args: Any) -> Any:
+    """``factory(*args)``, built once per thread and arguments (a few kept, least recent dropped).
+    A thread's identifier can be reused once it has ended, never while it runs."""
+    return _per_thread(threading.get_ident(), factory, *args)

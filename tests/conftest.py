@@ -24,6 +24,18 @@ def _isolated_fedpriv_home(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _simulation_backend():
+    """Simulations started in the pytest process run their ClientApps on threads of this process
+    (tests/inprocess.py) rather than on Ray's worker processes. Simulations in child processes
+    (``run_cli``: tests/test_simulation_e2e.py, tests/test_load.py, tests/test_flower_run.py, the
+    scale benchmark) run on Ray as a user's do."""
+    from tests.inprocess import in_process_backend
+
+    with in_process_backend():
+        yield
+
+
 @pytest.fixture
 def own_server_state(tmp_path, monkeypatch):
     """A server state of the test's own: user-level spending composes across the runs of one
@@ -49,20 +61,14 @@ def cli():
     return run_cli
 
 
-def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-                 timeout: float | None = None, log_to_stderr: bool = False) -> subprocess.CompletedProcess:
-    """``fedpriv ARGS`` in this process: ``fedpriv.cli.main`` with its output captured, returned as
-    ``run_cli`` returns it, for commands that stop before any federation starts (bad input, dry
-    runs, help, key and config commands). It saves starting an interpreter and importing the stack
-    for every case; ``run_cli`` remains for runs and for the checks that a fresh interpreter prints
-    no traceback. The environment, working directory and log levels the CLI changes are restored.
-    ``timeout`` is accepted for ``run_cli``'s signature and not enforced. ``log_to_stderr``: log
-    records reach the captured stderr as the CLI's own ``logging.basicConfig`` sends them there in a
-    fresh interpreter (under pytest the root logger already has handlers, so that call does nothing)."""
+def _call_here(fn, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+               log_to_stderr: bool = False) -> tuple[int, str, str]:
+    """``fn(args)`` in this process as if it were a program's ``main``: its output captured, an
+    uncaught exception printed as a fresh interpreter prints it (exit status 1); the environment,
+    working directory and log levels it changes are restored. Returns (status, stdout, stderr)."""
     import io
     import logging
-
-    from fedpriv.cli import main
+    import traceback
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     loggers = {name: logging.getLogger(name).level for name in ("flwr", "ray", "absl")}
@@ -80,11 +86,14 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None
         os.chdir(cwd or ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(list(args))
+                code = fn(list(args))
             except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
                 if isinstance(exc.code, str):
                     print(exc.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - reported as the interpreter would report it
+                traceback.print_exc()
+                code = 1
     finally:
         os.chdir(saved_cwd)
         os.environ.clear()
@@ -93,7 +102,23 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None
             logging.getLogger(name).setLevel(level)
         logging.getLogger("flwr").propagate = flower_propagates
         logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess(["fedpriv", *args], code, out.getvalue(), err.getvalue())
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_cli_here(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float | None = None, log_to_stderr: bool = False) -> subprocess.CompletedProcess:
+    """``fedpriv ARGS`` in this process: ``fedpriv.cli.main`` with its output captured, returned as
+    ``run_cli`` returns it. It saves starting an interpreter and importing the stack for every
+    case, and a simulation it starts runs on threads of this process (``_simulation_backend``);
+    ``run_cli`` remains for the checks that a fresh interpreter prints no traceback, for real
+    processes (servers, nodes, kills) and for simulations on Ray. ``timeout`` is accepted for
+    ``run_cli``'s signature and not enforced. ``log_to_stderr``: log records reach the captured
+    stderr as the CLI's own ``logging.basicConfig`` sends them there in a fresh interpreter (under
+    pytest the root logger already has handlers, so that call does nothing)."""
+    from fedpriv.cli import main
+
+    code, out, err = _call_here(main, list(args), env=env, cwd=cwd, log_to_stderr=log_to_stderr)
+    return subprocess.CompletedProcess(["fedpriv", *args], code, out, err)
 
 
 @pytest.fixture
@@ -101,12 +126,14 @@ def cli_here():
     return run_cli_here
 
 
-def run_harness(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_harness(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m tests.<module> ARGS`` (a simulation harness that captures what the server
-    process sees) in a fresh interpreter."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    return subprocess.run([sys.executable, "-m", f"tests.{module}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    process sees), run in this process as ``run_cli_here`` runs the command line."""
+    import importlib
+
+    harness = importlib.import_module(f"tests.{module}")
+    code, out, err = _call_here(harness.main, list(args), log_to_stderr=True)
+    return subprocess.CompletedProcess([sys.executable, "-m", f"tests.{module}", *args], code, out, err)
 
 
 @contextlib.contextmanager
@@ -127,9 +154,10 @@ def simulate_run(out: Path, settings: list[str], preset: str = "quickstart", env
                  resume: bool = False, here: bool = False) -> tuple[subprocess.CompletedProcess, dict | None]:
     """``fedpriv simulate`` with ``--set`` settings (``resume``: ``--resume out`` instead of
     ``--preset``/``--out``); its process and summary.json (None if absent). ``here``: in this
-    process (``run_cli_here``, log records on its stderr), which saves a fresh interpreter's
-    imports; Flower starts Ray for the run and shuts it down at its end. Keep a fresh interpreter
-    where a new process is the point (a restart, a resume after a crash, a clean stderr)."""
+    process (``run_cli_here``, log records on its stderr), its virtual nodes on threads of this
+    process (``_simulation_backend``), which saves a fresh interpreter's imports, Ray's start and
+    every worker's TensorFlow start. Keep a fresh interpreter where a new process is the point (a
+    restart, a resume after a crash, a clean stderr, Ray itself)."""
     sets = [x for s in settings for x in ("--set", s)]
     if resume:
         args = ["simulate", "--resume", str(out), *sets]

@@ -4,13 +4,15 @@ The production ClientApp and ServerApp take a trainer factory and a strategy fac
 (:func:`clients.app.make_client_app`, :func:`server.app.make_server_app`); this module supplies
 faulty ones and runs the fedpriv command line with them:
 
-    python -m tests.injected [--noiseless] [--pause-in-round N] [--pause-after-round N] -- FEDPRIV ARGS...
+    python -m tests.injected [--threads] [--noiseless] [--pause-in-round N] [--pause-after-round N] -- FEDPRIV ARGS...
 
 - ``--noiseless``: DP-SGD clips but adds no noise, while the client still declares and records
   the configured spend (:class:`NoiselessTrainer`); the empirical audit must catch it.
 - ``--pause-in-round N``: the server stops after round N's replies are recorded, before
   aggregating them; ``--pause-after-round N``: after round N's checkpoint. It says
   ``fedpriv-test: paused`` on stderr and waits to be killed (the kill-and-resume tests).
+- ``--threads``: the simulation's virtual nodes run on threads of this process, not on Ray
+  (tests/inprocess.py), so that killing this one process kills the whole federation.
 
 Only simulations run in this process (the ServerApp) and in Ray workers that unpickle the
 ClientApp by reference to this module; nothing here is reachable from an installed fedpriv.
@@ -19,14 +21,15 @@ ClientApp by reference to this module; nothing here is reachable from an install
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from fedpriv.clients.trainer import LocalTrainer
+from fedpriv.clients.trainer import LocalTrainer, per_thread
 from fedpriv.server.strategy import FedprivStrategy
 
 PAUSED = "fedpriv-test: paused"
@@ -44,10 +47,9 @@ class NoiselessTrainer(LocalTrainer):
                         "and recorded (tests.injected)")
 
 
-@functools.lru_cache(maxsize=4)
 def noiseless_trainer(*args: Any) -> NoiselessTrainer:
-    """One noiseless trainer per process and configuration (like clients.trainer.get_trainer)."""
-    return NoiselessTrainer(*args)
+    """One noiseless trainer per thread and configuration (like clients.trainer.get_trainer)."""
+    return per_thread(NoiselessTrainer, *args)
 
 
 def _pause(where: str, server_round: int) -> None:
@@ -77,11 +79,17 @@ class PausingStrategy(FedprivStrategy):
 
 
 def install(noiseless: bool = False, pause_in_round: int | None = None,
-            pause_after_round: int | None = None) -> None:
-    """Make this process's simulations build their apps with the injected trainer and strategy."""
+            pause_after_round: int | None = None) -> Callable[[], None]:
+    """Make this process's simulations build their apps with the injected trainer and strategy;
+    returns what undoes it."""
     from fedpriv.clients.app import make_client_app
     from fedpriv.server.app import make_server_app
     from fedpriv.simulations import run
+
+    saved = run.make_client_app, run.make_server_app
+
+    def undo() -> None:
+        run.make_client_app, run.make_server_app = saved
 
     if noiseless:
         run.make_client_app = functools.partial(make_client_app, trainer_factory=noiseless_trainer)
@@ -89,6 +97,17 @@ def install(noiseless: bool = False, pause_in_round: int | None = None,
         strategy = functools.partial(PausingStrategy, pause_in_round=pause_in_round,
                                      pause_after_round=pause_after_round)
         run.make_server_app = functools.partial(make_server_app, strategy_factory=strategy)
+    return undo
+
+
+@contextlib.contextmanager
+def installed(**kwargs: Any) -> Iterator[None]:
+    """:func:`install` for the length of a block (simulations run in the pytest process)."""
+    undo = install(**kwargs)
+    try:
+        yield
+    finally:
+        undo()
 
 
 def main(argv: list[str]) -> int:
@@ -96,13 +115,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--noiseless", action="store_true")
     parser.add_argument("--pause-in-round", type=int)
     parser.add_argument("--pause-after-round", type=int)
+    parser.add_argument("--threads", action="store_true")
     parser.add_argument("fedpriv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = args.fedpriv[1:] if args.fedpriv[:1] == ["--"] else args.fedpriv
     install(args.noiseless, args.pause_in_round, args.pause_after_round)
     from fedpriv.cli import main as fedpriv_main
 
-    return fedpriv_main(rest)
+    if not args.threads:
+        return fedpriv_main(rest)
+    from tests.inprocess import in_process_backend
+
+    with in_process_backend():
+        return fedpriv_main(rest)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def capture_mod(msg, context, call_next):
     return reply
 
 
-def deviate_in_unmask() -> None:
+def deviate_in_unmask():
     """Make the server list one node as surviving and dropped in its neighbours' unmask requests
-    (the server process's grid, just before the requests leave)."""
+    (the server process's grid, just before the requests leave); returns what undoes it."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
     from fedpriv.server.strategy import ObservedGrid
@@ -62,6 +62,11 @@ def deviate_in_unmask() -> None:
 
     ObservedGrid.send_and_receive = send_and_receive
 
+    def undo() -> None:
+        ObservedGrid.send_and_receive = honest
+
+    return undo
+
 
 def main(argv: list[str]) -> int:
     import flwr.compat.common.recorddict_compat as compat
@@ -76,12 +81,15 @@ def main(argv: list[str]) -> int:
     from fedpriv.simulations.run import backend_config, plan, quiet_flower
 
     if argv[0] == "--deviate":
-        argv = argv[1:]
-        deviate_in_unmask()
+        undo = deviate_in_unmask()
+        try:
+            return main(argv[1:])
+        finally:
+            undo()
     out = Path(argv[0])
     updates = out / "updates"
     updates.mkdir(parents=True)
-    os.environ[CAPTURE_ENV] = str(updates)  # Ray workers inherit it
+    os.environ[CAPTURE_ENV] = str(updates)  # (Ray workers inherit it)
     cfg = load_config(preset_layers("no-dp"), [f"run.out_dir={out / 'run'}", *argv[1:]])
     view: dict[str, np.ndarray] = {}
 

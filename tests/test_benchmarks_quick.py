@@ -21,6 +21,9 @@ from fedpriv.clients.trainer import choose_implementation
 from fedpriv.common.config import DPSection
 from tests.conftest import ROOT
 
+# One worker runs this module under pytest-xdist: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_benchmarks_quick")
+
 VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")
 RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio", "default_ratio")
 

@@ -31,6 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
+# One worker runs this module under pytest-xdist: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_compose")
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"

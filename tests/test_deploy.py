@@ -33,6 +33,9 @@ from fedpriv.server.gateway import allowed
 from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 
+# One worker runs this module under pytest-xdist: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_deploy")
+
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     """The command failed with exit 2 and exactly one ``error:`` line, no traceback."""

@@ -135,3 +135,21 @@ def test_auto_implementation():
     assert choose_implementation(DPSection(implementation="auto"), other) == "fast"
     assert choose_implementation(DPSection(implementation="auto", microbatches=4)) == "vectorized"
     assert choose_implementation(DPSection(implementation="keras")) == "keras"
+
+
+def test_a_trainer_is_shared_within_a_thread_never_between_threads():
+    """clients.trainer.get_trainer keeps one trainer per thread and configuration: a trainer's
+    model is overwritten by every call, so two ClientApps running at once must not share one."""
+    import threading
+
+    from fedpriv.clients.trainer import get_trainer
+
+    args = ("mlp", ModelSection(mlp_layers=0), ClientSection(), DPSection(), (8,), 3)
+    here = get_trainer(*args)
+    assert get_trainer(*args) is here
+    assert get_trainer("mlp", ModelSection(mlp_layers=0), ClientSection(batch_size=8), DPSection(), (8,), 3) is not here
+    seen = []
+    worker = threading.Thread(target=lambda: seen.extend([get_trainer(*args), get_trainer(*args)]))
+    worker.start()
+    worker.join()
+    assert seen[0] is seen[1] and seen[0] is not here

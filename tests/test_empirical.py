@@ -15,9 +15,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -38,7 +35,8 @@ from fedpriv.server.privacy import PrivacyRecorder
 from fedpriv.server.report import build_summary
 from fedpriv.server.run_log import RunLog
 from fedpriv.common.presets import preset_layers
-from tests.conftest import ROOT, run_cli
+from tests import injected
+from tests.conftest import run_cli_here
 from tests.injected import NoiselessTrainer
 
 
@@ -315,13 +313,11 @@ def _ledger_of(cfg, run_dir):
 
 
 def _audit(run_dir, *extra, env=None, noiseless=False):
+    """``fedpriv audit --empirical`` in this process (its canary runs on threads of it);
+    ``noiseless``: the canary runs train with the test harness's noiseless trainer."""
     args = ("audit", str(run_dir), "--empirical", "--json", *extra)
-    if noiseless:  # the canary runs train with the test harness's noiseless trainer
-        env = {**(os.environ if env is None else env), "FLWR_TELEMETRY_ENABLED": "0"}
-        proc = subprocess.run([sys.executable, "-m", "tests.injected", "--noiseless", "--", *args], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=600)
-    else:
-        proc = run_cli(*args, env=env)
+    with injected.installed(noiseless=noiseless):
+        proc = run_cli_here(*args, env=env)
     assert proc.stdout.strip(), proc.stderr[-3000:]
     return proc, json.loads(proc.stdout)
 

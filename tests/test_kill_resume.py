@@ -21,6 +21,9 @@ from fedpriv.common.ledger import verify_ledger
 from tests.injected import PAUSED
 from tests.conftest import ROOT, dp_sgd_epsilon, run_cli_here, simulate_run
 
+# One worker runs this module under pytest-xdist: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_kill_resume")
+
 DELTA = 1e-5
 ROUNDS = 4
 # (The quickstart CNN on the built-in digits: on the small MLP and scikit-learn's digits, the
@@ -42,10 +45,10 @@ PAUSE_IN_ROUND = "--pause-in-round"  # round N's replies recorded, before aggreg
 
 
 def _killed_run(out: Path, env: dict[str, str], pause: str, at_round: int) -> None:
-    """Start ``fedpriv simulate`` with the test harness's pausing strategy (tests/injected.py),
-    wait until it holds the server at ``at_round``, then SIGKILL the whole process group (server,
-    Flower and its workers): a machine crash."""
-    args = [sys.executable, "-m", "tests.injected", pause, str(at_round), "--",
+    """Start ``fedpriv simulate`` in a process of its own with the test harness's pausing strategy
+    (tests/injected.py; its virtual nodes on threads of that process), wait until it holds the
+    server at ``at_round``, then SIGKILL the whole process group: a machine crash."""
+    args = [sys.executable, "-m", "tests.injected", "--threads", pause, str(at_round), "--",
             "simulate", "--preset", "quickstart", "--out", str(out)]
     args += [x for s in SETTINGS for x in ("--set", s)]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -75,7 +78,7 @@ def key_env():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, key_env):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc, summary = simulate_run(out, SETTINGS, env=key_env, here=True)  # the resumes are fresh interpreters
+    proc, summary = simulate_run(out, SETTINGS, env=key_env, here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return verify_ledger(out).entries, summary
 
@@ -86,7 +89,8 @@ def _spends(entries: list[dict], cid: str) -> list[DPSGDSpend]:
 
 
 def _resume_and_check(out: Path, env: dict[str, str], uninterrupted: tuple[list[dict], dict]) -> tuple[dict, list[dict]]:
-    proc, summary = simulate_run(out, [], env=env, resume=True)
+    # (in this process: the one that held the run is dead, and nothing of it is in this one)
+    proc, summary = simulate_run(out, [], env=env, resume=True, here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     _, reference = uninterrupted

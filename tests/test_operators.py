@@ -23,6 +23,9 @@ from fedpriv.common.ledger import verify_ledger
 from fedpriv.common.operators import issue_operator
 from fedpriv.server.operators import OPERATOR_LOG, OperatorGateway, revoke_operator
 
+# One worker runs this module under pytest-xdist: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_operators")
+
 
 class _FakeSuperLink(BaseHTTPRequestHandler):
     calls: list[str] = []

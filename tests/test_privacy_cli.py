@@ -177,11 +177,16 @@ def test_delta_too_large_for_the_population_warns(capsys):
     assert code == 0 and "warning: delta 0.05 >= 1/population" in err
 
 
+DRAWS = 3  # random settings, each one real federation
+
+
 @pytest.mark.slow
-def test_the_calculator_gives_the_epsilon_a_real_simulation_records(tmp_path, capsys):
+@pytest.mark.parametrize("draw", range(DRAWS))
+def test_the_calculator_gives_the_epsilon_a_real_simulation_records(draw, tmp_path, capsys):
     """``fedpriv privacy dpsgd --json`` against what a real ``fedpriv simulate`` records for each
-    client, for a setting (N, B, E, z, delta) drawn at random: after round r the client has trained
-    r*E epochs over its public schedule size N, so the calculator with ``--epochs r*E`` must agree."""
+    client, for a setting (N, B, E, z, delta) drawn at random (a fresh seed for each draw; set
+    FEDPRIV_TEST_SEED to replay one): after round r the client has trained r*E epochs over its
+    public schedule size N, so the calculator with ``--epochs r*E`` must agree."""
     import os
     import random
     import secrets
@@ -207,14 +212,15 @@ def test_the_calculator_gives_the_epsilon_a_real_simulation_records(tmp_path, ca
         "secure_aggregation.enabled=false", f"client.schedule_examples={examples}",
         f"client.batch_size={batch}", f"client.local_epochs={epochs}", f"dp.noise_multiplier={noise}",
         "dp.microbatches=0", f"privacy.delta={delta}",
-    ])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ], here=True)
+    assert proc.returncode == 0, (seed, proc.stderr[-3000:])
+    capsys.readouterr()  # (each assertion below names the seed)
     entries = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "record_level"]
     assert sorted({e["actor"] for e in entries}) == ["client:0", "client:1"]
     for r in range(1, rounds + 1):
         code, out, _ = _run(capsys, "dpsgd", "--examples", str(examples), "--batch-size", str(batch),
                             "--epochs", str(r * epochs), "--noise", str(noise), "--delta", str(delta), "--json")
-        assert code == 0
+        assert code == 0, seed
         calculated = json.loads(out)["epsilon"]["rdp"]
         recorded = [e["epsilon"]["rdp"] for e in entries if e["round"] == r]
         assert len(recorded) == 2 and recorded == pytest.approx([calculated] * 2, rel=1e-9), (seed, r, recorded)
@@ -222,5 +228,5 @@ def test_the_calculator_gives_the_epsilon_a_real_simulation_records(tmp_path, ca
         step = dp_accounting.PoissonSampledDpEvent(batch / examples, dp_accounting.GaussianDpEvent(noise))
         steps = r * epochs * math.ceil(examples / batch)
         direct = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, steps)).get_epsilon(delta)
-        assert calculated == pytest.approx(direct, rel=1e-6)
-    assert summary["privacy"]["record_level"]["max_epsilon"] == pytest.approx(calculated, rel=1e-9)
+        assert calculated == pytest.approx(direct, rel=1e-6), seed
+    assert summary["privacy"]["record_level"]["max_epsilon"] == pytest.approx(calculated, rel=1e-9), seed

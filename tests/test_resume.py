@@ -31,6 +31,9 @@ from fedpriv.server.run_log import RunLog
 from fedpriv.server.strategy import FedprivStrategy
 from tests.conftest import dp_sgd_epsilon, run_cli, run_cli_here, simulate_run
 
+# One worker runs this module under pytest-xdist: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_resume")
+
 DELTA = 1e-5
 SPEND = DPSGDSpend(0.08, 1.2, 13)
 PRIOR = DPSGDSpend(0.05, 1.0, 40)
@@ -312,7 +315,7 @@ def two_rounds(tmp_path_factory):
     """A finished 2-round run with encrypted checkpoints, and the environment holding its key."""
     env = {**os.environ, checkpoint.KEY_ENV: base64.b64encode(checkpoint.new_key()).decode()}
     out = tmp_path_factory.mktemp("resume") / "run"
-    proc, summary = simulate_run(out, SMALL, env=env, here=True)  # (the restart below is a fresh interpreter)
+    proc, summary = simulate_run(out, SMALL, env=env, here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, env, summary
 
@@ -331,7 +334,9 @@ def _expected(entries: list[dict], kind: str, actor: str) -> list[dict]:
 def test_resume_after_a_server_restart_continues_epsilon(two_rounds, tmp_path):
     original, env, first = two_rounds
     run = _copy(original, tmp_path)
-    proc, summary = simulate_run(run, ["run.rounds=4"], env=env, resume=True)
+    # (in this process: what the resume needs is on disk; the resumes after SIGKILL, in
+    # tests/test_kill_resume.py, find nothing of the first process left)
+    proc, summary = simulate_run(run, ["run.rounds=4"], env=env, resume=True, here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rounds 3-4 (resuming after round 2)" in proc.stdout and "round 4/4" in proc.stdout
     assert "Traceback" not in proc.stderr

@@ -59,8 +59,8 @@ def test_server_sees_only_masked_vectors_whose_sum_is_the_clipped_sum(tmp_path):
     assert np.abs(expected).max() > 1000 * step  # the updates are far larger than the tolerance
 
 
-def _simulate(cli, out, *settings, preset="quickstart"):
-    return simulate_run(out, list(settings), preset)
+def _simulate(out, *settings, preset="quickstart"):
+    return simulate_run(out, list(settings), preset, here=True)
 
 
 DROPOUT = [*SMALL, "secure_aggregation.num_shares=5", "secure_aggregation.reconstruction_threshold=3",
@@ -68,9 +68,9 @@ DROPOUT = [*SMALL, "secure_aggregation.num_shares=5", "secure_aggregation.recons
 
 
 @pytest.mark.slow
-def test_dropouts_within_tolerance_still_aggregate(cli, tmp_path):
+def test_dropouts_within_tolerance_still_aggregate(cli_here, tmp_path):
     out = tmp_path / "run"
-    proc, summary = _simulate(cli, out, *DROPOUT, "dp.enabled=false", "simulation.fail_clients=1,3")
+    proc, summary = _simulate(out, *DROPOUT, "dp.enabled=false", "simulation.fail_clients=1,3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (entry,) = summary["rounds"]
@@ -82,9 +82,9 @@ def test_dropouts_within_tolerance_still_aggregate(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_dropouts_beyond_tolerance_fail_the_round_cleanly(cli, tmp_path):
+def test_dropouts_beyond_tolerance_fail_the_round_cleanly(cli_here, tmp_path):
     out = tmp_path / "run"
-    proc, summary = _simulate(cli, out, *DROPOUT, "run.rounds=2", "simulation.fail_clients=0,1,3",
+    proc, summary = _simulate(out, *DROPOUT, "run.rounds=2", "simulation.fail_clients=0,1,3",
                               "simulation.fail_rounds=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "round 1 failed" in proc.stdout
@@ -102,14 +102,14 @@ def test_dropouts_beyond_tolerance_fail_the_round_cleanly(cli, tmp_path):
     assert len(spent_round_1) == 2
     assert [e["round"] for e in entries if e["kind"] == "round_failed"] == [1]
     assert (out / "model.npz").exists()
-    audit = cli("audit", str(out), "--json")
+    audit = cli_here("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
 
 
 @pytest.mark.slow
-def test_a_failed_round_can_stop_the_run(cli, tmp_path):
+def test_a_failed_round_can_stop_the_run(cli_here, tmp_path):
     out = tmp_path / "run"
-    proc, summary = _simulate(cli, out, *DROPOUT, "dp.enabled=false", "run.rounds=3",
+    proc, summary = _simulate(out, *DROPOUT, "dp.enabled=false", "run.rounds=3",
                               "simulation.fail_clients=0,1,3", "simulation.fail_rounds=2",
                               "federation.on_round_failure=stop")
     assert proc.returncode == 1
@@ -121,9 +121,9 @@ def test_a_failed_round_can_stop_the_run(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_cross_device_distributed_noise_is_recorded_and_accounted(cli, tmp_path):
+def test_cross_device_distributed_noise_is_recorded_and_accounted(cli_here, tmp_path):
     out = tmp_path / "run"
-    proc, summary = _simulate(cli, out, "run.rounds=2", "federation.num_clients=100",
+    proc, summary = _simulate(out, "run.rounds=2", "federation.num_clients=100",
                               "federation.min_available_clients=100", "federation.fraction_train=0.2",
                               "user_dp.noise_mode=distributed", preset="cross-device")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -153,11 +153,11 @@ def test_cross_device_distributed_noise_is_recorded_and_accounted(cli, tmp_path)
     assert user["epsilon_pld"] is None  # a zCDP bound has no privacy loss distribution
     assert user["epsilon_gaussian_approximation"] == pytest.approx(approx.get_epsilon(1e-5), rel=1e-6)
     assert user["epsilon_gaussian_approximation"] < user["epsilon"]
-    audit = cli("audit", str(out), "--json")
+    audit = cli_here("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
 
 
-def test_invalid_secure_aggregation_settings_fail_before_any_round(cli, tmp_path):
+def test_invalid_secure_aggregation_settings_fail_before_any_round(cli_here, tmp_path):
     cases = {
         "reconstruction_threshold (9) must be below": ["--set", "secure_aggregation.reconstruction_threshold=9"],
         "too small for distributed noise": ["--preset", "cross-device", "--set", "user_dp.noise_mode=distributed",
@@ -166,7 +166,7 @@ def test_invalid_secure_aggregation_settings_fail_before_any_round(cli, tmp_path
     }
     for message, args in cases.items():
         out = tmp_path / message.split()[0]
-        proc = cli("simulate", *args, "--out", str(out))
+        proc = cli_here("simulate", *args, "--out", str(out))
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr

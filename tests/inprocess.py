@@ -1,0 +1,73 @@
+"""Flower's simulation engine without Ray, for tests whose subject is fedpriv, not Ray.
+
+``run_simulation`` runs the ServerApp in this process and hands every message for a virtual node
+to a simulation backend; Flower 1.42 always builds its Ray backend (an actor pool of worker
+processes, each importing TensorFlow and tracing the model afresh). :func:`in_process_backend`
+swaps in a backend that runs the same ClientApp on a few threads of this process, where the
+stack is already imported and warm. Everything else is Flower's own: the in-memory LinkState,
+the message queues, the grid the ServerApp talks to, the node contexts and their run config.
+
+What the swap keeps from Ray's backend: each message and context crosses the boundary pickled,
+as Ray pickles them, so a ClientApp cannot share objects with the server by accident; an
+exception inside the ClientApp reaches Flower as ``ClientAppException``, as Ray's actor raises it;
+``num_workers`` messages run at once (a hanging client holds one worker, as it holds an actor).
+
+Tests about Ray itself (the simulation end-to-end test, the tutorial, ``flwr run .``) keep Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from typing import Any, Callable, Iterator
+
+from flwr.app import Context, Message
+from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
+from flwr.server.superlink.fleet.vce.backend import Backend
+from flwr.server.superlink.fleet.vce.backend import raybackend
+
+WORKERS = 4
+
+
+class InProcessBackend(Backend):
+    """A simulation backend whose workers are threads of this process."""
+
+    def __init__(self, backend_config: dict[str, Any]) -> None:
+        super().__init__(backend_config)
+        self.app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return WORKERS
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        assert self.app_fn is not None, "build() first"
+        message, context = pickle.loads(pickle.dumps((message, context)))
+        try:
+            app = self.app_fn()
+            reply = app(message=message, context=context)
+        except LoadClientAppError:
+            raise
+        except Exception as ex:
+            raise ClientAppException(str(ex)) from ex
+        return pickle.loads(pickle.dumps((reply, context)))
+
+
+@contextlib.contextmanager
+def in_process_backend() -> Iterator[None]:
+    """Within the block, Flower's simulations run their ClientApps on threads of this process."""
+    saved = raybackend.RayBackend
+    raybackend.RayBackend = InProcessBackend
+    try:
+        yield
+    finally:
+        raybackend.RayBackend = saved
