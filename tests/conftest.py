@@ -17,14 +17,6 @@ from fedpriv.common import tf_runtime  # noqa: F401  - sets TF_USE_LEGACY_KERAS 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules with end-to-end (``slow``) tests first, each module's tests together and in their
-    order: under pytest-xdist the long runs start at once and the quick tests fill the gaps, so
-    the workers finish together (and a module's fixtures are still built once)."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_fedpriv_home(tmp_path_factory):
     """Keys and node state go to a throwaway FEDPRIV_HOME, never the user's."""
