@@ -364,7 +364,9 @@ def test_the_nodes_port_refuses_registration_and_runs(material, superlink, tmp_p
 @pytest.mark.slow
 def test_restarted_superlink_keeps_its_registrations(material, superlink, tmp_path):
     assert superlink.stop() == 0
-    again = SuperLink(material, material / "server-state", superlink.port, tmp_path / "again.log")
+    # New ports: the registrations live in the state, and the old ports may have been taken by
+    # another process (a parallel test worker) since the first SuperLink let go of them.
+    again = SuperLink(material, material / "server-state", free_port_pair(), tmp_path / "again.log")
     try:
         assert again.output().count("already registered") == 3, again.output()[-2000:]
         # Revoking a node key takes effect without a restart: node-3 can no longer join.
