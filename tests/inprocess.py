@@ -12,21 +12,24 @@ as Ray pickles them, so a ClientApp cannot share objects with the server by acci
 exception inside the ClientApp reaches Flower as ``ClientAppException``, as Ray's actor raises it;
 ``num_workers`` messages run at once (a hanging client holds one worker, as it holds an actor).
 
-Tests about Ray itself (the simulation end-to-end test, the tutorial, ``flwr run .``) keep Ray.
+Simulations in child processes keep Ray (the simulation end-to-end test, ``flwr run .``, the load
+test, the scale benchmark).
 """
 
 from __future__ import annotations
 
 import contextlib
 import pickle
+import sys
+import types
 from typing import Any, Callable, Iterator
 
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce.backend import Backend
-from flwr.server.superlink.fleet.vce.backend import raybackend
 
 WORKERS = 4
+RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 
 
 class InProcessBackend(Backend):
@@ -64,10 +67,19 @@ class InProcessBackend(Backend):
 
 @contextlib.contextmanager
 def in_process_backend() -> Iterator[None]:
-    """Within the block, Flower's simulations run their ClientApps on threads of this process."""
-    saved = raybackend.RayBackend
-    raybackend.RayBackend = InProcessBackend
+    """Within the block, Flower's simulations run their ClientApps on threads of this process.
+
+    Flower's ``start_vce`` imports ``RayBackend`` from its module when a simulation starts; within
+    the block that module name holds a stand-in whose ``RayBackend`` is :class:`InProcessBackend`,
+    so Ray's own backend module is not imported at all (importing it costs about 16 s)."""
+    stand_in = types.ModuleType(RAY_BACKEND_MODULE)
+    stand_in.RayBackend = InProcessBackend  # type: ignore[attr-defined]
+    saved = sys.modules.get(RAY_BACKEND_MODULE)
+    sys.modules[RAY_BACKEND_MODULE] = stand_in
     try:
         yield
     finally:
-        raybackend.RayBackend = saved
+        if saved is None:
+            sys.modules.pop(RAY_BACKEND_MODULE, None)
+        else:
+            sys.modules[RAY_BACKEND_MODULE] = saved
