@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,10 @@ def test_flwr_run_dot(tmp_path):
     home, runs = tmp_path / "flwr-home", tmp_path / "runs"
     env = {**os.environ, "FLWR_HOME": str(home), "FEDPRIV_RUNS_DIR": str(runs),
            "FLWR_TELEMETRY_ENABLED": "0",
+           # a local SuperLink of its own: on Flower's fixed default ports, `flwr run` would hand the
+           # run to any other local SuperLink already there (another checkout's, or one a killed
+           # test left), whose runs land in that SuperLink's runs directory
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # the small MLP on scikit-learn's digits: what is tested is Flower's runtime running the apps
     # (the seed CNN on the built-in data trains in tests/test_simulation_e2e.py)

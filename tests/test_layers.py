@@ -107,10 +107,56 @@ def test_loading_the_client_app_imports_no_scipy_or_tensorflow():
     import subprocess
     import sys
 
-    probe = ("import sys; import fedpriv.clients.app as a; a.app; "
+    probe = ("import sys; import fedpriv.client_app as a; a.app; "
              "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
              "from fedpriv.common.accounting import DPSGDSpend, epsilon; "
              "print(epsilon([DPSGDSpend(0.01, 1.1, 100).to_event()], 1e-5) > 0, 'scipy' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:2] == ["[]", "True True"], proc.stdout
+
+
+_RACE = """
+import sys, threading, tomllib
+from flwr.supercore.object_ref import load_app, validate
+root = sys.argv[1]
+components = tomllib.load(open(root + "/pyproject.toml", "rb"))["tool"]["flwr"]["app"]["components"]
+failed = []
+for _ in range(30):
+    for name in [m for m in sys.modules if m == "fedpriv" or m.startswith("fedpriv.")]:
+        del sys.modules[name]
+    barrier, errors = threading.Barrier(2), []
+    def loads():
+        barrier.wait()
+        try:
+            load_app(components["clientapp"], ValueError, root)
+        except Exception as e:
+            errors.append(repr(e))
+    def checks():
+        barrier.wait()
+        for ref in (components["serverapp"], components["clientapp"]):
+            ok, why = validate(ref, project_dir=root)
+            if not ok:
+                errors.append(why)
+    threads = [threading.Thread(target=loads), threading.Thread(target=checks)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    failed += errors
+print(len(failed), failed[:1])
+"""
+
+
+def test_two_threads_importing_fedpriv_at_once_both_find_its_parts():
+    """Flower's simulation runtime (`flwr run .`) loads the ServerApp on one thread while another
+    checks and loads the ClientApp, both with Flower's own object_ref functions and the component
+    names in pyproject.toml. With components named ``fedpriv.server.app`` / ``fedpriv.clients.app``
+    most such races failed with "No module named 'fedpriv.clients'" (CI saw it once under load;
+    this loop saw it 28 times in 30). The components now lie in fedpriv/ itself and wait for the
+    package (fedpriv/server_app.py), so thirty fresh races all succeed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _RACE, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "0", proc.stdout
