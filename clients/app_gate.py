@@ -115,11 +115,37 @@ def _launcher() -> str:
     return str(path)
 
 
+def flwr_clientapp_entry() -> Callable[[], None]:
+    """Flower's own ``flwr-clientapp`` entry point, imported without running the ``__init__`` of its
+    package ``flwr.supernode.cli``, which imports the whole SuperNode (SQLAlchemy, Alembic, the
+    SuperNode's servers): about 2 s of CPU in every ClientApp process, and Flower starts one for
+    every message. The package is entered in ``sys.modules`` with its real search path and spec,
+    so ``flwr.supernode.cli.flwr_clientapp`` itself is Flower's module, imported as usual.
+    To drop this when ``flwr.supernode.cli`` stops importing the SuperNode: import
+    ``flwr_clientapp`` directly again (tests/test_appsign.py checks what it imports).
+    """
+    import importlib.util
+    import types
+
+    name = "flwr.supernode.cli"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)  # imports flwr.supernode, not this package
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"{name} is not a package")
+        package = types.ModuleType(name)
+        package.__spec__ = spec
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__file__ = spec.origin
+        sys.modules[name] = package
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    return flwr_clientapp
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0] if argv else ""
     if mode == "clientapp":  # one ClientApp task, as flwr-clientapp with the gate
-        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
+        flwr_clientapp = flwr_clientapp_entry()
         install()
         sys.argv = ["flwr-clientapp", *argv[1:]]
         flwr_clientapp()

@@ -218,6 +218,28 @@ def test_the_runner_and_superexec_modes_put_the_gate_in_place(tmp_path, monkeypa
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
 
 
+def test_the_clientapp_mode_runs_flowers_runner_without_importing_the_supernode():
+    """Flower starts a ClientApp process for every message: the gate's clientapp mode loads
+    Flower's own ``flwr_clientapp`` (the function the ``flwr-clientapp`` script runs) without the
+    SuperNode that ``flwr.supernode.cli``'s ``__init__`` imports (SQLAlchemy, Alembic)."""
+    import subprocess
+
+    code = (
+        "import sys, inspect; import fedpriv.clients.app_gate as g; f = g.flwr_clientapp_entry();"
+        "print(f.__module__, f.__name__, inspect.getsourcefile(f).endswith('flwr/supernode/cli/flwr_clientapp.py'));"
+        "print(sorted(m for m in ('sqlalchemy', 'alembic', 'flwr.supernode.cli.flower_supernode') if m in sys.modules));"
+        "from importlib.metadata import entry_points;"
+        "print([e.value for e in entry_points(group='console_scripts') if e.name == 'flwr-clientapp'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "flwr.supernode.cli.flwr_clientapp flwr_clientapp True"
+    assert lines[1] == "[]"
+    # the function Flower's own flwr-clientapp script runs
+    assert lines[2] in ("['flwr.supernode.cli:flwr_clientapp']", "['flwr.supernode.cli.flwr_clientapp:flwr_clientapp']")
+
+
 def test_an_older_key_directory_gets_an_app_signing_key(cli_here, tmp_path):
     """fedpriv keys --app-key-only adds the pair, refusing (writing nothing) to replace one."""
     out = tmp_path / "keys"
