@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend, record_level_epsilon
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.fileio import open_private
 from fedpriv.common.ledger import LedgerWriter, load_or_create_signing_key
 from fedpriv.common.ledger_schema import NODE, Kind
 from fedpriv.common.replay import replay
@@ -37,8 +38,7 @@ def open_guard(state_dir: Path, budget: float, delta: float) -> Iterator[NodeBud
     Never cached in memory: in simulation a virtual node can run in a different worker process
     each round, and a stale copy would both undercount spending and fork the node's ledger.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with (state_dir / LOCK).open("a") as lock:
+    with open_private(state_dir / LOCK, "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield NodeBudgetGuard(state_dir, budget, delta)

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.fileio import create_private, json_safe, write_atomic
+from fedpriv.common.fileio import create_private, json_safe, open_private, private_dir, write_atomic
 from fedpriv.common.lazy import lazy_import
 from fedpriv.common.ledger_schema import LEDGER_ACTOR, Kind
 
@@ -147,7 +147,7 @@ class LedgerWriter:
         self.path = directory / LEDGER
         self.key = signing_key
         self.key_id = key_id(signing_key.public_key())
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         pub = directory / PUBLIC_KEY
         pem = public_pem(signing_key.public_key())
         if pub.exists() and pub.read_bytes() != pem:
@@ -169,19 +169,19 @@ class LedgerWriter:
             if report.crash_notes:
                 self._recover(report)
             elif report.unterminated:
-                with self.path.open("ab") as handle:  # a complete last entry cut before its newline
+                with open_private(self.path, "ab") as handle:  # a complete last entry cut before its newline
                     handle.write(b"\n")
 
     def _recover(self, report: VerifyReport) -> None:
         """Finish what a killed writer left (see :func:`verify_ledger`'s ``crash_tail``), and
         say so in the ledger: the torn bytes are kept beside it in ``ledger.torn``."""
         if report.torn_tail is not None:
-            with (self.directory / TORN).open("ab") as handle:
+            with open_private(self.directory / TORN, "ab") as handle:
                 handle.write(report.torn_tail + b"\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             size = self.path.stat().st_size - len(report.torn_tail)
-            with self.path.open("r+b") as handle:
+            with open_private(self.path, "r+b") as handle:
                 handle.truncate(size)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -208,7 +208,7 @@ class LedgerWriter:
         entry = json_safe(entry)
         entry["hash"] = entry_hash(entry)
         entry["signature"] = base64.b64encode(self.key.sign(bytes.fromhex(entry["hash"]))).decode()
-        with self.path.open("ab") as handle:
+        with open_private(self.path, "ab") as handle:
             handle.write(canonical(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.fileio import PRIVATE_UMASK
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     _configure_logging(verbose)
+    os.umask(PRIVATE_UMASK)  # owner-only files for this process and every process it starts
     try:
         return int(args.func(args) or 0)
     except FedprivError as exc:

@@ -300,14 +300,14 @@ def cmd_split_data(args: argparse.Namespace) -> int:
     from fedpriv.common.data import load_dataset
     from fedpriv.common.errors import FedprivError
     from fedpriv.common.partition import partition
-    from fedpriv.common.fileio import write_atomic
+    from fedpriv.common.fileio import private_dir, write_atomic
 
     if args.nodes < 1:
         raise FedprivError(f"--nodes must be at least 1, got {args.nodes}")
     cfg = _resolve(args)
     dataset = load_dataset(cfg.data, cfg.run.seed)
     parts = partition(dataset.y_train, args.nodes, cfg.data, cfg.run.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
+    private_dir(args.out)
     for number, indices in enumerate(parts, start=1):
         buffer = io.BytesIO()
         np.savez(buffer, x=dataset.x_train[indices], y=dataset.y_train[indices])

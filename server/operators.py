@@ -59,7 +59,6 @@ def revoke_operator(state: Path, certificate: Path) -> Operator:
         raise FedprivError(f"cannot read the operator certificate {certificate} ({exc})") from None
     who = operator_of(cert)
     serials = revoked_serials(state) | {who.serial}
-    state.mkdir(parents=True, exist_ok=True)
     write_atomic(state / REVOKED, json.dumps({"operators": sorted(serials)}, indent=1).encode())
     return who
 

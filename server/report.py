@@ -140,7 +140,7 @@ def plot_progress(run_log: RunLog, path: Path, title: str) -> None:
 
 def write_run(out_dir: Path, config: RunConfig, run_log: RunLog, weights: list[np.ndarray],
               extra: dict[str, Any], figures: dict[str, Any], recorder: PrivacyRecorder) -> dict[str, Any]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fileio.private_dir(out_dir)
     summary = build_summary(config, run_log, extra, figures, recorder)
     fileio.write_json(out_dir / rundir.SUMMARY, summary)
     fileio.write_atomic(out_dir / rundir.METRICS, metrics_csv(run_log).encode())

@@ -35,7 +35,7 @@ from fedpriv.common import checkpoint, rundir
 from fedpriv.common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
 from fedpriv.common.keys import ROSTER
 from fedpriv.common.roster import ROSTER_ENV
-from fedpriv.common.fileio import write_atomic
+from fedpriv.common.fileio import private_dir, write_atomic
 from fedpriv.common.witness import WITNESS_DIR, WITNESS_ENV
 from fedpriv.common.config import RunConfig, toml_value
 from fedpriv.common.process import Child, flower_environment, flower_executable, terminate_as_exit
@@ -161,11 +161,10 @@ def check_roster(path: Path, ca_path: Path, node_keys: list[Path]) -> None:
 
 def write_connection(flwr_home: Path, address: Address, root_cert: Path) -> None:
     """A ``[superlink.fedpriv]`` connection in ``$FLWR_HOME/config.toml``, used by flwr."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
+    write_atomic(flwr_home / "config.toml", (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{address}"\nroot-certificates = "{root_cert.resolve()}"\n'
-    )
+    ).encode())
 
 
 def register_node(public_key: Path, env: dict[str, str]) -> str:
@@ -224,8 +223,7 @@ def unregister_node(public_key: Path, state: Path) -> int:
 def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
     """Run the SuperLink until it exits or this process is stopped; register the nodes, then
     open the public port (the Fleet-only gateway)."""
-    plan.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (plan.state / RUNS).mkdir(exist_ok=True)
+    private_dir(plan.state / RUNS)
     link = plan.state / KEYS_LINK  # where fedpriv server run --state finds the app-signing key
     if link.is_symlink() or not link.exists():
         link.unlink(missing_ok=True)
@@ -399,10 +397,9 @@ def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_c
         forwarder = Forwarder(0, address.host, address.port, root_cert, credentials)
         forwarder.start()
         flwr_home = Path(scratch) / "flwr"
-        flwr_home.mkdir()
-        (flwr_home / "config.toml").write_text(  # the hop to the forwarder stays on this machine
+        write_atomic(flwr_home / "config.toml", (  # the hop to the forwarder stays on this machine
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{forwarder.port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{forwarder.port}"\ninsecure = true\n').encode())
         found: dict[str, str] = {}
 
         def on_line(line: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -59,7 +61,10 @@ def plan(cfg: RunConfig) -> Plan:
     return Plan(dataset, model_name, sizes, gpus, dimension, warnings, restore)
 
 
-def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool) -> dict[str, Any]:
+def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool,
+                   ray_dir: Path | None = None) -> dict[str, Any]:
+    """Flower's backend configuration for Ray. ``ray_dir``: Ray's temporary directory (its session
+    files and logs), which would otherwise be the world-accessible ``/tmp/ray``."""
     # Ray workers inherit this process's environment, which common.tf_runtime has prepared
     # (Flower sets Ray's runtime_env itself, so it cannot be passed here).
     os.environ.update(RUNTIME_ENV)
@@ -71,6 +76,7 @@ def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool) -> dic
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
+            **({"_temp_dir": str(ray_dir)} if ray_dir is not None else {}),
         },
         # Let Flower's Ray actors turn on TensorFlow GPU memory growth as well.
         "actor": {"tensorflow": 1 if gpus_per_client > 0 else 0},
@@ -114,14 +120,19 @@ def simulate(
         finished["summary"] = summary
 
     faults = make_fault_mods(cfg) if cfg.simulation.fail_clients else None
-    run_simulation(
-        server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
-        client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
-                                   inner_mods=[faults[1]] if faults else None, canaries=canaries),
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose),
-        verbose_logging=verbose,
-    )
+    # Owner-only (mkdtemp makes it 0700) and short: Ray puts its sockets under it.
+    ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
+            client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
+                                       inner_mods=[faults[1]] if faults else None, canaries=canaries),
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose, ray_dir),
+            verbose_logging=verbose,
+        )
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
     if "summary" not in finished:
         raise FedprivError("the simulation ended without a result (run with --verbose for details)")
     return finished["summary"]

@@ -70,7 +70,8 @@ def _call_here(fn, args: list[str], *, env: dict[str, str] | None = None, cwd: P
     import logging
     import traceback
 
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_env, saved_cwd, saved_umask = dict(os.environ), os.getcwd(), os.umask(0o022)
+    os.umask(saved_umask)
     loggers = {name: logging.getLogger(name).level for name in ("flwr", "ray", "absl")}
     flower_propagates = logging.getLogger("flwr").propagate
     out, err = io.StringIO(), io.StringIO()
@@ -95,6 +96,7 @@ def _call_here(fn, args: list[str], *, env: dict[str, str] | None = None, cwd: P
                 traceback.print_exc()
                 code = 1
     finally:
+        os.umask(saved_umask)
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
@@ -199,6 +201,32 @@ def free_port_pair() -> int:
             if port < 65535 and s.connect_ex(("127.0.0.1", port + 1)) != 0:
                 return port
     raise RuntimeError("no two adjacent free ports")
+
+
+@pytest.fixture
+def loose_umask():
+    """The umask most systems have (022), restored afterwards."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def assert_private(*roots: Path) -> int:
+    """Every directory under ``roots`` is owner-only (no group or other bits) and every file
+    readable by its owner only; returns how many paths were checked."""
+    import stat
+
+    checked = 0
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            assert stat.S_IMODE(info.st_mode) & 0o077 == 0, f"{path} is {oct(stat.S_IMODE(info.st_mode))}"
+            checked += 1
+    return checked
 
 
 def dp_sgd_epsilon(spends: list, delta: float) -> float:

@@ -12,14 +12,17 @@ import os
 import re
 import subprocess
 import sys
+import shutil
+import tempfile
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
 from benchmarks.scale import descendants, rss_bytes
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_private
 
 CLIENTS, ROUNDS = 50, 10
 GROWTH_LIMIT = 1.1
@@ -35,8 +38,13 @@ def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_p
                 "secure_aggregation.num_shares=11", "secure_aggregation.reconstruction_threshold=6"]
     args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", "quickstart", "--out", str(out)]
     args += [x for s in settings for x in ("--set", s)]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A fresh home, a temporary directory of its own (short: Ray puts sockets under it) and the
+    # umask most systems have: what the run writes must be owner-only all the same.
+    scratch = Path(tempfile.mkdtemp())
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           "FEDPRIV_HOME": str(tmp_path / "home"), "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.umask(0o022))
     current = {"round": 1}  # the round in progress: samples count towards it
     peaks: dict[int, int] = defaultdict(int)
     stop = threading.Event()
@@ -60,6 +68,12 @@ def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_p
     stop.set()
     sampler.join()
     assert proc.returncode == 0, stderr[-3000:]
+    # Private by default: the run directory and the home (keys, node ledgers) are owner-only,
+    # and Ray's temporary directory (which would be a world-accessible /tmp/ray) is gone.
+    assert assert_private(out, tmp_path / "home") > CLIENTS
+    leftovers = list(scratch.iterdir())
+    shutil.rmtree(scratch, ignore_errors=True)
+    assert leftovers == [], leftovers
 
     summary = json.loads((out / "summary.json").read_text())
     # No lost update: every client trained and was aggregated in every round, no failure.

@@ -1,4 +1,9 @@
-"""End to end: `fedpriv simulate` with 3 virtual clients and 2 rounds on Flower's Ray runtime."""
+"""End to end: `fedpriv simulate` with 3 virtual clients and 2 rounds, every output checked.
+
+It runs in the pytest process, its virtual nodes on threads (tests/inprocess.py): what it checks
+is fedpriv's, not the runtime's. The same command on Flower's Ray runtime, in a fresh process, runs
+in tests/test_load.py (50 clients a round), the scale benchmark (tests/test_benchmarks_quick.py)
+and, through Flower's own tooling, tests/test_flower_run.py."""
 
 import base64
 import csv
@@ -10,7 +15,7 @@ import pytest
 
 from fedpriv.common import checkpoint
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import poisson_gaussian_epsilon, run_cli_here
+from tests.conftest import assert_private, poisson_gaussian_epsilon, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +30,18 @@ def _expected_epsilon(n, batch, rounds, z, delta):
     return poisson_gaussian_epsilon(batch / n, z, rounds * math.ceil(n / batch), delta)
 
 
-def test_three_clients_two_rounds(cli, tmp_path, monkeypatch):
+def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
+    """(Under umask 022, the usual one: fedpriv's files must be owner-only all the same.)"""
     key = checkpoint.new_key()  # checkpoints are encrypted at rest when a key is configured
     monkeypatch.setenv(checkpoint.KEY_ENV, base64.b64encode(key).decode())
+    monkeypatch.setenv("FEDPRIV_HOME", str(tmp_path / "home"))
     out = tmp_path / "run"
     args = ["simulate"] + [item for s in SETTINGS for item in ("--set", s)] + ["--out", str(out)]
-    proc = cli(*args)
+    proc = cli_here(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "round 2/2" in proc.stdout  # progress lines (no terminal under pytest)
+    assert assert_private(out, tmp_path / "home") > 10  # run directory, keys, node ledgers
 
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
