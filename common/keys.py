@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,8 +162,9 @@ def roster_file(keys: Path, extra: list[Path]) -> KeyFile:
 
 
 def write_keys(files: list[KeyFile], force: bool) -> None:
-    """Write ``files``; private ones with mode 0600. Refuse (writing nothing) if any exists,
-    unless ``force``."""
+    """Write ``files``, every one owner-only (0600): public halves and certificates too, which are
+    not secret but are handed over on purpose (copied, mounted), never shared by file mode. Refuse
+    (writing nothing) if any exists, unless ``force``."""
     existing = [f.path for f in files if f.path.exists()]
     if existing and not force:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
@@ -172,5 +172,3 @@ def write_keys(files: list[KeyFile], force: bool) -> None:
                            f"Use --force to replace them")
     for f in files:
         write_atomic(f.path, f.data)  # created 0600 (mkstemp)
-        if not f.private:
-            os.chmod(f.path, 0o644)

@@ -37,8 +37,9 @@ def test_keys_are_complete_valid_and_private(cli_here, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in PRIVATE:
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
-    for name in PUBLIC:
-        assert (out / name).is_file(), name
+    for name in PUBLIC:  # not secret, but handed over on purpose, never shared by file mode
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     link = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
     link.verify_directly_issued_by(ca)  # raises if the CA did not sign it

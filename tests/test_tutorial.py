@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_private
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,10 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     env = {**os.environ, "FEDPRIV_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = tmp_path / "walkthrough.log"
+    # under umask 022, the usual one: what fedpriv and the Flower processes it starts write must be
+    # owner-only all the same
     proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=tmp_path, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: os.umask(0o022))
     try:
         code = proc.wait(timeout=1500)
     finally:  # the server and nodes it left in the background
@@ -62,6 +64,9 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     assert code == 0, output[-5000:]
     assert "PASS" in output and "budgets held" in output, output[-3000:]
     assert "submitted by: alice (researcher)" in output, output[-3000:]  # from the operator log
+    # Private by default: keys, data shares, the server's state (SuperLink database, installed
+    # apps, runs, operator log) and each node's state are owner-only.
+    assert assert_private(tmp_path / "fed", home) > 50
 
     runs = list((tmp_path / "fed/server/runs").glob("federation-*"))
     assert len(runs) == 1
