@@ -21,14 +21,15 @@ from fedpriv.clients.trainer import choose_implementation
 from fedpriv.common.config import DPSection
 from tests.conftest import ROOT
 
-# One worker runs this module under pytest-xdist: its module fixtures are built once.
+# One worker runs this module under pytest-xdist, and the harness's run is a session fixture: a
+# module fixture was built twice when that worker ran other modules' tests between these two.
 pytestmark = pytest.mark.xdist_group("test_benchmarks_quick")
 
 VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")
 RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio", "default_ratio")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_all_quick(tmp_path_factory):
     """``benchmarks/run_all.py --quick`` (dp_step --quick --device cpu, then scale --quick): its
     process and output folder."""
