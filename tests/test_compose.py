@@ -31,7 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
-# One worker runs this module under pytest-xdist: its module fixtures are built once.
+# Meant to keep this module on one pytest-xdist worker, so that its module fixtures are built once.
+# Under pytest 9, pytest-xdist 3.8 ignores the mark (it sets a node id attribute pytest 9 no longer
+# reads), so both workers may build them; nothing here depends on it but the time.
 pytestmark = pytest.mark.xdist_group("test_compose")
 
 ROOT = Path(__file__).resolve().parent.parent
