@@ -82,9 +82,14 @@ def private_dir(path: Path) -> Path:
         raise FedprivError(f"cannot use directory {path}: {exc.strerror or exc}") from exc
     if not os.path.isdir(path):
         raise FedprivError(f"{path} is not a directory")
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise FedprivError(f"refusing to use {path}: it belongs to another user (uid {info.st_uid})")
+    _refuse_foreign(path, info, "use")
     return path
+
+
+def _refuse_foreign(path: Path, info: os.stat_result, action: str) -> None:
+    """A directory or file that belongs to another user is never written to."""
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise FedprivError(f"refusing to {action} {path}: it belongs to another user (uid {info.st_uid})")
 
 
 def _refuse_link(path: Path) -> None:
@@ -136,14 +141,12 @@ def open_private(path: Path, mode: str = "ab") -> BinaryIO:
         private_dir(path.parent)
     try:
         fd = os.open(path, _MODES[mode] | _NOFOLLOW, PRIVATE_FILE)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise FedprivError(f"refusing to write {path}: it is a symbolic link") from exc
+    except OSError:
+        _refuse_link(path)  # O_NOFOLLOW's error, said in one line
         raise
     try:
         info = os.fstat(fd)
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise FedprivError(f"refusing to write {path}: it belongs to another user (uid {info.st_uid})")
+        _refuse_foreign(path, info, "write")
         if info.st_mode & 0o077:
             os.fchmod(fd, PRIVATE_FILE)
         return os.fdopen(fd, mode)

@@ -159,11 +159,13 @@ def check_roster(path: Path, ca_path: Path, node_keys: list[Path]) -> None:
                 f"keys; re-sign it where the CA key is: fedpriv keys --out DIR --sign-roster --node-key {key.name}")
 
 
-def write_connection(flwr_home: Path, address: Address, root_cert: Path) -> None:
-    """A ``[superlink.fedpriv]`` connection in ``$FLWR_HOME/config.toml``, used by flwr."""
+def write_connection(flwr_home: Path, address: Address | str, root_cert: Path | None) -> None:
+    """A ``[superlink.fedpriv]`` connection in ``$FLWR_HOME/config.toml``, used by flwr: TLS with
+    ``root_cert``, or plaintext (``None``: only for a hop that stays on this machine)."""
+    security = f'root-certificates = "{root_cert.resolve()}"' if root_cert is not None else "insecure = true"
     write_atomic(flwr_home / "config.toml", (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{address}"\nroot-certificates = "{root_cert.resolve()}"\n'
+        f'address = "{address}"\n{security}\n'
     ).encode())
 
 
@@ -397,9 +399,8 @@ def submit_run(cfg: RunConfig, state: Path | None, superlink: str | None, root_c
         forwarder = Forwarder(0, address.host, address.port, root_cert, credentials)
         forwarder.start()
         flwr_home = Path(scratch) / "flwr"
-        write_atomic(flwr_home / "config.toml", (  # the hop to the forwarder stays on this machine
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{forwarder.port}"\ninsecure = true\n').encode())
+        # the hop to the forwarder stays on this machine
+        write_connection(flwr_home, f"127.0.0.1:{forwarder.port}", None)
         found: dict[str, str] = {}
 
         def on_line(line: str) -> None:
