@@ -17,6 +17,20 @@ from fedpriv.common import tf_runtime  # noqa: F401  - sets TF_USE_LEGACY_KERAS 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` first, so that pytest-xdist's workers do not end on one long test
+    while the other waits; and, on an xdist worker, a stop if an ``xdist_group`` mark had no
+    effect (pytest-xdist appends ``@group`` to the node id; pytest 9 ignores what pytest-xdist 3.8
+    sets, and modules that share one expensive fixture would then build it on every worker)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
+    if getattr(config, "workerinput", None) is not None and config.getoption("dist", None) == "loadgroup":
+        ignored = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if ignored:
+            raise pytest.UsageError(f"xdist_group marks had no effect (e.g. on {ignored[0]}); pytest-xdist and "
+                                    f"pytest versions do not work together")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_fedpriv_home(tmp_path_factory):
     """Keys and node state go to a throwaway FEDPRIV_HOME, never the user's."""

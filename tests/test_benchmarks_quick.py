@@ -39,9 +39,7 @@ def run_all_quick(out):
 @pytest.mark.slow
 def test_run_all_quick_with_dp_step_and_scale(tmp_path):
     """One run of the harness's quick mode serves both checks: dp_step's results, then the
-    harness's summary and scale's results. (They were two tests sharing a fixture, pinned to one
-    worker with ``xdist_group``; under pytest 9 that mark has no effect in pytest-xdist 3.8, which
-    sets a node id attribute pytest 9 no longer reads, so CI ran the harness, about 260 s, twice.)"""
+    harness's summary and scale's results."""
     proc, tmp_path = run_all_quick(tmp_path)
     check_dp_step(proc, tmp_path)
     check_run_all(proc, tmp_path)

@@ -31,9 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
-# Meant to keep this module on one pytest-xdist worker, so that its module fixtures are built once.
-# Under pytest 9, pytest-xdist 3.8 ignores the mark (it sets a node id attribute pytest 9 no longer
-# reads), so both workers may build them; nothing here depends on it but the time.
+# Keeps this module on one pytest-xdist worker, so that its module fixtures are built once
+# (tests/conftest.py stops the run if the mark has no effect).
 pytestmark = pytest.mark.xdist_group("test_compose")
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,9 +33,8 @@ from fedpriv.server.gateway import allowed
 from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 
-# Meant to keep this module on one pytest-xdist worker, so that its module fixtures are built once.
-# Under pytest 9, pytest-xdist 3.8 ignores the mark (it sets a node id attribute pytest 9 no longer
-# reads), so both workers may build them; nothing here depends on it but the time.
+# Keeps this module on one pytest-xdist worker, so that its module fixtures are built once
+# (tests/conftest.py stops the run if the mark has no effect).
 pytestmark = pytest.mark.xdist_group("test_deploy")
 
 

@@ -23,9 +23,8 @@ from fedpriv.common.ledger import LEDGER, verify_ledger
 from fedpriv.common.operators import issue_operator
 from fedpriv.server.operators import OPERATOR_LOG, OperatorGateway, revoke_operator
 
-# Meant to keep this module on one pytest-xdist worker, so that its module fixtures are built once.
-# Under pytest 9, pytest-xdist 3.8 ignores the mark (it sets a node id attribute pytest 9 no longer
-# reads), so both workers may build them; nothing here depends on it but the time.
+# Keeps this module on one pytest-xdist worker, so that its module fixtures are built once
+# (tests/conftest.py stops the run if the mark has no effect).
 pytestmark = pytest.mark.xdist_group("test_operators")
 
 

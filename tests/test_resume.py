@@ -31,9 +31,8 @@ from fedpriv.server.run_log import RunLog
 from fedpriv.server.strategy import FedprivStrategy
 from tests.conftest import dp_sgd_epsilon, run_cli, run_cli_here, simulate_run
 
-# Meant to keep this module on one pytest-xdist worker, so that its module fixtures are built once.
-# Under pytest 9, pytest-xdist 3.8 ignores the mark (it sets a node id attribute pytest 9 no longer
-# reads), so both workers may build them; nothing here depends on it but the time.
+# Keeps this module on one pytest-xdist worker, so that its module fixtures are built once
+# (tests/conftest.py stops the run if the mark has no effect).
 pytestmark = pytest.mark.xdist_group("test_resume")
 
 DELTA = 1e-5
