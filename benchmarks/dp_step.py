@@ -2,7 +2,8 @@
 
 For the seed CNN and the MLP (on 28x28x1 images of the built-in data, 10 classes) and each
 batch size, this times the trainer's step (:meth:`clients.trainer.LocalTrainer.step`: the DP noise
-generator's reseed from ``os.urandom``, then ``train_on_batch``) on the same fixed batches for:
+generator's reseed from ``os.urandom``, then the model's ``train_step``, traced once for any batch
+size) on the same fixed batches for:
 
 - ``nonprivate``: plain Keras SGD (the baseline);
 - ``textbook``: TF Privacy's DPKerasSGDOptimizer with one microbatch per example;
@@ -155,8 +156,8 @@ class Timer:
         self.peak_bytes = 0
 
     def run(self, steps: int) -> float:
-        """Seconds for ``steps`` steps (``train_on_batch`` returns the loss to the host, so the
-        device has finished when it returns)."""
+        """Seconds for ``steps`` steps (each step returns the loss to the host, so the device has
+        finished when it returns)."""
         self._memory_stats(reset=True)
         started = time.perf_counter()
         for _ in range(steps):
@@ -350,7 +351,7 @@ def save(out: Path, results: dict, settings: dict, args: argparse.Namespace, gpu
     report = table(results)
     where = (payload["machine"]["gpus"][0] if gpu
              else f"{payload['machine']['cpus']} CPUs ({payload['machine']['cpu']})")
-    header = (f"Local training throughput (`train_on_batch` on the same fixed batches), median of "
+    header = (f"Local training throughput (the trainer's step on the same fixed batches), median of "
               f"{settings['rounds']} interleaved rounds; each variant runs at least {settings['steps']} "
               f"steps a round (cheap ones more, to fill {settings['min_block_s']:g} s) after "
               f"untimed warm-up steps ({settings['warmup']}). On {where}; seed {args.seed}; "

@@ -182,6 +182,23 @@ def epsilon(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], del
         return math.inf
     if _noiseless(event):
         return math.inf
+    # Clients on one schedule spend identical events: each distinct question is answered once
+    # per process (a PLD composition takes up to seconds). The key is exact: a DpEvent's repr
+    # holds every parameter, floats in their shortest round-tripping form.
+    key = (repr(event), delta, accountant, sampling)
+    answer = _EPSILONS.get(key)
+    if answer is None:
+        answer = _accountant_epsilon(event, delta, accountant, sampling)
+        if len(_EPSILONS) >= 4096:
+            _EPSILONS.clear()
+        _EPSILONS[key] = answer
+    return answer
+
+
+_EPSILONS: dict[tuple[str, float, str, str], float] = {}
+
+
+def _accountant_epsilon(event: dp_accounting.ComposedDpEvent, delta: float, accountant: str, sampling: str) -> float:
     acc = make_accountant(accountant, sampling)
     if not acc.supports(event):
         return math.inf

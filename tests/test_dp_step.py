@@ -56,7 +56,7 @@ def test_clipping_bounds_each_examples_contribution(implementation):
     grads = [_flat(g) for g in _per_example_grads(trainer, x, y)]
     assert np.linalg.norm(grads[0]) > 100 * clip  # the outlier really needs clipping
 
-    trainer.model.train_on_batch(x, y)
+    trainer.step(x, y)
     update = _flat(before) - _flat(trainer.model.get_weights())
 
     clipped = [g * min(1.0, clip / np.linalg.norm(g)) for g in grads]
@@ -74,7 +74,7 @@ def test_noise_is_really_added(implementation):
     x = np.zeros((batch, dims), dtype=np.float32)  # zero inputs: weight gradients are exactly 0
     y = np.zeros(batch, dtype=np.int64)
     before = trainer.model.get_weights()
-    trainer.model.train_on_batch(x, y)
+    trainer.step(x, y)
     kernel_update = before[0] - trainer.model.get_weights()[0]
     # Noise N(0, (z C)^2) on the summed gradient, divided by the batch size.
     expected_std = LR * noise * clip / batch
@@ -84,7 +84,7 @@ def test_noise_is_really_added(implementation):
 
     # Two steps from the same weights on the same batch differ: the noise is fresh each time.
     trainer.model.set_weights(before)
-    trainer.model.train_on_batch(x, y)
+    trainer.step(x, y)
     again = before[0] - trainer.model.get_weights()[0]
     assert not np.allclose(again, kernel_update)
 
@@ -97,7 +97,7 @@ def test_no_dp_mode_takes_exact_gradient_steps():
     y = np.array([0, 1, 2, 0])
     before = trainer.model.get_weights()
     grads = [_flat(g) for g in _per_example_grads(trainer, x, y)]
-    trainer.model.train_on_batch(x, y)
+    trainer.step(x, y)
     np.testing.assert_allclose(_flat(before) - _flat(trainer.model.get_weights()),
                                LR * np.mean(grads, axis=0), rtol=1e-3, atol=1e-5)
 
