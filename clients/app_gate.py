@@ -16,6 +16,10 @@ The check runs in the node's own process, with keys read from the node's disk (`
 set by ``fedpriv node join``), over the very bytes that would then be installed: nothing the
 SuperLink sends can skip it.
 
+The superexec mode starts ClientApp tasks warm (:mod:`clients.warm_start`): each task's
+process is forked from this module's ``zygote`` mode, which has imported Flower's runtime and
+TensorFlow once, and runs the same ``clientapp`` mode (:func:`run_clientapp`), gate included.
+
 To drop this module when Flower verifies self-hosted bundles on the SuperNode: run
 ``flower-supernode`` in its default isolation with ``--trusted-entities``, and delete this file
 and :mod:`common.appsign`.
@@ -142,13 +146,37 @@ def flwr_clientapp_entry() -> Callable[[], None]:
     return flwr_clientapp
 
 
+def run_clientapp(argv: list[str]) -> None:
+    """One ClientApp task: Flower's ``flwr-clientapp`` with these arguments, and the gate."""
+    flwr_clientapp = flwr_clientapp_entry()
+    install()
+    sys.argv = ["flwr-clientapp", *argv]
+    flwr_clientapp()
+
+
+def _warm_executor(get_executor: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's executor factory, giving :class:`clients.warm_start.WarmStart` in place of its
+    subprocess executor."""
+    from flwr.supercore.constant import ExecutorType
+
+    def make(executor_type: Any, *args: Any, **kwargs: Any) -> Any:
+        if executor_type == ExecutorType.SUBPROCESS:
+            from fedpriv.clients.warm_start import WarmStart
+
+            return WarmStart()
+        return get_executor(executor_type, *args, **kwargs)
+
+    return make
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0] if argv else ""
     if mode == "clientapp":  # one ClientApp task, as flwr-clientapp with the gate
-        flwr_clientapp = flwr_clientapp_entry()
-        install()
-        sys.argv = ["flwr-clientapp", *argv[1:]]
-        flwr_clientapp()
+        run_clientapp(argv[1:])
+    elif mode == "zygote":  # ClientApp tasks forked from one process that imported everything
+        from fedpriv.clients.warm_start import zygote
+
+        zygote(run_clientapp, flwr_clientapp_entry)
     elif mode == "superexec":  # Flower's SuperExec, starting ClientApp tasks in clientapp mode
         from flwr.supercore.cli.flower_superexec import flower_superexec
         from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
@@ -167,11 +195,13 @@ def main(argv: list[str]) -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         run_superexec.AutoExecPlugin = ClientAppsOnly
-        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = _launcher()
+        run_superexec.get_executor = _warm_executor(run_superexec.get_executor)
+        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = _launcher()  # cold starts (clients.warm_start)
         sys.argv = ["flower-superexec", *argv[1:]]
         flower_superexec()
     else:
-        print("usage: python -m fedpriv.clients.app_gate {superexec|clientapp} FLOWER-ARGS...", file=sys.stderr)
+        print("usage: python -m fedpriv.clients.app_gate {superexec|clientapp|zygote} FLOWER-ARGS...",
+              file=sys.stderr)
         sys.exit(2)
 
 

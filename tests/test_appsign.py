@@ -252,3 +252,43 @@ def test_an_older_key_directory_gets_an_app_signing_key(cli_here, tmp_path):
     assert cli_here("keys", "--out", str(out), "--app-key-only", "--force").returncode == 0
     assert (out / APP_KEY).read_bytes() != before
     assert load_trusted_key(out / APP_PUB) == load_signing_key(out / APP_KEY).public_key()
+
+
+def test_warm_starts_give_a_task_the_command_line_flowers_executor_gives(monkeypatch):
+    """A warm ClientApp task gets the arguments Flower's own SubprocessExecutor would start its
+    process with (captured from Flower's executor, whatever the spec)."""
+    import itertools
+    import subprocess
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor
+
+    from fedpriv.clients.warm_start import command_line
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **_: started.append(list(args)))
+    for insecure, certs, parent, deps in itertools.product((True, False), (None, "/ca.crt"), (None, 42), (False, True)):
+        spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9101", token="t0k",
+                             insecure=insecure, root_certificates_path=certs, runtime_dependency_install=deps,
+                             parent_pid=parent, suppress_output=False, task_id=7)
+        SubprocessExecutor().launch(spec)
+        assert started[-1] == [TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP], *command_line(spec)], spec
+    assert len(started) == 16
+
+
+def test_the_zygote_runs_each_task_in_a_forked_process_of_its_own():
+    """``app_gate zygote`` preloads, says so, and runs one forked child per request line (here
+    Flower's own ``flwr-clientapp --help``, which exits at once), silenced when asked; it exits
+    when its input closes."""
+    import json
+    import subprocess
+
+    from fedpriv.clients.warm_start import READY
+
+    requests = [{"argv": ["--help"]}, {"argv": ["--help"], "quiet": True}, {"argv": ["--help"]}]
+    proc = subprocess.run([sys.executable, "-m", "fedpriv.clients.app_gate", "zygote"], capture_output=True,
+                          text=True, timeout=180, input="".join(json.dumps(r) + "\n" for r in requests))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert READY in proc.stderr and "Traceback" not in proc.stderr
+    # (the output is read until every child has closed it too); the quiet one printed nothing
+    assert proc.stdout.count("usage: flwr-clientapp") == 2, proc.stdout

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpriv.clients.warm_start import COLD, READY
 from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, assert_private
 
@@ -64,6 +65,8 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     assert code == 0, output[-5000:]
     assert "PASS" in output and "budgets held" in output, output[-3000:]
     assert "submitted by: alice (researcher)" in output, output[-3000:]  # from the operator log
+    # every node's ClientApp tasks were forked from its warm zygote (clients/warm_start.py)
+    assert output.count(READY) == 3 and COLD not in output, output[-3000:]
     # Private by default: keys, data shares, the server's state (SuperLink database, installed
     # apps, runs, operator log) and each node's state are owner-only.
     assert assert_private(tmp_path / "fed", home) > 50
