@@ -87,13 +87,18 @@ def node_partition(context: Context, cfg: RunConfig) -> int:
 class NodeSetup:
     """Who this node is, what it trains on, and where it keeps its spending."""
 
-    client_id: int
+    client_id: int  # declared in the reply's metrics (a simulation's server records spends under it)
     name: str
     x: np.ndarray
     y: np.ndarray
     state_dir: Path
     record_budget: float  # over every run (0: none)
     run_budget: float = 0.0  # within one fedpriv run, from the node's policy (0: none)
+    account: str = ""  # the id the run's ledger records this node's spends under
+
+    @property
+    def run_account(self) -> str:
+        return self.account or str(self.client_id)
 
 
 def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canaries | None = None) -> NodeSetup:
@@ -108,7 +113,10 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canarie
         name, state_dir = node_name_and_state_dir(context, cfg)
         x, y = load_node_data(str(config["data-path"]), dataset.input_shape, dataset.num_classes,
                               cfg.data.label_column)
-        return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget, per_run)
+        # A deployment's server records spends under the node id the SuperLink authenticated
+        # (server/strategy.py, account_of), a 64-bit number the reply's int metric cannot hold.
+        return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget, per_run,
+                         account=str(int(context.node_id)))
     partition_id = node_partition(context, cfg)
     x, y = local_data(cfg, partition_id)
     if canaries is not None:
@@ -223,7 +231,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                 prior = _prior_spending(context, guard, run_id)
                 result = trainer.train(weights, x, y, schedule)
                 # (the server computes its own epsilon)
-                guard.record(result.spend, server_round, run_id, run_head=run_head, client_id=node.client_id)
+                guard.record(result.spend, server_round, run_id, run_head=run_head, client_id=node.run_account)
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
         update, norm = encode_update(cfg, weights, result.weights, clients_sampled)

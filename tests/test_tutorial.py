@@ -21,7 +21,7 @@ import pytest
 
 from fedpriv.clients.warm_start import COLD, READY
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import ROOT, assert_private
+from tests.conftest import ROOT, assert_private, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +67,9 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     assert "submitted by: alice (researcher)" in output, output[-3000:]  # from the operator log
     # every node's ClientApp tasks were forked from its warm zygote (clients/warm_start.py)
     assert output.count(READY) == 3 and COLD not in output, output[-3000:]
+    # each node ledger's spends are matched with the run ledger's (same client ids), so a
+    # rolled-back node ledger would show
+    assert "the run ledger lacks" not in output and "names no client id" not in output, output[-3000:]
     # Private by default: keys, data shares, the server's state (SuperLink database, installed
     # apps, runs, operator log) and each node's state are owner-only.
     assert assert_private(tmp_path / "fed", home) > 50
@@ -88,6 +91,13 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     assert ledger.entries[0]["parameters"]["config"]["federation.num_clients"] == 3
     spends = [e for e in ledger.entries if e["kind"] == "record_level"]
     assert len(spends) == 6  # 3 nodes x 2 rounds, each recorded once
+    # The audit matched every node's ledger with the run's spends of that node (by node id).
+    audit = run_cli_here("audit", str(run), "--json", "--public-key", str(tmp_path / "fed/keys/ledger-signing.pub"),
+                         "--node-ledger", *(str(home / "nodes" / f"node-{n}") for n in (1, 2, 3)), env=env)
+    report = json.loads(audit.stdout)
+    assert audit.returncode == 0 and report["ok"], audit.stdout[-3000:]
+    assert ({n["client_id"] for n in report["node_ledgers"]} == {e["actor"].split(":", 1)[1] for e in spends}
+            and all(n["spends"] == 2 for n in report["node_ledgers"])), report["node_ledgers"]
     # The ledger is signed with the federation's key from fedpriv keys.
     assert (run / "ledger.pub").read_bytes() == (tmp_path / "fed/keys/ledger-signing.pub").read_bytes()
 
