@@ -54,7 +54,10 @@ TARGET_ROUND_TIME_RATIO = 1.3
 FULL = {"populations": (100, 1000), "sampled": 10, "rounds": 8, "repeats": 2, "batch_size": 64, "interval": 0.25}
 # Quick (the test suite's): the shape of the full run at its smallest. Memory is sampled less often
 # (reading every process's smaps_rollup costs CPU the run itself would otherwise have).
-QUICK = {"populations": (100, 1000), "sampled": 3, "rounds": 2, "repeats": 1, "batch_size": 64, "interval": 0.5}
+# One Ray worker (each reserves every CPU): a worker's start, TensorFlow's import, is most of a
+# quick run's work.
+QUICK = {"populations": (100, 1000), "sampled": 3, "rounds": 2, "repeats": 1, "batch_size": 64, "interval": 0.5,
+         "one_worker": True}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -142,7 +145,7 @@ def overrides(population: int, settings: dict, seed: int) -> list[str]:
         f"federation.min_train_clients={sampled}",
         f"federation.min_available_clients={population}",  # the whole population is in the pool
         f"client.batch_size={settings['batch_size']}",
-    ]
+    ] + ([f"simulation.cpus_per_client={os.cpu_count() or 1}"] if settings.get("one_worker") else [])
 
 
 def simulate(population: int, settings: dict, seed: int, out: Path, interval: float) -> dict:

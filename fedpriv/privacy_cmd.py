@@ -13,11 +13,14 @@ import math
 import sys
 from typing import Any, Callable
 
-import dp_accounting
-
 from fedpriv.common import accounting
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.lazy import lazy_import
+
+# Loaded on first use: every fedpriv command builds this command's parser, and dp-accounting's
+# import (scipy) is about 2.5 s of CPU that only the calculator needs.
+dp_accounting = lazy_import("dp_accounting")
 
 
 def add_parser(sub: Any) -> None:

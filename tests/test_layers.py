@@ -116,6 +116,23 @@ def test_loading_the_client_app_imports_no_scipy_or_tensorflow():
     assert proc.stdout.split("\n")[:2] == ["[]", "True True"], proc.stdout
 
 
+
+def test_the_command_line_loads_no_scipy_or_tensorflow_before_a_command_needs_them():
+    """Every fedpriv command builds the whole parser: building it (and a command that needs no
+    accounting, such as ``fedpriv keys``) must not import dp-accounting's scipy or TensorFlow,
+    each seconds of CPU; the calculator loads dp-accounting when it runs."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from fedpriv.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
+             "from fedpriv.cli import main; main(['privacy', 'dpsgd', '--examples', '1000', '--batch-size', '10', "
+             "'--epochs', '1', '--noise', '1.1', '--delta', '1e-5']); print('scipy' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "[]" and lines[-1] == "True", proc.stdout
+
 _RACE = """
 import sys, threading, tomllib
 from flwr.supercore.object_ref import load_app, validate
