@@ -50,9 +50,7 @@ def test_flwr_run_dot(tmp_path):
               "secure_aggregation.num_shares=3 secure_aggregation.reconstruction_threshold=2")
     try:
         proc = subprocess.run(
-            # (Ray given one CPU, so one worker process, with its TensorFlow start, runs the three)
-            [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3 init-args-num-cpus=1",
-             "--stream"],
+            [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3", "--stream"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
         )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
