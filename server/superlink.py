@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,9 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
                     raise DeploymentError(f"the SuperLink did not answer on {plan.internal} within "
                                           f"{READY_TIMEOUT:.0f} s") from None
                 time.sleep(0.5)
-        results = [(path, register_node(path, plan.env)) for path in plan.node_keys]
+        # One `flwr supernode register` per key, at once (each is a process of its own).
+        with ThreadPoolExecutor(max_workers=min(8, len(plan.node_keys))) as pool:
+            results = list(zip(plan.node_keys, pool.map(lambda path: register_node(path, plan.env), plan.node_keys)))
         for door, address in ((gateway, plan.public), (operators, plan.admin)):
             try:
                 door.start()
