@@ -6,9 +6,10 @@
 
 UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
-# Two pytest-xdist workers (one per core on the 2-core CI machines); a module whose tests share an
-# expensive fixture is kept on one worker (xdist_group marks, --dist loadgroup).
-PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=25
+# Three pytest-xdist workers on the 2-core CI machines: the end-to-end tests spend part of their
+# time waiting on their processes (Flower's polling), and a third worker fills it. A module whose
+# tests share an expensive fixture is kept on one worker (xdist_group marks, --dist loadgroup).
+PYTEST_ARGS ?= -n 3 --dist loadgroup --durations=25
 
 .PHONY: demo test test-fast bench bench-secagg bench-dp-step bench-scale bench-all bench-audit generated sync clean
 

@@ -19,11 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` first, so that pytest-xdist's workers do not end on one long test
-    while the other waits; and, on an xdist worker, a stop if an ``xdist_group`` mark had no
+    """Tests marked ``slow`` first, the costliest (``slow(cost=N)``, minutes on 2 cores) first of
+    all, so that pytest-xdist's workers do not end on one long test while the others wait; and,
+    on an xdist worker, a stop if an ``xdist_group`` mark had no
     effect (pytest-xdist appends ``@group`` to the node id; pytest 9 ignores what pytest-xdist 3.8
     sets, and modules that share one expensive fixture would then build it on every worker)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept otherwise
+    def cost(item: pytest.Item) -> float:
+        slow = item.get_closest_marker("slow")
+        return 0.0 if slow is None else float(slow.kwargs.get("cost", 1))
+
+    items.sort(key=cost, reverse=True)  # stable: the order is kept otherwise
     if getattr(config, "workerinput", None) is not None and config.getoption("dist", None) == "loadgroup":
         ignored = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
         if ignored:

@@ -30,7 +30,7 @@ from tests.conftest import ROOT, free_port, free_port_pair, run_cli_here
 from tests.foreign_app import FOREIGN_CLIENT, write_foreign_app
 from tests.test_deploy import SuperLink
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=2)
 MODULE = "foreignapp_e2e"
 
 SERVER_APP = '''

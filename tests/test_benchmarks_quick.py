@@ -36,7 +36,7 @@ def run_all_quick(out):
     return proc, out
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cost=3)
 def test_run_all_quick_with_dp_step_and_scale(tmp_path):
     """One run of the harness's quick mode serves both checks: dp_step's results, then the
     harness's summary and scale's results."""

@@ -346,7 +346,7 @@ def test_power_without_dp(tmp_path):
     assert "## Empirical audit" in markdown and "**consistent**" in markdown and "measured lower bound" in markdown
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cost=2)
 def test_consistent_when_honest_and_a_violation_when_the_noise_is_skipped(tmp_path):
     # The honest audit reads the DP configuration from the ledger the server writes for it (as in
     # test_power_without_dp) and keeps its canary run (--work-dir): an honest DP run of that

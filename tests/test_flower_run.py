@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=2)
 
 
 def _processes_with_env(key: str, value: str) -> list[int]:

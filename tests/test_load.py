@@ -29,7 +29,7 @@ GROWTH_LIMIT = 1.1
 ROUND_LINE = re.compile(r"^round (\d+)/(\d+)\s")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cost=3)
 def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_path):
     out = tmp_path / "run"
     settings = [f"federation.num_clients={CLIENTS}", f"federation.min_available_clients={CLIENTS}",

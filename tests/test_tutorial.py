@@ -23,7 +23,7 @@ from fedpriv.clients.warm_start import COLD, READY
 from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, assert_private, run_cli_here
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cost=3)
 
 HEADING = "## A real federation"
 
