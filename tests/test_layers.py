@@ -104,34 +104,34 @@ def test_loading_the_client_app_imports_no_scipy_or_tensorflow():
     """A deployed node starts a fresh ClientApp process for every message, and most messages
     (SecAgg+'s stages) neither train nor account: loading the app must not pay for TensorFlow or
     for dp-accounting's scipy (common.lazy); training and accounting load them when used."""
+    lines = _fresh_interpreter(
+        "import sys; import fedpriv.client_app as a; a.app; "
+        "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
+        "from fedpriv.common.accounting import DPSGDSpend, epsilon; "
+        "print(epsilon([DPSGDSpend(0.01, 1.1, 100).to_event()], 1e-5) > 0, 'scipy' in sys.modules)")
+    assert lines[:2] == ["[]", "True True"], lines
+
+
+def _fresh_interpreter(code: str) -> list[str]:
+    """The lines ``python -c code`` prints in a fresh interpreter (it must succeed)."""
     import subprocess
     import sys
 
-    probe = ("import sys; import fedpriv.client_app as a; a.app; "
-             "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
-             "from fedpriv.common.accounting import DPSGDSpend, epsilon; "
-             "print(epsilon([DPSGDSpend(0.01, 1.1, 100).to_event()], 1e-5) > 0, 'scipy' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:2] == ["[]", "True True"], proc.stdout
-
+    return proc.stdout.strip().splitlines()
 
 
 def test_the_command_line_loads_no_scipy_or_tensorflow_before_a_command_needs_them():
     """Every fedpriv command builds the whole parser: building it (and a command that needs no
     accounting, such as ``fedpriv keys``) must not import dp-accounting's scipy or TensorFlow,
     each seconds of CPU; the calculator loads dp-accounting when it runs."""
-    import subprocess
-    import sys
-
-    probe = ("import sys; from fedpriv.cli import build_parser; build_parser(); "
-             "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
-             "from fedpriv.cli import main; main(['privacy', 'dpsgd', '--examples', '1000', '--batch-size', '10', "
-             "'--epochs', '1', '--noise', '1.1', '--delta', '1e-5']); print('scipy' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
-    assert lines[0] == "[]" and lines[-1] == "True", proc.stdout
+    lines = _fresh_interpreter(
+        "import sys; from fedpriv.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('scipy', 'tensorflow', 'tf_keras') if m in sys.modules)); "
+        "from fedpriv.cli import main; main(['privacy', 'dpsgd', '--examples', '1000', '--batch-size', '10', "
+        "'--epochs', '1', '--noise', '1.1', '--delta', '1e-5']); print('scipy' in sys.modules)")
+    assert lines[0] == "[]" and lines[-1] == "True", lines
 
 _RACE = """
 import sys, threading, tomllib
