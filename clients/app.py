@@ -88,17 +88,13 @@ class NodeSetup:
     """Who this node is, what it trains on, and where it keeps its spending."""
 
     client_id: int  # declared in the reply's metrics (a simulation's server records spends under it)
+    account: str  # the id the run's ledger records this node's spends under
     name: str
     x: np.ndarray
     y: np.ndarray
     state_dir: Path
     record_budget: float  # over every run (0: none)
     run_budget: float = 0.0  # within one fedpriv run, from the node's policy (0: none)
-    account: str = ""  # the id the run's ledger records this node's spends under
-
-    @property
-    def run_account(self) -> str:
-        return self.account or str(self.client_id)
 
 
 def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canaries | None = None) -> NodeSetup:
@@ -115,15 +111,15 @@ def node_setup(context: Context, cfg: RunConfig, dataset: Any, canaries: Canarie
                               cfg.data.label_column)
         # A deployment's server records spends under the node id the SuperLink authenticated
         # (server/strategy.py, account_of), a 64-bit number the reply's int metric cannot hold.
-        return NodeSetup(int(context.node_id) % 2**31, name, x, y, state_dir, budget, per_run,
-                         account=str(int(context.node_id)))
+        return NodeSetup(int(context.node_id) % 2**31, str(int(context.node_id)), name, x, y, state_dir, budget,
+                         per_run)
     partition_id = node_partition(context, cfg)
     x, y = local_data(cfg, partition_id)
     if canaries is not None:
         extra_x, extra_y = canaries.for_client(cfg.data, cfg.run.seed, cfg.federation.num_clients, partition_id)
         x, y = np.concatenate([x, extra_x]), np.concatenate([y, extra_y])
     name, state_dir = node_name_and_state_dir(context, cfg)
-    return NodeSetup(partition_id, name, x, y, state_dir, budget, per_run)
+    return NodeSetup(partition_id, str(partition_id), name, x, y, state_dir, budget, per_run)
 
 
 def log_training(state_dir: Path, server_round: int | None, run_id: str | None, result: TrainResult,
@@ -231,7 +227,7 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
                 prior = _prior_spending(context, guard, run_id)
                 result = trainer.train(weights, x, y, schedule)
                 # (the server computes its own epsilon)
-                guard.record(result.spend, server_round, run_id, run_head=run_head, client_id=node.run_account)
+                guard.record(result.spend, server_round, run_id, run_head=run_head, client_id=node.account)
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
         update, norm = encode_update(cfg, weights, result.weights, clients_sampled)

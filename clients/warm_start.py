@@ -103,11 +103,9 @@ def preload() -> None:
     """Import what a ClientApp task needs, creating nothing: TensorFlow, tf-keras and fedpriv's
     ClientApp and trainer (TensorFlow only where no NVIDIA device is present)."""
     import fedpriv.clients.app  # noqa: F401  - the ClientApp (fedpriv.client_app names it for Flower)
-    import fedpriv.clients.trainer  # noqa: F401
+    import fedpriv.clients.trainer  # noqa: F401  - (common.tf_runtime with it: TensorFlow's environment)
 
     if not _has_nvidia_device():
-        from fedpriv.common import tf_runtime  # noqa: F401  - its environment first
-
         import tensorflow  # noqa: F401
         import tf_keras  # noqa: F401
 

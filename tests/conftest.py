@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` first, the costliest (``slow(cost=N)``, minutes on 2 cores) first of
     all, so that pytest-xdist's workers do not end on one long test while the others wait; and,
-    on an xdist worker, a stop if an ``xdist_group`` mark had no
-    effect (pytest-xdist appends ``@group`` to the node id; pytest 9 ignores what pytest-xdist 3.8
-    sets, and modules that share one expensive fixture would then build it on every worker)."""
+    on an xdist worker, a stop if an ``xdist_group`` mark had no effect (pytest-xdist appends
+    ``@group`` to the node id; pytest 9 ignores what pytest-xdist 3.8 sets, and modules that share
+    one expensive fixture would then build it on every worker)."""
     def cost(item: pytest.Item) -> float:
         slow = item.get_closest_marker("slow")
         return 0.0 if slow is None else float(slow.kwargs.get("cost", 1))
