@@ -1,13 +1,17 @@
-"""Global-model checkpoints encrypted at rest with AES-256-GCM (``cryptography``).
+"""Sealed artefacts: global-model checkpoints and the final model, encrypted at rest with
+AES-256-GCM (``cryptography``).
 
 The key never comes from the run configuration: it is read from ``$FEDPRIV_CHECKPOINT_KEY``
 (base64 of 32 bytes) or from the file named by ``$FEDPRIV_CHECKPOINT_KEY_FILE`` (as
-``fedpriv keys`` writes it). A checkpoint is::
+``fedpriv keys`` writes it). A sealed file is::
 
-    MAGIC (8 bytes) | nonce (12 bytes) | AES-GCM(key, nonce, npz of the arrays and a JSON header, aad=MAGIC)
+    MAGIC (8 bytes) | binding length (2 bytes) | binding | nonce (12 bytes) | AES-GCM(key, nonce, npz, aad)
 
-so any altered, truncated or foreign byte, and any wrong key, fails authentication and is
-reported as such; nothing is ever loaded from a checkpoint that does not verify.
+where the binding is the JSON ``{"role": ..., "run": ...}`` naming what the file is (a checkpoint,
+the final model) and the run it belongs to, readable without the key, and ``aad`` is everything
+before the nonce. A file moved between runs or roles is refused by name before decryption; one whose
+binding was edited to hide that fails authentication, as does any altered, truncated or foreign byte
+and any wrong key. Nothing is ever loaded from a file that does not verify.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common import rundir
 from fedpriv.common.fileio import create_private, write_atomic
 
-MAGIC = b"FPCKPT01"
+MAGIC = b"FPSEAL02"
+OLD_MAGICS = (b"FPCKPT01",)  # checkpoints of fedpriv before sealed artefacts were bound to a run
 NONCE_BYTES = 12
 KEY_BYTES = 32
 KEY_ENV = "FEDPRIV_CHECKPOINT_KEY"
 KEY_FILE_ENV = "FEDPRIV_CHECKPOINT_KEY_FILE"
-CHECKPOINT = "checkpoint.fpck"
+CHECKPOINT = rundir.CHECKPOINT
+ROLE_CHECKPOINT = "checkpoint"  # what a resume continues from
+ROLE_MODEL = "model"  # the run's final global model
+ROLE_DATA = "data"  # a node's training data (fedpriv data seal), bound to no run: its "run" is ""
+ROLES = (ROLE_CHECKPOINT, ROLE_MODEL, ROLE_DATA)
 DEFAULT_KEY_FILE = rundir.CHECKPOINT_KEY
 
 
@@ -85,6 +94,27 @@ def ensure_key() -> bytes:
     return key
 
 
+def key_source(env: Mapping[str, str] | None = None) -> str:
+    """Where :func:`key_from_environment` takes the key from, in words."""
+    env = os.environ if env is None else env
+    if env.get(KEY_ENV):
+        return f"${KEY_ENV}"
+    if env.get(KEY_FILE_ENV):
+        return f"the key file {env[KEY_FILE_ENV]}"
+    return "no key configured"
+
+
+def require_key(purpose: str) -> bytes:
+    """The configured sealing key, else the default key file when it exists (what ``fedpriv
+    simulate`` sealed with); :class:`CheckpointError` saying ``purpose`` when there is neither."""
+    key = key_from_environment()
+    if key is None and default_key_path().is_file():
+        key = ensure_key()
+    if key is None:
+        raise CheckpointError(f"{purpose}: set ${KEY_ENV} or ${KEY_FILE_ENV} (no default key at {default_key_path()})")
+    return key
+
+
 def key_from_environment(env: Mapping[str, str] | None = None) -> bytes | None:
     """The checkpoint key from the environment (``$FEDPRIV_CHECKPOINT_KEY``, else the file
     ``$FEDPRIV_CHECKPOINT_KEY_FILE`` names), or None when none is configured."""
@@ -101,19 +131,57 @@ def key_from_environment(env: Mapping[str, str] | None = None) -> bytes | None:
     return None
 
 
-def seal(arrays: list[np.ndarray], header: Mapping[str, Any], key: bytes) -> bytes:
+def _binding(role: str, run_id: str) -> bytes:
+    if role not in ROLES:
+        raise ValueError(f"unknown sealed role {role!r}")
+    return json.dumps({"role": role, "run": str(run_id)}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(arrays: list[np.ndarray], header: Mapping[str, Any], key: bytes, *, role: str, run_id: str) -> bytes:
+    """``arrays`` and ``header`` sealed with ``key``, bound to ``role`` and ``run_id``."""
     buffer = io.BytesIO()
     np.savez(buffer, *arrays, header=np.frombuffer(json.dumps(dict(header)).encode(), dtype=np.uint8))
+    binding = _binding(role, run_id)
+    prefix = MAGIC + len(binding).to_bytes(2, "big") + binding
     nonce = os.urandom(NONCE_BYTES)
-    return MAGIC + nonce + AESGCM(key).encrypt(nonce, buffer.getvalue(), MAGIC)
+    return prefix + nonce + AESGCM(key).encrypt(nonce, buffer.getvalue(), prefix)
 
 
-def unseal(data: bytes, key: bytes, where: str = "checkpoint") -> tuple[list[np.ndarray], dict[str, Any]]:
-    if len(data) < len(MAGIC) + NONCE_BYTES + 16 or not data.startswith(MAGIC):
-        raise CheckpointError(f"{where} is not a fedpriv checkpoint (or is truncated)")
-    nonce = data[len(MAGIC):len(MAGIC) + NONCE_BYTES]
+def binding_of(data: bytes, where: str) -> tuple[dict[str, str], int]:
+    """The (unauthenticated) binding of a sealed file and where its nonce starts."""
+    if data[:len(MAGIC)] in OLD_MAGICS:
+        raise CheckpointError(f"{where} was sealed by an older fedpriv, whose files are not bound to a run; "
+                              f"it cannot be read by this version")
+    start = len(MAGIC) + 2
+    if len(data) < start or not data.startswith(MAGIC):
+        raise CheckpointError(f"{where} is not a file sealed by fedpriv (or is truncated)")
+    end = start + int.from_bytes(data[len(MAGIC):start], "big")
+    if len(data) < end + NONCE_BYTES + 16:
+        raise CheckpointError(f"{where} is truncated (or is not a file sealed by fedpriv)")
     try:
-        plain = AESGCM(key).decrypt(nonce, data[len(MAGIC) + NONCE_BYTES:], MAGIC)
+        binding = json.loads(data[start:end].decode())
+        if not (isinstance(binding, dict) and isinstance(binding.get("role"), str)
+                and isinstance(binding.get("run"), str)):
+            raise ValueError(binding)
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{where} is not a file sealed by fedpriv (its binding is unreadable)") from None
+    return binding, end
+
+
+def unseal(data: bytes, key: bytes, where: str = "checkpoint", *, role: str,
+           run_id: str | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The arrays and header of a sealed file, which must be a ``role`` (of run ``run_id``, when
+    given: a resume knows its run id from the ledger). A file of another role or run is refused by
+    name; a binding altered to pass fails authentication."""
+    binding, end = binding_of(data, where)
+    if binding["role"] != role:
+        raise CheckpointError(f"{where} is a sealed {binding['role']}, not a {role}: refusing to use it as one")
+    if run_id is not None and binding["run"] != run_id:
+        raise CheckpointError(f"{where} was sealed for run {binding['run']}, not for this run ({run_id}): "
+                              f"refusing a file moved between runs")
+    nonce = data[end:end + NONCE_BYTES]
+    try:
+        plain = AESGCM(key).decrypt(nonce, data[end + NONCE_BYTES:], data[:end])
     except InvalidTag:
         raise CheckpointError(f"{where} failed authentication: it was altered, or the key is wrong") from None
     with np.load(io.BytesIO(plain), allow_pickle=False) as npz:
@@ -122,13 +190,53 @@ def unseal(data: bytes, key: bytes, where: str = "checkpoint") -> tuple[list[np.
     return arrays, header
 
 
-def write_checkpoint(path: Path, arrays: list[np.ndarray], header: Mapping[str, Any], key: bytes) -> None:
-    write_atomic(path, seal(arrays, header, key))
+def write_sealed(path: Path, arrays: list[np.ndarray], header: Mapping[str, Any], key: bytes, *,
+                 role: str, run_id: str) -> None:
+    write_atomic(path, seal(arrays, header, key, role=role, run_id=run_id))
 
 
-def read_checkpoint(path: Path, key: bytes) -> tuple[list[np.ndarray], dict[str, Any]]:
+def read_sealed(path: Path, key: bytes, *, role: str, run_id: str | None = None,
+                what: str | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+    what = what or role
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    return unseal(data, key, f"checkpoint {path}")
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return unseal(data, key, f"{what} {path}", role=role, run_id=run_id)
+
+
+def read_model(path: Path, key: bytes, run_id: str | None) -> list[np.ndarray]:
+    """The final model of run ``run_id`` (the run's ``model.sealed``), authenticated."""
+    return read_sealed(path, key, role=ROLE_MODEL, run_id=run_id, what="model")[0]
+
+
+def is_sealed(path: Path) -> bool:
+    """Whether ``path`` starts like a file fedpriv sealed (of any version)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(len(MAGIC))
+    except OSError:
+        return False
+    return start == MAGIC or start in OLD_MAGICS
+
+
+def seal_data(x: np.ndarray, y: np.ndarray, key: bytes, source: str) -> bytes:
+    """A node's training data (``x``, ``y``) sealed for ``fedpriv data seal``."""
+    return seal([x, y], {"source": source}, key, role=ROLE_DATA, run_id="")
+
+
+def read_data(path: Path, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The ``x`` and ``y`` of a sealed data file, decrypted in memory only."""
+    arrays, _ = read_sealed(path, key, role=ROLE_DATA, run_id="", what="sealed data file")
+    if len(arrays) != 2:
+        raise CheckpointError(f"sealed data file {path} does not hold x and y")
+    return arrays[0], arrays[1]
+
+
+def write_checkpoint(path: Path, arrays: list[np.ndarray], header: Mapping[str, Any], key: bytes, *,
+                     run_id: str) -> None:
+    write_sealed(path, arrays, header, key, role=ROLE_CHECKPOINT, run_id=run_id)
+
+
+def read_checkpoint(path: Path, key: bytes, run_id: str | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+    return read_sealed(path, key, role=ROLE_CHECKPOINT, run_id=run_id, what="checkpoint")

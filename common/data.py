@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpriv.common import checkpoint
 from fedpriv.common.config import DataSection
 from fedpriv.common.errors import DataError
 
@@ -67,7 +68,7 @@ def _load_cached(data: DataSection, seed: int) -> Dataset:
         x, y = _sklearn_digits()
     elif name == "file":
         x, y = load_file(data.path, data.label_column)
-    x, y = _normalise(x, y, source=name if name != "file" else data.path)
+    x, y = normalise(x, y, source=name if name != "file" else data.path)
     x_train, y_train, x_test, y_test = _split(x, y, data.test_fraction, seed)
     num_classes = int(y.max()) + 1
     return Dataset(name, x_train, y_train, x_test, y_test, num_classes, tuple(notes))
@@ -116,12 +117,19 @@ def _download_keras(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_file(path: str, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """Read a user's ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (one label column)."""
+    """Read a user's ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (one label column), or a file
+    ``fedpriv data seal`` sealed (whatever its name), decrypted in memory only."""
     file = Path(path)
     if not file.exists():
         raise DataError(f"data file not found: {path}")
     if not file.is_file():
         raise DataError(f"data path is not a file: {path}")
+    if checkpoint.is_sealed(file):
+        try:
+            key = checkpoint.require_key(f"{path} is sealed: reading it needs the key it was sealed with")
+            return checkpoint.read_data(file, key)
+        except checkpoint.CheckpointError as exc:
+            raise DataError(str(exc)) from None
     suffix = file.suffix.lower()
     if suffix == ".npz":
         return _load_npz(file)
@@ -133,7 +141,7 @@ def load_file(path: str, label_column: str = "label") -> tuple[np.ndarray, np.nd
 def load_node_data(path: str, input_shape: tuple[int, ...], num_classes: int,
                    label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
     """A real node's own training data, checked against the federation's model."""
-    x, y = _normalise(*load_file(path, label_column), source=path)
+    x, y = normalise(*load_file(path, label_column), source=path)
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise DataError(f"{path}: examples have shape {tuple(x.shape[1:])}, but the federation's model "
                         f"takes {tuple(input_shape)}")
@@ -193,7 +201,7 @@ def _load_csv(file: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y
 
 
-def _normalise(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+def normalise(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Check shapes, dtypes and labels; images get a channel axis, pixels become [0, 1]."""
     if x.dtype == object or y.dtype == object:
         raise DataError(f"{source}: arrays must be numeric")
@@ -207,6 +215,8 @@ def _normalise(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, n
         )
     if len(x) != len(y):
         raise DataError(f"{source}: {len(x)} feature rows but {len(y)} labels")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{source}: examples have no features (shape {x.shape})")
     if len(y) < 4:
         raise DataError(f"{source}: needs at least 4 examples, found {len(y)}")
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 SUMMARY = "summary.json"  # final results, per-round metrics, privacy, the full configuration
 METRICS = "metrics.csv"  # one row per round
 PLOT = "progress.png"  # accuracy and record-level epsilon per round
-MODEL = "model.npz"  # final global model weights, arrays in layer order
+MODEL = "model.sealed"  # final global model weights, arrays in layer order, sealed (common.checkpoint)
+CHECKPOINT = "checkpoint.fpck"  # the latest round's sealed state, for a resume (server.resume)
 
 DEFAULT_RUNS_DIR = "runs"
 RUNS_DIR_ENV = "FEDPRIV_RUNS_DIR"

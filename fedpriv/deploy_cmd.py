@@ -179,10 +179,13 @@ def add_parser(sub: Any) -> None:
         description=(
             "Split the training data of the configured dataset (default: the built-in 5,000 MNIST "
             "digits) with the configured partitioning into one .npz file per node (arrays x, y): "
-            "data files to try a real federation with 'fedpriv node join --data'."),
+            "data files to try a real federation with 'fedpriv node join --data'. With --seal, each "
+            "is written sealed instead (node-N.sealed, as 'fedpriv data seal' writes it)."),
     )
     split.add_argument("--out", required=True, type=Path, metavar="DIR")
     split.add_argument("--nodes", type=int, default=2, metavar="N", help="number of files (default 2)")
+    split.add_argument("--seal", action="store_true",
+                       help="encrypt each file at rest with the sealing key, as 'fedpriv data seal' does")
     _config_options(split, "the federation")
     split.set_defaults(func=cmd_split_data)
 
@@ -297,6 +300,7 @@ def cmd_app_sign(args: argparse.Namespace) -> int:
 def cmd_split_data(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from fedpriv.common import checkpoint
     from fedpriv.common.data import load_dataset
     from fedpriv.common.errors import FedprivError
     from fedpriv.common.partition import partition
@@ -308,10 +312,16 @@ def cmd_split_data(args: argparse.Namespace) -> int:
     dataset = load_dataset(cfg.data, cfg.run.seed)
     parts = partition(dataset.y_train, args.nodes, cfg.data, cfg.run.seed)
     private_dir(args.out)
+    key = checkpoint.ensure_key() if args.seal else None
     for number, indices in enumerate(parts, start=1):
-        buffer = io.BytesIO()
-        np.savez(buffer, x=dataset.x_train[indices], y=dataset.y_train[indices])
-        path = args.out / f"node-{number}.npz"
-        write_atomic(path, buffer.getvalue())
-        print(f"{path}  {len(indices)} examples of {dataset.name}")
+        x, y = dataset.x_train[indices], dataset.y_train[indices]
+        if key is not None:
+            path = args.out / f"node-{number}.sealed"
+            write_atomic(path, checkpoint.seal_data(x, y, key, source=f"{dataset.name} share {number}"))
+        else:
+            buffer = io.BytesIO()
+            np.savez(buffer, x=x, y=y)
+            path = args.out / f"node-{number}.npz"
+            write_atomic(path, buffer.getvalue())
+        print(f"{path}  {len(indices)} examples of {dataset.name}{' (sealed)' if key is not None else ''}")
     return 0

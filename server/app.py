@@ -7,8 +7,9 @@ is Flower's ``SecAggPlusWorkflow``, so the server only ever unmasks sums of clie
 (dotted keys, see pyproject.toml). ``fedpriv simulate`` builds its own with
 :func:`make_server_app`, passing the validated configuration and a per-round callback.
 
-With a checkpoint key in the environment the server seals a checkpoint after every round; with
-``run.resume`` it continues the run from it (see :mod:`server.resume`).
+With a sealing key in the environment the server seals a checkpoint after every round and the final
+model, both bound to the run; with ``run.resume`` it continues the run from the checkpoint (see
+:mod:`server.resume`). With no key neither is written.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         "secure_aggregation": secagg.settings_summary(cfg, dimension),
         "wall_time_s": before + time.perf_counter() - clock["started"],
     }
-    return write_run(out_dir, cfg, run_log, strategy.latest, extra, privacy, recorder)
+    return write_run(out_dir, cfg, run_log, strategy.latest, extra, privacy, recorder, checkpoint_key)
 
 
 app = make_server_app()

@@ -1,16 +1,17 @@
-"""Write a run's results: summary.json, metrics.csv, the progress plot and the final model."""
+"""Write a run's results: summary.json, metrics.csv, the progress plot and the final model (sealed)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedpriv.common import fileio, ledger, rundir, user_dp
+from fedpriv.common import checkpoint, fileio, ledger, rundir, user_dp
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
 from fedpriv.common.config import RunConfig
 from fedpriv.server.privacy import PrivacyRecorder
@@ -22,6 +23,8 @@ CSV_COLUMNS = (
     "round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained", "clients_failed",
     "seconds",
 )
+
+log = logging.getLogger("fedpriv")
 
 USER_MECHANISM = user_dp.SUMMARIES  # one text per user-level noise mode (common/user_dp.py)
 
@@ -139,13 +142,22 @@ def plot_progress(run_log: RunLog, path: Path, title: str) -> None:
 
 
 def write_run(out_dir: Path, config: RunConfig, run_log: RunLog, weights: list[np.ndarray],
-              extra: dict[str, Any], figures: dict[str, Any], recorder: PrivacyRecorder) -> dict[str, Any]:
+              extra: dict[str, Any], figures: dict[str, Any], recorder: PrivacyRecorder,
+              sealing_key: bytes | None) -> dict[str, Any]:
+    """The run's files. The final model is sealed with ``sealing_key`` and bound to the run
+    (``fedpriv model export`` writes a plaintext copy on purpose); with no key the model is not
+    written at all, and the summary says so."""
     fileio.private_dir(out_dir)
-    summary = build_summary(config, run_log, extra, figures, recorder)
+    model_file = rundir.MODEL if sealing_key is not None else None
+    summary = build_summary(config, run_log, {**extra, "run_id": recorder.run_id, "model_file": model_file},
+                            figures, recorder)
     fileio.write_json(out_dir / rundir.SUMMARY, summary)
     fileio.write_atomic(out_dir / rundir.METRICS, metrics_csv(run_log).encode())
-    model = io.BytesIO()
-    np.savez(model, *weights)
-    fileio.write_atomic(out_dir / rundir.MODEL, model.getvalue())
+    if sealing_key is not None:
+        checkpoint.write_sealed(out_dir / rundir.MODEL, weights, {"run": config.run.name}, sealing_key,
+                                role=checkpoint.ROLE_MODEL, run_id=recorder.run_id)
+    else:
+        log.warning("fedpriv: no sealing key ($%s or $%s): the final model is not written (it is never "
+                    "stored in plaintext)", checkpoint.KEY_ENV, checkpoint.KEY_FILE_ENV)
     plot_progress(run_log, out_dir / rundir.PLOT, f"{config.run.name}: accuracy and privacy per round")
     return summary

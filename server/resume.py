@@ -62,27 +62,20 @@ def save(path: Path, key: bytes, *, server_round: int, run: str, run_id: str, le
         "ledger_head": ledger_head, "model_arrays": len(weights), "optimizer": sizes,
         "run_log": run_log, "wall_time_s": wall_time_s,
     }
-    checkpoint.write_checkpoint(path, arrays, header, key)
+    checkpoint.write_checkpoint(path, arrays, header, key, run_id=run_id)
 
 
 def require_key() -> bytes:
-    key = checkpoint.key_from_environment()
-    if key is None and checkpoint.default_key_path().is_file():  # what fedpriv simulate sealed with
-        key = checkpoint.ensure_key()
-    if key is None:
-        raise CheckpointError(
-            f"resuming needs the key the run's checkpoint was sealed with: set ${checkpoint.KEY_ENV} "
-            f"or ${checkpoint.KEY_FILE_ENV} (no default key at {checkpoint.default_key_path()})")
-    return key
+    return checkpoint.require_key("resuming needs the key the run's checkpoint was sealed with")
 
 
-def read(run_dir: Path, key: bytes) -> RestorePoint:
-    """The run's checkpoint, authenticated and parsed."""
+def read(run_dir: Path, key: bytes, run_id: str | None = None) -> RestorePoint:
+    """The run's checkpoint, authenticated and parsed (and bound to ``run_id``, when given)."""
     path = run_dir / checkpoint.CHECKPOINT
     if not path.exists():
         raise CheckpointError(f"no checkpoint in {run_dir} ({checkpoint.CHECKPOINT}): the run stopped before "
                               f"its first round ended, or ran without a checkpoint key")
-    arrays, header = checkpoint.read_checkpoint(path, key)
+    arrays, header = checkpoint.read_checkpoint(path, key, run_id)
     try:
         models = int(header["model_arrays"])
         optimizer, at = {}, models
@@ -168,7 +161,7 @@ def inspect(run_dir: Path, model: list[np.ndarray], cfg: RunConfig) -> RestorePo
     before starting the federation; the server runs it again)."""
     key = require_key()
     entries = verified_entries(run_dir)
-    point = read(run_dir, key)
+    point = read(run_dir, key, ledger_state(entries).run_id)
     check_model(point, model, run_dir)
     check_ledger(point, entries, run_dir)
     check_settings(entries, cfg)

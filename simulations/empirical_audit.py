@@ -32,7 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from fedpriv.clients.app import local_data
-from fedpriv.common import empirical, rundir
+from fedpriv.common import checkpoint, empirical, rundir
+from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.audit import audit_run
 from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
 from fedpriv.common.canaries import DESIGN, Canaries
@@ -97,18 +98,17 @@ def _losses(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _load_model(cfg: RunConfig, path: Path) -> Any | None:
-    """The model in ``path`` (model.npz), or None if it is absent or does not fit ``cfg``."""
+def _load_model(cfg: RunConfig, path: Path, run_id: str | None) -> Any | None:
+    """The sealed final model of run ``run_id`` in ``path``, or None if it is absent, cannot be
+    unsealed with the configured key, or does not fit ``cfg``."""
     if not path.is_file():
         return None
     dataset = load_dataset(cfg.data, cfg.run.seed)
     name = resolve_model_name(cfg.model, dataset.input_shape)
     model = build_model(name, cfg.model, dataset.input_shape, dataset.num_classes)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            weights = [archive[f"arr_{i}"] for i in range(len(archive.files))]
-        model.set_weights(weights)
-    except (ValueError, KeyError, OSError):
+        model.set_weights(checkpoint.read_model(path, checkpoint.require_key("the sealed model"), run_id))
+    except (ValueError, CheckpointError):
         return None
     return model
 
@@ -178,7 +178,7 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     if not canary_report["ledger_ok"]:
         raise FedprivError(f"the canary run's own ledger does not verify: {canary_report['failures'][0]}")
 
-    model = _load_model(cfg, scratch / rundir.MODEL)
+    model = _load_model(cfg, scratch / rundir.MODEL, canary_report["run_id"])
     if model is None:
         raise FedprivError(f"the canary run left no usable model in {scratch / rundir.MODEL}")
     x_canary, y_canary = canary_set.records(cfg.data, cfg.run.seed)
@@ -191,7 +191,7 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     x_train, y_train = _training_data(cfg)
     attacks = {"canary_run_model": empirical.membership_inference(
         _losses(model, x_train, y_train), _losses(model, dataset.x_test, dataset.y_test))}
-    run_model = _load_model(cfg, run_dir / rundir.MODEL)
+    run_model = _load_model(cfg, run_dir / rundir.MODEL, run_report.get("run_id"))
     if run_model is not None:
         attacks["run_model"] = empirical.membership_inference(
             _losses(run_model, x_train, y_train), _losses(run_model, dataset.x_test, dataset.y_test))

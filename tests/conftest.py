@@ -259,3 +259,42 @@ def dp_sgd_epsilon(spends: list, delta: float) -> float:
         gaussian = dp_accounting.GaussianDpEvent(s.noise_multiplier)
         accountant.compose(dp_accounting.PoissonSampledDpEvent(s.sampling_probability, gaussian), s.steps)
     return accountant.get_epsilon(delta)
+
+
+def run_model(run_dir: Path, key: bytes | None = None) -> list:
+    """A run's final model: its sealed model.sealed, opened with ``key`` (default: the configured
+    sealing key) and bound to the run id of the run's verified ledger."""
+    from fedpriv.common import checkpoint, rundir
+    from fedpriv.common.ledger import ledger_run_id, verify_ledger
+
+    verified = verify_ledger(run_dir)
+    assert verified.ok, verified.failures
+    key = key or checkpoint.require_key("reading the run's model")
+    return checkpoint.read_model(run_dir / rundir.MODEL, key, ledger_run_id(verified.entries))
+
+
+def raw_byte_runs(arrays: list, count: int = 3, length: int = 64) -> list[bytes]:
+    """``count`` windows of ``length`` raw bytes from the largest of ``arrays``, each with at least
+    10 distinct byte values (so that no run of zero pixels matches any file): a file that holds the
+    array in plaintext contains all of them."""
+    import numpy as np
+
+    biggest = max((np.ascontiguousarray(a) for a in arrays), key=lambda a: a.nbytes)
+    raw = biggest.tobytes()
+    windows = [raw[i:i + length] for i in range(0, len(raw) - length, length)]
+    varied = [w for w in windows if len(set(w)) >= 10]
+    assert len(varied) >= count, "the array has too little variety to search for"
+    return varied[::max(1, len(varied) // count)][:count]
+
+
+def files_containing(roots: list[Path], needles: list[bytes]) -> list[Path]:
+    """Every file under ``roots`` that contains one of ``needles`` verbatim (a plaintext copy of
+    an array holds every window :func:`raw_byte_runs` takes from it)."""
+    found = []
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                if any(n in data for n in needles):
+                    found.append(path)
+    return found

@@ -79,7 +79,7 @@ def test_server_stops_before_the_user_level_budget(cli, tmp_path, own_server_sta
     assert summary["privacy"]["stopped_early"]["round"] == 3
     assert summary["privacy"]["user_level"]["epsilon"] == pytest.approx(user_eps(2), rel=1e-6)
     assert summary["privacy"]["user_level"]["epsilon"] <= budget
-    assert summary["final_accuracy"] is not None and (out / "model.npz").exists()
+    assert summary["final_accuracy"] is not None and (out / "model.sealed").exists()
     audit = run_cli_here("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
     report = json.loads(audit.stdout)

@@ -74,6 +74,8 @@ def test_downloads_fall_back_to_builtin_with_a_message(monkeypatch):
         (lambda p: np.savez(p, x=np.zeros((5, 3)), y=-np.ones(5)), "labels must be >= 0"),
         (lambda p: np.savez(p, x=np.zeros((5, 3)), y=np.full(5, 0.5)), "whole numbers"),
         (lambda p: np.savez(p, x=np.zeros((0, 3)), y=np.zeros(0)), "at least 4 examples"),
+        # (found by tests/test_fuzz.py: an empty feature axis reached np.max and raised)
+        (lambda p: np.savez(p, x=np.zeros((6, 0), np.int64), y=np.zeros(6)), "examples have no features"),
     ],
 )
 def test_bad_npz_files_give_one_line_errors(tmp_path, make, fragment):

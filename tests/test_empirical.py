@@ -299,9 +299,9 @@ SMALL_DP = [*SMALL, "dp.l2_norm_clip=30", "dp.noise_multiplier=5"]
 
 
 def _fingerprint(run_dir):
-    """The run's own files (None for one it lacks: a built ledger has no model.npz)."""
+    """The run's own files (None for one it lacks: a built ledger has no model.sealed)."""
     return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() if (run_dir / name).exists() else None
-            for name in ("ledger.jsonl", "ledger.head.json", "summary.json", "model.npz")}
+            for name in ("ledger.jsonl", "ledger.head.json", "summary.json", "model.sealed")}
 
 
 def _ledger_of(cfg, run_dir):
@@ -338,7 +338,7 @@ def test_power_without_dp(tmp_path):
     assert result["verdict"] == "consistent" and "no record-level DP" in result["notes"][0]
     assert result["canaries"] == 1000 and result["canary_seed"] == 1 and result["rounds"] == 8
     assert result["guesses"] >= result["correct"] > result["guesses"] / 2
-    assert set(result["membership_inference"]) == {"canary_run_model"}  # the run left no model.npz
+    assert set(result["membership_inference"]) == {"canary_run_model"}  # the run left no model.sealed
     assert 0 <= result["auc"] <= 1 and result["auc"] == result["membership_inference"]["canary_run_model"]["auc"]
     saved = json.loads((run / "audit-empirical.json").read_text())
     assert saved["epsilon_lower_bound"] == result["epsilon_lower_bound"]
@@ -367,10 +367,10 @@ def test_consistent_when_honest_and_a_violation_when_the_noise_is_skipped(tmp_pa
     assert result["consistent"] is True and result["verdict"] == "consistent"
     assert result["epsilon_lower_bound"] <= result["accounted_epsilon"] <= accounted
     assert result["work_dir"] == str(run) and result["accounted"]["run"] is None  # the ledger alone spent nothing
-    assert set(result["membership_inference"]) == {"canary_run_model"}  # the configured ledger has no model.npz
+    assert set(result["membership_inference"]) == {"canary_run_model"}  # the configured ledger has no model.sealed
     assert _fingerprint(configured) == configured_before  # the audited run is only read
     before = _fingerprint(run)
-    assert before["model.npz"] is not None
+    assert before["model.sealed"] is not None
 
     proc, broken = _audit(run, "--seed", "2", noiseless=True)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -381,7 +381,7 @@ def test_consistent_when_honest_and_a_violation_when_the_noise_is_skipped(tmp_pa
     assert result["epsilon_lower_bound"] > 1.0 > result["accounted_epsilon"], result
     assert broken["ok"] is False and any("VIOLATION" in f for f in broken["failures"])
     assert "VIOLATION" in (run / "audit.md").read_text()
-    # the audit recomputes the run's own accounting, and scores its model.npz too
+    # the audit recomputes the run's own accounting, and scores its sealed model too
     assert result["accounted"]["run"]["rdp"] == pytest.approx(accounted)
     assert set(result["membership_inference"]) == {"run_model", "canary_run_model"}
     assert _fingerprint(run) == before

@@ -16,7 +16,7 @@ from fedpriv.common.config import load_config
 from fedpriv.common.data import load_dataset
 from fedpriv.common.errors import DataError
 from fedpriv.common.models import build_model, resolve_model_name
-from tests.conftest import task_identity
+from tests.conftest import files_containing, raw_byte_runs, run_cli_here, task_identity
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +50,17 @@ def _setup(tmp_path, extra=()):
     return cfg, dataset, [np.asarray(w) for w in model.get_weights()]
 
 
-def test_a_node_trains_on_its_own_file_and_keeps_its_own_ledger(tmp_path):
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_a_node_trains_on_its_own_file_and_keeps_its_own_ledger(tmp_path, sealed):
     cfg, dataset, weights = _setup(tmp_path)
     data = tmp_path / "alice.npz"
     np.savez(data, x=dataset.x_train[:80], y=dataset.y_train[:80])
+    if sealed:  # fedpriv data seal: the node reads the sealed file, decrypting it in memory only
+        done = run_cli_here("data", "seal", str(data), "--out", str(tmp_path / "alice.sealed"))
+        assert done.returncode == 0 and "sealed 80 examples" in done.stdout, done.stderr
+        data.unlink()
+        data = tmp_path / "alice.sealed"
+        assert files_containing([tmp_path], raw_byte_runs([dataset.x_train[:80]])) == []
     context = Context(run_id=1, node_id=7, node_config={"data-path": str(data), "node-name": "alice",
                                                         "state-dir": str(tmp_path / "state"),
                                                         "policy-path": _policy(tmp_path)},
@@ -87,3 +94,39 @@ def test_a_node_with_a_wrong_shaped_file_is_refused_clearly(tmp_path):
                       run_config=cfg.to_flat())
     with pytest.raises(DataError, match="but the federation's model takes"):
         make_client_app(cfg)(_fit_message(weights, 1), context)
+
+
+def test_sealing_refuses_bad_input_and_a_sealed_file_refuses_tampering_and_wrong_keys(tmp_path, monkeypatch):
+    import base64
+
+    from fedpriv.common import checkpoint
+    from fedpriv.common.data import load_node_data
+
+    x, y = np.random.default_rng(1).random((12, 8, 8)).astype(np.float32), np.arange(12) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    sealed = tmp_path / "d.sealed"
+    assert run_cli_here("data", "seal", str(tmp_path / "d.npz"), "--out", str(sealed)).returncode == 0
+    assert sealed.stat().st_mode & 0o077 == 0 and x.tobytes()[:64] not in sealed.read_bytes()
+    got_x, got_y = load_node_data(str(sealed), (8, 8, 1), 3)
+    assert np.array_equal(got_x[..., 0], x) and np.array_equal(got_y, y)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "nan.npz", x=np.full((6, 3), np.nan), y=np.zeros(6))
+    for args, message in [
+        ((str(tmp_path / "d.npz"), "--out", str(sealed)), "exists; pass --force"),
+        ((str(sealed), "--out", str(tmp_path / "again")), "is already sealed"),
+        ((str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b")), "not a readable .npz"),
+        ((str(tmp_path / "nan.npz"), "--out", str(tmp_path / "n")), "NaN or infinite"),
+        ((str(tmp_path / "missing.npz"), "--out", str(tmp_path / "m")), "data file not found"),
+    ]:
+        proc = run_cli_here("data", "seal", *args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not any((tmp_path / n).exists() for n in ("again", "b", "n", "m"))
+    altered = bytearray(sealed.read_bytes())
+    altered[len(altered) // 2] ^= 1
+    (tmp_path / "altered").write_bytes(bytes(altered))
+    with pytest.raises(DataError, match="altered, or the key is wrong"):
+        load_node_data(str(tmp_path / "altered"), (8, 8, 1), 3)
+    monkeypatch.setenv(checkpoint.KEY_ENV, base64.b64encode(checkpoint.new_key()).decode())
+    with pytest.raises(DataError, match="altered, or the key is wrong"):
+        load_node_data(str(sealed), (8, 8, 1), 3)

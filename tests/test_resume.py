@@ -23,7 +23,7 @@ from fedpriv.common.audit import audit_run
 from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.config import load_config
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.ledger import LEDGER, verify_ledger
+from fedpriv.common.ledger import LEDGER, ledger_run_id, verify_ledger
 from fedpriv.server import resume
 from fedpriv.server.privacy import PrivacyRecorder
 from fedpriv.server.resume import RestorePoint
@@ -262,7 +262,7 @@ def test_checkpoint_state_round_trip_and_model_check(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="does not fit the configured model"):
         resume.check_model(point, [np.ones((3, 2), np.float32), np.zeros(3, np.float32)], tmp_path)
     # The checkpoints of earlier versions (no run state) are refused by name.
-    checkpoint.write_checkpoint(tmp_path / checkpoint.CHECKPOINT, weights, {"round": 2}, key)
+    checkpoint.write_checkpoint(tmp_path / checkpoint.CHECKPOINT, weights, {"round": 2}, key, run_id="rid")
     with pytest.raises(CheckpointError, match="no resumable run state"):
         resume.read(tmp_path, key)
     monkeypatch.delenv(checkpoint.KEY_ENV, raising=False)
@@ -428,13 +428,21 @@ def test_missing_partial_or_older_run_directories_are_one_clear_error(two_rounds
     partial = _copy(original, tmp_path / "partial")
     (partial / checkpoint.CHECKPOINT).unlink()
     older = _copy(original, tmp_path / "older")  # a checkpoint without the state a resume needs
-    checkpoint.write_checkpoint(older / checkpoint.CHECKPOINT, [np.zeros(3)], {"round": 2}, key)
+    run_id = ledger_run_id(verify_ledger(original).entries)
+    checkpoint.write_checkpoint(older / checkpoint.CHECKPOINT, [np.zeros(3)], {"round": 2}, key, run_id=run_id)
+    # Sealed files moved between runs or roles: another run's checkpoint, the run's own model.
+    foreign = _copy(original, tmp_path / "foreign")
+    checkpoint.write_checkpoint(foreign / checkpoint.CHECKPOINT, [np.zeros(3)], {"round": 2}, key, run_id="f" * 32)
+    role = _copy(original, tmp_path / "role")
+    shutil.copy(original / "model.sealed", role / checkpoint.CHECKPOINT)
     (tmp_path / "empty").mkdir()
     cases = [
         (tmp_path / "missing", "not a directory"),
         (tmp_path / "empty", "no ledger.jsonl"),
         (partial, "no checkpoint in"),
         (older, "holds no resumable run state (written by an older fedpriv?)"),
+        (foreign, f"was sealed for run {'f' * 32}, not for this run ({run_id})"),
+        (role, "is a sealed model, not a checkpoint"),
     ]
     for run, message in cases:
         before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} if run.is_dir() else None

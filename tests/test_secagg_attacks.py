@@ -31,6 +31,7 @@ from fedpriv.common import secagg_masks
 from fedpriv.common.config import load_config
 from fedpriv.common.ledger import verify_ledger
 from fedpriv.server.secagg_workflow import FedprivSecAggPlusWorkflow, federation_roster
+from tests.conftest import run_model
 from tests.secagg_protocol import make_nodes, run_round, stock_mod
 
 M = 2**32
@@ -428,8 +429,7 @@ def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_
     assert summary["secure_aggregation"]["mask_generator"] == secagg_masks.GENERATOR
     # The global model is the initial one: nothing was unmasked.
     view = np.load(tmp_path / "server-view.npz")
-    model = np.load(run / "model.npz")
-    final = np.concatenate([model[k].ravel() for k in model.files]).astype(np.float64)
+    final = np.concatenate([a.ravel() for a in run_model(run)]).astype(np.float64)
     assert np.array_equal(final, view["global"].astype(np.float64))
     # Each refusing node recorded it in its own ledger before replying.
     from fedpriv.clients.budget import NODE_KEY

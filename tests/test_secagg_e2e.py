@@ -12,7 +12,7 @@ from flwr.common.secure_aggregation.quantization import quantize
 from scipy import stats
 
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import run_harness, simulate_run
+from tests.conftest import run_harness, run_model, simulate_run
 
 SMALL = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
          "client.batch_size=64"]
@@ -51,8 +51,7 @@ def test_server_sees_only_masked_vectors_whose_sum_is_the_clipped_sum(tmp_path):
     assert all(float(view[f"weight_{c}"]) == 0 for c in clients)
     weights = np.array([float(updates[c]["weight"]) for c in clients])
     expected = sum(w * updates[c]["update"] for c, w in zip(clients, weights)) / weights.sum()
-    model = np.load(tmp_path / "run" / "model.npz")
-    final = np.concatenate([model[k].ravel() for k in model.files]).astype(np.float64)
+    final = np.concatenate([a.ravel() for a in run_model(tmp_path / "run")]).astype(np.float64)
     step = 2 * 8.0 / 2**22
     error = np.abs((final - view["global"].astype(np.float64)) - expected)
     assert error.max() <= step + 1e-6
@@ -101,7 +100,7 @@ def test_dropouts_beyond_tolerance_fail_the_round_cleanly(cli_here, tmp_path):
     spent_round_1 = {e["actor"] for e in entries if e["kind"] == "record_level" and e["round"] == 1}
     assert len(spent_round_1) == 2
     assert [e["round"] for e in entries if e["kind"] == "round_failed"] == [1]
-    assert (out / "model.npz").exists()
+    assert (out / "model.sealed").exists()
     audit = cli_here("audit", str(out), "--json")
     assert audit.returncode == 0, audit.stdout[-2000:]
 
@@ -117,7 +116,7 @@ def test_a_failed_round_can_stop_the_run(cli_here, tmp_path):
     assert "Traceback" not in proc.stderr
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["privacy"]["stopped_early"]["round"] == 2
-    assert (out / "model.npz").exists() and verify_ledger(out).ok
+    assert (out / "model.sealed").exists() and verify_ledger(out).ok
 
 
 @pytest.mark.slow

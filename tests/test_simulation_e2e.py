@@ -7,15 +7,19 @@ and, through Flower's own tooling, tests/test_flower_run.py."""
 
 import base64
 import csv
+import hashlib
 import json
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
 
 from fedpriv.common import checkpoint
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import assert_private, poisson_gaussian_epsilon, run_cli_here
+from tests.conftest import (assert_private, files_containing, poisson_gaussian_epsilon, raw_byte_runs, run_cli_here,
+                            run_model)
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +68,8 @@ def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
     assert summary["config"]["federation"]["num_clients"] == 3
     arrays, header = checkpoint.read_checkpoint(out / checkpoint.CHECKPOINT, key)
     assert header["round"] == 2 and header["ledger_entries"] > 0
-    with np.load(out / "model.npz") as model:
-        assert all(np.array_equal(a, model[f"arr_{i}"]) for i, a in enumerate(arrays))
+    model = run_model(out)  # sealed, bound to the run
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, model, strict=True))
     secure = summary["secure_aggregation"]  # on by default: 3 clients get 3 shares, threshold 2
     assert secure["enabled"] and (secure["num_shares"], secure["reconstruction_threshold"]) == (3, 2)
     assert secure["model_parameters"] == summary["model_parameters"] > 0
@@ -75,8 +79,9 @@ def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
     assert [int(r["round"]) for r in rows] == [1, 2]
     assert float(rows[1]["accuracy"]) == pytest.approx(summary["final_accuracy"])
     assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with np.load(out / "model.npz") as model:
-        assert len(model.files) == 10  # 5 layers with weights, kernel + bias each
+    assert len(model) == 10  # 5 layers with weights, kernel + bias each
+    # Sealed at rest: no file fedpriv wrote holds the model's weights in plaintext.
+    assert files_containing([out, tmp_path / "home"], raw_byte_runs(model)) == []
 
     # The untouched run's ledger verifies and replays to the same figures.
     audit = run_cli_here("audit", str(out), "--json")  # (in this process: it starts no federation)
@@ -100,3 +105,38 @@ def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
     for node_dir in node_dirs:
         spends = [e for e in verify_ledger(node_dir).entries if e["kind"] == "record_level"]
         assert [e["parameters"]["run_head"]["entries"] > 0 for e in spends] == [True, True]
+
+    # A plaintext copy on purpose: fedpriv model export, with the audited privacy statement beside it.
+    exported = tmp_path / "export" / "model.npz"
+    done = run_cli_here("model", "export", str(out), "--out", str(exported))
+    assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(exported) as copy:
+        assert [copy[f"arr_{i}"].tolist() for i in range(len(copy.files))] == [a.tolist() for a in model]
+    statement = json.loads(exported.with_name("model.npz.privacy.json").read_text())
+    assert statement["run"]["run_id"] == report["run_id"] and statement["audit"]["ok"]
+    assert statement["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
+    for client_id in clients:
+        assert statement["privacy"]["epsilon"]["record_level"][client_id]["rdp"] == pytest.approx(
+            _expected_epsilon(n, 64, 2, 1.1, 1e-5), rel=1e-6)
+    assert "plaintext" in done.stdout and not done.stderr
+    again = run_cli_here("model", "export", str(out), "--out", str(exported))
+    assert again.returncode == 2 and "exists" in again.stderr  # never replaced without --force
+
+    # The sealed files refuse to be swapped between roles, opened with a wrong key or altered.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    shutil.copy(out / checkpoint.CHECKPOINT, swapped / "model.sealed")
+    refused = run_cli_here("model", "export", str(swapped), "--out", str(tmp_path / "x.npz"))
+    assert refused.returncode == 2 and "is a sealed checkpoint, not a model" in refused.stderr
+    shutil.copy(out / "model.sealed", swapped / "model.sealed")
+    data = bytearray((swapped / "model.sealed").read_bytes())
+    data[-40] ^= 1
+    (swapped / "model.sealed").write_bytes(bytes(data))
+    for env, needle in (({}, "failed authentication: it was altered, or the key is wrong"),
+                        ({**os.environ, checkpoint.KEY_ENV: base64.b64encode(checkpoint.new_key()).decode()},
+                         "failed authentication")):
+        target = swapped if not env else out
+        refused = run_cli_here("model", "export", str(target), "--out", str(tmp_path / "x.npz"), env=env or None)
+        assert refused.returncode == 2 and needle in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    assert not (tmp_path / "x.npz").exists()

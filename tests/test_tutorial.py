@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from fedpriv.clients.warm_start import COLD, READY
+from fedpriv.common import checkpoint
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import ROOT, assert_private, run_cli_here
+from tests.conftest import ROOT, assert_private, files_containing, raw_byte_runs, run_cli_here, run_model
 
 pytestmark = pytest.mark.slow(cost=3)
 
@@ -85,6 +86,13 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     record = summary["privacy"]["record_level"]
     assert len(record["clients"]) == 3 and 0 < record["max_epsilon"] <= 8
     assert (run / "checkpoint.fpck").exists()  # sealed with the federation's checkpoint key
+    # Sealed at rest: no file of the federation, the server's state or the nodes' holds the model's
+    # weights or a node's training records in plaintext.
+    server_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(tmp_path / "fed/keys/checkpoint.key")})
+    node_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(home / "keys/checkpoint.key")})
+    records = checkpoint.read_data(tmp_path / "fed/data/node-1.sealed", node_key)[0]
+    needles = raw_byte_runs(run_model(run, server_key)) + raw_byte_runs([records])
+    assert files_containing([tmp_path / "fed", home], needles) == []
 
     ledger = verify_ledger(run)
     assert ledger.ok, ledger.failures
@@ -110,7 +118,7 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     spent = max(summary["privacy"]["record_level"]["clients"].values())
     again = subprocess.run(
         ["fedpriv", "node", "join", "--superlink", "127.0.0.1:9092", "--root-cert", "fed/keys/ca.crt",
-         "--auth-key", "fed/keys/nodes/node-1", "--data", "fed/data/node-1.npz", "--budget", "1",
+         "--auth-key", "fed/keys/nodes/node-1", "--data", "fed/data/node-1.sealed", "--budget", "1",
          "--preset", "federation", "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300)
     assert again.returncode == 0, again.stderr
