@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpriv.clients.budget import NodeBudgetGuard
+from fedpriv.common import checkpoint, keyfiles, secret_env
 from fedpriv.clients.policy import POLICY_PATH_KEY, load_policy
 from fedpriv.common.appsign import APP_PUB, TRUST_ENV, fingerprint, load_trusted_keys
 from fedpriv.common.config import RunConfig
@@ -56,6 +57,7 @@ class JoinPlan:
     gate_argv: list[str]  # fedpriv's app gate (clients.app_gate), started beside the SuperNode; [] = none
     gate_env: dict[str, str]
     trusted: list[str]  # fingerprints of the app-signing keys the node trusts
+    pass_fds: tuple[int, ...] = ()  # a protected node key, decrypted in memory for the SuperNode
 
 
 def _node_config_value(text: str, what: str) -> str:
@@ -111,11 +113,12 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
         node_config += [f"auth-key={_node_config_value(str(auth_key.resolve()), '--auth-key')}",
                         f"ca-cert={_node_config_value(str(root_cert.resolve()), '--root-cert')}"]
     argv = [flower_executable("flower-supernode"), "--superlink", str(address)]
+    pass_fds: list[int] = []
     if insecure:
         argv.append("--insecure")
     else:
-        argv += ["--root-certificates", str(root_cert.resolve()),
-                 "--auth-supernode-private-key", str(auth_key.resolve())]
+        flower_key, pass_fds = keyfiles.key_for_flower(auth_key.resolve(), openssh=True)
+        argv += ["--root-certificates", str(root_cert.resolve()), "--auth-supernode-private-key", flower_key]
     argv += ["--node-config", " ".join(node_config), "--port", str(port),
              "--max-retries", str(max_retries), "--max-wait-time", str(float(max_wait))]
     gate_argv: list[str] = []
@@ -123,9 +126,17 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
         argv += ["--isolation", "process"]
         gate_argv = [sys.executable, "-m", "fedpriv.clients.app_gate", "superexec",
                      "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
-    return JoinPlan(argv, flower_environment(), address, None if insecure else root_cert, name,
+    # The node's app processes read its data file and its key: key material only if they need it.
+    secrets: dict[str, str] = {}
+    if checkpoint.is_sealed(data):
+        secrets.update(secret_env.for_child(checkpoint.KEY_ENV, keyfiles.PASSPHRASE_ENV))
+    if auth_key is not None and keyfiles.is_protected(auth_key.read_bytes()):
+        secrets.update(secret_env.for_child(keyfiles.PASSPHRASE_ENV))
+    gate_env = flower_environment({TRUST_ENV: os.pathsep.join(str(p) for p in trust), **secrets})
+    # (without the gate, Flower's own SuperExec under the SuperNode runs the apps)
+    return JoinPlan(argv, flower_environment({} if gate_argv else secrets), address, None if insecure else root_cert, name,
                     state_dir, int(len(x)), float(record_budget or 0), spent, max_retries, gate_argv,
-                    flower_environment({TRUST_ENV: os.pathsep.join(str(p) for p in trust)}), trusted)
+                    gate_env, trusted, tuple(pass_fds))
 
 
 NOT_REGISTERED = ("code: 2004", "Failed to activate SuperNode")
@@ -173,7 +184,7 @@ def join(plan: JoinPlan, out: Any = sys.stdout) -> int:
     print(f"fedpriv: {describe(plan)}", file=out, flush=True)
     delay = 2.0
     for attempt in range(plan.max_retries + 1):
-        child = Child(plan.argv, plan.env)
+        child = Child(plan.argv, plan.env, pass_fds=plan.pass_fds)
         gate = (Child([*plan.gate_argv, "--parent-pid", str(child.proc.pid)], plan.gate_env)
                 if plan.gate_argv else None)
         try:

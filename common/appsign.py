@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.keyfiles import KEY_ERRORS, parse_private_key, parse_public_key, read_key_file
+from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, parse_private_key, parse_public_key, read_key_file
 from fedpriv.common.protocol import APP_REFUSED_CODE  # noqa: F401 - the error a node answers a refused app with
 
 APP_KEY, APP_PUB = "app-signing.key", "app-signing.pub"  # written by fedpriv keys
@@ -126,12 +126,14 @@ def new_signing_pair() -> tuple[bytes, bytes]:
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    """An Ed25519 app-signing private key (PEM or OpenSSH, unencrypted)."""
+    """An Ed25519 app-signing private key (PEM or OpenSSH, passphrase-protected or not)."""
     data = read_key_file(path, "the app-signing key", FedprivError)
     try:
         key = parse_private_key(data)
+    except PassphraseError as exc:
+        raise FedprivError(f"the app-signing key {path}: {exc}") from None
     except KEY_ERRORS:
-        raise FedprivError(f"{path} is not an unencrypted PEM or OpenSSH private key") from None
+        raise FedprivError(f"{path} is not a PEM or OpenSSH private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise FedprivError(f"{path}: the app-signing key must be an Ed25519 key")
     return key

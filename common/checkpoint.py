@@ -29,14 +29,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common import rundir
+from fedpriv.common import keyfiles, rundir, secret_env
 from fedpriv.common.fileio import create_private, write_atomic
 
 MAGIC = b"FPSEAL02"
 OLD_MAGICS = (b"FPCKPT01",)  # checkpoints of fedpriv before sealed artefacts were bound to a run
 NONCE_BYTES = 12
 KEY_BYTES = 32
-KEY_ENV = "FEDPRIV_CHECKPOINT_KEY"
+PROTECTED_PREFIX = b"fedpriv-protected-key:scrypt:aes-256-gcm:"
+KEY_ENV = secret_env.CHECKPOINT_KEY_ENV  # (held out of child processes: common/secret_env.py)
 KEY_FILE_ENV = "FEDPRIV_CHECKPOINT_KEY_FILE"
 CHECKPOINT = rundir.CHECKPOINT
 ROLE_CHECKPOINT = "checkpoint"  # what a resume continues from
@@ -54,18 +55,49 @@ def new_key() -> bytes:
     return AESGCM.generate_key(bit_length=8 * KEY_BYTES)
 
 
-def encode_key(key: bytes) -> bytes:
-    return base64.b64encode(key) + b"\n"
+def encode_key(key: bytes, secret: bytes | None = None) -> bytes:
+    """A key file's content: base64 of the key, or with a passphrase ``secret`` the key wrapped
+    with AES-256-GCM under a scrypt-derived key (:data:`PROTECTED_PREFIX`, then base64 of salt,
+    nonce and the wrapped key)."""
+    if secret is None:
+        return base64.b64encode(key) + b"\n"
+    salt, nonce = os.urandom(16), os.urandom(NONCE_BYTES)
+    wrapped = AESGCM(keyfiles.wrapping_key(secret, salt)).encrypt(nonce, key, PROTECTED_PREFIX)
+    return PROTECTED_PREFIX + base64.b64encode(salt + nonce + wrapped) + b"\n"
 
 
-def _decode_key(raw: bytes, where: str) -> bytes:
+def _decode_key(raw: bytes, where: str, env: Mapping[str, str] | None = None) -> bytes:
     text = raw.strip()
+    if text.startswith(PROTECTED_PREFIX):
+        return _unwrap_key(text[len(PROTECTED_PREFIX):], where, env)
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != KEY_BYTES:
         raise CheckpointError(f"{where} is not a checkpoint key (expected base64 of {KEY_BYTES} bytes)")
+    return key
+
+
+def _unwrap_key(text: bytes, where: str, env: Mapping[str, str] | None) -> bytes:
+    try:
+        secret = keyfiles.passphrase(env)
+    except keyfiles.PassphraseError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    if secret is None:
+        raise CheckpointError(f"{where} is passphrase-protected: give the passphrase in a file named by "
+                              f"${keyfiles.PASSPHRASE_FILE_ENV}, or in ${keyfiles.PASSPHRASE_ENV}")
+    try:
+        blob = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        blob = b""
+    salt, nonce, wrapped = blob[:16], blob[16:16 + NONCE_BYTES], blob[16 + NONCE_BYTES:]
+    try:
+        key = AESGCM(keyfiles.wrapping_key(secret, salt)).decrypt(nonce, wrapped, PROTECTED_PREFIX)
+    except (InvalidTag, ValueError):
+        raise CheckpointError(f"{where}: wrong passphrase (or the key file is damaged)") from None
+    if len(key) != KEY_BYTES:
+        raise CheckpointError(f"{where} is not a checkpoint key")
     return key
 
 
@@ -96,9 +128,9 @@ def ensure_key() -> bytes:
 
 def key_source(env: Mapping[str, str] | None = None) -> str:
     """Where :func:`key_from_environment` takes the key from, in words."""
-    env = os.environ if env is None else env
-    if env.get(KEY_ENV):
+    if secret_env.get(KEY_ENV, env):
         return f"${KEY_ENV}"
+    env = os.environ if env is None else env
     if env.get(KEY_FILE_ENV):
         return f"the key file {env[KEY_FILE_ENV]}"
     return "no key configured"
@@ -118,16 +150,17 @@ def require_key(purpose: str) -> bytes:
 def key_from_environment(env: Mapping[str, str] | None = None) -> bytes | None:
     """The checkpoint key from the environment (``$FEDPRIV_CHECKPOINT_KEY``, else the file
     ``$FEDPRIV_CHECKPOINT_KEY_FILE`` names), or None when none is configured."""
-    env = os.environ if env is None else env
-    if env.get(KEY_ENV):
-        return _decode_key(env[KEY_ENV].encode(), f"${KEY_ENV}")
-    if env.get(KEY_FILE_ENV):
-        path = Path(env[KEY_FILE_ENV])
+    value = secret_env.get(KEY_ENV, env)
+    if value:
+        return _decode_key(value.encode(), f"${KEY_ENV}", env)
+    name = (os.environ if env is None else env).get(KEY_FILE_ENV)
+    if name:
+        path = Path(name)
         try:
             raw = path.read_bytes()
         except OSError as exc:
             raise CheckpointError(f"cannot read checkpoint key file {path}: {exc.strerror}") from None
-        return _decode_key(raw, f"checkpoint key file {path}")
+        return _decode_key(raw, f"checkpoint key file {path}", env)
     return None
 
 

@@ -37,6 +37,7 @@ from fedpriv.common.errors import FedprivError
 from fedpriv.common.roster import sign_roster
 from fedpriv.common import rundir
 from fedpriv.common.fileio import write_atomic
+from fedpriv.common.keyfiles import PassphraseError, parse_private_key, private_key_file
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SUPERLINK_KEY, SUPERLINK_CERT = "superlink.key", "superlink.crt"
@@ -58,9 +59,6 @@ def node_key_names(count: int) -> list[str]:
     return [f"node-{i}" for i in range(1, count + 1)]
 
 
-def _pem_private(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -70,8 +68,10 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[KeyFile]:
-    """Everything ``fedpriv keys`` writes, in memory (nothing touches the disk here)."""
+def federation_keys(out: Path, hosts: list[str], nodes: int, days: int, secret: bytes | None = None) -> list[KeyFile]:
+    """Everything ``fedpriv keys`` writes, in memory (nothing touches the disk here); every private
+    key and the checkpoint key protected with the passphrase ``secret`` when given
+    (:mod:`common.keyfiles`)."""
     if nodes < 0:
         raise FedprivError("--nodes must be 0 or more")
     if days < 1:
@@ -108,31 +108,33 @@ def federation_keys(out: Path, hosts: list[str], nodes: int, days: int) -> list[
         .sign(ca_key, hashes.SHA384())
     )
     files = [
-        KeyFile(out / CA_KEY, _pem_private(ca_key), True),
+        KeyFile(out / CA_KEY, private_key_file(ca_key, secret=secret), True),
         KeyFile(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), False),
-        KeyFile(out / SUPERLINK_KEY, _pem_private(link_key), True),
+        KeyFile(out / SUPERLINK_KEY, private_key_file(link_key, secret=secret), True),
         KeyFile(out / SUPERLINK_CERT, link_cert.public_bytes(serialization.Encoding.PEM), False),
     ]
     for name in node_key_names(nodes):
         node_key = ec.generate_private_key(ec.SECP384R1())
-        files.append(KeyFile(out / NODES_DIR / name, node_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), True))
+        files.append(KeyFile(out / NODES_DIR / name, private_key_file(node_key, openssh=True, secret=secret), True))
         files.append(KeyFile(out / NODES_DIR / f"{name}.pub", node_key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", False))
     ledger_key = Ed25519PrivateKey.generate()
-    files.append(KeyFile(out / LEDGER_KEY, _pem_private(ledger_key), True))
+    files.append(KeyFile(out / LEDGER_KEY, private_key_file(ledger_key, secret=secret), True))
     files.append(KeyFile(out / LEDGER_PUB, ledger_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), False))
-    files += app_signing_keys(out)
-    files.append(KeyFile(out / CHECKPOINT_KEY, encode_key(new_key()), True))
+    files += app_signing_keys(out, secret)
+    files.append(KeyFile(out / CHECKPOINT_KEY, encode_key(new_key(), secret), True))
     node_pubs = [f.data.decode() for f in files if f.path.parent == out / NODES_DIR and f.path.suffix == ".pub"]
     files.append(KeyFile(out / ROSTER, sign_roster(ca_key, [_key_text(p) for p in node_pubs]), False))
     return files
 
 
-def app_signing_keys(out: Path) -> list[KeyFile]:
-    """A fresh app-signing key pair (``app-signing.key``, ``app-signing.pub``)."""
+def app_signing_keys(out: Path, secret: bytes | None = None) -> list[KeyFile]:
+    """A fresh app-signing key pair (``app-signing.key``, protected with ``secret`` when given, and
+    ``app-signing.pub``)."""
     private, public = new_signing_pair()
+    if secret is not None:
+        private = private_key_file(parse_private_key(private), secret=secret)
     return [KeyFile(out / APP_KEY, private, True), KeyFile(out / APP_PUB, public, False)]
 
 
@@ -145,11 +147,13 @@ def roster_file(keys: Path, extra: list[Path]) -> KeyFile:
     """``keys/roster.signed`` re-signed with ``keys/ca.key`` over every ``keys/nodes/*.pub`` and
     the ``extra`` node public keys (how a node that joins later gets on the roster)."""
     try:
-        ca_key = serialization.load_pem_private_key((keys / CA_KEY).read_bytes(), None)
+        ca_key = parse_private_key((keys / CA_KEY).read_bytes())
     except OSError as exc:
         raise FedprivError(f"cannot read the CA key {keys / CA_KEY} ({exc.strerror})") from None
+    except PassphraseError as exc:
+        raise FedprivError(f"the CA key {keys / CA_KEY}: {exc}") from None
     except (ValueError, TypeError):
-        raise FedprivError(f"{keys / CA_KEY} is not an unencrypted PEM key") from None
+        raise FedprivError(f"{keys / CA_KEY} is not a PEM private key") from None
     members = []
     for path in [*sorted((keys / NODES_DIR).glob("*.pub")), *extra]:
         try:

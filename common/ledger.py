@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, parse_private_key
 from fedpriv.common.fileio import create_private, json_safe, open_private, private_dir, write_atomic
 from fedpriv.common.lazy import lazy_import
 from fedpriv.common.ledger_schema import LEDGER_ACTOR, Kind
@@ -104,8 +105,10 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     """Read an Ed25519 private key (PEM), or create one with 0600 permissions."""
     if path.exists():
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
+            key = parse_private_key(path.read_bytes())
+        except PassphraseError as exc:
+            raise FedprivError(f"signing key {path}: {exc}") from None
+        except KEY_ERRORS as exc:
             raise FedprivError(f"signing key {path} is not a readable PEM private key ({exc})") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise FedprivError(f"signing key {path} is not an Ed25519 key")

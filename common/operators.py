@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.keyfiles import PassphraseError, parse_private_key, private_pem
 from fedpriv.common.ledger import LEDGER, verify_ledger
 from fedpriv.common.ledger_schema import Kind, Role, parse_actor
 
@@ -70,8 +71,9 @@ def operator_of(certificate: x509.Certificate) -> Operator:
 
 
 def issue_operator(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str,
-                   days: int = 365) -> tuple[bytes, bytes]:
-    """A new operator key (PEM, PKCS#8) and its client certificate (PEM), signed by the CA."""
+                   days: int = 365, secret: bytes | None = None) -> tuple[bytes, bytes]:
+    """A new operator key (PEM, PKCS#8; protected with ``secret`` when given) and its client
+    certificate (PEM), signed by the CA."""
     if not NAME_PATTERN.fullmatch(name):
         raise FedprivError(f"operator name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if role not in ROLES:
@@ -80,7 +82,9 @@ def issue_operator(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str,
         raise FedprivError("--days must be at least 1")
     try:
         ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-        ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+        ca_key = parse_private_key(ca_key_pem)
+    except PassphraseError as exc:
+        raise FedprivError(f"the CA key: {exc}") from None
     except ValueError as exc:
         raise FedprivError(f"cannot read the CA certificate or key ({exc})") from None
     key = ec.generate_private_key(ec.SECP384R1())
@@ -96,9 +100,7 @@ def issue_operator(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, role: str,
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+    return private_pem(key, secret), cert.public_bytes(serialization.Encoding.PEM)
 
 
 def submitted_runs(log_dir: Path, public_key: Any = None) -> dict[int, dict[str, str]]:

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TextIO
 
+from fedpriv.common import secret_env
 from fedpriv.common.errors import FedprivError
 
 
@@ -33,7 +34,7 @@ def flower_executable(name: str) -> str:
 def flower_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for Flower's processes: this Python's scripts first on PATH (the
     SuperLink and SuperNode start ``flower-superexec`` from it), no telemetry."""
-    env = dict(os.environ)
+    env = secret_env.scrubbed(os.environ)  # key material only where a caller adds it (common/secret_env.py)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.update(extra or {})
@@ -89,7 +90,8 @@ class Child:
     """A supervised child process whose merged output is relayed to ``sink``."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str], sink: TextIO | None = None,
-                 keep: int = 200, on_line: Callable[[str], None] | None = None) -> None:
+                 keep: int = 200, on_line: Callable[[str], None] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.argv = list(argv)
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self._sink = sink if sink is not None else sys.stderr
@@ -97,7 +99,7 @@ class Child:
         self._filter = None if os.environ.get("FEDPRIV_VERBOSE") == "1" else TracebackFilter(Path(self.argv[0]).name)
         self.proc = subprocess.Popen(self.argv, env=dict(env), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace",
-                                     start_new_session=True)
+                                     start_new_session=True, pass_fds=tuple(pass_fds))
         self._relay = threading.Thread(target=self._pump, daemon=True)
         self._relay.start()
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.keyfiles import KEY_ERRORS, parse_private_key, read_key_file
+from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, parse_private_key, read_key_file
 
 ROSTER_ENV = "FEDPRIV_ROSTER"  # the signed roster file a deployed ServerApp sends to nodes
 ROSTER_KEY = "fedpriv_roster"  # the SecAgg+ setup config key the server sends the roster under
@@ -97,8 +97,10 @@ def load_node_private_key(path: Path) -> PrivateKey:
     data = _read(path, "the node key")
     try:
         key = parse_private_key(data)
+    except PassphraseError as exc:
+        raise RosterError(f"the node key {path}: {exc}") from None
     except KEY_ERRORS as exc:
-        raise RosterError(f"{path} is not an unencrypted node key ({exc})") from None
+        raise RosterError(f"{path} is not a node key ({exc})") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, Ed25519PrivateKey)):
         raise RosterError(f"{path}: node keys must be EC or Ed25519")
     return key

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, is_protected, parse_private_key, passphrase
 
 
 class DeploymentError(FedprivError):
@@ -53,13 +54,30 @@ def load_certificate(path: Path, what: str, now: datetime.datetime | None = None
     return cert
 
 
+def load_cert_chain(context: ssl.SSLContext, certfile: Path, keyfile: Path) -> None:
+    """``context.load_cert_chain``, for a protected key too (the passphrase of common.keyfiles,
+    checked first so that a missing or wrong one is a clear :class:`PassphraseError`; OpenSSL then
+    decrypts the key in memory)."""
+    secret = None
+    data = read_file(keyfile, "key")
+    if is_protected(data):
+        try:
+            parse_private_key(data)
+        except PassphraseError as exc:
+            raise PassphraseError(f"{keyfile}: {exc}") from None
+        secret = passphrase()
+    context.load_cert_chain(str(certfile), str(keyfile), password=secret)
+
+
 def check_key_pair(cert: x509.Certificate, key_path: Path, what: str) -> None:
     """The PEM private key at ``key_path`` is the one ``cert`` certifies."""
     data = read_file(key_path, what)
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise DeploymentError(f"{what} {key_path} is not an unencrypted PEM private key") from None
+        key = parse_private_key(data)
+    except PassphraseError as exc:
+        raise DeploymentError(f"{what} {key_path}: {exc}") from None
+    except KEY_ERRORS:
+        raise DeploymentError(f"{what} {key_path} is not a PEM private key") from None
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.PEM, pub) != \
             cert.public_key().public_bytes(serialization.Encoding.PEM, pub):
@@ -87,9 +105,11 @@ def check_node_key(path: Path) -> str:
     Returns the matching public key line (what the SuperLink must have registered)."""
     data = read_file(path, "node key")
     try:
-        key = serialization.load_ssh_private_key(data, password=None)
+        key = parse_private_key(data)
+    except PassphraseError as exc:
+        raise DeploymentError(f"node key {path}: {exc}") from None
     except (ValueError, TypeError, Exception):  # unsupported formats raise assorted errors
-        raise DeploymentError(f"node key {path} is not an unencrypted OpenSSH private key "
+        raise DeploymentError(f"node key {path} is not an OpenSSH or PEM private key "
                               "(as fedpriv keys writes them)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise DeploymentError(f"node key {path} is not an EC key; Flower's node authentication needs "
@@ -155,8 +175,8 @@ def check_tls(address: Address, root_cert: Path, timeout: float = 5.0,
     context = ssl.create_default_context(cafile=str(root_cert))
     if client_cert is not None:
         try:
-            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
-        except (ssl.SSLError, OSError) as exc:
+            load_cert_chain(context, client_cert[0], client_cert[1])
+        except (ssl.SSLError, OSError, PassphraseError) as exc:
             raise DeploymentError(f"cannot use the certificate {client_cert[0]} with the key {client_cert[1]} "
                                   f"({exc})") from None
     try:

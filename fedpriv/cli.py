@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from fedpriv.common import secret_env
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import PRIVATE_UMASK
 
@@ -29,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(verbose)
     os.umask(PRIVATE_UMASK)  # owner-only files for this process and every process it starts
     try:
-        return int(args.func(args) or 0)
+        with secret_env.held():  # key material in the environment: handed only to children that need it
+            return int(args.func(args) or 0)
     except FedprivError as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT

@@ -40,6 +40,11 @@ def add_parser(sub: Any) -> None:
     keys.add_argument("--nodes", type=int, default=2, metavar="N", help="node key pairs to create (default 2)")
     keys.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
     keys.add_argument("--force", action="store_true", help="replace existing key files")
+    keys.add_argument("--protect", action="store_true",
+                      help="protect every private key and the checkpoint key with a passphrase (PKCS#8 with "
+                           "scrypt and AES-256), read from the file $FEDPRIV_KEY_PASSPHRASE_FILE names or from "
+                           "$FEDPRIV_KEY_PASSPHRASE, never from the command line; every fedpriv command that "
+                           "reads a key then needs the same variable")
     keys.add_argument("--sign-roster", action="store_true",
                       help="only re-sign DIR/roster.signed with DIR/ca.key (after nodes join)")
     keys.add_argument("--node-key", dest="node_keys", action="append", default=[], type=Path, metavar="F.pub",
@@ -54,9 +59,11 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from fedpriv.common.keyfiles import new_passphrase_required
     from fedpriv.common.keys import app_signing_keys, federation_keys, roster_file, write_keys
     from fedpriv.common.fileio import write_atomic
 
+    secret = new_passphrase_required() if args.protect else None
     if args.sign_roster:
         roster = roster_file(args.out, args.node_keys)
         write_atomic(roster.path, roster.data)
@@ -68,15 +75,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         raise FedprivError("--node-key goes with --sign-roster")
     if args.operator or args.role:
-        return _issue_operator(args)
+        return _issue_operator(args, secret)
     if args.app_key_only:
-        files = app_signing_keys(args.out)
+        files = app_signing_keys(args.out, secret)
         write_keys(files, args.force)
         _print_files(files)
         print(f"next: give each node {args.out / 'app-signing.pub'} (fedpriv node join --trust); "
               f"fedpriv server run signs with {args.out / 'app-signing.key'}")
         return EXIT_OK
-    files = federation_keys(args.out, args.hosts, args.nodes, args.days)
+    files = federation_keys(args.out, args.hosts, args.nodes, args.days, secret)
     write_keys(files, args.force)
     _print_files(files)
     print(f"next: start the SuperLink with {args.out / 'superlink.crt'} and register each "
@@ -85,7 +92,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _issue_operator(args: argparse.Namespace) -> int:
+def _issue_operator(args: argparse.Namespace, secret: bytes | None) -> int:
     from fedpriv.common.errors import FedprivError
     from fedpriv.common.keys import CA_CERT, CA_KEY, KeyFile, write_keys
     from fedpriv.common.operators import OPERATORS_DIR, issue_operator
@@ -97,7 +104,7 @@ def _issue_operator(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise FedprivError(f"cannot read the federation CA in {args.out} ({exc.strerror}); "
                            "issue operator certificates where ca.key is") from None
-    key_pem, cert_pem = issue_operator(ca_cert, ca_key, args.operator, args.role, args.days)
+    key_pem, cert_pem = issue_operator(ca_cert, ca_key, args.operator, args.role, args.days, secret)
     folder = args.out / OPERATORS_DIR
     files = [KeyFile(folder / f"{args.operator}.key", key_pem, True),
              KeyFile(folder / f"{args.operator}.crt", cert_pem, False)]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpriv.common.tls import load_cert_chain
+
 log = logging.getLogger("fedpriv")
 
 ALLOWED = (("POST", "/v1/fleet/"), ("GET", "/health"), ("HEAD", "/health"))
@@ -118,7 +120,7 @@ class Gateway:
         self.client_context = ssl.create_default_context(cafile=str(self.ca))
         self.client_context.check_hostname = False  # loopback; the chain is still verified
         if self.client_cert is not None:
-            self.client_context.load_cert_chain(str(self.client_cert[0]), str(self.client_cert[1]))
+            load_cert_chain(self.client_context, self.client_cert[0], self.client_cert[1])
         self.refused = 0
         self.forwarded = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,7 +130,7 @@ class Gateway:
     def make_server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(self.certfile), str(self.keyfile))
+        load_cert_chain(context, self.certfile, self.keyfile)
         return context
 
     # ---- lifecycle (a daemon thread with its own event loop) -------------------------------

@@ -22,6 +22,7 @@ then submits, so what was signed is exactly what is sent.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpriv.common import checkpoint, rundir
+from fedpriv.common import checkpoint, keyfiles, rundir, secret_env
 from fedpriv.common.appsign import APP_KEY, SIGNATURE_SETTING, load_signing_key, sign_app, snapshot_app
 from fedpriv.common.keys import ROSTER
 from fedpriv.common.roster import ROSTER_ENV
@@ -71,6 +72,7 @@ class SuperLinkPlan:
     roster: Path  # the signed node roster the ServerApp sends nodes ($FEDPRIV_ROSTER)
     internal: Address  # the SuperLink itself, on loopback: every API (this machine only)
     admin_host: str  # the interface the operators' port listens on
+    pass_fds: tuple[int, ...] = ()  # a protected TLS key, decrypted in memory for the SuperLink
 
 
 def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list[Path] | None = None,
@@ -97,8 +99,18 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
     }
     checkpoint_key = keys / rundir.CHECKPOINT_KEY
     if checkpoint_key.exists():
-        checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(checkpoint_key)})  # validates it
+        probe = {checkpoint.KEY_FILE_ENV: str(checkpoint_key), **secret_env.for_child(keyfiles.PASSPHRASE_ENV)}
+        if os.environ.get(keyfiles.PASSPHRASE_FILE_ENV):
+            probe[keyfiles.PASSPHRASE_FILE_ENV] = os.environ[keyfiles.PASSPHRASE_FILE_ENV]
+        checkpoint.key_from_environment(probe)  # validates it (and its passphrase)
         env[checkpoint.KEY_FILE_ENV] = str(checkpoint_key)
+    else:  # a sealing key given as $FEDPRIV_CHECKPOINT_KEY: the ServerApp processes need it
+        env.update(secret_env.for_child(checkpoint.KEY_ENV))
+    # Protected keys the ServerApp processes read (ledger signing, sealing): they need the passphrase.
+    if any(path.is_file() and (keyfiles.is_protected(path.read_bytes()) or
+                               path.read_bytes().startswith(checkpoint.PROTECTED_PREFIX))
+           for path in (ledger_key, checkpoint_key)):
+        env.update(secret_env.for_child(keyfiles.PASSPHRASE_ENV))
     node_keys = [p.resolve() for p in register] if register else sorted((keys / "nodes").glob("*.pub"))
     if not node_keys:
         raise DeploymentError(f"no node public keys to register in {keys / 'nodes'}; give --register FILE.pub")
@@ -123,9 +135,10 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
     if admin_name not in names:
         raise DeploymentError(f"the SuperLink certificate {cert_path} does not name {admin_name} (it names "
                               f"{', '.join(names) or 'nothing'}); create keys with --host {admin_name}")
+    flower_key, pass_fds = keyfiles.key_for_flower(key_path)  # (checked readable above)
     argv = [
         flower_executable("flower-superlink"),
-        "--ssl-ca-certfile", str(ca_path), "--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path),
+        "--ssl-ca-certfile", str(ca_path), "--ssl-certfile", str(cert_path), "--ssl-keyfile", flower_key,
         "--enable-supernode-auth",
         "--database", str(state / DATABASE),
         "--disable-runtime-dependency-installation",
@@ -133,7 +146,7 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
     ]
     return SuperLinkPlan(argv, flower_environment(env), state, ca_path, cert_path, key_path,
                          Address(admin_name, admin_port), Address(host, port), node_keys, roster,
-                         Address("127.0.0.1", internal_port), admin_host)
+                         Address("127.0.0.1", internal_port), admin_host, tuple(pass_fds))
 
 
 def free_loopback_port() -> int:
@@ -233,7 +246,7 @@ def start_superlink(plan: SuperLinkPlan, out: Any = sys.stdout) -> int:
         link.symlink_to(plan.ca.parent, target_is_directory=True)
     write_connection(plan.state / FLWR_HOME, plan.internal, plan.ca)
     terminate_as_exit()  # a SIGTERM while starting up must still stop the SuperLink
-    child = Child(plan.argv, plan.env)
+    child = Child(plan.argv, plan.env, pass_fds=plan.pass_fds)
     gateway = Gateway(plan.public.host, plan.public.port, plan.cert, plan.key,
                       plan.internal.host, plan.internal.port, plan.ca)
     from fedpriv.common.ledger import load_or_create_signing_key

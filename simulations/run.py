@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fedpriv.clients.app import local_data, make_client_app
-from fedpriv.common import checkpoint, secagg
+from fedpriv.common import checkpoint, keyfiles, secagg, secret_env
 from fedpriv.common.canaries import Canaries
 from fedpriv.common.config import RunConfig
 from fedpriv.common.data import Dataset, load_dataset
@@ -68,6 +68,9 @@ def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool,
     # Ray workers inherit this process's environment, which common.tf_runtime has prepared
     # (Flower sets Ray's runtime_env itself, so it cannot be passed here).
     os.environ.update(RUNTIME_ENV)
+    # Key material stays out of the workers (common/secret_env.py) unless they read a sealed data file.
+    if cfg.data.dataset == "file" and cfg.data.path and checkpoint.is_sealed(Path(cfg.data.path)):
+        os.environ.update(secret_env.for_child(checkpoint.KEY_ENV, keyfiles.PASSPHRASE_ENV))
     return {
         "client_resources": {
             "num_cpus": cfg.simulation.cpus_per_client,

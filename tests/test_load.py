@@ -7,6 +7,7 @@ built-in MNIST digits trains in tests/test_simulation_e2e.py and tests/test_tuto
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.scale import descendants, rss_bytes
+from fedpriv.common import checkpoint
 from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, assert_private
 
@@ -43,18 +45,30 @@ def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_p
     # A fresh home, a temporary directory of its own (short: Ray puts sockets under it) and the
     # umask most systems have: what the run writes must be owner-only all the same.
     scratch = Path(tempfile.mkdtemp())
+    # The sealing key given in the environment: the run seals with it, and none of the processes the
+    # command starts (Ray's, the workers running the clients) inherits it (common/secret_env.py).
+    key = checkpoint.new_key()
+    key_text = base64.b64encode(key).decode()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-           "FEDPRIV_HOME": str(tmp_path / "home"), "TMPDIR": str(scratch)}
+           "FEDPRIV_HOME": str(tmp_path / "home"), "TMPDIR": str(scratch), checkpoint.KEY_ENV: key_text}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: os.umask(0o022))
     current = {"round": 1}  # the round in progress: samples count towards it
     peaks: dict[int, int] = defaultdict(int)
     stop = threading.Event()
+    seen: dict[int, bool] = {}  # child pid -> whether its environment holds the key
 
     def sample() -> None:
         while not stop.is_set():
-            total = sum(rss_bytes(pid) for pid in descendants(proc.pid))
+            pids = descendants(proc.pid)
+            total = sum(rss_bytes(pid) for pid in pids)
             peaks[current["round"]] = max(peaks[current["round"]], total)
+            for pid in pids:
+                if pid != proc.pid and pid not in seen:
+                    try:
+                        seen[pid] = key_text.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+                    except OSError:
+                        pass  # (gone already)
             stop.wait(0.5)  # each sample walks /proc: often enough for a round of several seconds
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -80,6 +94,9 @@ def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_p
         assert [p for p in scratch.iterdir() if p.name.startswith("fedpriv-ray-")] == []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+    assert len(seen) >= 3 and not any(seen.values()), seen  # Ray's processes and its worker(s)
+    assert checkpoint.read_checkpoint(out / checkpoint.CHECKPOINT, key)[1]["round"] == ROUNDS
 
     summary = json.loads((out / "summary.json").read_text())
     # No lost update: every client trained and was aggregated in every round, no failure.

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedpriv.clients.warm_start import COLD, READY
-from fedpriv.common import checkpoint
+from fedpriv.common import checkpoint, keyfiles
 from fedpriv.common.ledger import verify_ledger
 from tests.conftest import ROOT, assert_private, files_containing, raw_byte_runs, run_cli_here, run_model
 
@@ -88,7 +88,13 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     assert (run / "checkpoint.fpck").exists()  # sealed with the federation's checkpoint key
     # Sealed at rest: no file of the federation, the server's state or the nodes' holds the model's
     # weights or a node's training records in plaintext.
-    server_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(tmp_path / "fed/keys/checkpoint.key")})
+    # The keys are passphrase-protected (fedpriv keys --protect): OpenSSL reads them with the passphrase.
+    passphrase = {keyfiles.PASSPHRASE_FILE_ENV: str(tmp_path / "fed/passphrase")}
+    for name in ("ca.key", "superlink.key", "ledger-signing.key", "app-signing.key", "nodes/node-1",
+                 "operators/alice.key"):
+        assert keyfiles.is_protected((tmp_path / "fed/keys" / name).read_bytes()), name
+    server_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(tmp_path / "fed/keys/checkpoint.key"),
+                                                  **passphrase})
     node_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(home / "keys/checkpoint.key")})
     records = checkpoint.read_data(tmp_path / "fed/data/node-1.sealed", node_key)[0]
     needles = raw_byte_runs(run_model(run, server_key)) + raw_byte_runs([records])
@@ -116,10 +122,18 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
 
     # The spending persists: joining again (here with a smaller budget) starts from it.
     spent = max(summary["privacy"]["record_level"]["clients"].values())
-    again = subprocess.run(
-        ["fedpriv", "node", "join", "--superlink", "127.0.0.1:9092", "--root-cert", "fed/keys/ca.crt",
-         "--auth-key", "fed/keys/nodes/node-1", "--data", "fed/data/node-1.sealed", "--budget", "1",
-         "--preset", "federation", "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300)
+    join = ["node", "join", "--superlink", "127.0.0.1:9092", "--root-cert", "fed/keys/ca.crt", "--auth-key",
+            "fed/keys/nodes/node-1", "--data", "fed/data/node-1.sealed", "--budget", "1", "--preset", "federation",
+            "--dry-run"]
+    again = subprocess.run(["fedpriv", *join], cwd=tmp_path, env={**env, **passphrase}, capture_output=True,
+                           text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"spent so far {spent:.3f}" in again.stdout and "will refuse to train" in again.stdout, again.stdout
+
+    # A wrong passphrase, or none, for the node's protected key: one error line, nothing started.
+    (tmp_path / "wrong").write_text("not the passphrase\n")
+    for extra, message in (({keyfiles.PASSPHRASE_FILE_ENV: str(tmp_path / "wrong")}, "wrong passphrase"),
+                           ({}, "is passphrase-protected")):
+        refused = run_cli_here(*join, cwd=tmp_path, env={**env, **extra})
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
