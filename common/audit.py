@@ -249,6 +249,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
         "crash_recoveries": [recovery.note for recovery in full.recoveries]
         + verified.crash_notes,
         "stopped_early": stopped,
+        "key_rotations": full.key_rotations,  # the sealing key rotated (fedpriv keys rotate)
         "failures": failures,
         "series": {
             "user_level": actors_series([a for a in actors.values() if a.level == "user"]),

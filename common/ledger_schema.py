@@ -31,6 +31,7 @@ class Kind(StrEnum):
     BUDGET_STOP = "budget_stop"  # the run stopped before a round that would pass the user budget
     RUN_END = "run_end"
     LEDGER_RECOVERY = "ledger_recovery"  # what crash recovery cut off the end of a ledger
+    KEY_ROTATION = "key_rotation"  # the sealing key was rotated and the run's sealed files sealed again
     # A node's own ledger: refusals it made (besides its record_level spends).
     SECAGG_REFUSAL = "secagg_refusal"
     POLICY_REFUSAL = "policy_refusal"

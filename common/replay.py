@@ -143,6 +143,7 @@ class LedgerState:
     budget_stops: list[Note] = field(default_factory=list)
     recoveries: list[Note] = field(default_factory=list)
     run_ends: list[RunEnd] = field(default_factory=list)
+    key_rotations: list[dict[str, Any]] = field(default_factory=list)  # ledger entry and key ids
     unreadable: list[Note] = field(default_factory=list)  # entries whose DpEvent cannot be read
 
     # ---- runs ---------------------------------------------------------------------------
@@ -250,6 +251,9 @@ def replay(entries: Iterable[dict[str, Any]]) -> LedgerState:
             state.budget_stops.append(note)
         elif kind == Kind.LEDGER_RECOVERY:
             state.recoveries.append(note)
+        elif kind == Kind.KEY_ROTATION:
+            state.key_rotations.append({"ledger_entry": seq, "old_key": params.get("old_key"),
+                                        "new_key": params.get("new_key"), "files": params.get("files")})
         elif kind == Kind.RUN_END:
             state.run_ends.append(RunEnd(seq, dict(entry.get("epsilon") or {}), entry.get("note")))
         elif entry.get("event") is not None:

@@ -113,6 +113,9 @@ def markdown(report: dict[str, Any]) -> str:
     for who in report.get("submitted_by") or []:
         lines.append(f"Submitted by {who['operator']} ({who['role'] or 'unknown role'}), Flower run "
                      f"{who['flower_run_id']} (operator log).")
+    for rotation in report.get("key_rotations") or []:
+        lines.append(f"Sealing key rotated (ledger entry {rotation['ledger_entry']}): {rotation['old_key']} -> "
+                     f"{rotation['new_key']}, files sealed again: {', '.join(rotation['files'] or []) or 'none'}.")
     if report["stopped_early"]:
         lines.append(f"Stopped early: {report['stopped_early']['reason']}.")
     if report.get("empirical"):
@@ -287,6 +290,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                           f"{who['flower_run_id']}", highlight=False)
         for note in report.get("crash_recoveries", []):
             console.print(f"[yellow]crash recovery:[/] {note}", highlight=False, soft_wrap=True)
+        for rotation in report.get("key_rotations") or []:
+            console.print(f"sealing key rotated at ledger entry {rotation['ledger_entry']}: {rotation['old_key']} -> "
+                          f"{rotation['new_key']}", highlight=False)
         if report.get("empirical"):
             _print_empirical(console, report["empirical"])
         for failure in report["failures"]:

@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
             "runs, follow its own) or auditor (list runs and nodes; read ledgers and reports)."
         ),
     )
-    keys.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the keys")
+    keys.add_argument("--out", type=Path, metavar="DIR", help="where to write the keys (required)")
     keys.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
                       help="a DNS name or IP address the SuperLink is reached at (repeatable; "
                            "localhost and 127.0.0.1 are always included)")
@@ -56,6 +56,55 @@ def add_parser(sub: Any) -> None:
     keys.add_argument("--role", choices=("admin", "researcher", "auditor"),
                       help="with --operator: what the operator may do on the operators' port")
     keys.set_defaults(func=cmd_keys)
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND")
+    rotate = keys_sub.add_parser(
+        "rotate", help="rotate the sealing key: seal every given run's files and data files again",
+        description=(
+            "Replace the sealing key in its file (--key-file; default $FEDPRIV_CHECKPOINT_KEY_FILE, else "
+            "STATE/keys/checkpoint.key for runs under STATE/runs, else $FEDPRIV_HOME/keys/checkpoint.key) "
+            "with a new one: every RUN_DIR's sealed checkpoint and model, and every --data file, is opened "
+            "with the old key and sealed again with the new one, and each run's ledger records the rotation "
+            "in a signed key_rotation entry (signed with the run's ledger-signing key: --ledger-key, else the "
+            "server state's, else $FEDPRIV_HOME's). A protected key file stays protected with the same "
+            "passphrase. Stop the server and any run first, and give every run and data file sealed with "
+            "the key: the old key is gone afterwards. Interrupted, it can be run again with the same "
+            "arguments to finish: the new key waits in KEYFILE.next until every file is done."
+        ),
+    )
+    rotate.add_argument("runs", metavar="RUN_DIR", type=Path, nargs="*", help="runs whose sealed files to rotate")
+    rotate.add_argument("--data", type=Path, action="append", default=[], metavar="FILE",
+                        help="a sealed data file to rotate too (repeatable)")
+    rotate.add_argument("--key-file", type=Path, metavar="FILE", help="the sealing key file to rotate")
+    rotate.add_argument("--ledger-key", type=Path, metavar="FILE", help="the runs' ledger-signing key")
+    rotate.set_defaults(func=cmd_keys_rotate)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    import os
+
+    from fedpriv.common import checkpoint, rundir
+    from fedpriv.common.errors import FedprivError
+    from fedpriv.common.rotation import rotate
+
+    if not args.runs and not args.data:
+        raise FedprivError("nothing to rotate: give RUN_DIR(s) and/or --data FILE")
+    key_file = args.key_file
+    if key_file is None and os.environ.get(checkpoint.KEY_FILE_ENV):
+        key_file = Path(os.environ[checkpoint.KEY_FILE_ENV])
+    if key_file is None and args.runs:
+        state_key = args.runs[0].resolve().parent.parent / rundir.STATE_KEYS_LINK / rundir.CHECKPOINT_KEY
+        key_file = state_key if state_key.is_file() else None
+    key_file = key_file or checkpoint.default_key_path()
+    done = rotate(key_file, args.runs, args.data, args.ledger_key)
+    for path in done.resealed:
+        print(f"sealed again  {path}")
+    for path in done.already:
+        print(f"already new   {path}")
+    for run in done.recorded:
+        print(f"recorded      {run / 'ledger.jsonl'}")
+    print(f"rotated the sealing key in {key_file}: {done.old_id} -> {done.new_id}")
+    print("files sealed with the old key that were not given here can no longer be opened")
+    return EXIT_OK
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -63,6 +112,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from fedpriv.common.keys import app_signing_keys, federation_keys, roster_file, write_keys
     from fedpriv.common.fileio import write_atomic
 
+    if args.out is None:
+        from fedpriv.common.errors import FedprivError
+
+        raise FedprivError("--out DIR is required (or a command: fedpriv keys rotate)")
     secret = new_passphrase_required() if args.protect else None
     if args.sign_roster:
         roster = roster_file(args.out, args.node_keys)
