@@ -33,7 +33,7 @@ from fedpriv.clients.mods import make_policy_mod, make_secure_aggregation_mod
 from fedpriv.clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
 from fedpriv.clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from fedpriv.clients.trainer import LocalTrainer, TrainResult, get_trainer
-from fedpriv.common import secagg, user_dp
+from fedpriv.common import rundir, secagg, user_dp
 from fedpriv.common.accounting import merge_spends
 from fedpriv.common.canaries import Canaries
 from fedpriv.common.config import DataSection, RunConfig, config_from_run_config
@@ -49,7 +49,7 @@ from fedpriv.common.protocol import (
 from fedpriv.common.witness import parse_node_run_head
 
 RUN_MARKER = "fedpriv-run"
-TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent
+TRAINING_LOG = rundir.TRAINING_LOG  # the node's own per-round training figures, never sent
 
 
 @functools.lru_cache(maxsize=4)

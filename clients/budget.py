@@ -14,6 +14,7 @@ import fcntl
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedpriv.common import rundir
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend, record_level_epsilon
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import open_private
@@ -22,8 +23,8 @@ from fedpriv.common.ledger_schema import NODE, Kind
 from fedpriv.common.replay import replay
 from fedpriv.common.witness import NODE_CLIENT_ID, NODE_RUN_HEAD
 
-NODE_KEY = "node.key"
-LOCK = ".lock"
+NODE_KEY = rundir.NODE_KEY
+LOCK = rundir.NODE_LOCK
 RUN_ID = "run_id"  # the fedpriv run a spend was made in (entry parameters)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedpriv.common.errors import FedprivError
-from fedpriv.common import keyfiles, rundir, secret_env
+from fedpriv.common import key_providers, keyfiles, rundir, secret_env
 from fedpriv.common.fileio import create_private, write_atomic
 
 MAGIC = b"FPSEAL02"
@@ -147,13 +148,16 @@ def require_key(purpose: str) -> bytes:
     return key
 
 
-def key_from_environment(env: Mapping[str, str] | None = None) -> bytes | None:
-    """The checkpoint key from the environment (``$FEDPRIV_CHECKPOINT_KEY``, else the file
-    ``$FEDPRIV_CHECKPOINT_KEY_FILE`` names), or None when none is configured."""
+def key_from_environment(env: Mapping[str, str] | None = None) -> Any:
+    """The sealing key from the environment (``$FEDPRIV_CHECKPOINT_KEY``, else the file or the
+    PKCS#11 URI ``$FEDPRIV_CHECKPOINT_KEY_FILE`` names: common/key_providers.py), or None when none
+    is configured. Bytes, or a token's key object that seals and opens files itself."""
     value = secret_env.get(KEY_ENV, env)
     if value:
         return _decode_key(value.encode(), f"${KEY_ENV}", env)
     name = (os.environ if env is None else env).get(KEY_FILE_ENV)
+    if name and key_providers.is_pkcs11(name):
+        return key_providers.Pkcs11SealingKey(name, env)
     if name:
         path = Path(name)
         try:
@@ -162,6 +166,20 @@ def key_from_environment(env: Mapping[str, str] | None = None) -> bytes | None:
             raise CheckpointError(f"cannot read checkpoint key file {path}: {exc.strerror}") from None
         return _decode_key(raw, f"checkpoint key file {path}", env)
     return None
+
+
+def _aead(key: Any) -> Any:
+    """AES-256-GCM with ``key``: the key's bytes (a file or the environment), or a key that does
+    the sealing itself (a PKCS#11 token's, common/key_providers.py)."""
+    return AESGCM(key) if isinstance(key, (bytes, bytearray)) else key
+
+
+def key_id(key: Any) -> str:
+    """A sealing key's public name: 16 hex digits of a domain-separated SHA-256 of its bytes (it
+    reveals nothing usable about a 256-bit key), or a token key's own."""
+    if isinstance(key, (bytes, bytearray)):
+        return hashlib.sha256(b"fedpriv sealing key id\0" + bytes(key)).hexdigest()[:16]
+    return str(key.key_id)
 
 
 def _binding(role: str, run_id: str) -> bytes:
@@ -177,7 +195,7 @@ def seal(arrays: list[np.ndarray], header: Mapping[str, Any], key: bytes, *, rol
     binding = _binding(role, run_id)
     prefix = MAGIC + len(binding).to_bytes(2, "big") + binding
     nonce = os.urandom(NONCE_BYTES)
-    return prefix + nonce + AESGCM(key).encrypt(nonce, buffer.getvalue(), prefix)
+    return prefix + nonce + _aead(key).encrypt(nonce, buffer.getvalue(), prefix)
 
 
 def binding_of(data: bytes, where: str) -> tuple[dict[str, str], int]:
@@ -214,7 +232,7 @@ def unseal(data: bytes, key: bytes, where: str = "checkpoint", *, role: str,
                               f"refusing a file moved between runs")
     nonce = data[end:end + NONCE_BYTES]
     try:
-        plain = AESGCM(key).decrypt(nonce, data[end + NONCE_BYTES:], data[:end])
+        plain = _aead(key).decrypt(nonce, data[end + NONCE_BYTES:], data[:end])
     except InvalidTag:
         raise CheckpointError(f"{where} failed authentication: it was altered, or the key is wrong") from None
     with np.load(io.BytesIO(plain), allow_pickle=False) as npz:

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedpriv.common.errors import FedprivError
+from fedpriv.common import key_providers
 from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, parse_private_key
 from fedpriv.common.fileio import create_private, json_safe, open_private, private_dir, write_atomic
 from fedpriv.common.lazy import lazy_import
@@ -102,7 +103,10 @@ def public_pem(public_key: Ed25519PublicKey) -> bytes:
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    """Read an Ed25519 private key (PEM), or create one with 0600 permissions."""
+    """Read an Ed25519 private key (PEM), or create one with 0600 permissions; a PKCS#11 URI in
+    place of the path names a key in a token, which signs there (common/key_providers.py)."""
+    if key_providers.is_pkcs11(path):
+        return key_providers.Pkcs11SigningKey(str(path))  # type: ignore[return-value]
     if path.exists():
         try:
             key = parse_private_key(path.read_bytes())

@@ -10,12 +10,11 @@ rotation is not recorded twice.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpriv.common import checkpoint, keyfiles, rundir, secret_env, witness
+from fedpriv.common import checkpoint, key_providers, keyfiles, rundir, secret_env, witness
 from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import create_private, fsync_directory
@@ -26,10 +25,7 @@ NEXT_SUFFIX = ".next"
 RUN_ARTEFACTS = ((rundir.CHECKPOINT, checkpoint.ROLE_CHECKPOINT), (rundir.MODEL, checkpoint.ROLE_MODEL))
 
 
-def key_id(key: bytes) -> str:
-    """A sealing key's public name: 16 hex digits of a domain-separated SHA-256 (it reveals nothing
-    usable about a 256-bit key)."""
-    return hashlib.sha256(b"fedpriv sealing key id\0" + key).hexdigest()[:16]
+key_id = checkpoint.key_id
 
 
 @dataclass
@@ -73,6 +69,9 @@ def _signing_key_path(run_dir: Path, given: Path | None) -> Path:
 
 def rotate(key_file: Path, runs: list[Path], data_files: list[Path], ledger_key: Path | None = None) -> Rotation:
     """Rotate the sealing key in ``key_file`` (see the module docstring)."""
+    if key_providers.is_pkcs11(key_file):
+        raise FedprivError("the sealing key is in a PKCS#11 token: rotate it with the token's own tools (make a new "
+                           "key, then seal the files again with it), not with fedpriv keys rotate")
     if not key_file.is_file():
         raise FedprivError(f"no sealing key file at {key_file}")
     old = checkpoint.key_from_environment({**_passphrase_env(), checkpoint.KEY_FILE_ENV: str(key_file)})

@@ -27,6 +27,11 @@ DEFAULT_RUNS_DIR = "runs"
 RUNS_DIR_ENV = "FEDPRIV_RUNS_DIR"
 NODES_DIR = "nodes"  # node state directories (signed ledgers, simulated nodes' keys)
 
+# ---- a node's state directory (<state>/<node name>) -------------------------------------------
+NODE_KEY = "node.key"  # the key that signs the node's own ledger
+NODE_LOCK = ".lock"  # held while a process of the node writes its ledger
+TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent
+
 # ---- the fedpriv home ----------------------------------------------------------------------------
 HOME_ENV = "FEDPRIV_HOME"
 DEFAULT_HOME = ".fedpriv"  # under the user's home directory

@@ -1,6 +1,7 @@
 """Key material passed by environment variable, held out of child processes.
 
-``$FEDPRIV_CHECKPOINT_KEY`` (the sealing key itself) and ``$FEDPRIV_KEY_PASSPHRASE`` hold secrets
+``$FEDPRIV_CHECKPOINT_KEY`` (the sealing key itself), ``$FEDPRIV_KEY_PASSPHRASE`` and
+``$FEDPRIV_PKCS11_PIN`` hold secrets
 in the environment, which every child process inherits. The ``fedpriv`` command moves them out of
 its environment when it starts (:func:`held`); fedpriv reads them from this module, and hands them
 only to the children that need them (:func:`for_child`): the SuperLink (its ServerApp processes
@@ -18,7 +19,8 @@ from typing import Iterator, Mapping
 
 CHECKPOINT_KEY_ENV = "FEDPRIV_CHECKPOINT_KEY"
 PASSPHRASE_ENV = "FEDPRIV_KEY_PASSPHRASE"
-KEY_MATERIAL_ENV = (CHECKPOINT_KEY_ENV, PASSPHRASE_ENV)
+PKCS11_PIN_ENV = "FEDPRIV_PKCS11_PIN"
+KEY_MATERIAL_ENV = (CHECKPOINT_KEY_ENV, PASSPHRASE_ENV, PKCS11_PIN_ENV)
 
 _held: dict[str, str] = {}
 

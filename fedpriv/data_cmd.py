@@ -34,8 +34,6 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_data_seal(args: argparse.Namespace) -> int:
-    import hashlib
-
     from fedpriv.common import checkpoint, fileio
     from fedpriv.common.data import load_file, normalise
     from fedpriv.common.errors import FedprivError
@@ -51,6 +49,6 @@ def cmd_data_seal(args: argparse.Namespace) -> int:
     key = checkpoint.ensure_key()
     fileio.write_atomic(args.out, checkpoint.seal_data(x, y, key, source=args.input.name))
     print(f"sealed {len(y)} examples of {args.input} into {args.out} (AES-256-GCM, key "
-          f"{hashlib.sha256(key).hexdigest()[:16]} from {checkpoint.key_source()})")
+          f"{checkpoint.key_id(key)} from {checkpoint.key_source()})")
     print(f"{args.input} is unchanged: delete it once {args.out} is where the node reads it")
     return EXIT_OK

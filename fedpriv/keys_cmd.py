@@ -77,6 +77,33 @@ def add_parser(sub: Any) -> None:
     rotate.add_argument("--key-file", type=Path, metavar="FILE", help="the sealing key file to rotate")
     rotate.add_argument("--ledger-key", type=Path, metavar="FILE", help="the runs' ledger-signing key")
     rotate.set_defaults(func=cmd_keys_rotate)
+    token = keys_sub.add_parser(
+        "pkcs11", help="generate the sealing and ledger-signing keys inside a PKCS#11 token",
+        description=(
+            "Generate, inside a PKCS#11 token (a hardware security module, or SoftHSM2), a non-extractable "
+            "AES-256 sealing key and a non-extractable Ed25519 ledger-signing key, labelled as the two URIs "
+            "say. The PKCS#11 library is $FEDPRIV_PKCS11_MODULE; the user PIN comes from the file "
+            "$FEDPRIV_PKCS11_PIN_FILE names, or $FEDPRIV_PKCS11_PIN. Then point fedpriv at them: "
+            "FEDPRIV_CHECKPOINT_KEY_FILE=SEALING_URI and FEDPRIV_LEDGER_KEY=SIGNING_URI; checkpoints and "
+            "models are sealed, and ledgers signed, inside the token."
+        ),
+    )
+    token.add_argument("--sealing", required=True, metavar="URI", help="e.g. pkcs11:token=fedpriv;object=sealing")
+    token.add_argument("--signing", required=True, metavar="URI", help="e.g. pkcs11:token=fedpriv;object=ledger")
+    token.set_defaults(func=cmd_keys_pkcs11)
+
+
+def cmd_keys_pkcs11(args: argparse.Namespace) -> int:
+    from fedpriv.common import key_providers
+    from fedpriv.common.ledger import public_pem
+
+    key_providers.parse_uri(args.sealing), key_providers.parse_uri(args.signing)
+    key_providers.generate(args.sealing, args.signing)
+    signer = key_providers.Pkcs11SigningKey(args.signing)
+    print(f"generated in the token: {args.sealing} (AES-256) and {args.signing} (Ed25519), neither extractable")
+    print("the ledger-signing key's public half (pin it in audits):")
+    print(public_pem(signer.public_key()).decode().strip())
+    return EXIT_OK
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:

@@ -298,3 +298,35 @@ def files_containing(roots: list[Path], needles: list[bytes]) -> list[Path]:
                 if any(n in data for n in needles):
                     found.append(path)
     return found
+
+
+def assert_listed(root: Path, where: str, protected_keys: bool = False) -> int:
+    """Every file under ``root`` (a place of kind ``where``, common/stored_files.py) is listed in
+    the README's table of stored files, and is protected as listed: sealed files open as sealed
+    files, ledgers verify, and with ``protected_keys`` every protectable key is protected. Returns
+    how many files were checked."""
+    from fedpriv.common import checkpoint, keyfiles, stored_files
+    from fedpriv.common.ledger import verify_ledger
+
+    nested = {"as run directory": stored_files.RUN, "as node state": stored_files.NODE}
+    checked = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        relative = path.relative_to(root).as_posix()
+        entry = stored_files.entry_for(where, relative)
+        assert entry is not None, f"{path} ({where}) is not in common/stored_files.py"
+        if entry.protection in nested:  # STATE/runs/RUN/..., HOME/nodes/NODE/...
+            inner = path.relative_to(root / Path(relative).parts[0] / Path(relative).parts[1]).as_posix()
+            entry = stored_files.entry_for(nested[entry.protection], inner)
+            assert entry is not None, f"{path} is not in common/stored_files.py"
+        data = path.read_bytes()
+        if entry.protection == stored_files.SEALED:
+            assert checkpoint.binding_of(data, str(path))[0]["role"], path
+        elif entry.protection == stored_files.SIGNED:
+            report = verify_ledger(path.parent)
+            assert report.ok, (path, report.failures)
+        elif entry.protection == stored_files.PROTECTABLE and protected_keys:
+            assert keyfiles.is_protected(data), f"{path} is not passphrase-protected"
+        elif entry.protection == stored_files.PROTECTABLE_KEY and protected_keys:
+            assert data.startswith(checkpoint.PROTECTED_PREFIX), f"{path} is not passphrase-protected"
+        checked += 1
+    return checked

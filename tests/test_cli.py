@@ -92,3 +92,10 @@ def test_configuration_docs_are_current():
     from tests.conftest import ROOT
 
     assert settings_markdown() in (ROOT / "docs" / "configuration.md").read_text()
+
+
+def test_the_readme_table_of_stored_files_is_current():
+    from fedpriv.common import stored_files
+    from tests.conftest import ROOT
+
+    assert stored_files.markdown() in (ROOT / "README.md").read_text()

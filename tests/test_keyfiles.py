@@ -130,8 +130,10 @@ def test_key_material_in_the_environment_is_held_out_of_children(monkeypatch):
         assert checkpoint.key_from_environment() == base64.b64decode(value)  # still fedpriv's to use
         assert keyfiles.passphrase() == SECRET
         env = flower_environment()
-        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.environ))"], env=env,
+        child = subprocess.run([sys.executable, "-c", "import os; print('\\n'.join(os.environ))"], env=env,
                                capture_output=True, text=True, timeout=60)
-        assert checkpoint.KEY_ENV not in child.stdout and keyfiles.PASSPHRASE_ENV not in child.stdout
+        names = child.stdout.splitlines()
+        assert checkpoint.KEY_ENV not in names and keyfiles.PASSPHRASE_ENV not in names
+        assert value not in child.stdout
         assert secret_env.for_child(checkpoint.KEY_ENV) == {checkpoint.KEY_ENV: value}
     assert os.environ[checkpoint.KEY_ENV] == value  # put back when the command ends

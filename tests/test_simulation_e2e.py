@@ -16,9 +16,9 @@ import shutil
 import numpy as np
 import pytest
 
-from fedpriv.common import checkpoint
+from fedpriv.common import checkpoint, stored_files
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import (assert_private, files_containing, poisson_gaussian_epsilon, raw_byte_runs, run_cli_here,
+from tests.conftest import (assert_listed, assert_private, files_containing, poisson_gaussian_epsilon, raw_byte_runs, run_cli_here,
                             run_model)
 
 pytestmark = pytest.mark.slow
@@ -82,6 +82,8 @@ def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
     assert len(model) == 10  # 5 layers with weights, kernel + bias each
     # Sealed at rest: no file fedpriv wrote holds the model's weights in plaintext.
     assert files_containing([out, tmp_path / "home"], raw_byte_runs(model)) == []
+    # Every file is in the README's table of stored files, sealed or signed as it says.
+    assert assert_listed(out, stored_files.RUN) >= 20 and assert_listed(tmp_path / "home", stored_files.HOME) >= 3
 
     # The untouched run's ledger verifies and replays to the same figures.
     audit = run_cli_here("audit", str(out), "--json")  # (in this process: it starts no federation)

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from fedpriv.clients.warm_start import COLD, READY
-from fedpriv.common import checkpoint, keyfiles
+from fedpriv.common import checkpoint, keyfiles, stored_files
 from fedpriv.common.ledger import verify_ledger
-from tests.conftest import ROOT, assert_private, files_containing, raw_byte_runs, run_cli_here, run_model
+from tests.conftest import ROOT, assert_listed, assert_private, files_containing, raw_byte_runs, run_cli_here, run_model
 
 pytestmark = pytest.mark.slow(cost=3)
 
@@ -99,6 +99,11 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     records = checkpoint.read_data(tmp_path / "fed/data/node-1.sealed", node_key)[0]
     needles = raw_byte_runs(run_model(run, server_key)) + raw_byte_runs([records])
     assert files_containing([tmp_path / "fed", home], needles) == []
+    # Every file is in the README's table of stored files, sealed, signed or protected as it says.
+    assert assert_listed(tmp_path / "fed/keys", stored_files.KEYS, protected_keys=True) >= 15
+    assert assert_listed(tmp_path / "fed/data", stored_files.DATA) == 3
+    assert assert_listed(tmp_path / "fed/server", stored_files.STATE) > 10
+    assert assert_listed(home, stored_files.HOME) > 10
 
     ledger = verify_ledger(run)
     assert ledger.ok, ledger.failures
