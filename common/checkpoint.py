@@ -118,7 +118,7 @@ def ensure_key() -> bytes:
     path = default_key_path()
     if not path.exists():
         try:
-            create_private(path, encode_key(new_key()))
+            create_private(path, encode_key(new_key(), keyfiles.passphrase()))  # protected if a passphrase is set
         except FileExistsError:  # another run created it meanwhile
             pass
     os.environ[KEY_FILE_ENV] = str(path)

@@ -76,6 +76,7 @@ def _pin(env: Mapping[str, str] | None) -> str:
     return pin
 
 
+_LIBS: dict[str, Any] = {}  # one loaded library per module path: a PKCS#11 module is initialised once
 _SESSIONS: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
 
@@ -92,8 +93,9 @@ def _session(uri: str, env: Mapping[str, str] | None) -> Any:
     with _LOCK:
         if (module, label) not in _SESSIONS:
             try:
-                lib = pkcs11.lib(module)
-                token = lib.get_token(token_label=label)
+                if module not in _LIBS:
+                    _LIBS[module] = pkcs11.lib(module)
+                token = _LIBS[module].get_token(token_label=label)
                 _SESSIONS[(module, label)] = token.open(user_pin=_pin(env), rw=True)
             except pkcs11.exceptions.NoSuchToken:
                 raise KeyProviderError(f"no PKCS#11 token labelled {label!r} in {module}") from None

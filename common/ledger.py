@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedpriv.common.errors import FedprivError
 from fedpriv.common import key_providers
-from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, parse_private_key
+from fedpriv.common.keyfiles import KEY_ERRORS, PassphraseError, parse_private_key, passphrase, private_pem
 from fedpriv.common.fileio import create_private, json_safe, open_private, private_dir, write_atomic
 from fedpriv.common.lazy import lazy_import
 from fedpriv.common.ledger_schema import LEDGER_ACTOR, Kind
@@ -103,7 +103,8 @@ def public_pem(public_key: Ed25519PublicKey) -> bytes:
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    """Read an Ed25519 private key (PEM), or create one with 0600 permissions; a PKCS#11 URI in
+    """Read an Ed25519 private key (PEM), or create one with 0600 permissions (passphrase-protected
+    when a key passphrase is configured); a PKCS#11 URI in
     place of the path names a key in a token, which signs there (common/key_providers.py)."""
     if key_providers.is_pkcs11(path):
         return key_providers.Pkcs11SigningKey(str(path))  # type: ignore[return-value]
@@ -118,9 +119,8 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
             raise FedprivError(f"signing key {path} is not an Ed25519 key")
         return key
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    create_private(path, pem)
+    # passphrase-protected when a key passphrase is configured (common/keyfiles.py)
+    create_private(path, private_pem(key, passphrase()))
     return key
 
 

@@ -40,6 +40,7 @@ PROTECTABLE = "passphrase-protected with `--protect` (PKCS#8, scrypt, AES-256)"
 PROTECTABLE_KEY = "passphrase-protected with `--protect` (scrypt, AES-256-GCM)"
 PUBLIC = "public: integrity by the CA or pinning"
 PLAIN = "owner-only file, not encrypted"
+MADE_PROTECTED = "passphrase-protected when a key passphrase is set (PKCS#8, scrypt, AES-256)"
 FLOWER = "owner-only file, not encrypted (written by Flower)"
 
 
@@ -66,7 +67,7 @@ def _ledger(where: str, prefix: str, whose: str) -> list[StoredFile]:
 def _node(where: str, prefix: str) -> list[StoredFile]:
     return [
         *_ledger(where, prefix, "the node's own"),
-        StoredFile(where, prefix + rundir.NODE_KEY, "the key that signs the node's ledger", PLAIN),
+        StoredFile(where, prefix + rundir.NODE_KEY, "the key that signs the node's ledger", MADE_PROTECTED),
         StoredFile(where, prefix + rundir.NODE_LOCK, "a lock held while the node writes its ledger (empty)", PLAIN),
         StoredFile(where, prefix + rundir.TRAINING_LOG,
                    "the node's loss, example and step counts, update norm per round (never sent)", PLAIN),
@@ -91,9 +92,9 @@ FILES: tuple[StoredFile, ...] = (
     *_node(RUN, f"{rundir.NODES_DIR}/{rundir.simulated_node_name(0).replace('0', '*')}/"),
     *_node(NODE, ""),
     StoredFile(HOME, f"{rundir.KEYS_DIR}/{rundir.LEDGER_SIGNING_KEY}", "the ledger-signing key fedpriv simulate makes",
-               PLAIN),
+               MADE_PROTECTED),
     StoredFile(HOME, f"{rundir.KEYS_DIR}/{rundir.CHECKPOINT_KEY}",
-               "the sealing key fedpriv simulate (and data seal) make", PLAIN),
+               "the sealing key fedpriv simulate (and data seal) make", MADE_PROTECTED),
     StoredFile(HOME, f"{rundir.KEYS_DIR}/{rundir.CHECKPOINT_KEY}.next", "only during fedpriv keys rotate: the new key",
                PLAIN),
     StoredFile(HOME, f"{WITNESS_DIR}/{STATE_PUBLIC_KEY}", "the ledger key's public half, to pin in an audit", PUBLIC),

@@ -4,6 +4,7 @@ through a symbolic link planted where fedpriv writes (common.fileio, and the led
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -97,3 +98,33 @@ def test_a_state_directory_of_another_user_is_refused(tmp_path):
     with pytest.raises(FedprivError, match="another user"):
         fileio.write_atomic(state / "file", b"x")
     assert not (state / "file").exists()
+
+
+# Writes outside common/fileio.py, each into a directory the same code has just made with mkdtemp
+# (private, fresh: nothing can be planted in it): the app snapshot fedpriv server run signs, the app
+# gate's launcher script, and the Keras file fedpriv model export reads back before writing it.
+FRESH_DIRECTORY_WRITES = {
+    ("common/appsign.py", "target.write_bytes("),
+    ("clients/app_gate.py", "path.write_text("),
+    ("fedpriv/model_cmd.py", "model.save(path)"),
+}
+WRITE_CALL = re.compile(r"(\w+\.write_text\(|\w+\.write_bytes\(|\bopen\([^)]*['\"][wax]b?\+?['\"]|np\.save\w*\(\s*(?!buffer)\w|"
+                        r"\w+\.save\(path\)|savefig\((?!buffer))")
+
+
+def test_product_code_writes_files_only_through_fileio():
+    """So every file fedpriv writes or appends to gets the symlink refusal tested above: no module
+    but common/fileio.py opens a file for writing, except the writes into fresh directories above."""
+    from tests.conftest import ROOT
+
+    found = set()
+    for package in ("common", "server", "clients", "simulations", "fedpriv"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative == "common/fileio.py":
+                continue
+            for line in path.read_text().splitlines():
+                for match in WRITE_CALL.finditer(line):
+                    if "os.devnull" not in line:
+                        found.add((relative, match.group(0)))
+    assert found == FRESH_DIRECTORY_WRITES, found - FRESH_DIRECTORY_WRITES or FRESH_DIRECTORY_WRITES - found

@@ -81,7 +81,13 @@ def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
     assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(model) == 10  # 5 layers with weights, kernel + bias each
     # Sealed at rest: no file fedpriv wrote holds the model's weights in plaintext.
-    assert files_containing([out, tmp_path / "home"], raw_byte_runs(model)) == []
+    # Nor any training record of the clients.
+    from fedpriv.common.config import load_config
+    from fedpriv.common.data import load_dataset
+
+    cfg = load_config(overrides=SETTINGS)
+    records = load_dataset(cfg.data, cfg.run.seed).x_train
+    assert files_containing([out, tmp_path / "home"], raw_byte_runs(model) + raw_byte_runs([records])) == []
     # Every file is in the README's table of stored files, sealed or signed as it says.
     assert assert_listed(out, stored_files.RUN) >= 20 and assert_listed(tmp_path / "home", stored_files.HOME) >= 3
 

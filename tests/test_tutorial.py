@@ -95,7 +95,7 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
         assert keyfiles.is_protected((tmp_path / "fed/keys" / name).read_bytes()), name
     server_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(tmp_path / "fed/keys/checkpoint.key"),
                                                   **passphrase})
-    node_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(home / "keys/checkpoint.key")})
+    node_key = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(home / "keys/checkpoint.key"), **passphrase})
     records = checkpoint.read_data(tmp_path / "fed/data/node-1.sealed", node_key)[0]
     needles = raw_byte_runs(run_model(run, server_key)) + raw_byte_runs([records])
     assert files_containing([tmp_path / "fed", home], needles) == []
@@ -103,7 +103,7 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     assert assert_listed(tmp_path / "fed/keys", stored_files.KEYS, protected_keys=True) >= 15
     assert assert_listed(tmp_path / "fed/data", stored_files.DATA) == 3
     assert assert_listed(tmp_path / "fed/server", stored_files.STATE) > 10
-    assert assert_listed(home, stored_files.HOME) > 10
+    assert assert_listed(home, stored_files.HOME, protected_keys=True) > 10  # (node.key made protected)
 
     ledger = verify_ledger(run)
     assert ledger.ok, ledger.failures
