@@ -107,6 +107,17 @@ def _session(uri: str, env: Mapping[str, str] | None) -> Any:
         return _SESSIONS[(module, label)]
 
 
+def open_configured(env: Mapping[str, str] | None = None) -> None:
+    """Open the tokens the configured keys name, if any, before TensorFlow starts: SoftHSM2 2.6
+    crashed (SIGSEGV in its C_Initialize) when first loaded late in a ``fedpriv simulate`` process,
+    after TensorFlow, Flower and the model were up, and runs cleanly when loaded first. The
+    ``fedpriv`` command calls this before anything else, and the ServerApp before TensorFlow."""
+    source = os.environ if env is None else env
+    for name in ("FEDPRIV_CHECKPOINT_KEY_FILE", "FEDPRIV_LEDGER_KEY"):
+        if is_pkcs11(source.get(name)):
+            _session(str(source[name]), env)
+
+
 def _object(uri: str, env: Mapping[str, str] | None, object_class: Any, key_type: Any) -> Any:
     import pkcs11
 

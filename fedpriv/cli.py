@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedpriv.common import secret_env
+from fedpriv.common import key_providers, secret_env
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import PRIVATE_UMASK
 
@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)  # owner-only files for this process and every process it starts
     try:
         with secret_env.held():  # key material in the environment: handed only to children that need it
+            key_providers.open_configured()  # keys in a PKCS#11 token: opened before TensorFlow loads
             return int(args.func(args) or 0)
     except FedprivError as exc:
         _error(str(exc))

@@ -25,7 +25,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv.common import checkpoint, rundir, secagg
+from fedpriv.common import checkpoint, key_providers, rundir, secagg
 from fedpriv.common.config import RunConfig, config_from_run_config
 from fedpriv.common.data import load_dataset
 from fedpriv.common.models import build_model, resolve_model_name
@@ -98,6 +98,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
                on_round: Callable[[RoundEntry], None] | None = None,
                on_exchange: Callable[[list, list], None] | None = None,
                strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy) -> dict:
+    key_providers.open_configured()  # (a key in a PKCS#11 token: opened before TensorFlow starts)
     tf()
     dataset = load_dataset(cfg.data, cfg.run.seed)
     model_name = resolve_model_name(cfg.model, dataset.input_shape)

@@ -9,13 +9,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
 from fedpriv.common import checkpoint, key_providers, rundir
 from fedpriv.common.ledger import load_public_key, verify_ledger
-from tests.conftest import run_cli_here, simulate_run
+from tests.conftest import ROOT, run_cli, run_cli_here
 
 MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
            "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so")
@@ -31,51 +34,68 @@ SETTINGS = ["run.rounds=1", "federation.num_clients=3", "federation.min_availabl
             "data.dataset=digits", "model.name=mlp", "model.mlp_units=16"]
 
 
+CHECK = """
+import json, sys
+from pkcs11 import Attribute
+from fedpriv.common import checkpoint, key_providers
+key = checkpoint.key_from_environment()
+arrays, header = checkpoint.read_checkpoint(checkpoint.Path(sys.argv[1]), key, sys.argv[2])
+print(json.dumps({"round": header["round"], "extractable": key._key[Attribute.EXTRACTABLE],
+                  "sensitive": key._key[Attribute.SENSITIVE]}))
+"""
+
+
 def test_a_simulation_seals_and_signs_with_keys_in_a_token_and_audits(tmp_path, own_server_state):
+    """Every use of the token is in a process of its own (the command line, as a user runs it):
+    a PKCS#11 module loaded into the long-lived pytest worker shares it with everything earlier
+    tests loaded there."""
     label = f"fedpriv-{os.getpid()}"
     (tmp_path / "tokens").mkdir()
     conf = tmp_path / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
     init = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", "4321",
-                           "--so-pin", "87654321"], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-                          capture_output=True, text=True, timeout=60)
+                           "--so-pin", "87654321"], env=env, capture_output=True, text=True, timeout=60)
     assert init.returncode == 0, init.stderr
     (tmp_path / "pin").write_text("4321\n")
     sealing, signing = f"pkcs11:token={label};object=sealing", f"pkcs11:token={label};object=ledger"
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf), key_providers.MODULE_ENV: MODULE,
-           key_providers.PIN_FILE_ENV: str(tmp_path / "pin"), "FEDPRIV_HOME": str(tmp_path / "home"),
-           checkpoint.KEY_FILE_ENV: sealing, rundir.LEDGER_KEY_ENV: signing}
+    env.update({key_providers.MODULE_ENV: MODULE, key_providers.PIN_FILE_ENV: str(tmp_path / "pin"),
+                "FEDPRIV_HOME": str(tmp_path / "home"), checkpoint.KEY_FILE_ENV: sealing,
+                rundir.LEDGER_KEY_ENV: signing})
     env.pop(checkpoint.KEY_ENV, None)
-    os.environ["SOFTHSM2_CONF"] = str(conf)  # (read once, when this process first loads the module)
-    key_providers.generate(sealing, signing, env)
+    made = run_cli("keys", "pkcs11", "--sealing", sealing, "--signing", signing, env=env)
+    assert made.returncode == 0, made.stderr
+    token_public = made.stdout[made.stdout.index("-----BEGIN PUBLIC KEY"):].encode()
+    (tmp_path / "token.pub").write_bytes(token_public)
 
     run = tmp_path / "run"
-    proc, summary = simulate_run(run, SETTINGS, env=env, here=True)
+    args = ["simulate", "--preset", "quickstart", *[x for s in SETTINGS for x in ("--set", s)], "--out", str(run)]
+    proc = subprocess.run([sys.executable, "-m", "tests.injected", "--threads", "--", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Nothing of either key on disk: no key file was made, and the token says they cannot be read out.
+    # Nothing of either key on disk: no key file was made.
     assert not (tmp_path / "home" / rundir.KEYS_DIR).exists()
-    from pkcs11 import Attribute
-
-    token_key = checkpoint.key_from_environment(env)
-    assert token_key._key[Attribute.EXTRACTABLE] is False and token_key._key[Attribute.SENSITIVE] is True
-    # Sealed in the token: the files open with the token's key, bound to the run.
-    run_id = verify_ledger(run).entries[0]["parameters"]["run_id"]
-    model = checkpoint.read_model(run / "model.sealed", token_key, run_id)
-    assert sum(a.size for a in model) == summary["model_parameters"]
-    assert checkpoint.read_checkpoint(run / checkpoint.CHECKPOINT, token_key, run_id)[1]["round"] == 1
-    with pytest.raises(checkpoint.CheckpointError, match="altered, or the key is wrong"):
-        checkpoint.read_model(run / "model.sealed", checkpoint.new_key(), run_id)
-    # Signed in the token: the ledger verifies with the token's Ed25519 public key.
-    signer = key_providers.Pkcs11SigningKey(signing, env)
-    (tmp_path / "token.pub").write_bytes((run / "ledger.pub").read_bytes())
-    assert load_public_key(tmp_path / "token.pub") == signer.public_key()
-    assert verify_ledger(run, signer.public_key()).ok
+    # Signed in the token: the ledger verifies with the token's Ed25519 public key, and audits.
+    assert (run / "ledger.pub").read_bytes() == token_public
+    assert verify_ledger(run, load_public_key(tmp_path / "token.pub")).ok
     audit = run_cli_here("audit", str(run), "--json", "--public-key", str(tmp_path / "token.pub"), env=env)
     report = json.loads(audit.stdout)
     assert audit.returncode == 0 and report["ok"] and report["key"]["pinned"], report["failures"]
-    # The model exports through the token's key too.
-    exported = run_cli_here("model", "export", str(run), "--out", str(tmp_path / "m.npz"), env=env)
+    # Sealed in the token: the files are bound to the run and open with the token's key only,
+    # which the token will not hand out.
+    run_id = report["run_id"]
+    assert checkpoint.binding_of((run / "model.sealed").read_bytes(), "model")[0] == {"role": "model", "run": run_id}
+    with pytest.raises(checkpoint.CheckpointError, match="altered, or the key is wrong"):
+        checkpoint.read_model(run / "model.sealed", checkpoint.new_key(), run_id)
+    checked = subprocess.run([sys.executable, "-c", CHECK, str(run / checkpoint.CHECKPOINT), run_id], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout) == {"round": 1, "extractable": False, "sensitive": True}
+    exported = run_cli("model", "export", str(run), "--out", str(tmp_path / "m.npz"), env=env)
     assert exported.returncode == 0, exported.stderr
+    with np.load(tmp_path / "m.npz") as model:
+        assert sum(model[name].size for name in model.files) == json.loads((run / "summary.json").read_text())[
+            "model_parameters"]
 
 
 def test_bad_pkcs11_references_are_one_clear_error(tmp_path):
