@@ -78,7 +78,10 @@ def test_a_simulation_seals_and_signs_with_keys_in_a_token_and_audits(tmp_path, 
     # Signed in the token: the ledger verifies with the token's Ed25519 public key, and audits.
     assert (run / "ledger.pub").read_bytes() == token_public
     assert verify_ledger(run, load_public_key(tmp_path / "token.pub")).ok
-    audit = run_cli_here("audit", str(run), "--json", "--public-key", str(tmp_path / "token.pub"), env=env)
+    # (the audit needs no private key: in this process, without the token's variables, which would
+    # make the command open the token here)
+    plain_env = {k: v for k, v in env.items() if k not in (checkpoint.KEY_FILE_ENV, rundir.LEDGER_KEY_ENV)}
+    audit = run_cli_here("audit", str(run), "--json", "--public-key", str(tmp_path / "token.pub"), env=plain_env)
     report = json.loads(audit.stdout)
     assert audit.returncode == 0 and report["ok"] and report["key"]["pinned"], report["failures"]
     # Sealed in the token: the files are bound to the run and open with the token's key only,
