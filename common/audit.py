@@ -16,7 +16,7 @@ from typing import Any
 from fedpriv.common import accounting
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.rundir import NODES_DIR
+from fedpriv.common.rundir import NODES_DIR, state_of_run
 from fedpriv.common import witness
 from fedpriv.common.ledger import (
     LEDGER, PUBLIC_KEY, key_id, ledger_run_id, load_public_key, verify_ledger,
@@ -87,7 +87,7 @@ def default_operator_log(run_dir: Path) -> Path | None:
     """The operator log of the server state a run directory lives in (``STATE/runs/RUN``)."""
     from fedpriv.common.operators import OPERATOR_LOG
 
-    candidate = run_dir.resolve().parent.parent / OPERATOR_LOG
+    candidate = state_of_run(run_dir) / OPERATOR_LOG
     return candidate if (candidate / LEDGER).exists() else None
 
 

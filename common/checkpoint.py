@@ -37,7 +37,6 @@ MAGIC = b"FPSEAL02"
 OLD_MAGICS = (b"FPCKPT01",)  # checkpoints of fedpriv before sealed artefacts were bound to a run
 NONCE_BYTES = 12
 KEY_BYTES = 32
-PROTECTED_PREFIX = b"fedpriv-protected-key:scrypt:aes-256-gcm:"
 KEY_ENV = secret_env.CHECKPOINT_KEY_ENV  # (held out of child processes: common/secret_env.py)
 KEY_FILE_ENV = "FEDPRIV_CHECKPOINT_KEY_FILE"
 CHECKPOINT = rundir.CHECKPOINT
@@ -58,47 +57,24 @@ def new_key() -> bytes:
 
 def encode_key(key: bytes, secret: bytes | None = None) -> bytes:
     """A key file's content: base64 of the key, or with a passphrase ``secret`` the key wrapped
-    with AES-256-GCM under a scrypt-derived key (:data:`PROTECTED_PREFIX`, then base64 of salt,
-    nonce and the wrapped key)."""
-    if secret is None:
-        return base64.b64encode(key) + b"\n"
-    salt, nonce = os.urandom(16), os.urandom(NONCE_BYTES)
-    wrapped = AESGCM(keyfiles.wrapping_key(secret, salt)).encrypt(nonce, key, PROTECTED_PREFIX)
-    return PROTECTED_PREFIX + base64.b64encode(salt + nonce + wrapped) + b"\n"
+    (:func:`common.keyfiles.wrap_secret`)."""
+    return (base64.b64encode(key) if secret is None else keyfiles.wrap_secret(key, secret)) + b"\n"
 
 
 def _decode_key(raw: bytes, where: str, env: Mapping[str, str] | None = None) -> bytes:
     text = raw.strip()
-    if text.startswith(PROTECTED_PREFIX):
-        return _unwrap_key(text[len(PROTECTED_PREFIX):], where, env)
-    try:
-        key = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
+    if text.startswith(keyfiles.WRAPPED_PREFIX):
+        try:
+            key = keyfiles.unwrap_secret(text, env)
+        except keyfiles.PassphraseError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    else:
+        try:
+            key = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
     if len(key) != KEY_BYTES:
         raise CheckpointError(f"{where} is not a checkpoint key (expected base64 of {KEY_BYTES} bytes)")
-    return key
-
-
-def _unwrap_key(text: bytes, where: str, env: Mapping[str, str] | None) -> bytes:
-    try:
-        secret = keyfiles.passphrase(env)
-    except keyfiles.PassphraseError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    if secret is None:
-        raise CheckpointError(f"{where} is passphrase-protected: give the passphrase in a file named by "
-                              f"${keyfiles.PASSPHRASE_FILE_ENV}, or in ${keyfiles.PASSPHRASE_ENV}")
-    try:
-        blob = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        blob = b""
-    salt, nonce, wrapped = blob[:16], blob[16:16 + NONCE_BYTES], blob[16 + NONCE_BYTES:]
-    try:
-        key = AESGCM(keyfiles.wrapping_key(secret, salt)).decrypt(nonce, wrapped, PROTECTED_PREFIX)
-    except (InvalidTag, ValueError):
-        raise CheckpointError(f"{where}: wrong passphrase (or the key file is damaged)") from None
-    if len(key) != KEY_BYTES:
-        raise CheckpointError(f"{where} is not a checkpoint key")
     return key
 
 
@@ -156,16 +132,20 @@ def key_from_environment(env: Mapping[str, str] | None = None) -> Any:
     if value:
         return _decode_key(value.encode(), f"${KEY_ENV}", env)
     name = (os.environ if env is None else env).get(KEY_FILE_ENV)
-    if name and key_providers.is_pkcs11(name):
-        return key_providers.Pkcs11SealingKey(name, env)
-    if name:
-        path = Path(name)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"cannot read checkpoint key file {path}: {exc.strerror}") from None
-        return _decode_key(raw, f"checkpoint key file {path}", env)
-    return None
+    return key_from_file(name, env) if name else None
+
+
+def key_from_file(name: str | Path, env: Mapping[str, str] | None = None) -> Any:
+    """The sealing key in the key file ``name`` (opened with this process's passphrase settings,
+    or ``env``'s), or in the PKCS#11 token a ``pkcs11:`` URI there names."""
+    if key_providers.is_pkcs11(name):
+        return key_providers.Pkcs11SealingKey(str(name), env)
+    path = Path(name)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint key file {path}: {exc.strerror}") from None
+    return _decode_key(raw, f"checkpoint key file {path}", env)
 
 
 def _aead(key: Any) -> Any:

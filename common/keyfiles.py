@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import padding, serialization
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from fedpriv.common import secret_env
@@ -38,6 +39,7 @@ PASSPHRASE_ENV = secret_env.PASSPHRASE_ENV
 PASSPHRASE_FILE_ENV = "FEDPRIV_KEY_PASSPHRASE_FILE"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 5
 MIN_PASSPHRASE = 8
+WRAPPED_PREFIX = b"fedpriv-protected-key:scrypt:aes-256-gcm:"  # a wrapped secret key (wrap_secret)
 
 
 class PassphraseError(FedprivError, ValueError):
@@ -81,8 +83,11 @@ def new_passphrase_required(env: Mapping[str, str] | None = None) -> bytes:
 
 
 def is_protected(data: bytes) -> bool:
-    """Whether ``data`` is a passphrase-protected private key (PEM or OpenSSH)."""
+    """Whether ``data`` is a passphrase-protected key: a private key (PEM or OpenSSH), or a secret
+    key wrapped by :func:`wrap_secret` (the sealing key)."""
     text = data.lstrip()
+    if text.startswith(WRAPPED_PREFIX):
+        return True
     if text.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY") or b"Proc-Type: 4,ENCRYPTED" in text[:200]:
         return True
     if text.startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
@@ -214,6 +219,32 @@ def _sequence(*items: bytes) -> bytes:
 def wrapping_key(secret: bytes, salt: bytes) -> bytes:
     """A 256-bit key from a passphrase, with the same scrypt settings as protected key files."""
     return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(secret)
+
+
+def wrap_secret(key: bytes, secret: bytes) -> bytes:
+    """A secret key (the sealing key) protected with a passphrase: :data:`WRAPPED_PREFIX`, then
+    base64 of salt, nonce and the key sealed with AES-256-GCM under :func:`wrapping_key`."""
+    salt, nonce = os.urandom(16), os.urandom(12)
+    wrapped = AESGCM(wrapping_key(secret, salt)).encrypt(nonce, key, WRAPPED_PREFIX)
+    return WRAPPED_PREFIX + base64.b64encode(salt + nonce + wrapped)
+
+
+def unwrap_secret(data: bytes, env: Mapping[str, str] | None = None) -> bytes:
+    """The secret key :func:`wrap_secret` protected; :class:`PassphraseError` without the
+    passphrase, or with a wrong one."""
+    secret = passphrase(env)
+    if secret is None:
+        raise PassphraseError(f"it is passphrase-protected: give the passphrase in a file named by "
+                              f"${PASSPHRASE_FILE_ENV}, or in ${PASSPHRASE_ENV}")
+    try:
+        blob = base64.b64decode(data.strip()[len(WRAPPED_PREFIX):], validate=True)
+    except ValueError:
+        blob = b""
+    salt, nonce, wrapped = blob[:16], blob[16:28], blob[28:]
+    try:
+        return AESGCM(wrapping_key(secret, salt)).decrypt(nonce, wrapped, WRAPPED_PREFIX)
+    except (InvalidTag, ValueError):
+        raise PassphraseError("wrong passphrase (or the key file is damaged)") from None
 
 
 def _pkcs8_scrypt(der: bytes, secret: bytes) -> bytes:

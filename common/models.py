@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpriv.common.config import ModelSection
+from fedpriv.common.config import ModelSection, RunConfig
 from fedpriv.common.errors import DataError
 
 CNN_KERNEL = 3
@@ -72,3 +72,16 @@ def build_model(name: str, model: ModelSection, input_shape: tuple[int, ...], nu
     from fedpriv.common.tf_runtime import keras
 
     return keras().Sequential(build_layers(name, model, input_shape, num_classes))
+
+
+def configured_model(cfg: RunConfig, weights: list[Any] | None = None) -> Any:
+    """The model a run of ``cfg`` trains (its dataset decides the input shape and classes), with
+    ``weights`` when given (:class:`ValueError` if they do not fit)."""
+    from fedpriv.common.data import load_dataset
+
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    model = build_model(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, dataset.input_shape,
+                        dataset.num_classes)
+    if weights is not None:
+        model.set_weights(weights)
+    return model

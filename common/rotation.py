@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpriv.common import checkpoint, key_providers, keyfiles, rundir, secret_env, witness
+from fedpriv.common import checkpoint, key_providers, keyfiles, rundir, witness
 from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import create_private, fsync_directory
@@ -23,9 +23,6 @@ from fedpriv.common.ledger_schema import SERVER, Kind
 
 NEXT_SUFFIX = ".next"
 RUN_ARTEFACTS = ((rundir.CHECKPOINT, checkpoint.ROLE_CHECKPOINT), (rundir.MODEL, checkpoint.ROLE_MODEL))
-
-
-key_id = checkpoint.key_id
 
 
 @dataclass
@@ -37,7 +34,7 @@ class Rotation:
     recorded: list[Path] = field(default_factory=list)  # run ledgers the rotation was recorded in
 
 
-def _reseal(path: Path, role: str, run_id: str | None, old: bytes, new: bytes, done: Rotation) -> None:
+def _reseal(path: Path, role: str, run_id: str, old: bytes, new: bytes, done: Rotation) -> None:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -51,8 +48,7 @@ def _reseal(path: Path, role: str, run_id: str | None, old: bytes, new: bytes, d
             raise exc from None
         done.already.append(path)
         return
-    binding, _ = checkpoint.binding_of(data, str(path))
-    checkpoint.write_sealed(path, arrays, header, new, role=role, run_id=binding["run"])
+    checkpoint.write_sealed(path, arrays, header, new, role=role, run_id=run_id)  # (unseal checked the binding)
     done.resealed.append(path)
 
 
@@ -60,7 +56,7 @@ def _signing_key_path(run_dir: Path, given: Path | None) -> Path:
     """The key that signs the run's ledger: ``given``, else the server state's (``STATE/keys``
     for a run in ``STATE/runs``), else the one ``fedpriv simulate`` uses."""
     if given is None:
-        state_keys = run_dir.resolve().parent.parent / rundir.STATE_KEYS_LINK / rundir.LEDGER_SIGNING_KEY
+        state_keys = rundir.state_of_run(run_dir) / rundir.STATE_KEYS_LINK / rundir.LEDGER_SIGNING_KEY
         given = state_keys if state_keys.is_file() else rundir.ledger_signing_key_path()
     if not given.is_file():
         raise FedprivError(f"the ledger-signing key {given} is not there; give the run's with --ledger-key")
@@ -74,18 +70,15 @@ def rotate(key_file: Path, runs: list[Path], data_files: list[Path], ledger_key:
                            "key, then seal the files again with it), not with fedpriv keys rotate")
     if not key_file.is_file():
         raise FedprivError(f"no sealing key file at {key_file}")
-    old = checkpoint.key_from_environment({**_passphrase_env(), checkpoint.KEY_FILE_ENV: str(key_file)})
-    assert old is not None
-    protected = key_file.read_bytes().startswith(checkpoint.PROTECTED_PREFIX)
-    secret = keyfiles.passphrase() if protected else None
+    old = checkpoint.key_from_file(key_file)
+    secret = keyfiles.passphrase() if keyfiles.is_protected(key_file.read_bytes()) else None
     pending = key_file.with_name(key_file.name + NEXT_SUFFIX)
     if pending.exists():  # an interrupted rotation: finish it with the key it had chosen
-        new = checkpoint.key_from_environment({**_passphrase_env(), checkpoint.KEY_FILE_ENV: str(pending)})
-        assert new is not None
+        new = checkpoint.key_from_file(pending)
     else:
         new = checkpoint.new_key()
         create_private(pending, checkpoint.encode_key(new, secret))
-    done = Rotation(key_id(old), key_id(new))
+    done = Rotation(checkpoint.key_id(old), checkpoint.key_id(new))
     checked = []
     for run_dir in runs:  # check every run before changing any
         _signing_key_path(run_dir, ledger_key)
@@ -120,10 +113,3 @@ def rotate(key_file: Path, runs: list[Path], data_files: list[Path], ledger_key:
     fsync_directory(key_file.parent)
     return done
 
-
-def _passphrase_env() -> dict[str, str]:
-    """The passphrase settings of this process, for reading a key file named explicitly."""
-    env = secret_env.for_child(keyfiles.PASSPHRASE_ENV)
-    if os.environ.get(keyfiles.PASSPHRASE_FILE_ENV):
-        env[keyfiles.PASSPHRASE_FILE_ENV] = os.environ[keyfiles.PASSPHRASE_FILE_ENV]
-    return env

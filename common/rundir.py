@@ -48,6 +48,13 @@ STATE_KEYS_LINK = "keys"  # STATE/keys: the key directory fedpriv server start w
 STATE_OPERATORS = "operators.json"  # STATE/operators.json: the operators' port and its CA
 
 
+def state_of_run(run_dir: Path) -> Path:
+    """The server state directory of a run that lives in ``STATE/runs/RUN`` (``fedpriv server
+    start --state``): callers check that what they look for there exists, since a run directory
+    elsewhere has no state around it."""
+    return Path(run_dir).resolve().parent.parent
+
+
 def fedpriv_home(env: Mapping[str, str] | None = None) -> Path:
     """``$FEDPRIV_HOME``; unset or empty, ``~/.fedpriv``."""
     env = os.environ if env is None else env
@@ -90,7 +97,7 @@ def nodes_root(cfg: RunConfig) -> Path:
     return home_nodes_root()
 
 
-def simulated_node_name(partition: int) -> str:
+def simulated_node_name(partition: int | str) -> str:
     return f"sim-{partition}"
 
 

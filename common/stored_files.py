@@ -89,7 +89,7 @@ FILES: tuple[StoredFile, ...] = (
     StoredFile(RUN, f"{rundir.NODES_DIR}/{SIM_ANCHOR_PUB}", "simulations: its public half", PUBLIC),
     StoredFile(RUN, f"{rundir.NODES_DIR}/{SIM_NODE_SECRET}",
                "simulations: the secret the simulated nodes' SecAgg+ signing keys derive from", PLAIN),
-    *_node(RUN, f"{rundir.NODES_DIR}/{rundir.simulated_node_name(0).replace('0', '*')}/"),
+    *_node(RUN, f"{rundir.NODES_DIR}/{rundir.simulated_node_name('*')}/"),
     *_node(NODE, ""),
     StoredFile(HOME, f"{rundir.KEYS_DIR}/{rundir.LEDGER_SIGNING_KEY}", "the ledger-signing key fedpriv simulate makes",
                MADE_PROTECTED),

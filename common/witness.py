@@ -98,7 +98,7 @@ def parse_node_run_head(raw: Any) -> dict[str, Any] | None:
 def audit_witness_root(run_dir: Path) -> Path:
     """The witness dir of the server a run belongs to: ``STATE/ledger-witness`` for a run in
     ``STATE/runs/RUN`` that has one, else :func:`witness_root`."""
-    candidate = run_dir.resolve().parent.parent / WITNESS_DIR
+    candidate = rundir.state_of_run(run_dir) / WITNESS_DIR
     return candidate if candidate.is_dir() else witness_root()
 
 

@@ -119,7 +119,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     if key_file is None and os.environ.get(checkpoint.KEY_FILE_ENV):
         key_file = Path(os.environ[checkpoint.KEY_FILE_ENV])
     if key_file is None and args.runs:
-        state_key = args.runs[0].resolve().parent.parent / rundir.STATE_KEYS_LINK / rundir.CHECKPOINT_KEY
+        state_key = rundir.state_of_run(args.runs[0]) / rundir.STATE_KEYS_LINK / rundir.CHECKPOINT_KEY
         key_file = state_key if state_key.is_file() else None
     key_file = key_file or checkpoint.default_key_path()
     done = rotate(key_file, args.runs, args.data, args.ledger_key)

@@ -73,6 +73,7 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from fedpriv.audit_cmd import _fmt
     from fedpriv.common import checkpoint, fileio, rundir
     from fedpriv.common.audit import audit_run
     from fedpriv.common.errors import FedprivError
@@ -116,24 +117,15 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def _keras_file(run_dir: Path, weights: list[Any]) -> bytes:
     """The whole Keras model, rebuilt from the configuration the run's verified ledger recorded."""
     import tempfile
 
     from fedpriv.common.config import RunConfig
-    from fedpriv.common.data import load_dataset
-    from fedpriv.common.models import build_model, resolve_model_name
+    from fedpriv.common.models import configured_model
     from fedpriv.common.settings import recorded_config, verified_entries
 
-    cfg = RunConfig.from_flat(recorded_config(verified_entries(run_dir)))
-    dataset = load_dataset(cfg.data, cfg.run.seed)
-    model = build_model(resolve_model_name(cfg.model, dataset.input_shape), cfg.model, dataset.input_shape,
-                        dataset.num_classes)
-    model.set_weights(weights)
+    model = configured_model(RunConfig.from_flat(recorded_config(verified_entries(run_dir))), weights)
     with tempfile.TemporaryDirectory() as scratch:  # Keras writes .keras files by name only
         path = Path(scratch) / "model.keras"
         model.save(path)

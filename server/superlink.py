@@ -22,7 +22,6 @@ then submits, so what was signed is exactly what is sent.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -99,17 +98,12 @@ def plan_superlink(keys: Path, state: Path, host: str, port: int, register: list
     }
     checkpoint_key = keys / rundir.CHECKPOINT_KEY
     if checkpoint_key.exists():
-        probe = {checkpoint.KEY_FILE_ENV: str(checkpoint_key), **secret_env.for_child(keyfiles.PASSPHRASE_ENV)}
-        if os.environ.get(keyfiles.PASSPHRASE_FILE_ENV):
-            probe[keyfiles.PASSPHRASE_FILE_ENV] = os.environ[keyfiles.PASSPHRASE_FILE_ENV]
-        checkpoint.key_from_environment(probe)  # validates it (and its passphrase)
+        checkpoint.key_from_file(checkpoint_key)  # validates it (and its passphrase)
         env[checkpoint.KEY_FILE_ENV] = str(checkpoint_key)
     else:  # a sealing key given as $FEDPRIV_CHECKPOINT_KEY: the ServerApp processes need it
         env.update(secret_env.for_child(checkpoint.KEY_ENV))
     # Protected keys the ServerApp processes read (ledger signing, sealing): they need the passphrase.
-    if any(path.is_file() and (keyfiles.is_protected(path.read_bytes()) or
-                               path.read_bytes().startswith(checkpoint.PROTECTED_PREFIX))
-           for path in (ledger_key, checkpoint_key)):
+    if any(path.is_file() and keyfiles.is_protected(path.read_bytes()) for path in (ledger_key, checkpoint_key)):
         env.update(secret_env.for_child(keyfiles.PASSPHRASE_ENV))
     node_keys = [p.resolve() for p in register] if register else sorted((keys / "nodes").glob("*.pub"))
     if not node_keys:

@@ -41,7 +41,7 @@ from fedpriv.common.config import RunConfig
 from fedpriv.common.data import load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import load_public_key, verify_ledger
-from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.common.models import configured_model
 from fedpriv.common.settings import recorded_config
 from fedpriv.server.run_log import RoundEntry
 
@@ -103,14 +103,10 @@ def _load_model(cfg: RunConfig, path: Path, run_id: str | None) -> Any | None:
     unsealed with the configured key, or does not fit ``cfg``."""
     if not path.is_file():
         return None
-    dataset = load_dataset(cfg.data, cfg.run.seed)
-    name = resolve_model_name(cfg.model, dataset.input_shape)
-    model = build_model(name, cfg.model, dataset.input_shape, dataset.num_classes)
     try:
-        model.set_weights(checkpoint.read_model(path, checkpoint.require_key("the sealed model"), run_id))
+        return configured_model(cfg, checkpoint.read_model(path, checkpoint.require_key("the sealed model"), run_id))
     except (ValueError, CheckpointError):
         return None
-    return model
 
 
 def _training_data(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -325,9 +325,8 @@ def assert_listed(root: Path, where: str, protected_keys: bool = False) -> int:
             report = verify_ledger(path.parent)
             assert report.ok, (path, report.failures)
         elif entry.protection in (stored_files.PROTECTABLE, stored_files.MADE_PROTECTED) and protected_keys:
-            assert keyfiles.is_protected(data) or data.startswith(checkpoint.PROTECTED_PREFIX), \
-                f"{path} is not passphrase-protected"
+            assert keyfiles.is_protected(data), f"{path} is not passphrase-protected"
         elif entry.protection == stored_files.PROTECTABLE_KEY and protected_keys:
-            assert data.startswith(checkpoint.PROTECTED_PREFIX), f"{path} is not passphrase-protected"
+            assert data.startswith(keyfiles.WRAPPED_PREFIX), f"{path} is not passphrase-protected"
         checked += 1
     return checked

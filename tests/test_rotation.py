@@ -43,7 +43,7 @@ def test_rotation_reseals_records_and_the_run_resumes_and_audits(tmp_path, own_s
     assert done.returncode == 0, done.stderr
     new = checkpoint.key_from_environment({checkpoint.KEY_FILE_ENV: str(key_file),
                                            keyfiles.PASSPHRASE_FILE_ENV: str(passphrase)})
-    assert new != old and key_file.read_bytes().startswith(checkpoint.PROTECTED_PREFIX)  # still protected
+    assert new != old and keyfiles.is_protected(key_file.read_bytes())  # still protected
     assert not key_file.with_name("sealing.key.next").exists()
     # Every sealed file opens with the new key only.
     for path, reader in ((run / checkpoint.CHECKPOINT, lambda p, k: checkpoint.read_checkpoint(p, k)),
