@@ -165,6 +165,18 @@ def open_roster(blob: bytes, anchor: PublicKey) -> Roster:
     return Roster(nodes, issued, hashlib.sha256(payload).hexdigest())
 
 
+def check_roster_file(path: Path, ca_path: Path, node_keys: list[Path]) -> Roster:
+    """The signed node roster at ``path``, verified against the CA certificate, naming every node
+    key in ``node_keys`` (RosterError otherwise)."""
+    roster = open_roster(_read(path, "node roster"), load_trust_anchor(ca_path))
+    for key in node_keys:
+        if " ".join(_read(key, "node public key").decode().split()[:2]) not in roster:
+            raise RosterError(
+                f"node key {key} is not on the roster {path}, so other nodes would refuse its SecAgg+ "
+                f"keys; re-sign it where the CA key is: fedpriv keys --out DIR --sign-roster --node-key {key.name}")
+    return roster
+
+
 # ---- key advertisements -------------------------------------------------------------------
 def _advert_message(context: str, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
     return b"".join([

@@ -154,17 +154,12 @@ def free_loopback_port() -> int:
 
 def check_roster(path: Path, ca_path: Path, node_keys: list[Path]) -> None:
     """The signed node roster must verify against the CA and name every node key registered."""
-    from fedpriv.common.roster import RosterError, load_trust_anchor, open_roster
+    from fedpriv.common.roster import RosterError, check_roster_file
 
     try:
-        roster = open_roster(read_file(path, "node roster"), load_trust_anchor(ca_path))
+        check_roster_file(path, ca_path, node_keys)
     except RosterError as exc:
         raise DeploymentError(f"node roster {path}: {exc}") from None
-    for key in node_keys:
-        if " ".join(read_file(key, "node public key").decode().split()[:2]) not in roster:
-            raise DeploymentError(
-                f"node key {key} is not on the roster {path}, so other nodes would refuse its SecAgg+ "
-                f"keys; re-sign it where the CA key is: fedpriv keys --out DIR --sign-roster --node-key {key.name}")
 
 
 def write_connection(flwr_home: Path, address: Address | str, root_cert: Path | None) -> None:
