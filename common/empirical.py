@@ -50,6 +50,10 @@ LOW_FPRS = (0.001, 0.01)
 _BISECTION_STEPS = 60
 _EPSILON_CAP = 100.0  # beyond any bound m <= 10^6 canaries can show
 
+# The verdicts of an empirical audit (simulations/empirical_audit.py), as audit-empirical.json holds them.
+VERDICT_CONSISTENT = "consistent"
+VERDICT_VIOLATION = "VIOLATION: measured leakage exceeds the accounted bound"
+
 
 @functools.lru_cache(maxsize=64)
 def _log_binomial_coefficients(r: int) -> np.ndarray:

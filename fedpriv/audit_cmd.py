@@ -179,6 +179,12 @@ def empirical_markdown(result: dict[str, Any]) -> list[str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    write_atomic(path, plot_png(report))
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    """Epsilon per round as the audit recomputed it (``report``: the audit's series, budgets,
+    delta and verdict), as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +215,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _empirical(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:

@@ -46,8 +46,6 @@ from fedpriv.common.settings import recorded_config
 from fedpriv.server.run_log import RoundEntry
 
 MAX_CANARIES = 1_000_000
-VERDICT_CONSISTENT = "consistent"
-VERDICT_VIOLATION = "VIOLATION: measured leakage exceeds the accounted bound"
 
 
 def audit_config(run_dir: Path, public_key: Path | None, rounds: int | None,
@@ -221,7 +219,7 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
         "accounted_epsilon": upper,
         "accounted": {"canary_run": canary_eps, "run": run_eps},
         "consistent": consistent,
-        "verdict": VERDICT_CONSISTENT if consistent else VERDICT_VIOLATION,
+        "verdict": empirical.VERDICT_CONSISTENT if consistent else empirical.VERDICT_VIOLATION,
         "auc": primary["auc"],
         "tpr_at_fpr": primary["tpr_at_fpr"],
         "membership_inference": attacks,
