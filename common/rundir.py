@@ -26,6 +26,7 @@ CHECKPOINT = "checkpoint.fpck"  # the latest round's sealed state, for a resume 
 DEFAULT_RUNS_DIR = "runs"
 RUNS_DIR_ENV = "FEDPRIV_RUNS_DIR"
 NODES_DIR = "nodes"  # node state directories (signed ledgers, simulated nodes' keys)
+REVIEWS_DIR = "reviews"  # <run, server state or node state>/reviews/<UTC time>/: fedpriv review's reports
 
 # ---- a node's state directory (<state>/<node name>) -------------------------------------------
 NODE_KEY = "node.key"  # the key that signs the node's own ledger

@@ -42,6 +42,7 @@ PUBLIC = "public: integrity by the CA or pinning"
 PLAIN = "owner-only file, not encrypted"
 MADE_PROTECTED = "passphrase-protected when a key passphrase is set (PKCS#8, scrypt, AES-256)"
 FLOWER = "owner-only file, not encrypted (written by Flower)"
+SIGNED_REVIEW = "signed: Ed25519 over its canonical JSON (fedpriv review --verify)"
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,20 @@ def _ledger(where: str, prefix: str, whose: str) -> list[StoredFile]:
     return [StoredFile(where, prefix + name, f"{content} ({whose})", how) for name, content, how in LEDGER_FILES]
 
 
+def _reviews(where: str, prefix: str = "") -> list[StoredFile]:
+    """What ``fedpriv review`` writes by default (``TARGET/reviews/<UTC time>/``)."""
+    return [
+        StoredFile(where, f"{prefix}{rundir.REVIEWS_DIR}/*/review.json", "a compliance review: every control, its evidence, "
+                   "the ledger heads it saw", SIGNED_REVIEW),
+        StoredFile(where, f"{prefix}{rundir.REVIEWS_DIR}/*/*", "the review as Markdown and an HTML page, and the privacy "
+                   "statement", PLAIN),
+    ]
+
+
 def _node(where: str, prefix: str) -> list[StoredFile]:
     return [
         *_ledger(where, prefix, "the node's own"),
+        *_reviews(where, prefix),
         StoredFile(where, prefix + rundir.NODE_KEY, "the key that signs the node's ledger", MADE_PROTECTED),
         StoredFile(where, prefix + rundir.NODE_LOCK, "a lock held while the node writes its ledger (empty)", PLAIN),
         StoredFile(where, prefix + rundir.TRAINING_LOG,
@@ -84,6 +96,7 @@ FILES: tuple[StoredFile, ...] = (
     StoredFile(RUN, AUDIT_MD, "the latest audit's report", PLAIN),
     StoredFile(RUN, AUDIT_PNG, "the latest audit's epsilon per round", PLAIN),
     StoredFile(RUN, AUDIT_EMPIRICAL, "the latest empirical audit's figures", PLAIN),
+    *_reviews(RUN),
     StoredFile(RUN, f"{rundir.NODES_DIR}/{SIM_ANCHOR_KEY}", "simulations: the key that signs the simulated nodes' roster",
                PLAIN),
     StoredFile(RUN, f"{rundir.NODES_DIR}/{SIM_ANCHOR_PUB}", "simulations: its public half", PUBLIC),
@@ -107,6 +120,7 @@ FILES: tuple[StoredFile, ...] = (
     StoredFile(STATE, f"{WITNESS_DIR}/{WITNESS_RUNS}/*.json", "every run ledger's latest signed head (the witness)",
                WITNESS),
     *_ledger(STATE, f"{OPERATOR_LOG}/", "the operator log: every operator action"),
+    *_reviews(STATE),
     StoredFile(STATE, rundir.STATE_OPERATORS, "the operators' port and its CA, for fedpriv operator commands", PLAIN),
     StoredFile(STATE, f"{rundir.STATE_DATABASE}*", "Flower's SuperLink database (runs, messages, registered nodes)",
                FLOWER),

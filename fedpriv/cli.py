@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--markdown", action="store_true", help="list the settings as a Markdown table")
     config.set_defaults(func=cmd_config)
 
-    from fedpriv import audit_cmd, data_cmd, deploy_cmd, keys_cmd, model_cmd, operator_cmd, privacy_cmd
+    from fedpriv import (audit_cmd, data_cmd, deploy_cmd, keys_cmd, model_cmd, operator_cmd, privacy_cmd,
+                         review_cmd)
 
     privacy_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator_cmd.add_parser(sub)
     model_cmd.add_parser(sub)
     data_cmd.add_parser(sub)
+    review_cmd.add_parser(sub)
     return parser
 
 

@@ -330,3 +330,25 @@ def assert_listed(root: Path, where: str, protected_keys: bool = False) -> int:
             assert data.startswith(keyfiles.WRAPPED_PREFIX), f"{path} is not passphrase-protected"
         checked += 1
     return checked
+
+
+def reissue_expired(keys: Path, env: dict[str, str] | None = None) -> None:
+    """The SuperLink certificate in ``keys`` again, signed by the same CA, but expired yesterday
+    (``env``: where the CA key's passphrase is, when it has one)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from fedpriv.common import keyfiles
+
+    ca_cert = x509.load_pem_x509_certificate((keys / "ca.crt").read_bytes())
+    ca_key = keyfiles.parse_private_key((keys / "ca.key").read_bytes(), env)
+    old = x509.load_pem_x509_certificate((keys / "superlink.crt").read_bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca_cert.subject)
+               .public_key(old.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=30)).not_valid_after(now - datetime.timedelta(days=1)))
+    for extension in old.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    (keys / "superlink.crt").write_bytes(builder.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM))

@@ -99,3 +99,12 @@ def test_the_readme_table_of_stored_files_is_current():
     from tests.conftest import ROOT
 
     assert stored_files.markdown() in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_review_controls_and_default_policy_are_current():
+    from fedpriv.common import review
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    assert review.controls_markdown() in readme
+    assert review.DEFAULT_POLICY.read_text().rstrip() in readme

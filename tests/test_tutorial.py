@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +22,10 @@ import pytest
 
 from fedpriv.clients.warm_start import COLD, READY
 from fedpriv.common import checkpoint, keyfiles, stored_files
-from fedpriv.common.ledger import verify_ledger
-from tests.conftest import ROOT, assert_listed, assert_private, files_containing, raw_byte_runs, run_cli_here, run_model
+from fedpriv.common.ledger import load_public_key, verify_ledger
+from fedpriv.common.review import verify_report
+from tests.conftest import (ROOT, assert_listed, assert_private, files_containing, raw_byte_runs, reissue_expired,
+                            run_cli_here, run_model)
 
 pytestmark = pytest.mark.slow(cost=3)
 
@@ -119,6 +122,27 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
             and all(n["spends"] == 2 for n in report["node_ledgers"])), report["node_ledgers"]
     # The ledger is signed with the federation's key from fedpriv keys.
     assert (run / "ledger.pub").read_bytes() == (tmp_path / "fed/keys/ledger-signing.pub").read_bytes()
+
+    # The compliance review of the server's state (step 6) passed every control that applies to a
+    # deployment, and its report verifies with the federation's key.
+    assert "compliance review of server state" in output and "PASS (" in output, output[-3000:]
+    reviews = list((tmp_path / "fed/server/reviews").glob("*/review.json"))
+    assert len(reviews) == 1
+    review = verify_report(reviews[0].read_bytes(), load_public_key(tmp_path / "fed/keys/ledger-signing.pub"))
+    statuses = {c["id"]: c["status"] for c in review["controls"]}
+    assert all(statuses[c] == "pass" for c in ("S-1", "S-2", "S-3", "S-4", "S-5", "S-6", "S-7", "T-2", "T-3", "T-4")), statuses
+    s3 = next(c for c in review["controls"] if c["id"] == "S-3")
+    assert "alice (researcher)" in s3["reason"]
+    # The SuperLink's certificate, expired (re-issued by the same CA): S-7 fails, exit status 1.
+    expired = tmp_path / "expired-keys"
+    shutil.copytree(tmp_path / "fed/keys", expired)
+    reissue_expired(expired, passphrase)
+    failed = run_cli_here("review", str(tmp_path / "fed/server"), "--keys", str(expired), "--public-key",
+                          str(tmp_path / "fed/keys/ledger-signing.pub"), "--out", str(tmp_path / "expired-review"),
+                          env={**env, **passphrase})
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert json.loads((tmp_path / "expired-review/review.json").read_text())["failed_controls"] == ["S-7"]
+    assert "FAIL S-7: " in failed.stdout and "superlink.crt expired on" in failed.stdout
 
     for n in (1, 2, 3):  # each node kept its own signed spending ledger
         node = verify_ledger(home / "nodes" / f"node-{n}")
