@@ -41,6 +41,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _run_name(report: dict[str, Any], run: str | None) -> str:
+    """A control's run by its directory's name (the JSON keeps the run id)."""
+    return next((r["name"] for r in report["runs"] if r["run_id"] == run), run or "")
+
+
 def _status_of(report: dict[str, Any], ids: tuple[str, ...]) -> str:
     found = [c["status"] for c in report["controls"] if c["id"] in ids]
     if FAIL in found:
@@ -133,7 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {title}", "", "| control | run | question | status | finding |", "|---|---|---|---|---|"]
         for c in rows:
             status = f"**{c['status'].upper()}**" if c["status"] == FAIL else c["status"]
-            lines.append(f"| {c['id']} | {c['run'] or ''} | {c['question']} | {status} | "
+            lines.append(f"| {c['id']} | {_run_name(report, c['run'])} | {c['question']} | {status} | "
                          f"{c['reason'].replace('|', '/')} |")
         lines.append("")
     lines += ["## Runs", "", "| run | run id | record-level epsilon (RDP / PLD) | user-level epsilon | delta | audit |",
@@ -238,7 +243,7 @@ def page(report: dict[str, Any], plots: dict[str, bytes]) -> str:
                      "<th>finding and evidence</th></tr>")
         for c in rows:
             evidence = json.dumps(c["evidence"], indent=1, sort_keys=True, default=str)
-            parts.append(f"<tr><td>{_e(c['id'])}</td><td>{_e(c['run'] or '')}</td><td>{_e(c['question'])}</td>"
+            parts.append(f"<tr><td>{_e(c['id'])}</td><td>{_e(_run_name(report, c['run']))}</td><td>{_e(c['question'])}</td>"
                          f"{_status_cell(c['status'])}<td>{_e(c['reason'])}<details><summary>evidence</summary>"
                          f"<pre>{_e(evidence)}</pre></details></td></tr>")
         parts.append("</table>")
