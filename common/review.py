@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from fedpriv.common import rundir, stored_files
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.ledger_schema import Kind
 
 REVIEW_VERSION = 1
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "review-default.toml"
@@ -207,7 +208,7 @@ def find_target(path: Path, keys: Path | None = None) -> Target:
         return Target("server state", path, runs, path, keys or _state_keys(path))
     if (path / LEDGER).is_file():
         first = _first_entry(path / LEDGER)
-        if first.get("kind") == "run_start":
+        if first.get("kind") == Kind.RUN_START:
             state = rundir.state_of_run(path)
             deployed = (state / rundir.STATE_DATABASE).exists() and path.resolve().parent.name == rundir.STATE_RUNS
             return Target("run", path, [path], state if deployed else None,
@@ -277,7 +278,7 @@ def run_facts(run_dir: Path, public_key: Path | None) -> RunFacts:
     audit = audit_run(run_dir, public_key=public_key)
     entries = verify_ledger(run_dir, crash_tail=True).entries
     configs = [dict(e["parameters"]["config"]) for e in entries
-               if e.get("kind") in ("run_start", "run_resume") and isinstance((e.get("parameters") or {}).get("config"), dict)]
+               if e.get("kind") in (Kind.RUN_START, Kind.RUN_RESUME) and isinstance((e.get("parameters") or {}).get("config"), dict)]
     try:
         summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     except (OSError, ValueError):
@@ -286,7 +287,7 @@ def run_facts(run_dir: Path, public_key: Path | None) -> RunFacts:
 
 
 def _record_spends(facts: RunFacts) -> list[dict[str, Any]]:
-    return [e for e in facts.entries if e.get("kind") == "record_level"]
+    return [e for e in facts.entries if e.get("kind") == Kind.RECORD_LEVEL]
 
 
 def _record_sizes(facts: RunFacts) -> dict[str, int]:
@@ -318,7 +319,7 @@ def run_controls(facts: RunFacts, policy: Policy, now: _dt.datetime,
                        f"the run protects {' and '.join(f'{u}s' for u in protected) or 'no unit (no DP)'}; "
                        f"the policy requires {policy.unit}",
                        {"record_level_spends": len(_record_spends(facts)),
-                        "user_level_rounds": sum(1 for e in facts.entries if e.get("kind") == "user_level"),
+                        "user_level_rounds": sum(1 for e in facts.entries if e.get("kind") == Kind.USER_LEVEL),
                         "dp.enabled": config.get("dp.enabled"), "user_dp.enabled": config.get("user_dp.enabled"),
                         "source": "the signed ledger (run_start configuration and spends)"}, run))
 
@@ -888,9 +889,9 @@ def privacy_statement(f: RunFacts) -> dict[str, Any]:
         except (OSError, ValueError):
             empirical = None
     rounds = sorted({e["round"] for e in f.entries if isinstance(e.get("round"), int)
-                     and e.get("kind") in ("record_level", "user_level")})
+                     and e.get("kind") in (Kind.RECORD_LEVEL, Kind.USER_LEVEL)})
     noise_mode = config.get("user_dp.noise_mode")
-    end = next((e for e in reversed(f.entries) if e.get("kind") == "run_end"), None)
+    end = next((e for e in reversed(f.entries) if e.get("kind") == Kind.RUN_END), None)
     return {
         "run_id": f.run_id,
         "units": ([{"unit": "record", "meaning": "each training example of each client (DP-SGD on the node)"}]
@@ -920,7 +921,7 @@ def privacy_statement(f: RunFacts) -> dict[str, Any]:
                            else "user-level noise added by the server, which is trusted to add it") if user else "")
                        + ("; updates masked with SecAgg+" if config.get("secure_aggregation.enabled") else ""),
         "rounds": len(rounds),
-        "accountants": {"rdp": "dp-accounting RdpAccountant (enforced)", "pld": "dp-accounting PLDAccountant"},
+        "accountants": {"rdp": "dp-accounting's RDP accountant (enforced)", "pld": "dp-accounting's PLD accountant"},
         "empirical": empirical,
         "run_ended": end.get("time") if end else None,
         "ledger_entries": audit["entries"],
@@ -1002,7 +1003,7 @@ def verify_report(data: bytes, public_key: Any, where: str = "review") -> dict[s
 
     from cryptography.exceptions import InvalidSignature
 
-    from fedpriv.common.ledger import canonical, key_id
+    from fedpriv.common.ledger import key_id
 
     try:
         report = json.loads(data)
@@ -1015,7 +1016,12 @@ def verify_report(data: bytes, public_key: Any, where: str = "review") -> dict[s
         raise FedprivError(f"{where} does not verify: it carries no signature")
     if set(signature) != {"algorithm", "key_id", "value"} or signature["algorithm"] != SIGNATURE_ALGORITHM:
         raise FedprivError(f"{where} does not verify: its signature is not of the form fedpriv signs (altered)")
-    if data != canonical(report) + b"\n":
+    # (JSON as parsed holds no non-finite float to make safe: canonical's dumps, without its walk)
+    try:
+        canonical_text = json.dumps(report, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        canonical_text = b""
+    if data != canonical_text + b"\n":
         raise FedprivError(f"{where} does not verify: its bytes are not the canonical form it was signed in (altered)")
     if signature.get("key_id") != key_id(public_key):
         raise FedprivError(f"{where} does not verify: it names signing key {signature.get('key_id')}, not the "
@@ -1025,7 +1031,7 @@ def verify_report(data: bytes, public_key: Any, where: str = "review") -> dict[s
         raw = base64.b64decode(signature["value"], validate=True)
         if base64.b64encode(raw).decode() != signature["value"]:  # base64's unused bits are not free
             raise ValueError("not canonical base64")
-        public_key.verify(raw, hashlib.sha256(canonical(body)).digest())
+        public_key.verify(raw, hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).digest())
     except (InvalidSignature, ValueError):
         raise FedprivError(f"{where} does not verify: the signature does not match its contents (altered)") from None
     return report

@@ -37,7 +37,8 @@ def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_p
     settings = [f"federation.num_clients={CLIENTS}", f"federation.min_available_clients={CLIENTS}",
                 "federation.fraction_train=1.0", f"run.rounds={ROUNDS}", "client.batch_size=64",
                 "data.dataset=digits", "model.name=mlp",
-                "secure_aggregation.num_shares=11", "secure_aggregation.reconstruction_threshold=6",
+                # SecAgg+ with its default share count (5 shares, 3 to rebuild a secret), as users run it
+                "secure_aggregation.num_shares=5", "secure_aggregation.reconstruction_threshold=3",
                 # two CPUs a client: one Ray worker on a 2-core machine (the load is the federation's)
                 "simulation.cpus_per_client=2"]
     args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", "quickstart", "--out", str(out)]
