@@ -11,7 +11,8 @@
 # see docs/deployment.md.
 #
 # Build arguments
-#   PYTHON_IMAGE  the base image (default python:3.11-slim; fedpriv needs exactly Python 3.11)
+#   PYTHON_IMAGE  the base image (default python:3.11-slim; fedpriv needs exactly Python 3.11;
+#                 docker-compose.yml passes $FEDPRIV_PYTHON_IMAGE)
 #   UV_VERSION    the uv release installed from PyPI (the one the Makefile uses)
 #   FEDPRIV_UID / FEDPRIV_GID
 #                 uid and gid of the `fedpriv` user (default 1000). Compose mounts the key
@@ -73,7 +74,14 @@ RUN if [ "$GPU" = "1" ]; then \
 ENV PATH=/app/.venv/bin:$PATH
 
 # A non-root user; /state is where the SuperLink and each SuperNode keep their state (a named
-# volume in docker-compose.yml, which starts with this directory's owner and mode).
+# volume in docker-compose.yml, which starts with this directory's owner and mode). Building as
+# root: FEDPRIV_UID=0 would run fedpriv as root, so it is refused; give a non-root uid and hand the
+# key and data files to it (docs/deployment.md, "Building as root").
+RUN if [ "${FEDPRIV_UID}" = "0" ] || [ "${FEDPRIV_GID}" = "0" ]; then \
+        echo "error: FEDPRIV_UID/FEDPRIV_GID 0 would run fedpriv as root; build with a non-root uid (e.g. 1000)" \
+             "and chown the deployment's keys and data to it (docs/deployment.md, Building as root)" >&2; \
+        exit 1; \
+    fi
 RUN (getent group "${FEDPRIV_GID}" >/dev/null || groupadd --gid "${FEDPRIV_GID}" fedpriv) \
     && useradd --uid "${FEDPRIV_UID}" --gid "${FEDPRIV_GID}" --create-home --shell /usr/sbin/nologin fedpriv \
     && mkdir -p /state \

@@ -11,7 +11,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 # tests share an expensive fixture is kept on one worker (xdist_group marks, --dist loadgroup).
 PYTEST_ARGS ?= -n 3 --dist loadgroup --durations=25
 
-.PHONY: demo test test-fast bench bench-secagg bench-dp-step bench-scale bench-all bench-audit generated sync clean
+.PHONY: demo test test-fast test-compose bench bench-secagg bench-dp-step bench-scale bench-all bench-audit generated sync clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -28,6 +28,11 @@ test: sync
 
 test-fast: sync
 	$(UV) run --locked pytest -m "not slow" $(PYTEST_ARGS)
+
+# docker-compose.yml started for real (needs Docker Engine and Compose v2; not part of make test):
+# see deploy/test-compose.sh and docs/deployment.md.
+test-compose: sync
+	bash deploy/test-compose.sh
 
 bench: sync
 	$(UV) run --locked python benchmarks/dp_vs_nodp.py

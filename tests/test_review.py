@@ -33,9 +33,9 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, env):
-    """The quickstart preset as it ships (10 clients, the CNN, DP-SGD, SecAgg+), two rounds."""
+    """The quickstart preset as it ships (10 clients, the CNN, DP-SGD, SecAgg+), one round."""
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    proc, summary = simulate_run(out, ["run.rounds=2"], env=env, here=True)
+    proc, summary = simulate_run(out, ["run.rounds=1"], env=env, here=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
