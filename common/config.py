@@ -587,22 +587,23 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, turning every failure into a one-line ConfigError."""
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a TOML file (``what`` names it in errors), turning every failure into a one-line
+    ConfigError."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a file: {path}") from None
+        raise ConfigError(f"{what} path is a directory, not a file: {path}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+        raise ConfigError(f"malformed TOML in {what} {path}: {exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+        raise ConfigError(f"{what} is not UTF-8 text: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 def load_config(

@@ -20,7 +20,6 @@ import datetime as _dt
 import json
 import math
 import stat
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -132,17 +131,10 @@ POLICY_KEYS = {
 def load_policy(path: Path | None) -> tuple[Policy, str]:
     """The policy in ``path`` (None: the default policy) and its source; every problem is one
     :class:`PolicyError` line."""
+    from fedpriv.common.config import read_toml
+
     source = DEFAULT_POLICY if path is None else Path(path)
-    try:
-        raw = tomllib.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"policy file not found: {source}") from None
-    except IsADirectoryError:
-        raise PolicyError(f"policy path is a directory, not a file: {source}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"malformed TOML in policy {source}: {exc}") from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise PolicyError(f"cannot read policy {source}: {exc}") from None
+    raw = read_toml(source, "policy")
     types = {f.name: f.type for f in fields(Policy)}
     values: dict[str, Any] = {}
     for section, table in raw.items():
