@@ -263,11 +263,13 @@ class RunFacts:
         return self.configs[-1] if self.configs else {}
 
 
-def run_facts(run_dir: Path, public_key: Path | None) -> RunFacts:
+def run_facts(run_dir: Path, public_key: Path | None, audit: dict[str, Any] | None = None) -> RunFacts:
+    """The run's audit (``audit``: one already made with ``public_key``), its verified entries,
+    every configuration it ran with, and its summary."""
     from fedpriv.common.audit import audit_run
     from fedpriv.common.ledger import verify_ledger
 
-    audit = audit_run(run_dir, public_key=public_key)
+    audit = audit if audit is not None else audit_run(run_dir, public_key=public_key)
     entries = verify_ledger(run_dir, crash_tail=True).entries
     configs = [dict(e["parameters"]["config"]) for e in entries
                if e.get("kind") in (Kind.RUN_START, Kind.RUN_RESUME) and isinstance((e.get("parameters") or {}).get("config"), dict)]

@@ -41,9 +41,11 @@ def add_parser(sub: Any) -> None:
     export.set_defaults(func=cmd_model_export)
 
 
-def statement(report: dict[str, Any], summary: dict[str, Any] | None, out: Path, digest: str) -> dict[str, Any]:
+def statement(report: dict[str, Any], summary: dict[str, Any] | None, out: Path, digest: str,
+              card: dict[str, Any]) -> dict[str, Any]:
     """The privacy statement written beside an exported model: the audit's figures, not the run's
-    own claims."""
+    own claims, and (``card``) the statement for a model card that fedpriv review also gives
+    (common.review.privacy_statement)."""
     return {
         "fedpriv_model_export": 1,
         "notice": ("A plaintext copy of a fedpriv run's final model, exported on purpose. The file is not "
@@ -60,23 +62,22 @@ def statement(report: dict[str, Any], summary: dict[str, Any] | None, out: Path,
             "epsilon": report["epsilon"],
             "user_level_cumulative": report["user_level_cumulative"],
             "budgets": report["budgets"],
-            "mechanisms": {level: ((summary or {}).get("privacy", {}).get(level) or {}).get("mechanism")
-                           for level in ("record_level", "user_level")},
+            "mechanisms": {level: (card[level] or {}).get("mechanism") for level in ("record_level", "user_level")},
         },
+        "model_card": card,
         "audit": {"ok": report["ok"], "failures": report["failures"], "ledger_entries": report["entries"],
                   "key": report["key"]},
     }
 
 
 def cmd_model_export(args: argparse.Namespace) -> int:
-    import json
-
     import numpy as np
 
     from fedpriv.audit_cmd import _fmt
     from fedpriv.common import checkpoint, fileio, rundir
     from fedpriv.common.audit import audit_run
     from fedpriv.common.errors import FedprivError
+    from fedpriv.common.review import privacy_statement, run_facts
 
     out: Path = args.out
     if out.suffix not in FORMATS:
@@ -93,10 +94,7 @@ def cmd_model_export(args: argparse.Namespace) -> int:
         raise FedprivError(f"the run's ledger does not verify, so its model is not exported: {report['failures'][0]}")
     key = checkpoint.require_key("exporting the model needs the key it was sealed with")
     weights = checkpoint.read_model(sealed, key, report["run_id"])
-    try:
-        summary = json.loads((args.run_dir / rundir.SUMMARY).read_text())
-    except (OSError, ValueError):
-        summary = None
+    facts = run_facts(args.run_dir, args.public_key, report)
     if out.suffix == ".npz":
         buffer = io.BytesIO()
         np.savez(buffer, *weights)
@@ -104,7 +102,8 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     else:
         data = _keras_file(args.run_dir, weights)
     fileio.write_atomic(out, data)
-    fileio.write_json(side, statement(report, summary, out, hashlib.sha256(data).hexdigest()))
+    fileio.write_json(side, statement(report, facts.summary, out, hashlib.sha256(data).hexdigest(),
+                                      privacy_statement(facts)))
     eps = report["epsilon"]
     record = max((v["rdp"] for v in eps["record_level"].values()), default=None)
     user = (eps["user_level"] or {}).get("rdp")

@@ -123,6 +123,10 @@ def test_three_clients_two_rounds(cli_here, tmp_path, monkeypatch, loose_umask):
     statement = json.loads(exported.with_name("model.npz.privacy.json").read_text())
     assert statement["run"]["run_id"] == report["run_id"] and statement["audit"]["ok"]
     assert statement["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
+    # the model card's statement, as fedpriv review gives it: the audit's largest epsilon
+    worst = max(report["epsilon"]["record_level"].values(), key=lambda f: f["rdp"])
+    assert statement["model_card"]["record_level"]["epsilon_rdp"] == worst["rdp"]
+    assert statement["model_card"]["units"][0]["unit"] == "record"
     for client_id in clients:
         assert statement["privacy"]["epsilon"]["record_level"][client_id]["rdp"] == pytest.approx(
             _expected_epsilon(n, 64, 2, 1.1, 1e-5), rel=1e-6)
