@@ -93,7 +93,15 @@ def default_operator_log(run_dir: Path) -> Path | None:
 
 def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | None = None,
               operator_log: Path | None = None, node_ledgers: list[Path] | None = None) -> dict[str, Any]:
-    """The audit report of ``run_dir`` as a dict (see ``fedpriv audit --json``).
+    """The audit report of ``run_dir`` as a dict (see ``fedpriv audit --json``; :func:`audited_run`)."""
+    return audited_run(run_dir, budget, public_key, operator_log, node_ledgers)[0]
+
+
+def audited_run(run_dir: Path, budget: float | None = None, public_key: Path | None = None,
+                operator_log: Path | None = None,
+                node_ledgers: list[Path] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The audit report of ``run_dir`` and the ledger entries it verified, with the key it
+    resolved (for whoever reads more of the ledger than the report holds: fedpriv review).
 
     ``node_ledgers``: nodes' state directories (or their ``ledger.jsonl``) to cross-check with
     the run ledger; the simulated nodes' under ``RUN_DIR/nodes`` are always checked.
@@ -220,7 +228,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             submitted = submitters(flower_runs, log_dir, key if public_key else None)
         except FedprivError as exc:
             failures.append(str(exc))
-    return {
+    report = {
         "submitted_by": submitted,  # None: no operator log (a simulation, or none given)
         "run_dir": str(run_dir),
         "ok": not failures,
@@ -256,6 +264,7 @@ def audit_run(run_dir: Path, budget: float | None = None, public_key: Path | Non
             "record_level_max": actors_series([a for a in actors.values() if a.level == "record"]),
         },
     }
+    return report, verified.entries
 
 
 def _composed(state: LedgerState, actors: dict[str, _Actor], delta: Any,

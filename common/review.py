@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from fedpriv.common import rundir, stored_files
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.ledger_schema import Kind
+from fedpriv.common.ledger_schema import Kind, client_id_of
+from fedpriv.common.replay import LedgerState, Spend, replay
 
 REVIEW_VERSION = 1
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "review-default.toml"
@@ -242,12 +243,13 @@ def _eps(value: float | None) -> str:
 
 @dataclass
 class RunFacts:
-    """What the review knows of one run: its audit and its signed configuration."""
+    """What the review knows of one run: its audit, the ledger entries the audit verified and
+    their replay (common.replay), and its summary."""
 
     run_dir: Path
     audit: dict[str, Any]
     entries: list[dict[str, Any]]
-    configs: list[dict[str, Any]]  # every run_start/run_resume configuration, in order
+    state: LedgerState
     summary: dict[str, Any] | None
 
     @property
@@ -259,39 +261,46 @@ class RunFacts:
         return self.audit["run_id"]
 
     @property
+    def configs(self) -> list[dict[str, Any]]:
+        """Every configuration the run's run_start and run_resume entries put in force, in order."""
+        return [run.config for run in self.state.runs if run.config is not None]
+
+    @property
     def config(self) -> dict[str, Any]:
-        return self.configs[-1] if self.configs else {}
+        return self.state.config or {}
+
+    @property
+    def record_spends(self) -> list[Spend]:
+        """Every client's DP-SGD spends of this run (not spending carried from before it)."""
+        return [spend for spends in self.state.clients().values() for spend in spends.of_kind(Kind.RECORD_LEVEL)]
 
 
-def run_facts(run_dir: Path, public_key: Path | None, audit: dict[str, Any] | None = None) -> RunFacts:
-    """The run's audit (``audit``: one already made with ``public_key``), its verified entries,
-    every configuration it ran with, and its summary."""
-    from fedpriv.common.audit import audit_run
-    from fedpriv.common.ledger import verify_ledger
+def run_facts(run_dir: Path, public_key: Path | None) -> RunFacts:
+    """The run's audit, the entries it verified (with the key it resolved from ``public_key``)
+    and their replay, and the run's summary."""
+    from fedpriv.common.audit import audited_run
 
-    audit = audit if audit is not None else audit_run(run_dir, public_key=public_key)
-    entries = verify_ledger(run_dir, crash_tail=True).entries
-    configs = [dict(e["parameters"]["config"]) for e in entries
-               if e.get("kind") in (Kind.RUN_START, Kind.RUN_RESUME) and isinstance((e.get("parameters") or {}).get("config"), dict)]
+    audit, entries = audited_run(run_dir, public_key=public_key)
+    return facts_of(run_dir, audit, entries)
+
+
+def facts_of(run_dir: Path, audit: dict[str, Any], entries: list[dict[str, Any]]) -> RunFacts:
+    """:class:`RunFacts` from an audit already made (``common.audit.audited_run``)."""
     try:
         summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     except (OSError, ValueError):
         summary = None
-    return RunFacts(run_dir, audit, entries, configs, summary if isinstance(summary, dict) else None)
-
-
-def _record_spends(facts: RunFacts) -> list[dict[str, Any]]:
-    return [e for e in facts.entries if e.get("kind") == Kind.RECORD_LEVEL]
+    return RunFacts(run_dir, audit, entries, replay(entries), summary if isinstance(summary, dict) else None)
 
 
 def _record_sizes(facts: RunFacts) -> dict[str, int]:
     """Per client, its records as its DP-SGD sampling implies (batch size / sampling rate)."""
     batch = facts.config.get("client.batch_size")
     sizes: dict[str, int] = {}
-    for entry in _record_spends(facts):
-        q = (entry.get("parameters") or {}).get("sampling_probability")
+    for spend in facts.record_spends:
+        q = spend.parameters.get("sampling_probability")
         if isinstance(q, (int, float)) and q > 0 and isinstance(batch, (int, float)):
-            cid = str(entry["actor"]).split(":", 1)[-1]
+            cid = client_id_of(spend.actor)
             sizes[cid] = min(sizes.get(cid, 1 << 62), int(round(batch / q)))
     return sizes
 
@@ -312,8 +321,8 @@ def run_controls(facts: RunFacts, policy: Policy, now: _dt.datetime,
     out.append(control("P-1", _verdict(unit_ok),
                        f"the run protects {' and '.join(f'{u}s' for u in protected) or 'no unit (no DP)'}; "
                        f"the policy requires {policy.unit}",
-                       {"record_level_spends": len(_record_spends(facts)),
-                        "user_level_rounds": sum(1 for e in facts.entries if e.get("kind") == Kind.USER_LEVEL),
+                       {"record_level_spends": len(facts.record_spends),
+                        "user_level_rounds": len(facts.state.user_level()),
                         "dp.enabled": config.get("dp.enabled"), "user_dp.enabled": config.get("user_dp.enabled"),
                         "source": "the signed ledger (run_start configuration and spends)"}, run))
 
@@ -439,14 +448,14 @@ def run_controls(facts: RunFacts, policy: Policy, now: _dt.datetime,
 
     # ---- data exposure
     trained = _trained_rounds(facts)
-    uncovered = {cid: rounds for cid, rounds in trained.items() if not has_record and not has_user}
+    covered = has_record or has_user
     if not trained:
         out.append(control("D-1", NOT_APPLICABLE, "no client trained", run=run))
     else:
         covered_by = "record-level DP-SGD spends" if has_record else "user-level DP" if has_user else "nothing"
-        out.append(control("D-1", _verdict(not uncovered and audit["ledger_ok"]),
+        out.append(control("D-1", _verdict(covered and audit["ledger_ok"]),
                            f"every update of {len(trained)} client(s) is covered by {covered_by}; "
-                           f"{len(audit['node_ledgers'])} node ledger(s) cross-checked with the run's" if not uncovered else
+                           f"{len(audit['node_ledgers'])} node ledger(s) cross-checked with the run's" if covered else
                            "updates left the nodes without differential privacy",
                            {"clients": len(trained), "node_ledgers_checked": len(audit["node_ledgers"]),
                             "covered_by": covered_by}, run))
@@ -472,9 +481,9 @@ def _clients_per_round(facts: RunFacts) -> tuple[dict[int, int], str]:
     """Clients whose update each round aggregated: from the signed spends where there are, else
     from summary.json."""
     spends: dict[int, set[str]] = {}
-    for entry in _record_spends(facts):
-        if isinstance(entry.get("round"), int):
-            spends.setdefault(entry["round"], set()).add(str(entry["actor"]))
+    for spend in facts.record_spends:
+        if spend.round is not None:
+            spends.setdefault(int(spend.round), set()).add(spend.actor)
     if spends:
         return {r: len(a) for r, a in sorted(spends.items())}, "the signed ledger's record-level spends"
     rounds = (facts.summary or {}).get("rounds") or []
@@ -485,8 +494,8 @@ def _clients_per_round(facts: RunFacts) -> tuple[dict[int, int], str]:
 
 def _trained_rounds(facts: RunFacts) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for entry in _record_spends(facts):
-        out.setdefault(str(entry["actor"]), []).append(entry.get("round"))
+    for spend in facts.record_spends:
+        out.setdefault(spend.actor, []).append(spend.round)
     if not out:
         rounds = (facts.summary or {}).get("rounds") or []
         if any(isinstance(r, dict) and (r.get("clients_trained") or 0) > 0 for r in rounds):
@@ -662,6 +671,7 @@ def _access_controls(target: Target, facts: list[RunFacts], policy: Policy,
                      certificates: dict[str, Any]) -> list[dict[str, Any]]:
     from fedpriv.common.keys import CA_CERT, NODES_DIR, ROSTER, SUPERLINK_CERT
     from fedpriv.common.roster import check_roster_file
+    from fedpriv.common.tls import check_issued_by
 
     out = []
     keys = target.keys
@@ -672,12 +682,11 @@ def _access_controls(target: Target, facts: list[RunFacts], policy: Policy,
                      f"({keys or 'no key directory: give --keys'})")
     else:
         try:
-            ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
-                                   *_signature_args(cert))
+            check_issued_by(cert, ca, "the SuperLink certificate")
             tls = (PASS, "fedpriv server start serves every port with TLS only; the SuperLink certificate "
                          f"({cert.subject.rfc4514_string()}) is issued by the federation CA")
-        except Exception:  # noqa: BLE001 - any verification failure is the finding
-            tls = (FAIL, "the SuperLink certificate is not issued by the federation CA")
+        except FedprivError as exc:
+            tls = (FAIL, str(exc))
     out.append(control("S-1", tls[0] if policy.tls_required else NOT_APPLICABLE, tls[1],
                        {"keys": str(keys) if keys else None}))
     roster_state = (FAIL, "no signed node roster")
@@ -705,17 +714,6 @@ def _access_controls(target: Target, facts: list[RunFacts], policy: Policy,
     out.append(control("S-3", _verdict(ok) if policy.operator_authentication_required else NOT_APPLICABLE, reason,
                        {"submitted_by": {f.name: f.audit["submitted_by"] for f in facts}}))
     return out
-
-
-def _signature_args(cert: Any) -> tuple[Any, ...]:
-    from cryptography.hazmat.primitives.asymmetric import ec, padding
-
-    if cert.signature_hash_algorithm is None:
-        return ()
-    key_type = type(cert.public_key()).__name__
-    if "RSA" in key_type:
-        return (padding.PKCS1v15(), cert.signature_hash_algorithm)
-    return (ec.ECDSA(cert.signature_hash_algorithm),)
 
 
 def _certificates(keys: Path) -> dict[str, Any]:
@@ -768,7 +766,6 @@ def node_controls(path: Path, policy: Policy, witnessed: dict[str, Any] | None) 
     """A node's own state: its ledger, and its record-level epsilon over every run it trained in."""
     from fedpriv.common import accounting
     from fedpriv.common.ledger import LEDGER, key_id, load_public_key, verify_ledger
-    from fedpriv.common.replay import replay
 
     report = verify_ledger(path, crash_tail=True)
     name = path.name
@@ -882,10 +879,9 @@ def privacy_statement(f: RunFacts) -> dict[str, Any]:
                          "verdict": result.get("verdict")}
         except (OSError, ValueError):
             empirical = None
-    rounds = sorted({e["round"] for e in f.entries if isinstance(e.get("round"), int)
-                     and e.get("kind") in (Kind.RECORD_LEVEL, Kind.USER_LEVEL)})
+    rounds = {spend.round for spend in f.record_spends + f.state.user_level() if spend.round is not None}
     noise_mode = config.get("user_dp.noise_mode")
-    end = next((e for e in reversed(f.entries) if e.get("kind") == Kind.RUN_END), None)
+    end = f.entries[f.state.run_end.seq] if f.state.run_end is not None else None
     return {
         "run_id": f.run_id,
         "units": ([{"unit": "record", "meaning": "each training example of each client (DP-SGD on the node)"}]

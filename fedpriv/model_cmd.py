@@ -75,9 +75,9 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
     from fedpriv.audit_cmd import _fmt
     from fedpriv.common import checkpoint, fileio, rundir
-    from fedpriv.common.audit import audit_run
+    from fedpriv.common.audit import audited_run
     from fedpriv.common.errors import FedprivError
-    from fedpriv.common.review import privacy_statement, run_facts
+    from fedpriv.common.review import facts_of, privacy_statement
 
     out: Path = args.out
     if out.suffix not in FORMATS:
@@ -89,18 +89,18 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     if not sealed.is_file():
         raise FedprivError(f"no sealed model in {args.run_dir} ({rundir.MODEL}): the run did not finish, "
                            f"or ran without a sealing key")
-    report = audit_run(args.run_dir, public_key=args.public_key)
+    report, entries = audited_run(args.run_dir, public_key=args.public_key)
     if not report["ledger_ok"]:
         raise FedprivError(f"the run's ledger does not verify, so its model is not exported: {report['failures'][0]}")
     key = checkpoint.require_key("exporting the model needs the key it was sealed with")
     weights = checkpoint.read_model(sealed, key, report["run_id"])
-    facts = run_facts(args.run_dir, args.public_key, report)
+    facts = facts_of(args.run_dir, report, entries)
     if out.suffix == ".npz":
         buffer = io.BytesIO()
         np.savez(buffer, *weights)
         data = buffer.getvalue()
     else:
-        data = _keras_file(args.run_dir, weights)
+        data = _keras_file(facts.state, weights)
     fileio.write_atomic(out, data)
     fileio.write_json(side, statement(report, facts.summary, out, hashlib.sha256(data).hexdigest(),
                                       privacy_statement(facts)))
@@ -116,15 +116,16 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _keras_file(run_dir: Path, weights: list[Any]) -> bytes:
-    """The whole Keras model, rebuilt from the configuration the run's verified ledger recorded."""
+def _keras_file(state: Any, weights: list[Any]) -> bytes:
+    """The whole Keras model, rebuilt from the configuration the run's verified ledger recorded
+    (``state``: the replay of the entries the export's audit verified)."""
     import tempfile
 
     from fedpriv.common.config import RunConfig
     from fedpriv.common.models import configured_model
-    from fedpriv.common.settings import recorded_config, verified_entries
+    from fedpriv.common.settings import recorded_config
 
-    model = configured_model(RunConfig.from_flat(recorded_config(verified_entries(run_dir))), weights)
+    model = configured_model(RunConfig.from_flat(recorded_config(state)), weights)
     with tempfile.TemporaryDirectory() as scratch:  # Keras writes .keras files by name only
         path = Path(scratch) / "model.keras"
         model.save(path)

@@ -81,23 +81,13 @@ def _public_key(path: Path | None) -> Any:
     return load_public_key(path)
 
 
-def _read(path: Path, what: str) -> bytes:
-    from fedpriv.common.errors import FedprivError
-
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise FedprivError(f"{what} not found: {path}") from None
-    except OSError as exc:
-        raise FedprivError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
 def _verify(args: argparse.Namespace) -> int:
     from fedpriv.common.errors import FedprivError
     from fedpriv.common.review import verify_report
+    from fedpriv.common.tls import read_file
 
     key = _public_key(args.public_key)
-    data = _read(args.verify, "report")
+    data = read_file(args.verify, "report")
     try:
         report = verify_report(data, key, str(args.verify))
     except FedprivError as exc:
@@ -131,6 +121,7 @@ def _review(args: argparse.Namespace) -> int:
     from fedpriv.common.review import (
         FAIL, default_out, find_target, load_policy, review, sign_report, verify_report,
     )
+    from fedpriv.common.tls import read_file
     from fedpriv.review_render import markdown, page, statement_markdown
 
     policy, source = load_policy(args.policy)
@@ -139,7 +130,7 @@ def _review(args: argparse.Namespace) -> int:
     since = None
     if args.since is not None:
         try:
-            since = verify_report(_read(args.since, "earlier review"), key.public_key(), str(args.since))
+            since = verify_report(read_file(args.since, "earlier review"), key.public_key(), str(args.since))
         except FedprivError as exc:
             raise FedprivError(f"--since: {exc}") from None
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -150,12 +141,10 @@ def _review(args: argparse.Namespace) -> int:
     report = review(target, policy, source, public_key=args.public_key, since=since, now=now,
                     progress=(lambda m: print(m, file=sys.stderr)) if many else None)
     signed = sign_report(report, key)
-    report = json.loads(signed)  # what the file holds (and what the pages render)
-    plots = {}
-    for run in report["runs"]:
-        series = {k: {int(r): v for r, v in s.items()} for k, s in run["series"].items()}
-        plots[run["name"]] = plot_png({"series": series, "budgets": run["budgets"], "delta": run["statement"]["delta"],
-                                       "ok": run["audit_ok"]})
+    report["signature"] = json.loads(signed)["signature"]  # (the pages name the key that signed)
+    plots = {run["name"]: plot_png({"series": run["series"], "budgets": run["budgets"],
+                                    "delta": run["statement"]["delta"], "ok": run["audit_ok"]})
+             for run in report["runs"]}
     fileio.write_atomic(out / REPORT_JSON, signed)
     fileio.write_atomic(out / REPORT_MD, markdown(report).encode())
     fileio.write_atomic(out / REPORT_HTML, page(report, plots).encode())
