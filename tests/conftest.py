@@ -43,6 +43,18 @@ def _isolated_fedpriv_home(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves this process's environment as it found it. fedpriv sets variables in its
+    own process (``checkpoint.ensure_key`` names the key file it made, ``backend_config`` what Ray
+    workers inherit), and a test's ``monkeypatch`` restores only what it changed itself; without
+    this, what one test left decided what a later one on the same worker saw."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _simulation_backend():
     """Simulations started in the pytest process run their ClientApps on threads of this process

@@ -18,9 +18,11 @@ test, the scale benchmark).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import pickle
 import sys
+import threading
 import types
 from typing import Any, Callable, Iterator
 
@@ -76,10 +78,27 @@ def in_process_backend() -> Iterator[None]:
     stand_in.RayBackend = InProcessBackend  # type: ignore[attr-defined]
     saved = sys.modules.get(RAY_BACKEND_MODULE)
     sys.modules[RAY_BACKEND_MODULE] = stand_in
+    parse = ast.parse
+    ast.parse = _one_at_a_time(parse)
     try:
         yield
     finally:
+        ast.parse = parse
         if saved is None:
             sys.modules.pop(RAY_BACKEND_MODULE, None)
         else:
             sys.modules[RAY_BACKEND_MODULE] = saved
+
+
+def _one_at_a_time(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """``ast.parse``, never run on two threads at once. CPython 3.11 keeps the AST constructor's
+    recursion depth in interpreter-wide state, so two threads building ASTs at once (TensorFlow's
+    autograph parses each ClientApp's train step when it traces it) can fail one of them with
+    "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905). Ray's workers are
+    processes and never meet it; these threads do."""
+    lock = threading.Lock()
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return parse(*args, **kwargs)
+    return locked

@@ -51,7 +51,9 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is busy; the walk-through needs it"
     home = tmp_path / "home"
-    env = {**os.environ, "FEDPRIV_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+    # a fresh shell: no fedpriv setting of this process (its checkpoint key, say) reaches the script
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDPRIV_")},
+           "FEDPRIV_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = tmp_path / "walkthrough.log"
     # under umask 022, the usual one: what fedpriv and the Flower processes it starts write must be
