@@ -326,6 +326,16 @@ class SimulationSection:
         min=0.0,
         max=1.0,
     )
+    ray_address: str = _setting(
+        "",
+        "An existing Ray cluster to run the virtual clients on: its address (head:6379, or "
+        "auto for the cluster this machine belongs to). Empty: $RAY_ADDRESS when set, else a "
+        "Ray instance of this machine started for the run alone (local: that, whatever "
+        "$RAY_ADDRESS says). On a cluster, client.state_dir must name a directory that every "
+        "machine sees at the same path (a shared filesystem with file locking); the run "
+        "directory stays on this machine. (fedpriv simulate; under flwr run, Flower's "
+        "federation settings decide where clients run.)",
+    )
     fail_clients: str = _setting(
         "",
         "Fault injection: comma-separated partition ids of virtual clients that fail (raise an "

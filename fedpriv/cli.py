@@ -206,10 +206,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not cfg.run.resume and out_dir.exists() and any(out_dir.iterdir()):
         raise FedprivError(f"run directory {out_dir} already exists and is not empty; choose another --out "
                            f"(or continue it with --resume {out_dir})")
-    # Every process (server, virtual clients) must agree on the run directory.
+    # Every process (server, virtual clients, on any machine of a Ray cluster) must agree on the
+    # run directory and the nodes' state directory, whatever directory each started in.
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out_dir.resolve())))
+    if cfg.client.state_dir:
+        cfg = dataclasses.replace(cfg, client=dataclasses.replace(
+            cfg.client, state_dir=str(Path(cfg.client.state_dir).resolve())))
 
-    from fedpriv.simulations.run import plan
+    from fedpriv.simulations.run import plan, ray_address
 
     started = time.perf_counter()
     with console.status("Loading data and checking the configuration..."):
@@ -244,10 +248,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     done = run_plan.restore.round if run_plan.restore is not None else 0
     rounds = (f"rounds {done + 1}-{cfg.run.rounds} (resuming after round {done})" if done
               else f"{cfg.run.rounds} rounds")
+    cluster = ray_address(cfg)
     console.print(
         f"[bold]fedpriv simulate[/] {cfg.run.name}: {cfg.federation.num_clients} clients, "
         f"{rounds}, {run_plan.model_name} on {run_plan.dataset.name} "
         f"({len(run_plan.dataset.y_train)} train / {len(run_plan.dataset.y_test)} test), {dp}"
+        + (f"; clients on the Ray cluster at {cluster}, node state in {cfg.client.state_dir}" if cluster else "")
     )
     summary = _run_with_progress(console, cfg, out_dir, args.verbose, run_plan)
     _print_result(console, summary, out_dir, time.perf_counter() - started)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +17,18 @@ import numpy as np
 from fedpriv.clients.app import local_data, make_client_app
 from fedpriv.common import checkpoint, keyfiles, secagg, secret_env
 from fedpriv.common.canaries import Canaries
-from fedpriv.common.config import RunConfig
+from fedpriv.common.config import ConfigError, RunConfig
 from fedpriv.common.data import Dataset, load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.models import build_model, resolve_model_name
-from fedpriv.common.tf_runtime import RUNTIME_ENV, gpu_count
+from fedpriv.common.tf_runtime import RUNTIME_ENV, gpu_count, quiet_stderr
 from fedpriv.server import resume
 from fedpriv.server.app import make_server_app
 from fedpriv.server.resume import RestorePoint
 from fedpriv.server.run_log import RoundEntry
 from fedpriv.simulations.faults import make_fault_mods
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable for the cluster to join
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ class Plan:
 
 def plan(cfg: RunConfig) -> Plan:
     """Load and check data, model fit and partitions; fail early with one clear line."""
+    cluster = ray_address(cfg)
+    if cluster and not cfg.client.state_dir:
+        raise ConfigError(f"the virtual clients run on the Ray cluster at {cluster}, so their ledgers need a "
+                          "directory every machine of it sees: set client.state_dir (a shared filesystem)")
+    if cluster:
+        check_reachable(cluster)
     dataset = load_dataset(cfg.data, cfg.run.seed)
     model_name = resolve_model_name(cfg.model, dataset.input_shape)
     sizes = [len(local_data(cfg, pid)[1]) for pid in range(cfg.federation.num_clients)]
@@ -51,6 +61,10 @@ def plan(cfg: RunConfig) -> Plan:
     model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
     dimension = int(model.count_params())
     warnings = secagg.precision_warnings(cfg, dimension)  # raises ConfigError if unworkable
+    if cluster and _sealed_data(cfg):
+        warnings.append(f"{cfg.data.path} is sealed: on the Ray cluster each virtual client opens it with the "
+                        f"sealing key of the machine it runs on (${checkpoint.KEY_FILE_ENV} where its raylet "
+                        "was started); this machine's key is never sent through the cluster")
     # A configured but unusable checkpoint key fails here; with none configured, the default
     # key (created on first use) seals a checkpoint after every round, so any run can resume.
     if not cfg.run.resume:  # (a resume never creates a key: it needs the one the run used)
@@ -61,15 +75,64 @@ def plan(cfg: RunConfig) -> Plan:
     return Plan(dataset, model_name, sizes, gpus, dimension, warnings, restore)
 
 
+def ray_address(cfg: RunConfig, env: dict[str, str] | None = None) -> str:
+    """The Ray cluster the virtual clients run on: ``simulation.ray_address``, else ``$RAY_ADDRESS``;
+    empty (or ``local``) for a Ray instance started for this run alone."""
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    address = (cfg.simulation.ray_address or env.get(RAY_ADDRESS_ENV, "")).strip()
+    return "" if address == "local" else address
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a cluster address (``host:port``) nothing answers at, in seconds: Ray itself would
+    retry for minutes. (``auto`` and ``ray://`` addresses are left to Ray.)"""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"simulation.ray_address must be host:port (a Ray head's GCS port, such as "
+                          f"head:6379) or auto, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise FedprivError(f"cannot join the Ray cluster at {address}: "
+                           f"{exc.strerror or exc.__class__.__name__.lower()}") from None
+
+
+def _sealed_data(cfg: RunConfig) -> bool:
+    return cfg.data.dataset == "file" and bool(cfg.data.path) and checkpoint.is_sealed(Path(cfg.data.path))
+
+
+def join_cluster(address: str, verbose: bool) -> dict[str, float]:
+    """Connect this process to the Ray cluster at ``address`` (Flower's backend then finds Ray
+    started and uses it); return the cluster's resources. The cluster's workers were started by
+    its raylets, not by this process, so they get the TensorFlow settings of
+    :mod:`common.tf_runtime` (and this process's module path, as Flower would give them) through
+    the job's runtime environment. Secrets never travel that way: the cluster keeps a job's
+    runtime environment where anyone with access to the cluster can read it."""
+    import ray
+
+    pythonpath = os.pathsep.join(p for p in sys.path if p)
+    try:
+        with quiet_stderr(not verbose):  # (Ray's C++ client logs each failed attempt there)
+            ray.init(address=address, runtime_env={"env_vars": {**RUNTIME_ENV, "PYTHONPATH": pythonpath}},
+                     logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise FedprivError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
 def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool,
-                   ray_dir: Path | None = None) -> dict[str, Any]:
+                   ray_dir: Path | None = None, joined: bool = False) -> dict[str, Any]:
     """Flower's backend configuration for Ray. ``ray_dir``: Ray's temporary directory (its session
-    files and logs), which would otherwise be the world-accessible ``/tmp/ray``."""
-    # Ray workers inherit this process's environment, which common.tf_runtime has prepared
-    # (Flower sets Ray's runtime_env itself, so it cannot be passed here).
+    files and logs), which would otherwise be the world-accessible ``/tmp/ray``. ``joined``: this
+    process has joined a cluster (:func:`join_cluster`), whose workers it did not start."""
+    # Ray workers started for this run inherit this process's environment, which
+    # common.tf_runtime has prepared (Flower sets Ray's runtime_env itself, so it cannot be
+    # passed here).
     os.environ.update(RUNTIME_ENV)
     # Key material stays out of the workers (common/secret_env.py) unless they read a sealed data file.
-    if cfg.data.dataset == "file" and cfg.data.path and checkpoint.is_sealed(Path(cfg.data.path)):
+    if not joined and _sealed_data(cfg):
         os.environ.update(secret_env.for_child(checkpoint.KEY_ENV, keyfiles.PASSPHRASE_ENV))
     return {
         "client_resources": {
@@ -123,19 +186,25 @@ def simulate(
         finished["summary"] = summary
 
     faults = make_fault_mods(cfg) if cfg.simulation.fail_clients else None
-    # Owner-only (mkdtemp makes it 0700) and short: Ray puts its sockets under it.
-    ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))
+    gpus, ray_dir, cluster = run_plan.gpus_per_client, None, ray_address(cfg)
+    if cluster:
+        resources = join_cluster(cluster, verbose)
+        gpus = cfg.simulation.gpus_per_client if resources.get("GPU", 0) > 0 else 0.0
+    else:  # owner-only (mkdtemp makes it 0700) and short: Ray puts its sockets under it
+        ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))
+        os.environ.pop(RAY_ADDRESS_ENV, None)  # (simulation.ray_address = local): Ray would join it
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
             client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
                                        inner_mods=[faults[1]] if faults else None, canaries=canaries),
             num_supernodes=cfg.federation.num_clients,
-            backend_config=backend_config(cfg, run_plan.gpus_per_client, verbose, ray_dir),
+            backend_config=backend_config(cfg, gpus, verbose, ray_dir, joined=bool(cluster)),
             verbose_logging=verbose,
         )
     finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        if ray_dir is not None:
+            shutil.rmtree(ray_dir, ignore_errors=True)
     if "summary" not in finished:
         raise FedprivError("the simulation ended without a result (run with --verbose for details)")
     return finished["summary"]

@@ -68,6 +68,29 @@ def test_mismatched_labels(cli_here, tmp_path):
     _assert_clean_error(proc, "10 feature rows but 9 labels")
 
 
+@pytest.mark.parametrize("settings, fragment", [
+    (["simulation.ray_address=127.0.0.1:1"], "set client.state_dir"),  # nowhere shared for the ledgers
+    (["simulation.ray_address=head-without-port", "client.state_dir=S"], "must be host:port"),
+    (["simulation.ray_address=127.0.0.1:1", "client.state_dir=S"], "cannot join the Ray cluster at 127.0.0.1:1"),
+], ids=["no-state-dir", "malformed", "nothing-listening"])
+def test_a_ray_cluster_that_cannot_be_used_is_refused_before_anything_starts(cli_here, tmp_path, settings, fragment):
+    args = [x for s in settings for x in ("--set", s.replace("=S", f"={tmp_path / 'shared'}"))]
+    proc = cli_here("simulate", *args, "--out", str(tmp_path / "r"))
+    _assert_clean_error(proc, fragment)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "shared").exists()
+
+
+def test_ray_address_names_the_cluster_unless_the_setting_says_local(cli_here, tmp_path, monkeypatch):
+    from fedpriv.common.settings import resolve_config
+    from fedpriv.simulations.run import ray_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    proc = cli_here("simulate", "--set", "data.dataset=digits", "--out", str(tmp_path / "r"))
+    _assert_clean_error(proc, "the Ray cluster at 127.0.0.1:1")  # Ray's own variable is honoured
+    assert ray_address(resolve_config("quickstart", None, ["simulation.ray_address=local"])) == ""
+    assert ray_address(resolve_config("quickstart", None, ["simulation.ray_address=auto"])) == "auto"
+
+
 def test_existing_run_directory_is_never_overwritten(cli_here, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
