@@ -173,6 +173,9 @@ def simulate(
     clients' training data (the empirical audit's canary run)."""
     from flwr.simulation import run_simulation
 
+    from fedpriv.simulations import vce_poll
+
+    vce_poll.install()
     run_plan = run_plan or plan(cfg)
     quiet_flower(verbose)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
