@@ -15,7 +15,7 @@ from fedpriv.clients.policy import POLICY_PATH_KEY, NodePolicy, load_policy
 from fedpriv.clients.secagg_guard import NodeIdentity
 from fedpriv.common import rundir
 from fedpriv.common.config import RunConfig
-from fedpriv.common.roster import SIM_ANCHOR_PUB, SIM_NODE_SECRET
+from fedpriv.common.roster import SIM_ANCHOR_PUB, SIM_NODE_SECRET, simulated_key_name
 
 
 def is_real_node(context: Context) -> bool:
@@ -43,9 +43,9 @@ def node_identity(context: Context, cfg: RunConfig) -> NodeIdentity | None:
         if not config.get("auth-key") or not config.get("ca-cert"):
             return None
         return NodeIdentity(Path(str(config["auth-key"])), Path(str(config["ca-cert"])))
-    name, _ = node_name_and_state_dir(context, cfg)
     root = rundir.nodes_root(cfg)
-    return NodeIdentity(root / SIM_NODE_SECRET, root / SIM_ANCHOR_PUB, simulated=name)
+    return NodeIdentity(root / SIM_NODE_SECRET, root / SIM_ANCHOR_PUB,
+                        simulated=simulated_key_name(context.node_id))
 
 
 def node_policy(context: Context) -> NodePolicy | None:

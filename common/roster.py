@@ -249,9 +249,16 @@ def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     return _read(path, "the simulated federation's key")
 
 
+def simulated_key_name(node_id: int) -> str:
+    """What a virtual node's key is derived for: its Flower node id, which the server knows of
+    the nodes it samples (and the node of itself)."""
+    return f"node-id/{int(node_id)}"
+
+
 def simulated_node_key(secret_path: Path, name: str) -> Ed25519PrivateKey:
-    """Virtual node ``name``'s authentication key, derived (HKDF-SHA256) from the simulation's
-    node secret: a population of any size costs no file and no state until a node trains."""
+    """Virtual node ``name``'s authentication key (``name``: :func:`simulated_key_name`), derived
+    (HKDF-SHA256) from the simulation's node secret: a population of any size costs no file and no
+    state until a node trains."""
     secret = _read(secret_path, "the simulated nodes' secret")
     if len(secret) != 32:
         raise RosterError(f"{secret_path} is not a 32-byte secret")
@@ -260,11 +267,14 @@ def simulated_node_key(secret_path: Path, name: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 
-def simulated_federation(nodes_root: Path, names: Iterable[str]) -> bytes:
-    """Keys for a simulation's virtual nodes, made the way a real federation's are: a trust
-    anchor and the nodes' secret under ``nodes_root`` (each created once, 0600, then kept), each
-    node's key derived from the secret (:func:`simulated_node_key`), and the roster of their
-    public keys signed by the anchor."""
+def simulated_federation(nodes_root: Path) -> Callable[[Iterable[int]], bytes]:
+    """A simulation's federation, made the way a real one is: a trust anchor and the nodes' secret
+    under ``nodes_root`` (each created once, 0600, then kept), each node's key derived from the
+    secret (:func:`simulated_node_key`). Returns what signs a roster: for the virtual nodes of a
+    SecAgg+ round (their node ids), the roster of their public keys, signed by the anchor. A
+    roster of the round's nodes, not of the whole population, so that a round costs the same at
+    100 virtual nodes as at 100,000: every virtual node's key comes from one secret the anchor's
+    holder also holds, so a roster of all of them would prove nothing more."""
     def new_anchor() -> bytes:
         return Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -281,4 +291,8 @@ def simulated_federation(nodes_root: Path, names: Iterable[str]) -> bytes:
         write_atomic(pub_path, anchor_pub)
     secret_path = nodes_root / SIM_NODE_SECRET
     _load_or_create(secret_path, lambda: os.urandom(32))
-    return sign_roster(anchor, [simulated_node_key(secret_path, n).public_key() for n in names])
+
+    def roster_for(node_ids: Iterable[int]) -> bytes:
+        return sign_roster(anchor, [simulated_node_key(secret_path, simulated_key_name(n)).public_key()
+                                    for n in node_ids])
+    return roster_for

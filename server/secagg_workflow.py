@@ -8,8 +8,9 @@ protocol's flow:
   (:data:`common.secagg_masks.GENERATOR_KEY`), so a node can refuse a server that would use
   Flower 1.42's brute-forceable one;
 - the setup message carries the federation's signed node roster
-  (:data:`common.roster.ROSTER_KEY`), against which nodes verify each other's signed public keys
-  (the server relays them and cannot forge them).
+  (:data:`common.roster.ROSTER_KEY`; in a simulation, that of the round's virtual nodes), against
+  which nodes verify each other's signed public keys (the server relays them and cannot forge
+  them).
 
 Pairs with :mod:`clients.secagg_guard` on the nodes, which checks both.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -29,42 +30,50 @@ from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 
 
-def federation_roster(cfg: RunConfig) -> bytes:
-    """The signed roster this server sends: ``$FEDPRIV_ROSTER`` in a deployment (``fedpriv server
-    start`` writes it), else the simulated federation of the run's virtual nodes."""
+RosterFor = Callable[[list[int]], bytes]  # the node ids of a round's setup -> the roster it carries
+
+
+def federation_roster(cfg: RunConfig) -> RosterFor:
+    """The signed roster this server sends with a round's setup: in a deployment,
+    ``$FEDPRIV_ROSTER`` (``fedpriv server start`` writes it, signed by the CA), the same for every
+    round; in a simulation, the roster of the round's virtual nodes, signed by the simulation's
+    anchor (:func:`common.roster.simulated_federation`)."""
     path = os.environ.get(rosters.ROSTER_ENV)
     if path:
         try:
-            return Path(path).read_bytes()
+            blob = Path(path).read_bytes()
         except OSError as exc:
             raise FedprivError(f"cannot read the node roster {path} ({exc.strerror})") from None
-    names = [rundir.simulated_node_name(i) for i in range(cfg.federation.num_clients)]
-    return rosters.simulated_federation(rundir.nodes_root(cfg), names)
+        return lambda node_ids: blob
+    return rosters.simulated_federation(rundir.nodes_root(cfg))
 
 
 class _AnnouncingGrid:
     """Adds the generator and the roster to the setup messages the workflow sends."""
 
-    def __init__(self, grid: Any, roster: bytes) -> None:
-        self._grid, self._roster = grid, roster
+    def __init__(self, grid: Any, roster_for: RosterFor) -> None:
+        self._grid, self._roster_for = grid, roster_for
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
         messages = list(messages)
-        for msg in messages:
-            configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-            if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+        setups = [msg for msg in messages if (configs := msg.content.config_records.get(RECORD_KEY_CONFIGS))
+                  is not None and configs.get(Key.STAGE) == Stage.SETUP]
+        if setups:
+            roster = self._roster_for(sorted({msg.metadata.dst_node_id for msg in setups}))
+            for msg in setups:
+                configs = msg.content.config_records[RECORD_KEY_CONFIGS]
                 configs[secagg_masks.GENERATOR_KEY] = secagg_masks.GENERATOR
-                configs[rosters.ROSTER_KEY] = self._roster
+                configs[rosters.ROSTER_KEY] = roster
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 class FedprivSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAggPlusWorkflow with fedpriv's generator and roster (see the module doc)."""
 
-    def __init__(self, roster: bytes, **kwargs: Any) -> None:
+    def __init__(self, roster: RosterFor, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         secagg_masks.install()
         self.roster = roster

@@ -400,6 +400,40 @@ def test_a_roster_signed_by_another_anchor_is_refused(tmp_path):
     assert all("does not verify against this node's trust anchor" in grid.refusals[n][0] for n in nodes)
 
 
+def test_a_simulated_round_carries_the_roster_of_its_own_nodes_and_another_rounds_is_refused(tmp_path):
+    """In a simulation the roster is signed for each round's nodes (so a round costs the same
+    whatever the population): it names exactly the nodes set up, and a node given the anchor's
+    roster of other nodes refuses."""
+    from fedpriv.common import rundir
+
+    sent = []
+
+    def observe(msg):
+        if _stage(msg) == Stage.SETUP:
+            sent.append((msg.metadata.dst_node_id, msg.content.config_records[RECORD_KEY_CONFIGS][rosters.ROSTER_KEY]))
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=observe)
+    assert strategy.aggregate is not None and not grid.refusals
+    root = rundir.nodes_root(cfg)
+    anchor = rosters.load_trust_anchor(root / rosters.SIM_ANCHOR_PUB)
+    expected = {rosters.public_key_text(rosters.simulated_node_key(
+        root / rosters.SIM_NODE_SECRET, rosters.simulated_key_name(n)).public_key()) for n in nodes}
+    assert {n for n, _ in sent} == set(nodes) and len({blob for _, blob in sent}) == 1
+    assert rosters.open_roster(sent[0][1], anchor).nodes == expected
+
+    others = federation_roster(cfg)([n + 100 for n in nodes])  # the same anchor, other nodes
+
+    def swap(msg):
+        if _stage(msg) == Stage.SETUP:
+            msg.content.config_records[RECORD_KEY_CONFIGS][rosters.ROSTER_KEY] = others
+        return msg
+
+    cfg, nodes, strategy, grid = _fedpriv_round(tmp_path, tamper=swap)
+    assert strategy.aggregate is None
+    assert all("own key is not on the roster" in grid.refusals[n][0] for n in nodes)
+
+
 # ---- end to end: the fedpriv ServerApp deviating, in a simulation --------------------------
 @pytest.mark.slow
 def test_a_deviating_fedpriv_server_gets_refused_and_the_round_fails_cleanly_in_the_ledgers(tmp_path):
