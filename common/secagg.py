@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from fedpriv.common import accounting
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import ConfigError
 from fedpriv.common.secagg_masks import GENERATOR
+
+T = TypeVar("T")
 
 RandomBytes = Callable[[int], bytes]
 MODULUS = 2**32  # Flower's SecAgg+ masking modulus (its default modulus_range)
@@ -47,6 +50,12 @@ def uniform(size: int, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
     """``size`` uniform draws in (0, 1] with 53 random bits each."""
     raw = np.frombuffer(random_bytes(8 * size), dtype=np.uint64, count=size)
     return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+
+
+def choose(items: Sequence[T], k: int) -> list[T]:
+    """``k`` of ``items`` uniformly without replacement (a fixed-size client sample), drawn from
+    the OS CSPRNG (Flower's own sampling uses Python's Mersenne Twister)."""
+    return random.SystemRandom().sample(list(items), k)
 
 
 def gaussian(shape: Sequence[int], std: float, random_bytes: RandomBytes = os.urandom) -> np.ndarray:

@@ -54,19 +54,21 @@ class NotEnoughClients(FedprivError):
     """Fewer clients connected than the run needs, within federation.connect_timeout."""
 
 
-def wait_for_clients(grid: Any, needed: int, timeout: float, poll: float = 0.5) -> int:
-    """Wait until ``needed`` nodes are connected; return how many are. Flower's own sampling
-    waits without limit, which would hang a misconfigured run forever."""
+def wait_for_clients(connected: Callable[[], dict[str, ClientProxy]], needed: int, timeout: float,
+                     poll: float = 0.5) -> dict[str, ClientProxy]:
+    """Wait until ``needed`` nodes are connected (``connected()``: the client manager's ``all``,
+    which Flower's compatibility layer refreshes from the grid); return them. Flower's own
+    sampling waits without limit, which would hang a misconfigured run forever."""
     deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < needed:
+    while len(nodes := connected()) < needed:
         if time.monotonic() >= deadline:
             raise NotEnoughClients(
-                f"only {connected} of the {needed} clients the run needs connected within "
+                f"only {len(nodes)} of the {needed} clients the run needs connected within "
                 f"{timeout:g} s (federation.min_available_clients / min_train_clients; under "
                 f"flwr run, set --federation-config \"num-supernodes=N\")"
             )
         time.sleep(poll)
-    return connected
+    return nodes
 
 
 def build_inner_strategy(cfg: RunConfig, initial: Parameters) -> Strategy:
@@ -251,10 +253,9 @@ class FedprivStrategy(Strategy):
             return []
         federation = self.cfg.federation
         needed = max(federation.min_available_clients, federation.min_train_clients)
-        population = wait_for_clients(self.grid, needed, federation.connect_timeout)
-        client_manager.wait_for(needed, timeout=federation.connect_timeout)
-        available = client_manager.all()
-        population = max(population, len(available))
+        # (one look at the connected nodes a round: each costs a pass over the population)
+        available = wait_for_clients(client_manager.all, needed, federation.connect_timeout)
+        population = len(available)
         if self.cfg.user_dp.enabled:
             expected = federation.fraction_train * population
         else:
@@ -275,7 +276,7 @@ class FedprivStrategy(Strategy):
             draws = secagg.uniform(len(available))
             clients = [c for c, u in zip(available.values(), draws, strict=True) if u <= federation.fraction_train]
         else:
-            clients = client_manager.sample(num_clients=int(expected), min_num_clients=needed)
+            clients = secagg.choose(list(available.values()), min(int(expected), population))
         secure = self.cfg.secure_aggregation
         minimum = max(federation.min_train_clients, self.cfg.secagg_shares()[0] if secure.enabled else 1)
         if len(clients) < minimum:

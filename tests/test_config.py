@@ -168,19 +168,18 @@ def test_budgets_need_the_matching_dp():
         load_config(overrides=["privacy.record_budget=3", "dp.enabled=false"])
 
 
-class _Grid:
-    """A stand-in for Flower's Grid that only reports connected node ids."""
+def _connecting(counts):
+    """Connected clients as a client manager's ``all`` reports them, more at each look."""
+    counts = list(counts)
 
-    def __init__(self, counts):
-        self.counts = list(counts)
-
-    def get_node_ids(self):
-        return range(self.counts.pop(0) if len(self.counts) > 1 else self.counts[0])
+    def connected():
+        return {str(i): object() for i in range(counts.pop(0) if len(counts) > 1 else counts[0])}
+    return connected
 
 
 def test_waiting_for_clients_ends_with_a_clear_error():
     from fedpriv.server.strategy import NotEnoughClients, wait_for_clients
 
-    assert wait_for_clients(_Grid([1, 2, 3]), needed=3, timeout=5, poll=0.01) == 3
+    assert len(wait_for_clients(_connecting([1, 2, 3]), needed=3, timeout=5, poll=0.01)) == 3
     with pytest.raises(NotEnoughClients, match="only 2 of the 10 clients"):
-        wait_for_clients(_Grid([2]), needed=10, timeout=0.05, poll=0.01)
+        wait_for_clients(_connecting([2]), needed=10, timeout=0.05, poll=0.01)
