@@ -3,7 +3,7 @@
 Runs, one after the other, each in its own process (so none inherits another's warm caches):
 
 - ``dp_step.py``: DP-SGD step cost against non-private training (dp_step.json, .md);
-- ``scale.py``: peak memory and seconds per round at 100 and 1,000 virtual clients
+- ``scale.py``: peak memory and seconds per round at 100, 1,000 and 100,000 virtual clients
   (scale.json, .md, .png);
 - ``dp_vs_nodp.py`` (full mode only): the quickstart against its no-DP baseline (dp_vs_nodp.json, .md).
 
@@ -87,11 +87,13 @@ def dp_step_figures(results: dict) -> list[dict]:
 
 def scale_figures(results: dict) -> list[dict]:
     figures = [{**t, "unit": "x"} for t in results["targets"]]
-    for population, p in results["populations"].items():
-        figures.append({"figure": f"peak RSS of the process tree at {int(population):,} clients",
-                        "value": p["peak_rss_bytes"] / 2**30, "unit": " GiB", "target": None, "met": None})
-        figures.append({"figure": f"seconds per round at {int(population):,} clients (median)",
-                        "value": p["median_round_s"], "unit": " s", "target": None, "met": None})
+    for sampled, one in results["series"].items():
+        for population, p in one["populations"].items():
+            where = f"{int(population):,} clients, {sampled} sampled"
+            figures.append({"figure": f"peak RSS of the process tree at {where}",
+                            "value": p["peak_rss_bytes"] / 2**30, "unit": " GiB", "target": None, "met": None})
+            figures.append({"figure": f"seconds per round at {where} (median)",
+                            "value": p["median_round_s"], "unit": " s", "target": None, "met": None})
     return figures
 
 

@@ -1,12 +1,13 @@
-"""Simulation scale: peak memory and seconds per round at two populations, side by side.
+"""Simulation scale: peak memory and seconds per round as the population grows, side by side.
 
-Runs ``fedpriv simulate`` (the quickstart: the seed CNN with DP-SGD, SecAgg+ on, the built-in
-data) at a population of 100 and of 1,000 virtual clients, with the same number sampled each
-round (10) and the same seed. The built-in data are split among the whole population, so a client
-holds about 45 records at 100 and 4-5 at 1,000; the batch size (64) makes every sampled client take
-exactly one local DP-SGD step at both, so what differs between the runs is the population, not
-the local work. The runs alternate (100, 1,000, then 1,000, 100 with --repeats 2), so machine noise
-hits both alike.
+Runs ``fedpriv simulate`` (the quickstart's DP-SGD and SecAgg+, with the small MLP on
+scikit-learn's digits) at populations of 100, 1,000 and 100,000 virtual clients, with 10 and then
+100 of them sampled each round, and the same seed. Each population gets a data file of the digits
+repeated so that every client holds 4 records (and the same 360 test records): a client's local
+work (one DP-SGD step at batch size 64) is the same at every population, and what differs between
+the runs is the population. The data file grows with the population (100,000 clients hold
+400,000 records, 100 MB), as a real population's data would. Within each sample size the runs
+alternate (100, 1,000, 100,000, then backwards with --repeats 2), so machine noise hits all alike.
 
 Measured for each run:
 
@@ -19,10 +20,11 @@ Measured for each run:
 - how many node state directories (``nodes/sim-<i>``) the run created: one per client that
   trained, not one per client in the population.
 
-Targets: peak RSS at 1,000 at most 1.2x that at 100; median seconds per round within 1.3x.
+Targets, for each sample size, the largest population against the next (100,000 against 1,000):
+peak RSS at most 1.2x; median seconds per round within 1.3x.
 
-    uv run python benchmarks/scale.py [--quick] [--populations 100,1000] [--sampled 10]
-        [--rounds 8] [--repeats 2] [--seed 42] [--out DIR] [--check]
+    uv run python benchmarks/scale.py [--quick] [--populations 100,1000,100000] [--sampled 10,100]
+        [--rounds 6] [--repeats 2] [--seed 42] [--out DIR] [--check]
 
 Prints a Markdown table and saves scale.json, scale.md and scale.png in --out (default
 benchmarks/results; with --quick and no --out, a temporary folder).
@@ -51,12 +53,14 @@ from dp_vs_nodp import RESULTS, machine  # noqa: E402
 SEED = 42
 TARGET_RSS_RATIO = 1.2
 TARGET_ROUND_TIME_RATIO = 1.3
-FULL = {"populations": (100, 1000), "sampled": 10, "rounds": 8, "repeats": 2, "batch_size": 64, "interval": 0.25}
+RECORDS_PER_CLIENT = 4
+FULL = {"populations": (100, 1000, 100_000), "sampled": (10, 100), "rounds": 6, "repeats": 2, "batch_size": 64,
+        "interval": 0.25}
 # Quick (the test suite's): the shape of the full run at its smallest. Memory is sampled less often
 # (reading every process's smaps_rollup costs CPU the run itself would otherwise have).
 # One Ray worker (each reserves every CPU): a worker's start, TensorFlow's import, is most of a
 # quick run's work.
-QUICK = {"populations": (100, 1000), "sampled": 3, "rounds": 2, "repeats": 1, "batch_size": 64, "interval": 0.5,
+QUICK = {"populations": (100, 1000), "sampled": (3,), "rounds": 2, "repeats": 1, "batch_size": 64, "interval": 0.5,
          "one_worker": True}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -134,10 +138,29 @@ class TreeMemory(threading.Thread):
 
 
 # ---- one run -----------------------------------------------------------------------------------
-def overrides(population: int, settings: dict, seed: int) -> list[str]:
+def data_file(population: int, folder: Path, seed: int) -> tuple[Path, float]:
+    """The digits, repeated to :data:`RECORDS_PER_CLIENT` training records per client, then the
+    digits' own test records: the file and the test fraction that splits them off again."""
+    import numpy as np
+
+    from fedpriv.common.config import DataSection
+    from fedpriv.common.data import load_dataset
+
+    path = folder / f"digits-{population}.npz"
+    digits = load_dataset(DataSection(dataset="digits"), seed)
+    if not path.exists():
+        train = np.resize(np.arange(len(digits.y_train)), population * RECORDS_PER_CLIENT)
+        np.savez(path, x=np.concatenate([digits.x_train[train], digits.x_test]).astype(np.float32),
+                 y=np.concatenate([digits.y_train[train], digits.y_test]))
+    test = len(digits.y_test)
+    return path, test / (population * RECORDS_PER_CLIENT + test)
+
+
+def overrides(population: int, sampled: int, settings: dict, seed: int, data: tuple[Path, float]) -> list[str]:
     """Quickstart settings for ``population`` clients of which ``sampled`` train each round."""
-    sampled = settings["sampled"]
+    path, test_fraction = data
     return [
+        "data.dataset=file", f"data.path={path}", f"data.test_fraction={test_fraction!r}", "model.name=mlp",
         f"run.rounds={settings['rounds']}",
         f"run.seed={seed}",
         f"federation.num_clients={population}",
@@ -148,10 +171,11 @@ def overrides(population: int, settings: dict, seed: int) -> list[str]:
     ] + ([f"simulation.cpus_per_client={os.cpu_count() or 1}"] if settings.get("one_worker") else [])
 
 
-def simulate(population: int, settings: dict, seed: int, out: Path, interval: float) -> dict:
+def simulate(population: int, sampled: int, settings: dict, seed: int, out: Path, data: tuple[Path, float]) -> dict:
     """One ``fedpriv simulate`` run, its process tree watched; exits on a failed run."""
     args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", "quickstart", "--out", str(out)]
-    for item in overrides(population, settings, seed):
+    interval = settings["interval"]
+    for item in overrides(population, sampled, settings, seed, data):
         args += ["--set", item]
     started = time.perf_counter()
     with tempfile.TemporaryFile() as log:
@@ -172,6 +196,7 @@ def simulate(population: int, settings: dict, seed: int, out: Path, interval: fl
     nodes = out / "nodes"
     return {
         "population": population,
+        "sampled": sampled,
         "peak_rss_bytes": watch.peak_rss,
         "peak_pss_bytes": watch.peak_pss,
         "peak_driver_rss_bytes": watch.peak_driver_rss,
@@ -192,9 +217,10 @@ def simulate(population: int, settings: dict, seed: int, out: Path, interval: fl
 
 
 # ---- the report --------------------------------------------------------------------------------
-def aggregate(runs: list[dict], population: int) -> dict:
-    """One population's figures over its repeats: the highest peak, the median round."""
-    mine = [r for r in runs if r["population"] == population]
+def aggregate(runs: list[dict], sampled: int, population: int) -> dict:
+    """One population's figures at one sample size over its repeats: the highest peak, the median
+    round."""
+    mine = [r for r in runs if r["population"] == population and r["sampled"] == sampled]
     later = [s for r in mine for s in r["round_seconds"][1:] if s is not None]
     return {
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in mine),
@@ -214,50 +240,65 @@ def aggregate(runs: list[dict], population: int) -> dict:
     }
 
 
+def series(runs: list[dict], sampled: int, populations: tuple[int, ...]) -> dict:
+    """One sample size: each population's figures, and the largest population's against the next."""
+    figures = {str(p): aggregate(runs, sampled, p) for p in populations}
+    low, high = (figures[str(p)] for p in populations[-2:])
+    return {
+        "populations": figures,
+        "compared": [populations[-2], populations[-1]],
+        "rss_ratio": high["peak_rss_bytes"] / low["peak_rss_bytes"],
+        "pss_ratio": high["peak_pss_bytes"] / low["peak_pss_bytes"],
+        "driver_rss_ratio": high["peak_driver_rss_bytes"] / low["peak_driver_rss_bytes"],
+        "round_time_ratio": high["median_round_s"] / low["median_round_s"],
+    }
+
+
 def gib(value: int) -> str:
     return f"{value / 2**30:.2f}"
 
 
-def table(populations: dict[str, dict]) -> str:
-    lines = ["| population | sampled per round | records per client | peak RSS, process tree (GiB) | "
+def table(all_series: dict[str, dict]) -> str:
+    lines = ["| sampled per round | population | records per client | peak RSS, process tree (GiB) | "
              "peak PSS (GiB) | peak RSS, driver (GiB) | processes | seconds per round (median, range) | "
              "CPU seconds per run (all, driver) | node state dirs |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for population, p in populations.items():
-        low, high = p["round_s_range"]
-        lines.append(
-            f"| {int(population):,} | {', '.join(map(str, p['clients_per_round']))} | "
-            f"{p['examples_per_client']:.1f} | {gib(p['peak_rss_bytes'])} | {gib(p['peak_pss_bytes'])} | "
-            f"{gib(p['peak_driver_rss_bytes'])} | {p['peak_processes']} | "
-            f"{p['median_round_s']:.2f} ({low:.2f}-{high:.2f}) | {p['cpu_s']:.0f}, {p['driver_cpu_s']:.0f} | "
-            f"{p['node_dirs']} |")
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for sampled, one in all_series.items():
+        for population, p in one["populations"].items():
+            low, high = p["round_s_range"]
+            lines.append(
+                f"| {sampled} | {int(population):,} | {p['examples_per_client']:.1f} | {gib(p['peak_rss_bytes'])} | "
+                f"{gib(p['peak_pss_bytes'])} | {gib(p['peak_driver_rss_bytes'])} | {p['peak_processes']} | "
+                f"{p['median_round_s']:.2f} ({low:.2f}-{high:.2f}) | {p['cpu_s']:.0f}, {p['driver_cpu_s']:.0f} | "
+                f"{p['node_dirs']} |")
     return "\n".join(lines)
 
 
-def plot(populations: dict[str, dict], path: Path) -> None:
+def plot(all_series: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"{int(p):,}" for p in populations]
-    fig, (memory, rounds) = plt.subplots(1, 2, figsize=(9, 3.6))
-    memory.bar(names, [p["peak_rss_bytes"] / 2**30 for p in populations.values()], label="RSS (sum)")
-    memory.bar(names, [p["peak_pss_bytes"] / 2**30 for p in populations.values()], width=0.4,
-               label="PSS (sum)")
+    fig, (memory, rounds) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for sampled, one in all_series.items():
+        names = [f"{int(p):,}" for p in one["populations"]]
+        values = list(one["populations"].values())
+        memory.plot(names, [p["peak_rss_bytes"] / 2**30 for p in values], marker="o", label=f"{sampled} sampled, RSS")
+        memory.plot(names, [p["peak_pss_bytes"] / 2**30 for p in values], marker="x", linestyle="--",
+                    label=f"{sampled} sampled, PSS")
+        rounds.plot(names, [p["median_round_s"] for p in values], marker="o", label=f"{sampled} sampled")
+        for i, p in enumerate(values):
+            seconds = [s for r in p["runs"] for s in r["round_seconds"][1:] if s is not None]
+            rounds.scatter([i] * len(seconds), seconds, alpha=0.3, s=10)
     memory.set_title("peak memory, process tree")
     memory.set_ylabel("GiB")
-    memory.set_xlabel("population")
-    memory.legend(loc="lower center")
-    for i, p in enumerate(populations.values()):
-        seconds = [s for r in p["runs"] for s in r["round_seconds"][1:] if s is not None]
-        rounds.scatter([i] * len(seconds), seconds, alpha=0.6)
-        rounds.hlines(p["median_round_s"], i - 0.25, i + 0.25, color="black")
-    rounds.set_xticks(range(len(names)), names)
-    rounds.set_xlim(-0.6, len(names) - 0.4)
+    memory.set_ylim(bottom=0)
+    rounds.set_title("seconds per round (after round 1; line: median)")
     rounds.set_ylim(bottom=0)
-    rounds.set_title("seconds per round (after round 1)")
-    rounds.set_xlabel("population")
+    for ax in (memory, rounds):
+        ax.set_xlabel("population (virtual clients)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,17 +307,18 @@ def plot(populations: dict[str, dict], path: Path) -> None:
 def verdicts(payload: dict) -> list[dict]:
     """Each figure with its target and whether it was met (run_all.py prints these too); a quick
     run (one timed round) is not judged."""
-    low, high = (str(p) for p in payload["settings"]["populations"])
-    rss, rounds = payload["rss_ratio"], payload["round_time_ratio"]
     quick = payload["quick"]
-    return [
-        {"figure": f"peak RSS, process tree, {int(high):,} / {int(low):,} clients",
-         "value": rss, "target": f"<= {TARGET_RSS_RATIO}",
-         "met": None if quick else rss <= TARGET_RSS_RATIO},
-        {"figure": f"seconds per round, {int(high):,} / {int(low):,} clients",
-         "value": rounds, "target": f"within {TARGET_ROUND_TIME_RATIO}x",
-         "met": None if quick else max(rounds, 1 / rounds) <= TARGET_ROUND_TIME_RATIO},
-    ]
+    out = []
+    for sampled, one in payload["series"].items():
+        low, high = one["compared"]
+        where = f"{high:,} / {low:,} clients, {sampled} sampled"
+        out.append({"figure": f"peak RSS, process tree, {where}", "value": one["rss_ratio"],
+                    "target": f"<= {TARGET_RSS_RATIO}", "met": None if quick else one["rss_ratio"] <= TARGET_RSS_RATIO})
+        ratio = one["round_time_ratio"]
+        out.append({"figure": f"seconds per round, {where}", "value": ratio,
+                    "target": f"within {TARGET_ROUND_TIME_RATIO}x",
+                    "met": None if quick else max(ratio, 1 / ratio) <= TARGET_ROUND_TIME_RATIO})
+    return out
 
 
 def verdict(met: bool | None) -> str:
@@ -284,34 +326,32 @@ def verdict(met: bool | None) -> str:
 
 
 def save(out: Path, runs: list[dict], settings: dict, seed: int, quick: bool, wall: float) -> tuple[dict, str]:
-    populations = {str(p): aggregate(runs, p) for p in settings["populations"]}
-    low, high = (populations[str(p)] for p in settings["populations"])
+    populations = tuple(settings["populations"])
+    all_series = {str(k): series(runs, k, populations) for k in settings["sampled"]}
     payload: dict[str, Any] = {
-        "populations": populations,
-        "rss_ratio": high["peak_rss_bytes"] / low["peak_rss_bytes"],
-        "pss_ratio": high["peak_pss_bytes"] / low["peak_pss_bytes"],
-        "driver_rss_ratio": high["peak_driver_rss_bytes"] / low["peak_driver_rss_bytes"],
-        "round_time_ratio": high["median_round_s"] / low["median_round_s"],
+        "series": all_series,
         "seed": seed,
         "quick": quick,
-        "settings": {**settings, "populations": list(settings["populations"]),
-                     "overrides": {str(p): overrides(p, settings, seed) for p in settings["populations"]},
-                     "preset": "quickstart"},
+        "settings": {**settings, "populations": list(populations), "sampled": list(settings["sampled"]),
+                     "records_per_client": RECORDS_PER_CLIENT, "preset": "quickstart", "model": "mlp",
+                     "data": "digits, repeated to records_per_client training records per client"},
         "wall_time_s": wall,
         "machine": {**{k: v for k, v in machine().items() if k != "versions"}, "cpu": cpu_model()},
         "versions": versions(),
     }
     payload["targets"] = verdicts(payload)
-    report = table(populations)
+    report = table(all_series)
     lines = [f"- {v['figure']}: {v['value']:.2f}x (target {v['target']}): {verdict(v['met'])}"
              for v in payload["targets"]]
-    lines.append(f"- peak PSS ratio {payload['pss_ratio']:.2f}x; driver's own peak RSS ratio "
-                 f"{payload['driver_rss_ratio']:.2f}x")
+    for sampled, one in all_series.items():
+        lines.append(f"- {sampled} sampled: peak PSS ratio {one['pss_ratio']:.2f}x; driver's own peak RSS ratio "
+                     f"{one['driver_rss_ratio']:.2f}x")
     report += "\n\n" + "\n".join(lines)
     m = payload["machine"]
     header = (
-        f"`fedpriv simulate --preset quickstart` (seed CNN, DP-SGD, SecAgg+, built-in data) at each "
-        f"population, {settings['sampled']} clients sampled per round, {settings['rounds']} rounds, "
+        f"`fedpriv simulate --preset quickstart` (DP-SGD, SecAgg+) with the small MLP on the digits, "
+        f"repeated to {RECORDS_PER_CLIENT} training records per client, at each population; "
+        f"{' and '.join(map(str, settings['sampled']))} clients sampled per round, {settings['rounds']} rounds, "
         f"batch size {settings['batch_size']} (one local step per sampled client at every population), "
         f"{settings['repeats']} run(s) per population, alternating. Peak memory: the highest of the "
         f"runs, sampled from /proc over the whole process tree (driver, Ray and its workers). Seconds "
@@ -321,7 +361,7 @@ def save(out: Path, runs: list[dict], settings: dict, seed: int, quick: bool, wa
         f"TF Privacy {payload['versions'].get('tensorflow-privacy')}. Wall time {wall:.0f} s.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot(populations, out / "scale.png")
+    plot(all_series, out / "scale.png")
     (out / "scale.md").write_text(f"# Simulation scale\n\n{header}\n\n{report}\n\n![scale](scale.png)\n")
     return payload, report
 
@@ -335,8 +375,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny run for tests: populations {QUICK['populations']}, {QUICK['sampled']} "
                              f"sampled, {QUICK['rounds']} rounds")
-    parser.add_argument("--populations", type=csv_ints, default=None, help="two populations, default 100,1000")
-    parser.add_argument("--sampled", type=int, default=None, help="clients sampled per round (default 10)")
+    parser.add_argument("--populations", type=csv_ints, default=None,
+                        help="two or more populations, smallest first (default 100,1000,100000)")
+    parser.add_argument("--sampled", type=csv_ints, default=None, help="clients sampled per round (default 10,100)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (round 1 is not timed)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per population, alternating")
     parser.add_argument("--interval", type=float, default=None,
@@ -351,9 +392,11 @@ def main() -> int:
     for key in ("populations", "sampled", "rounds", "repeats", "interval"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if len(settings["populations"]) != 2 or min(settings["populations"]) < settings["sampled"]:
-        parser.error("--populations takes two populations, each at least --sampled")
-    if settings["rounds"] < 2 or settings["repeats"] < 1 or settings["sampled"] < 3:
+    populations, sampled = tuple(settings["populations"]), tuple(settings["sampled"])
+    if len(populations) < 2 or list(populations) != sorted(set(populations)) or not sampled \
+            or populations[0] < max(sampled):
+        parser.error("--populations takes two or more populations, smallest first, each at least every --sampled")
+    if settings["rounds"] < 2 or settings["repeats"] < 1 or min(sampled) < 3:
         parser.error("--rounds must be at least 2 (round 1 is not timed), --repeats at least 1, "
                      "--sampled at least 3 (SecAgg+)")
     out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-scale-quick-")) if args.quick else RESULTS)
@@ -361,15 +404,18 @@ def main() -> int:
     started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="fedpriv-scale-") as tmp:
-        for repeat in range(settings["repeats"]):
-            order = settings["populations"] if repeat % 2 == 0 else settings["populations"][::-1]
-            for population in order:
-                print(f"  population {population:,}, run {repeat + 1} ...", file=sys.stderr, flush=True)
-                run = simulate(population, settings, args.seed, Path(tmp) / f"{population}-{repeat}",
-                               settings["interval"])
-                print(f"    peak RSS {gib(run['peak_rss_bytes'])} GiB, "
-                      f"{run['median_round_s']:.2f} s per round", file=sys.stderr, flush=True)
-                runs.append(run)
+        data = {p: data_file(p, Path(tmp), args.seed) for p in populations}
+        for k in sampled:
+            for repeat in range(settings["repeats"]):
+                order = populations if repeat % 2 == 0 else populations[::-1]
+                for population in order:
+                    print(f"  {k} sampled, population {population:,}, run {repeat + 1} ...", file=sys.stderr,
+                          flush=True)
+                    run = simulate(population, k, settings, args.seed,
+                                   Path(tmp) / f"{k}-{population}-{repeat}", data[population])
+                    print(f"    peak RSS {gib(run['peak_rss_bytes'])} GiB, "
+                          f"{run['median_round_s']:.2f} s per round", file=sys.stderr, flush=True)
+                    runs.append(run)
     payload, report = save(out, runs, settings, args.seed, args.quick, time.perf_counter() - started)
     print(report)
     print(f"\nwrote {out / 'scale.json'}, scale.md and scale.png ({payload['wall_time_s']:.0f} s)",

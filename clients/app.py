@@ -58,6 +58,11 @@ def _partitions(data: DataSection, seed: int, num_clients: int) -> list[np.ndarr
     return partition(dataset.y_train, num_clients, data, seed)
 
 
+def forget_partitions() -> None:
+    """Drop this process's cached partitions (a simulation's driver, once it has planned)."""
+    _partitions.cache_clear()
+
+
 def local_data(cfg: RunConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
     """This simulated client's share of the training data (an index view, built once)."""
     if not 0 <= partition_id < cfg.federation.num_clients:

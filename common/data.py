@@ -12,7 +12,7 @@ import functools
 import logging
 import socket
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,21 @@ class Dataset:
 def load_dataset(data: DataSection, seed: int) -> Dataset:
     """Load the configured dataset and split off the test set (cached per process)."""
     return _load_cached(data, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def evaluation_set(data: DataSection, seed: int) -> Dataset:
+    """What a server needs of the dataset: the test split, and of the training split its labels
+    (their count); its features are left out. A simulation's driver keeps this, not the whole
+    dataset (:func:`forget_loaded`): with 100,000 virtual clients on a large data file the training
+    features would be its largest object, and only the clients read them."""
+    full = _load_cached(data, seed)
+    return replace(full, x_train=np.empty((0, *full.x_train.shape[1:]), dtype=full.x_train.dtype))
+
+
+def forget_loaded() -> None:
+    """Drop this process's cached datasets (:func:`evaluation_set` keeps its own)."""
+    _load_cached.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
@@ -201,6 +216,9 @@ def _load_csv(file: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y
 
 
+_CHECK_CHUNK = 1 << 22  # values checked for NaN at a time (a data file's worth of booleans would be a copy)
+
+
 def normalise(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Check shapes, dtypes and labels; images get a channel axis, pixels become [0, 1]."""
     if x.dtype == object or y.dtype == object:
@@ -230,8 +248,9 @@ def normalise(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np
         raise DataError(f"{source}: labels must be class indices below 1000, found {int(y.max())}")
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / (255.0 if x.max() > 1 else 1.0)
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
+    x = x.astype(np.float32, copy=False)  # (no second copy of a large float32 file in memory)
+    flat = x.reshape(-1)
+    if not all(np.isfinite(flat[i:i + _CHECK_CHUNK]).all() for i in range(0, flat.size, _CHECK_CHUNK)):
         raise DataError(f"{source}: features contain NaN or infinite values")
     if x.ndim == 3:
         x = x[..., None]

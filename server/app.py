@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.common import checkpoint, key_providers, rundir, secagg
 from fedpriv.common.config import RunConfig, config_from_run_config
-from fedpriv.common.data import load_dataset
+from fedpriv.common.data import evaluation_set
 from fedpriv.common.models import build_model, resolve_model_name
 from fedpriv.common.tf_runtime import keras, tf
 from fedpriv.server import resume
@@ -100,7 +100,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
                strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy) -> dict:
     key_providers.open_configured()  # (a key in a PKCS#11 token: opened before TensorFlow starts)
     tf()
-    dataset = load_dataset(cfg.data, cfg.run.seed)
+    dataset = evaluation_set(cfg.data, cfg.run.seed)
     model_name = resolve_model_name(cfg.model, dataset.input_shape)
     k = keras()
     k.utils.set_random_seed(cfg.run.seed)  # initial model only; clients' DP noise is unseeded

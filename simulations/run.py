@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedpriv.clients.app import local_data, make_client_app
+from fedpriv.clients.app import forget_partitions, local_data, make_client_app
 from fedpriv.common import checkpoint, keyfiles, secagg, secret_env
 from fedpriv.common.canaries import Canaries
 from fedpriv.common.config import ConfigError, RunConfig
-from fedpriv.common.data import Dataset, load_dataset
+from fedpriv.common.data import Dataset, evaluation_set, forget_loaded, load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.models import build_model, resolve_model_name
 from fedpriv.common.tf_runtime import RUNTIME_ENV, gpu_count, quiet_stderr
@@ -72,7 +72,7 @@ def plan(cfg: RunConfig) -> Plan:
     restore = None
     if cfg.run.resume:  # key, checkpoint, model and ledger: refused here, before any process starts
         restore = resume.inspect(Path(cfg.run.out_dir), [np.asarray(w) for w in model.get_weights()], cfg)
-    return Plan(dataset, model_name, sizes, gpus, dimension, warnings, restore)
+    return Plan(evaluation_set(cfg.data, cfg.run.seed), model_name, sizes, gpus, dimension, warnings, restore)
 
 
 def ray_address(cfg: RunConfig, env: dict[str, str] | None = None) -> str:
@@ -177,6 +177,9 @@ def simulate(
 
     vce_poll.install()
     run_plan = run_plan or plan(cfg)
+    # The clients load the training data where they run; this process keeps the evaluation set.
+    forget_loaded()
+    forget_partitions()
     quiet_flower(verbose)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if run_plan.gpus_per_client > 0 or gpu_count() == 0:

@@ -85,11 +85,13 @@ def check_run_all(proc, tmp_path):
     assert {f["benchmark"] for f in summary["figures"]} == {"dp_step", "scale", "harness"}
 
     assert json.loads((tmp_path / "dp_step.json").read_text())["complete"] is True
-    scale = json.loads((tmp_path / "scale.json").read_text())
-    assert set(scale["populations"]) == {"100", "1000"} and scale["seed"] == summary["seed"]
+    results = json.loads((tmp_path / "scale.json").read_text())
+    assert list(results["series"]) == ["3"] and results["seed"] == summary["seed"]
+    scale = results["series"]["3"]
+    assert set(scale["populations"]) == {"100", "1000"} and scale["compared"] == [100, 1000]
     for key in ("rss_ratio", "pss_ratio", "round_time_ratio"):
         assert math.isfinite(scale[key]) and scale[key] > 0, (key, scale[key])
-    rounds = scale["settings"]["rounds"]
+    rounds = results["settings"]["rounds"]
     for population in scale["populations"].values():
         (run,) = population["runs"]
         assert run["clients_trained"] == [3] * rounds and run["failed_rounds"] == 0
