@@ -10,6 +10,7 @@ ledger and in each node's ledger.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpriv.common import checkpoint
 from fedpriv.common.ledger import verify_ledger
 from fedpriv.common.ledger_schema import Kind
 from tests.conftest import free_port, simulate_run
@@ -28,7 +30,7 @@ from tests.conftest import free_port, simulate_run
 pytestmark = pytest.mark.slow(cost=1.5)
 
 RAY = str(Path(sys.executable).parent / "ray")
-CPUS_PER_RAYLET = 2
+CPUS_PER_RAYLET = 1  # one ClientApp actor on each raylet (each is a TensorFlow process to start)
 # The small MLP on scikit-learn's digits: what is tested is where clients run and what they spend.
 SETTINGS = ["data.dataset=digits", "data.test_fraction=0.2", "model.name=mlp", "run.rounds=2",
             "federation.num_clients=4", "federation.min_available_clients=4", "client.local_epochs=1", "run.seed=7"]
@@ -65,9 +67,9 @@ class Cluster:
             assert self.procs[-1].poll() is None and time.monotonic() < deadline, self.logs()
             time.sleep(0.2)
 
-    def query(self, code: str) -> object:
+    def query(self, code: str, imports: str = "") -> object:
         """``code``'s last expression, evaluated by a driver connected to the cluster (JSON)."""
-        script = ("import json, ray\n"
+        script = (f"import json, ray\n{imports}\n"
                   f"ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
                   f"print(json.dumps({code}))\n")
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -129,7 +131,8 @@ def _node_spends(state_dir: Path) -> dict[str, list]:
 
 def test_a_simulation_on_a_ray_cluster_runs_clients_on_both_raylets_and_spends_what_a_local_run_spends(
         cluster, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    secret = base64.b64encode(checkpoint.new_key()).decode()  # the run's sealing key, in its environment
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, checkpoint.KEY_ENV: secret}
     out, state = tmp_path / "on-cluster", tmp_path / "shared/nodes"
     proc, summary = simulate_run(out, [*SETTINGS, f"simulation.ray_address={cluster.address}",
                                        f"client.state_dir={state}"], env=env)
@@ -139,11 +142,20 @@ def test_a_simulation_on_a_ray_cluster_runs_clients_on_both_raylets_and_spends_w
     assert all(r["clients_trained"] == 4 and r["clients_failed"] == 0 for r in summary["rounds"])
     assert not (out / "nodes").exists()  # the nodes' state is where client.state_dir says
 
-    # Where Flower's actors ran, from the cluster's own actor table: on both raylets.
-    placed = cluster.query("sorted({a['Address']['NodeID'] for a in ray._private.state.actors().values() "
-                           "if a['ActorClassName'].endswith('ClientAppActor')})")
-    nodes = cluster.query("sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])")
-    assert len(nodes) == 2 and placed == nodes
+    # Where Flower's actors ran, from the cluster's own actor table: on both raylets. And, as
+    # anyone with access to the cluster can, each job's runtime environment from its job table:
+    # the run's gave the workers fedpriv's TensorFlow settings, and not the sealing key.
+    seen = cluster.query(
+        "{'placed': sorted({a['Address']['NodeID'] for a in ray._private.state.actors().values() "
+        "if a['ActorClassName'].endswith('ClientAppActor')}), "
+        "'nodes': sorted(n['NodeID'] for n in ray.nodes() if n['Alive']), "
+        "'environments': [gcs_pb2.JobTableData.FromString(j).config.runtime_env_info.serialized_runtime_env "
+        "for j in ray._private.state.state._connect_and_get_accessor().get_job_table("
+        "skip_submission_job_info_field=True, skip_is_running_tasks_field=True)]}",
+        imports="from ray.core.generated import gcs_pb2")
+    assert len(seen["nodes"]) == 2 and seen["placed"] == seen["nodes"]
+    assert any("TF_USE_LEGACY_KERAS" in e for e in seen["environments"]), seen["environments"]
+    assert not any(secret in e for e in seen["environments"])
 
     # A local run of the same configuration and seed (its clients on threads of this process).
     local_out, local_state = tmp_path / "local", tmp_path / "local-nodes"
