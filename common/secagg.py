@@ -27,7 +27,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def uniform(size: int, random_bytes: RandomBytes = os.urandom) -> np.ndarray:
     return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
 
 
-def choose(items: Sequence[T], k: int) -> list[T]:
+def choose(items: Iterable[T], k: int) -> list[T]:
     """``k`` of ``items`` uniformly without replacement (a fixed-size client sample), drawn from
     the OS CSPRNG (Flower's own sampling uses Python's Mersenne Twister)."""
     return random.SystemRandom().sample(list(items), k)

@@ -32,7 +32,8 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fedpriv-compose.XXXXXX")
 PROJECT="fedpriv-test-$(basename "$WORK" | tr 'A-Z.' 'a-z-')"
-compose() { docker compose --project-directory "$WORK" -f "$WORK/docker-compose.yml" -p "$PROJECT" "$@"; }
+COMPOSE=(docker compose --project-directory "$WORK" -f "$WORK/docker-compose.yml" -p "$PROJECT")
+compose() { "${COMPOSE[@]}" "$@"; }
 cleanup() {
     status=$?
     if [ $status -ne 0 ]; then
@@ -69,12 +70,10 @@ cp docker-compose.yml "$WORK/"
 
 echo "== up: the SuperLink and three nodes"
 start=$(date +%s)
-limited docker compose --project-directory "$WORK" -f "$WORK/docker-compose.yml" -p "$PROJECT" \
-    up -d --no-build --wait superlink
+limited "${COMPOSE[@]}" up -d --no-build --wait superlink
 echo "== the run ($ROUNDS rounds), submitted as runner (researcher)"
 compose up -d --no-build node-1 node-2 node-3
-limited docker compose --project-directory "$WORK" -f "$WORK/docker-compose.yml" -p "$PROJECT" \
-    run --rm run server run --superlink superlink-admin:9093 --root-cert /run/secrets/ca.crt \
+limited "${COMPOSE[@]}" run --rm run server run --superlink superlink-admin:9093 --root-cert /run/secrets/ca.crt \
     --operator-cert /run/secrets/operator.crt --operator-key /run/secrets/operator.key --preset federation \
     --set "run.rounds=$ROUNDS" | tee "$WORK/run.log"
 RUN=$(sed -n 's|.*fedpriv: run written to \(/state/runs/[^ ]*\).*|\1|p' "$WORK/run.log" | tail -n 1)
@@ -82,8 +81,7 @@ RUN=$(sed -n 's|.*fedpriv: run written to \(/state/runs/[^ ]*\).*|\1|p' "$WORK/r
 echo "run $RUN finished $(( $(date +%s) - start )) s after the services started"
 
 echo "== audit inside the SuperLink's container"
-limited docker compose --project-directory "$WORK" -f "$WORK/docker-compose.yml" -p "$PROJECT" \
-    exec -T superlink fedpriv audit "$RUN"
+limited "${COMPOSE[@]}" exec -T superlink fedpriv audit "$RUN"
 
 echo "== audit on this host, with the pinned key and every node's own ledger"
 mkdir -p "$WORK/copy/nodes"

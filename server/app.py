@@ -134,7 +134,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         return float(loss), float(accuracy)
 
     recorder = PrivacyRecorder(cfg, out_dir, resume=point, flower_run_id=getattr(context, "run_id", None))
-    strategy = strategy_factory(cfg, point.weights if point else initial, run_log, recorder, evaluate, grid,
+    strategy = strategy_factory(cfg, point.weights if point else initial, run_log, recorder, evaluate,
                                authenticated_nodes=nodes_are_authenticated(grid))
     before = 0.0
     if point is not None:

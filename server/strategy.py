@@ -139,7 +139,7 @@ class FedprivStrategy(Strategy):
 
     def __init__(self, cfg: RunConfig, initial: list[np.ndarray], run_log: RunLog,
                  recorder: PrivacyRecorder, evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, float]],
-                 grid: Any, authenticated_nodes: bool = False) -> None:
+                 authenticated_nodes: bool = False) -> None:
         self.cfg = cfg
         # Who a reply's spending is charged to (see account_of): the node id Flower authenticated
         # in a deployment; in a simulation, the partition the client declares, held to one node.
@@ -148,7 +148,6 @@ class FedprivStrategy(Strategy):
         self.run_log = run_log
         self.recorder = recorder
         self.evaluate_fn = evaluate_fn
-        self.grid = grid
         self.dimension = int(sum(a.size for a in initial))
         self.user_noise = user_dp.noise_for(cfg, self.dimension)  # the user-level mechanism, or None
         self.inner = build_inner_strategy(cfg, ndarrays_to_parameters(initial))
@@ -276,7 +275,7 @@ class FedprivStrategy(Strategy):
             draws = secagg.uniform(len(available))
             clients = [c for c, u in zip(available.values(), draws, strict=True) if u <= federation.fraction_train]
         else:
-            clients = secagg.choose(list(available.values()), min(int(expected), population))
+            clients = secagg.choose(available.values(), min(int(expected), population))
         secure = self.cfg.secure_aggregation
         minimum = max(federation.min_train_clients, self.cfg.secagg_shares()[0] if secure.enabled else 1)
         if len(clients) < minimum:

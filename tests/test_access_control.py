@@ -95,7 +95,7 @@ def test_a_run_weaker_than_the_nodes_policy_is_refused_before_training(tmp_path,
     # The server records the refusal in the run's ledger when the reply reaches it.
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0),
-                               None, authenticated_nodes=True)
+                               authenticated_nodes=True)
     strategy.observe_reply(reply)
     (refusal,) = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "refusal"]
     assert refusal["actor"] == "node:7" and expected in refusal["note"]
@@ -191,7 +191,7 @@ def test_a_client_declaring_another_nodes_id_changes_nothing_in_its_accounting(t
     cfg = load_config(overrides=["dp.noise_multiplier=1.1"])
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0),
-                               None, authenticated_nodes=True)
+                               authenticated_nodes=True)
     # Node 1001 replies first, claiming to be node 1002, with a prior spend that would pre-empt
     # 1002's own record of what it spent before the run.
     strategy.observe_reply(_reply(1001, 1002, SPEND, prior=[BIG_PRIOR]))
@@ -210,7 +210,7 @@ def test_a_client_declaring_another_nodes_id_changes_nothing_in_its_accounting(t
 def test_in_a_simulation_a_declared_id_stays_with_the_first_node_that_used_it(tmp_path):
     cfg = load_config(overrides=["dp.noise_multiplier=1.1"])
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
-    strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0), None)
+    strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0))
     strategy.observe_reply(_reply(501, 3, SPEND))
     strategy.observe_reply(_reply(502, 3, SPEND, prior=[BIG_PRIOR]))
     assert "already held by another node" in strategy.rounds[1].malformed[502]

@@ -46,7 +46,7 @@ def _run_rounds(tmp_path, cfg, dimension: int, population: int, contributors: li
     """Record one distributed round per entry of ``contributors`` (everyone sampled)."""
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     initial = [np.zeros(dimension, dtype=np.float32)]
-    strategy = FedprivStrategy(cfg, initial, RunLog(), recorder, lambda r, w: (0.0, 0.0), grid=None)
+    strategy = FedprivStrategy(cfg, initial, RunLog(), recorder, lambda r, w: (0.0, 0.0))
     for rnd, n in enumerate(contributors, start=1):
         strategy.rounds[rnd].plan(population, float(population))
         strategy.rounds[rnd].sampled = set(range(population))
@@ -133,7 +133,7 @@ def test_sampling_amplification_is_not_claimed_for_distributed_noise(tmp_path):
     cfg = _cfg(population, z, 2**16, **{"federation.fraction_train": 0.25})
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     strategy = FedprivStrategy(cfg, [np.zeros(d, dtype=np.float32)], RunLog(), recorder,
-                               lambda r, w: (0.0, 0.0), grid=None)
+                               lambda r, w: (0.0, 0.0))
     strategy.rounds[1].plan(population, 5.0)
     strategy.rounds[1].sampled = set(range(5))
     strategy._privatize(1, [np.zeros(d)], contributors=4)
@@ -165,7 +165,7 @@ def test_budget_check_before_a_distributed_round_uses_a_bound_on_any_sample(tmp_
     assert plain.get_epsilon(DELTA) > 4.0
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     strategy = FedprivStrategy(cfg, [np.zeros(d, dtype=np.float32)], RunLog(), recorder,
-                               lambda r, w: (0.0, 0.0), grid=None)
+                               lambda r, w: (0.0, 0.0))
     with pytest.raises(UserBudgetExhausted):
         recorder.check_user_budget(1, population, 5.0, strategy.user_noise.bound_before_round(population, 5.0))
     stop = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "budget_stop"]

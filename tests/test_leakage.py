@@ -182,7 +182,7 @@ def test_the_server_keeps_no_client_statistic_even_if_a_client_sends_one(tmp_pat
     cfg = load_config(overrides=["dp.noise_multiplier=1.1"])
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     run_log = RunLog()
-    strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], run_log, recorder, lambda r, w: (0.0, 0.0), None)
+    strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], run_log, recorder, lambda r, w: (0.0, 0.0))
     spend = json.dumps({"sampling_probability": 0.05, "noise_multiplier": 1.1, "steps": 20})
     chatty = {"client-id": 3, "privacy.round-spend": spend, "privacy.prior-spends": "[]",
               "train-loss": 0.8765432101, "update-norm": 3.14159265358, "num-examples": 12347,

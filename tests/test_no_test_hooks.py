@@ -47,7 +47,7 @@ def test_the_production_strategy_never_pauses(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "sleep", no_sleep)
     cfg = load_config(overrides=["dp.noise_multiplier=1.1"])
     strategy = FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), PrivacyRecorder(cfg, tmp_path / "run"),
-                               lambda r, w: (0.0, 0.0), None)
+                               lambda r, w: (0.0, 0.0))
     strategy.aggregate_fit(1, [], [])
     strategy.evaluate(1, None)
 

@@ -287,7 +287,7 @@ def test_the_strategy_shifts_flowers_rounds_by_the_offset(tmp_path):
     weights = [np.zeros((2, 2), np.float32)]
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
     seen = []
-    strategy = FedprivStrategy(cfg, weights, RunLog(), recorder, lambda r, w: seen.append(r) or (0.0, 0.0), None)
+    strategy = FedprivStrategy(cfg, weights, RunLog(), recorder, lambda r, w: seen.append(r) or (0.0, 0.0))
     strategy.round_offset = 3
     assert strategy.message_round(_Message("1")) == 4 and strategy.message_round(_Message("x")) is None
     assert strategy.fedpriv_round(0) == 0  # Flower's initial evaluation stays round 0
@@ -295,7 +295,7 @@ def test_the_strategy_shifts_flowers_rounds_by_the_offset(tmp_path):
     assert strategy.evaluate(2, None) is None and seen == [0]  # round 5 was never planned
     strategy.inner.m_t, strategy.inner.v_t = [np.ones((2, 2))], [np.full((2, 2), 2.0)]
     state = strategy.optimizer_state()
-    fresh = FedprivStrategy(cfg, weights, RunLog(), recorder, lambda r, w: (0.0, 0.0), None)
+    fresh = FedprivStrategy(cfg, weights, RunLog(), recorder, lambda r, w: (0.0, 0.0))
     assert fresh.optimizer_state() == {}
     fresh.restore_optimizer(state)
     assert np.array_equal(fresh.inner.v_t[0], state["v_t"][0])

@@ -145,7 +145,7 @@ def test_central_noise_has_std_multiplier_times_sensitivity(tmp_path):
                                  "user_dp.clipping_norm=0.5", "federation.fraction_train=1.0"])
     initial = [np.zeros((50, 20), dtype=np.float32)]
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
-    strategy = FedprivStrategy(cfg, initial, RunLog(), recorder, lambda r, w: (0.0, 0.0), grid=None)
+    strategy = FedprivStrategy(cfg, initial, RunLog(), recorder, lambda r, w: (0.0, 0.0))
     samples = []
     for rnd in range(1, 101):
         strategy.rounds[rnd].plan(10, 10.0)
@@ -186,7 +186,7 @@ def test_without_secagg_bad_updates_are_rejected_one_by_one(tmp_path):
     initial = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
     run_log = RunLog()
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
-    strategy = FedprivStrategy(cfg, initial, run_log, recorder, lambda r, w: (0.0, 0.0), grid=None)
+    strategy = FedprivStrategy(cfg, initial, run_log, recorder, lambda r, w: (0.0, 0.0))
     strategy.rounds[1].plan(3, 3.0)
     strategy.rounds[1].sampled = {1, 2, 3}
 

@@ -23,7 +23,7 @@ SPEND = {"sampling_probability": 0.05, "noise_multiplier": 1.1, "steps": 20}
 def _strategy(tmp_path):
     cfg = load_config(overrides=["dp.noise_multiplier=1.1"])
     recorder = PrivacyRecorder(cfg, tmp_path / "run")
-    return FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0), None), recorder
+    return FedprivStrategy(cfg, [np.zeros(3, np.float32)], RunLog(), recorder, lambda r, w: (0.0, 0.0)), recorder
 
 
 def _reply(node, content):
