@@ -15,9 +15,14 @@ norms, and one weight-gradient contraction per layer.
 
 The step is the same mechanism as DPSequential's: each example's gradient of its own loss is
 clipped to ``l2_norm_clip`` (factor ``min(1, C / norm)``), the clipped gradients are summed,
-Gaussian noise of standard deviation ``noise_multiplier * C`` is added to the sum (TensorFlow's
-Philox generator, as in TF Privacy, but with its whole 192-bit state from ``os.urandom``:
+Gaussian noise of standard deviation ``noise_multiplier * C`` is added to the sum (normals from
+AES-256-CTR under a fresh 384-bit ``os.urandom`` seed every step:
 :class:`common.entropy.GaussianNoise`), and the result is divided by the batch size.
+
+Conv2D layers where it is cheaper (many output positions, a kernel of at most 65,536 weights)
+keep each example's kernel gradient, one batched product per kernel offset
+(:func:`clients.conv_clipping.per_example_kernel_grads`): its squared sum is the norm, and its
+clip-weighted sum over the batch is the layer's gradient, with no second pass through the layer.
 Supported trainable layers: ``Dense`` on flat inputs and ``Conv2D`` (channels last); any other
 makes :func:`supported` false, and the trainer uses DPSequential instead.
 """
@@ -27,7 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from fedpriv.clients.conv_clipping import conv2d_squared_norms
+from fedpriv.clients.conv_clipping import conv2d_squared_norms, per_example_kernel_grads
 from fedpriv.common.entropy import GaussianNoise
 from fedpriv.common.tf_runtime import keras, tf
 
@@ -74,6 +79,22 @@ def _conv_grads(layer: Any, x: Any, wg: Any) -> list[Any]:
     return [kernel, t.reduce_sum(wg, axis=[0, 1, 2])] if layer.use_bias else [kernel]
 
 
+def _per_example_squared_norms(layer: Any, per: Any, g: Any) -> Any:
+    """Squared norms from per-example kernel gradients ``per`` (and the bias's, from ``g``)."""
+    t = tf()
+    squared = t.reduce_sum(t.square(t.reshape(per, [t.shape(per)[0], -1])), axis=1)
+    if layer.use_bias:
+        squared += t.reduce_sum(t.square(t.reduce_sum(g, axis=[1, 2])), axis=1)
+    return squared
+
+
+def _clipped_sums(layer: Any, per: Any, g: Any, clip: Any) -> list[Any]:
+    """The clipped kernel (and bias) gradient summed over the batch: sum_i clip_i * grad_i."""
+    t = tf()
+    kernel = t.tensordot(clip, per, axes=1)
+    return [kernel, t.tensordot(clip, t.reduce_sum(g, axis=[1, 2]), axes=1)] if layer.use_bias else [kernel]
+
+
 @functools.lru_cache(maxsize=1)
 def _model_class() -> type:
     k = keras()
@@ -90,8 +111,8 @@ def _model_class() -> type:
             self.noise_multiplier = float(noise_multiplier)
             self._per_example_loss = k.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction=k.losses.Reduction.NONE)
-            # Noise: a Philox generator whose key and counter all come from os.urandom (the
-            # trainer refreshes them before every step), not TensorFlow's 32-bit OS seeding.
+            # Noise: CSPRNG normals the trainer refills before every step (common.entropy),
+            # never TensorFlow's 32-bit OS seeding.
             self.dp_noise = noise if noise is not None else GaussianNoise()
 
         def dp_gradients(self, x: Any, y: Any) -> tuple[list[Any], Any]:
@@ -118,16 +139,25 @@ def _model_class() -> type:
                 losses = self._per_example_loss(y, h)
                 total = t.reduce_sum(losses)
             outputs = tape.gradient(total, [base for *_, base in taps])
+            # Conv2D layers where it pays keep each example's kernel gradient: its norm and the
+            # clipped sum both come from it, and no second pass through the layer is needed.
+            per_example = [per_example_kernel_grads(layer, inp, g) if kind == "conv2d" else None
+                           for (layer, kind, inp, _), g in zip(taps, outputs)]
             squared = t.add_n([
-                _dense_squared_norms(layer, inp, g) if kind == "dense" else conv2d_squared_norms(layer, inp, g)
-                for (layer, kind, inp, _), g in zip(taps, outputs)
+                _dense_squared_norms(layer, inp, g) if kind == "dense"
+                else conv2d_squared_norms(layer, inp, g) if per is None
+                else _per_example_squared_norms(layer, per, g)
+                for (layer, kind, inp, _), g, per in zip(taps, outputs, per_example)
             ])
             norms = t.sqrt(t.maximum(squared, 0.0))
             clip = self.l2_norm_clip / t.maximum(norms, self.l2_norm_clip)  # min(1, C / norm)
             by_variable = {}
-            for (layer, kind, inp, _), g in zip(taps, outputs):
-                wg = g * t.reshape(clip, [-1] + [1] * (g.shape.rank - 1))
-                grads = _dense_grads(layer, inp, wg) if kind == "dense" else _conv_grads(layer, inp, wg)
+            for (layer, kind, inp, _), g, per in zip(taps, outputs, per_example):
+                if per is not None:
+                    grads = _clipped_sums(layer, per, g, clip)
+                else:
+                    wg = g * t.reshape(clip, [-1] + [1] * (g.shape.rank - 1))
+                    grads = _dense_grads(layer, inp, wg) if kind == "dense" else _conv_grads(layer, inp, wg)
                 for variable, grad in zip(layer.trainable_weights, grads):
                     by_variable[variable.ref()] = grad
             batch = t.cast(t.shape(y)[0], losses.dtype)
@@ -148,5 +178,5 @@ def _model_class() -> type:
 def make_model(layers: list[Any], l2_norm_clip: float, noise_multiplier: float,
                noise: GaussianNoise | None = None) -> Any:
     """A book-keeping DP-SGD model; its noise comes from ``noise`` (a new :class:`GaussianNoise`
-    by default), whose ``reseed`` the caller runs before each step."""
+    by default), whose ``refill`` the caller runs before each step."""
     return _model_class()(layers, l2_norm_clip, noise_multiplier, noise)

@@ -73,6 +73,37 @@ def _patches(layer: Any, x: Any, out_h: int | None, out_w: int | None) -> Any:
     return t.concat(_shifted_inputs(layer, x, out_h, out_w), axis=-1)
 
 
+# Per-example kernel gradients are kept (rather than only their norms) for kernels of at most
+# this many weights: at batch 256 that is 64 MiB of float32.
+PER_EXAMPLE_KERNEL_LIMIT = 65_536
+
+
+def per_example_kernel_grads(layer: Any, x: Any, grads: Any) -> Any | None:
+    """Each example's kernel gradient, ``(b, kh, kw, c_in, c_out)``, from the layer input ``x`` and
+    the gradient ``grads`` of the summed loss with respect to its pre-activation output; None where
+    the ghost form is cheaper, the spatial size is unknown at trace time, or the kernel is larger
+    than :data:`PER_EXAMPLE_KERNEL_LIMIT`.
+
+    One batched matrix product per kernel offset: offset ``(i, j)``'s block is ``slice_ij^T G``,
+    summed over output positions (:func:`_shifted_inputs`). The weighted sum of these over the batch
+    is the layer's clipped kernel gradient, so a caller that has them needs no second backward pass
+    through the layer (:mod:`clients.bk_clipping`)."""
+    t = tf()
+    out_h, out_w = grads.shape[1], grads.shape[2]
+    kh, kw = layer.kernel_size
+    c_in = int(x.shape[-1])
+    if None in (out_h, out_w, x.shape[1], x.shape[2]):
+        return None
+    if use_ghost_norm(out_h * out_w, kh * kw * c_in, layer.filters) or \
+            kh * kw * c_in * layer.filters > PER_EXAMPLE_KERNEL_LIMIT:
+        return None
+    batch = t.shape(grads)[0]
+    g = t.reshape(grads, [batch, out_h * out_w, layer.filters])
+    blocks = [t.matmul(t.reshape(s, [batch, out_h * out_w, c_in]), g, transpose_a=True)
+              for s in _shifted_inputs(layer, x, out_h, out_w)]
+    return t.reshape(t.stack(blocks, axis=1), [batch, kh, kw, c_in, layer.filters])
+
+
 def use_ghost_norm(positions: int, patch_size: int, filters: int) -> bool:
     """The ghost form is cheaper when ``P * (K + c_out) < K * c_out``."""
     return positions * (patch_size + filters) < patch_size * filters

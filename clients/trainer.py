@@ -8,9 +8,10 @@ node's own record count: the spend, which the node declares to the server, is th
 every node and says nothing about how much data it holds. The sampling and the DP noise draw from the operating system's
 CSPRNG (:mod:`common.entropy`), never from the run seed nor from TensorFlow's 32-bit OS seeding:
 an adversary who could reproduce them could subtract the noise. Every implementation's noise
-comes from one :class:`common.entropy.GaussianNoise`, whose whole Philox state is replaced with
-fresh ``os.urandom`` bytes before each step (:meth:`LocalTrainer.step`); the batches come from a
-numpy Philox generator keyed from ``os.urandom`` each round.
+comes from one :class:`common.entropy.GaussianNoise`, refilled before each step
+(:meth:`LocalTrainer.step`) with normals from an AES-256-CTR keystream under a fresh 384-bit
+``os.urandom`` seed; the batches come from a numpy Philox generator keyed from ``os.urandom``
+each round.
 
 One trainer (model plus compiled optimizer) is kept per process and configuration, and its
 weights and optimizer state are reset for every round, so Ray workers that host many virtual
@@ -185,10 +186,13 @@ class LocalTrainer:
         """One training step on this batch, its loss returned, with the DP noise generator's key
         and counter first replaced by fresh bytes from ``os.urandom``. (The loss is this batch's:
         Keras's running loss metric, if the model has one, is reset first.)"""
+        step = self._step_function(x, y)
         if self.noise is not None:
-            self.noise.reseed()
+            if not self.noise.size:
+                step.get_concrete_function()  # the trace lays out the noise pool
+            self.noise.refill()
         self.model.reset_metrics()
-        return float(self._step_function(x, y)(x, y))
+        return float(step(x, y))
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
               schedule_examples: int) -> TrainResult:

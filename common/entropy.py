@@ -9,11 +9,11 @@ optimizers and ``DPSequential`` use) seed from one 4-byte read of /dev/urandom i
 noise.
 
 - :class:`GaussianNoise`, the DP-SGD noise of every implementation (book-keeping, TF Privacy's
-  fast clipping and its DP optimizers, see :mod:`clients.dp_noise`): TensorFlow's Philox
-  generator (Philox4x32-10, the algorithm TF Privacy's ops use) whose whole state -- 128-bit
-  counter and 64-bit key, :data:`PHILOX_STATE_BITS` = 192 bits -- comes from ``os.urandom``, and
-  is replaced by 192 fresh bits before every training step (:meth:`GaussianNoise.reseed`).
-  192 bits is all the state Philox4x32 has; 256 bits cannot be reached with it.
+  fast clipping and its DP optimizers, see :mod:`clients.dp_noise`): for each training step, a
+  fresh AES-256 key and 128-bit initial counter (:data:`NOISE_SEED_BITS` = 384 bits) from
+  ``os.urandom``, and the step's standard normals from that AES-CTR keystream by Box-Muller
+  (:func:`standard_normals`). The step's graph reads them from a pool that is refilled before
+  every step and refuses to run on a pool it has already used (:meth:`GaussianNoise.refill`).
 - :func:`numpy_generator`, Poisson batch sampling: numpy's Philox4x64-10 with its 128-bit key and
   256-bit counter (:data:`NUMPY_PHILOX_BITS` = 384 bits) from ``os.urandom``, a new one per round.
 - User-level noise (central and distributed), randomized rounding and client sampling read
@@ -29,8 +29,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-PHILOX_STATE_BYTES = 24  # TensorFlow's Philox state: counter (2 x 64 bits), then key (64 bits)
-PHILOX_STATE_BITS = 8 * PHILOX_STATE_BYTES
+NOISE_KEY_BYTES = 32  # AES-256
+NOISE_COUNTER_BYTES = 16  # CTR mode's initial counter block
+NOISE_SEED_BYTES = NOISE_KEY_BYTES + NOISE_COUNTER_BYTES
+NOISE_SEED_BITS = 8 * NOISE_SEED_BYTES
+UNIFORM_BITS = 24  # float32 uniforms on a grid of 2^-24, as exact as float32 holds them
 NUMPY_PHILOX_KEY_BYTES = 16
 NUMPY_PHILOX_COUNTER_BYTES = 32
 NUMPY_PHILOX_BITS = 8 * (NUMPY_PHILOX_KEY_BYTES + NUMPY_PHILOX_COUNTER_BYTES)
@@ -41,39 +44,130 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-def philox_state() -> np.ndarray:
-    """A whole TensorFlow Philox state (counter low, counter high, key): 192 bits from the OS."""
-    return np.frombuffer(random_bytes(PHILOX_STATE_BYTES), dtype=np.int64).copy()
+def standard_normals(n: int, seed: bytes | None = None) -> np.ndarray:
+    """``n`` independent N(0, 1) draws (float32) from a cryptographically secure generator.
+
+    ``seed`` (:data:`NOISE_SEED_BYTES` bytes; fresh from the OS when None) keys AES-256 in CTR mode,
+    whose keystream gives two 32-bit words per pair of draws; their top :data:`UNIFORM_BITS` bits
+    make uniforms ``u1`` in (0, 1] and ``u2`` in [0, 1), and Box-Muller turns each pair into
+    ``sqrt(-2 ln u1) cos(2 pi u2)`` and ``sqrt(-2 ln u1) sin(2 pi u2)``. The magnitude is at most
+    ``sqrt(2 ln 2^24)``, about 5.77 (TensorFlow's own Philox normals stop at the same place).
+    On two CPU cores this costs about 10 ns a draw, the keystream a tenth of it."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = random_bytes(NOISE_SEED_BYTES) if seed is None else seed
+    if len(seed) != NOISE_SEED_BYTES:
+        raise ValueError(f"a noise seed is {NOISE_SEED_BYTES} bytes, not {len(seed)}")
+    half = (n + 1) // 2
+    cipher = Cipher(algorithms.AES(seed[:NOISE_KEY_BYTES]), modes.CTR(seed[NOISE_KEY_BYTES:]))
+    words = np.frombuffer(cipher.encryptor().update(bytes(8 * half)), dtype=np.uint32)
+    uniforms = (words >> np.uint32(32 - UNIFORM_BITS)).astype(np.float32)
+    uniforms *= np.float32(2.0**-UNIFORM_BITS)
+    radius, angle = uniforms[:half], uniforms[half:]
+    np.subtract(np.float32(1.0), radius, out=radius)  # (0, 1]: the logarithm is finite
+    np.log(radius, out=radius)
+    radius *= np.float32(-2.0)
+    np.sqrt(radius, out=radius)
+    angle *= np.float32(2.0 * np.pi)
+    out = np.empty(2 * half, dtype=np.float32)
+    np.cos(angle, out=out[:half])
+    np.sin(angle, out=out[half:])
+    out[:half] *= radius
+    out[half:] *= radius
+    return out[:n]
 
 
 class GaussianNoise:
-    """Gaussian noise for DP-SGD from a Philox generator whose every state bit is OS entropy.
+    """DP-SGD noise: each training step adds standard normals that no other step shares.
 
-    Create it eagerly (outside ``tf.function``); :meth:`add_to` works in traced code. The
-    generator's state is a ``tf.Variable``: each draw advances its counter, and :meth:`reseed`
-    (called eagerly before each step, one small assignment) replaces key and counter with fresh
-    bytes, so each step's noise is a function of 192 bits no other step shares.
+    Create it eagerly; :meth:`add_to` works in traced code and eagerly. A traced step reads its
+    noise from a pool (a ``tf.Variable``) laid out at trace time, one slice per noised tensor, so
+    the draw itself costs the step nothing. :meth:`refill` must run before every step: it puts
+    :func:`standard_normals` from a fresh 384-bit seed in the pool and marks it unused. The step
+    marks it used before reading it, and fails (``InvalidArgumentError``, "DP noise pool already
+    used") before any gradient is applied if it was already used: the same noise twice would
+    cancel in the difference of two updates.
+
+    With ``prefetch`` (the default), :meth:`refill` reads the next step's seed from the OS at once
+    and draws that step's normals on a background thread while the current step trains. A forked
+    child never uses normals drawn before the fork (its parent could use the same ones): it draws
+    its own, from a seed it reads itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: bool = True) -> None:
         from fedpriv.common.tf_runtime import tf
 
         t = tf()
-        self.generator = t.random.Generator.from_state(philox_state(), alg=t.random.Algorithm.PHILOX)
+        self.pool = t.Variable(np.zeros(0, np.float32), shape=t.TensorShape([None]), trainable=False,
+                               name="dp_noise_pool")
+        self.unused = t.Variable(np.int64(0), trainable=False, name="dp_noise_unused")
+        self._one = t.constant(1, t.int64)  # made once: converting a numpy scalar costs more than the copy
+        self.size = 0  # the most normals one traced step reads (known once a step is traced)
+        self.prefetch = prefetch
+        self._graphs: dict[int, list[Any]] = {}  # traced graph -> [its checked pool read, next offset]
+        self._pending: tuple[int, int, Any] | None = None  # (pid, size, future of normals)
+        self._executor: Any = None
 
-    def reseed(self) -> None:
-        """Replace the whole generator state (key and counter) with 192 fresh bits from the OS."""
+    def refill(self) -> None:
+        """Put fresh normals in the pool for the next step (call it eagerly, before each step)."""
         from fedpriv.common.tf_runtime import tf
 
-        # The raw op: a third of the eager overhead of Variable.assign, per training step.
-        tf().raw_ops.AssignVariableOp(resource=self.generator.state.handle, value=philox_state())
+        if self.size == 0:  # no traced step adds noise (yet): a step traced later finds the pool used
+            return
+        t = tf()
+        t.raw_ops.AssignVariableOp(resource=self.pool.handle, value=self._next_normals())
+        t.raw_ops.AssignVariableOp(resource=self.unused.handle, value=self._one)
+
+    def _next_normals(self) -> np.ndarray:
+        pid, pending = os.getpid(), self._pending
+        self._pending = None
+        if pending is not None and pending[:2] == (pid, self.size):
+            normals = pending[2].result()
+        else:  # the first step, a new size, or a forked child: nothing drawn before is used
+            normals = standard_normals(self.size)
+        if self.prefetch:
+            if self._executor is None or self._executor[0] != pid:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = (pid, ThreadPoolExecutor(1, thread_name_prefix="fedpriv-noise"))
+            seed = random_bytes(NOISE_SEED_BYTES)
+            self._pending = (pid, self.size, self._executor[1].submit(standard_normals, self.size, seed))
+        return normals
 
     def add_to(self, tensors: Sequence[Any], stddev: Any) -> list[Any]:
-        """Each tensor plus its own independent N(0, stddev^2) noise (``stddev`` may be a tensor)."""
+        """Each tensor plus its own independent N(0, stddev^2) noise (``stddev`` may be a tensor).
+        In a traced function the tensors' shapes must be static (gradients of variables are)."""
         from fedpriv.common.tf_runtime import tf
 
         t = tf()
-        return [x + self.generator.normal(t.shape(x), stddev=stddev, dtype=x.dtype) for x in tensors]
+        if t.executing_eagerly():
+            return [x + t.cast(stddev * standard_normals(int(np.prod(x.shape))).reshape(x.shape), x.dtype)
+                    for x in tensors]
+        graph = t.compat.v1.get_default_graph()
+        entry = self._graphs.get(id(graph))
+        if entry is None or entry[2] is not graph:
+            entry = [self._checked_pool(), 0, graph]
+            self._graphs[id(graph)] = entry
+        out = []
+        for x in tensors:
+            if not x.shape.is_fully_defined():
+                raise ValueError(f"DP noise needs a static shape, got {x.shape}")
+            n = x.shape.num_elements()
+            noise = t.reshape(entry[0][entry[1]: entry[1] + n], x.shape)
+            out.append(x + t.cast(stddev, x.dtype) * t.cast(noise, x.dtype))
+            entry[1] += n
+        self.size = max(self.size, entry[1])
+        return out
+
+    def _checked_pool(self) -> Any:
+        """The pool's value, read only after the step has marked it used (and failed if it was)."""
+        from fedpriv.common.tf_runtime import tf
+
+        t = tf()
+        fresh = self.unused.assign_sub(1, read_value=True)
+        check = t.debugging.Assert(t.equal(fresh, 0), ["DP noise pool already used: refill before each step"])
+        with t.control_dependencies([check]):
+            return t.identity(self.pool.read_value())
 
 
 def numpy_generator() -> np.random.Generator:

@@ -753,8 +753,8 @@ def _randomness() -> dict[str, Any]:
     return control("S-8", PASS, "by construction of this fedpriv version: every draw a privacy claim rests on "
                    "starts from the operating system's CSPRNG; run.seed seeds only model initialisation and "
                    "the data split",
-                   {"dp_sgd_noise": f"Philox4x32-10, all {entropy.PHILOX_STATE_BITS} bits of state from os.urandom, "
-                                    "reseeded every step (common/entropy.py)",
+                   {"dp_sgd_noise": f"AES-256-CTR keystream, Box-Muller; a fresh {entropy.NOISE_SEED_BITS}-bit seed "
+                                    "from os.urandom every step (common/entropy.py)",
                     "poisson_sampling": f"numpy Philox4x64-10, {entropy.NUMPY_PHILOX_BITS} bits from os.urandom",
                     "user_level_noise_and_client_sampling": "os.urandom (common/secagg.py)",
                     "secagg_masks": "expanded from the full 256-bit seed (common/secagg_masks.py)",

@@ -62,15 +62,28 @@ def test_seed_models_train_through_keras_and_noise_has_the_right_scale():
     model.compile(optimizer=k.optimizers.legacy.SGD(0.1), loss="sparse_categorical_crossentropy")
     x = np.random.default_rng(2).random((16, 28, 28, 1)).astype("float32")
     y = np.arange(16) % 10
-    assert np.isfinite(float(model.train_on_batch(x, y)))
+    # Keras's own train step, compiled: traced once (laying out the noise pool), then refilled and run.
+    t = tf()
+    step = t.function(lambda xb, yb: model.train_step((xb, yb))["loss"])
+    step.get_concrete_function(t.TensorSpec([None, 28, 28, 1], t.float32), t.TensorSpec([None], t.int64))
+    model.dp_noise.refill()
+    assert np.isfinite(float(step(x, y)))
+    # Run again without a refill, the step refuses before it applies anything: its noise is spent.
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(t.errors.InvalidArgumentError, match="DP noise pool already used"):
+        step(x, y)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     # Two draws at the same weights differ by noise alone: std sqrt(2) * z * C / b per coordinate.
     a, _ = model.dp_gradients(tf().constant(x), tf().constant(y))
     b, _ = model.dp_gradients(tf().constant(x), tf().constant(y))
     diff = np.concatenate([(p - q).numpy().ravel() for p, q in zip(a, b)])
     assert diff.std() == pytest.approx(np.sqrt(2) * 2.0 * 1.0 / 16, rel=0.02)
-    # The same inside a compiled step (fresh seeds every call), and no two variables share noise.
+    # The same inside a compiled step (a fresh pool every call), and no two variables share noise.
     compiled = tf().function(model.dp_gradients)
+    compiled.get_concrete_function(tf().constant(x), tf().constant(y))
+    model.dp_noise.refill()
     c, _ = compiled(tf().constant(x), tf().constant(y))
+    model.dp_noise.refill()
     d, _ = compiled(tf().constant(x), tf().constant(y))
     diffs = [(p - q).numpy().ravel() for p, q in zip(c, d)]
     assert np.concatenate(diffs).std() == pytest.approx(np.sqrt(2) * 2.0 * 1.0 / 16, rel=0.02)

@@ -90,3 +90,26 @@ def test_the_seed_cnn_takes_the_fast_path_with_exact_norms():
 def test_ghost_form_is_chosen_where_it_is_cheaper():
     assert not use_ghost_norm(26 * 26, 9, 32)   # the seed CNN's first conv: many positions
     assert use_ghost_norm(3 * 3, 576, 64)        # its last conv: few positions, many channels
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "ghost" not in c])
+def test_per_example_kernel_gradients_are_each_examples_own(case):
+    """What book-keeping clips and sums (clients/bk_clipping.py): every example's kernel gradient,
+    against a backward pass of that example alone."""
+    from fedpriv.clients.conv_clipping import per_example_kernel_grads
+
+    k, t = keras(), tf()
+    k.utils.set_random_seed(2)
+    layer = k.layers.Conv2D(**CASES[case], dtype="float64")
+    x = t.constant(np.random.default_rng(3).normal(size=(5, 9, 9, 3)))
+    target = t.constant(np.random.default_rng(4).normal(size=layer.compute_output_shape(x.shape)))
+    layer.activation = None
+    with t.GradientTape() as tape:
+        out = layer(x)
+        loss = t.reduce_sum(out * target)  # the output gradient is ``target``
+    per = per_example_kernel_grads(layer, x, tape.gradient(loss, out))
+    assert per is not None and per.shape == (5, *layer.kernel.shape)
+    for i in range(5):
+        with t.GradientTape() as tape:
+            own = t.reduce_sum(layer(x[i:i + 1]) * target[i:i + 1])
+        np.testing.assert_allclose(per[i].numpy(), tape.gradient(own, layer.kernel).numpy(), rtol=1e-9, atol=1e-12)

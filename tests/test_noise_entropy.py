@@ -5,8 +5,8 @@ unseeded ``tf.random.normal`` TF Privacy adds its noise with -- reads 4 bytes of
 into a Mersenne Twister: 32 bits, so one noised update could be searched for its seed. These
 tests stand in for ``os.urandom`` with reproducible bytes and show that each path's noise is a
 function of those bytes alone (identical bytes, identical noise, whatever TensorFlow's and
-numpy's seeds), that it reads 192 fresh bits for every step, and that each of those bits
-changes the noise.
+numpy's seeds), that every step reads a fresh 384-bit seed, that each of those bits changes the
+noise, and that no step's noise is ever used twice (not by a second step, not across a fork).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ IMPLEMENTATIONS = ["bookkeeping", "fast", "keras", "vectorized"]
 LEGACY_RANDOM_OPS = {"RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
                      "ParameterizedTruncatedNormal", "RandomGamma", "RandomPoisson", "RandomPoissonV2",
                      "RandomShuffle", "Multinomial", "NonDeterministicInts"}
-GENERATOR_DRAW_OPS = {"RngReadAndSkip", "StatelessRandomNormalV2"}  # tf.random.Generator.normal
-KEY_TOP_BIT = 8 * entropy.PHILOX_STATE_BYTES - 1  # the last bit of TF Philox's 64-bit key
+GENERATOR_DRAW_OPS = {"RngReadAndSkip", "RngSkip", "StatelessRandomNormalV2", "StatefulStandardNormalV2",
+                      "StatelessRandomUniformV2", "StatelessRandomUniformFullIntV2"}
+SEED = entropy.NOISE_SEED_BYTES  # 48: a 256-bit AES key and a 128-bit initial counter
 
 
 class FakeUrandom:
@@ -99,32 +100,87 @@ def _graph_op_types(trainer, x, y):
     return {node.op for node in nodes}
 
 
-def test_the_noise_generator_state_is_192_bits_from_os_urandom(monkeypatch):
+def _laid_out(noise, n):
+    """Trace a step that noises ``n`` values, so the pool has its size; return the step."""
+    t = tf()
+    step = t.function(lambda: noise.add_to([t.zeros([n])], 1.0)[0])
+    step.get_concrete_function()
+    return step
+
+
+def test_every_step_reads_a_fresh_384_bit_seed_and_its_normals_are_aes_ctr_of_it(monkeypatch):
     _forbid_32_bit_seeding(monkeypatch)
-    fake = FakeUrandom("state")
+    fake = FakeUrandom("seed")
     monkeypatch.setattr(os, "urandom", fake)
     noise = entropy.GaussianNoise()
-    assert fake.sizes == [24] and entropy.PHILOX_STATE_BITS == 192
-    assert noise.generator.algorithm == tf().random.Algorithm.PHILOX.value
-    assert noise.generator.state.numpy().tobytes() == FakeUrandom("state")(24)  # key and counter, all of it
-    noise.reseed()
-    assert fake.sizes == [24, 24]
-    expected = FakeUrandom("state")
-    expected(24)
-    assert noise.generator.state.numpy().tobytes() == expected(24)
+    step = _laid_out(noise, 1000)
+    assert fake.sizes == [] and noise.size == 1000 and entropy.NOISE_SEED_BITS == 384
+    expected = FakeUrandom("seed")
+    draws = []
+    for _ in range(3):
+        noise.refill()
+        draws.append(step().numpy())
+    # Step 1's seed is read when it is refilled, then each refill reads the next step's seed
+    # (its normals are drawn on a background thread while the step trains).
+    assert fake.sizes == [SEED] * 4
+    seeds = [expected(SEED) for _ in range(3)]
+    for got, seed in zip(draws, seeds):
+        np.testing.assert_array_equal(got, entropy.standard_normals(1000, seed))
+    assert len({d.tobytes() for d in draws}) == 3
 
 
-def test_each_of_the_192_state_bits_changes_the_noise(monkeypatch):
-    def draw(flip_bit):
-        monkeypatch.setattr(os, "urandom", FakeUrandom("bits", flip_bit))
-        noise.reseed()
-        return noise.add_to([tf().zeros([8])], 1.0)[0].numpy()
-
-    noise = entropy.GaussianNoise()
-    base = draw(None)
-    assert np.all(base == draw(None))  # the bytes determine the noise...
-    same = [bit for bit in range(entropy.PHILOX_STATE_BITS) if np.array_equal(draw(bit), base)]
+def test_standard_normals_use_every_seed_bit_and_are_standard_normal():
+    seed = FakeUrandom("bits")(SEED)
+    base = entropy.standard_normals(8, seed)
+    assert np.array_equal(base, entropy.standard_normals(8, seed))  # the bytes determine the noise...
+    same = [bit for bit in range(entropy.NOISE_SEED_BITS)
+            if np.array_equal(entropy.standard_normals(8, FakeUrandom("bits", bit)(SEED)), base)]
     assert same == []  # ...and no bit of them is ignored: no 32-bit (or 64-bit) bottleneck
+    with pytest.raises(ValueError):
+        entropy.standard_normals(8, seed[:32])
+    from scipy import stats
+
+    z = entropy.standard_normals(1_000_001).astype(np.float64)  # odd: the last pair is cut in half
+    assert z.dtype == np.float64 and len(z) == 1_000_001
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    assert abs(z.mean()) < 5e-3 and abs(z.std() - 1) < 5e-3
+    assert abs(stats.kurtosis(z)) < 0.03 and np.abs(z).max() <= np.sqrt(2 * np.log(2.0**24)) + 1e-4
+
+
+def test_a_step_that_finds_its_noise_used_refuses_to_run():
+    noise = entropy.GaussianNoise(prefetch=False)
+    step = _laid_out(noise, 16)
+    with pytest.raises(tf().errors.InvalidArgumentError, match="DP noise pool already used"):
+        step()  # never refilled
+    noise.refill()
+    first = step().numpy()
+    with pytest.raises(tf().errors.InvalidArgumentError, match="DP noise pool already used"):
+        step()  # the same pool again
+    noise.refill()
+    assert not np.array_equal(step().numpy(), first)
+
+
+def test_normals_drawn_before_a_fork_are_never_used_after_it():
+    """A child that inherited its parent's prefetched normals would add the same noise as the
+    parent's next step; it draws its own from a seed it reads itself."""
+    noise = entropy.GaussianNoise()
+    _laid_out(noise, 256)
+    noise.refill()
+    noise._pending[2].result()  # the next step's normals are drawn, and in memory, at the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, noise._next_normals().tobytes())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = np.frombuffer(pipe.read(), np.float32)
+    os.waitpid(pid, 0)
+    parent = noise._next_normals()
+    assert len(child) == len(parent) == 256 and not np.array_equal(child, parent)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -141,27 +197,31 @@ def test_each_dp_sgd_path_draws_its_noise_from_os_urandom_alone(monkeypatch, imp
     assert np.array_equal(_flat(start), _flat(twin.model.get_weights()))
     assert not np.allclose(_step_from(trainer, start, x, y), _step_from(twin, start, x, y), atol=1e-3)
 
-    # With os.urandom replaced by fixed bytes, the step is the same whatever else changes...
-    fake = FakeUrandom("step")
-    monkeypatch.setattr(os, "urandom", fake)
-    first = _step_from(trainer, start, x, y)
-    assert fake.sizes == [entropy.PHILOX_STATE_BYTES]  # 192 fresh bits for this step
-    _disturb_other_seeds(1)
-    monkeypatch.setattr(os, "urandom", FakeUrandom("step"))
-    np.testing.assert_allclose(_step_from(trainer, start, x, y), first, atol=1e-6)
-    _disturb_other_seeds(2)
-    monkeypatch.setattr(os, "urandom", FakeUrandom("step"))
-    np.testing.assert_allclose(_step_from(twin, start, x, y), first, atol=1e-6)
-    # ...and one flipped bit, in the counter or at the top of the key, changes it.
-    for bit in (0, KEY_TOP_BIT):
-        monkeypatch.setattr(os, "urandom", FakeUrandom("step", flip_bit=bit))
-        assert not np.allclose(_step_from(trainer, start, x, y), first, atol=1e-3)
+    def steps(fake, seed):
+        """Three steps from ``start`` by a new trainer, built and run with os.urandom replaced by
+        ``fake`` and every other seed moved by ``seed``."""
+        monkeypatch.setattr(os, "urandom", fake)
+        _disturb_other_seeds(seed)
+        fresh = _trainer(implementation)
+        return [_step_from(fresh, start, x, y) for _ in range(3)], fake.sizes
 
-    # The step's graph holds no unseeded legacy random op; it reads key and counter from the
-    # generator's state (RngReadAndSkip) and draws with them (StatelessRandomNormalV2).
+    # With os.urandom replaced by fixed bytes, the steps are the same whatever else changes...
+    first, sizes = steps(FakeUrandom("step"), 1)
+    assert sizes == [SEED] * 4  # a fresh 384-bit seed for each step (and one for the next)
+    again, _ = steps(FakeUrandom("step"), 2)
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # ...and one flipped bit, in the AES key or in the counter, changes the step it seeds.
+    for call, bit in ((0, 0), (0, 383), (1, 255)):
+        flipped, _ = steps(FakeUrandom("step", flip_bit=bit, flip_call=call), 3)
+        assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(flipped[:call], first[:call]))
+        assert not np.allclose(flipped[call], first[call], atol=1e-3)
+
+    # The step's graph holds no random op at all: it reads its noise from the pool, after marking
+    # the pool used (AssignSubVariableOp, the positive control).
     ops = _graph_op_types(trainer, x, y)
-    assert not ops & LEGACY_RANDOM_OPS, ops & LEGACY_RANDOM_OPS
-    assert GENERATOR_DRAW_OPS <= ops
+    assert not ops & (LEGACY_RANDOM_OPS | GENERATOR_DRAW_OPS), ops & (LEGACY_RANDOM_OPS | GENERATOR_DRAW_OPS)
+    assert "AssignSubVariableOp" in ops
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -172,6 +232,7 @@ def test_without_noise_no_random_op_runs(implementation):
     trainer.step(x, y)
     ops = _graph_op_types(trainer, x, y)
     assert not ops & (LEGACY_RANDOM_OPS | GENERATOR_DRAW_OPS)
+    assert "AssignSubVariableOp" not in ops and trainer.noise.size == 0
 
 
 def test_batch_sampling_is_keyed_by_384_bits_from_os_urandom(monkeypatch):
@@ -196,18 +257,20 @@ def test_batch_sampling_is_keyed_by_384_bits_from_os_urandom(monkeypatch):
 def test_a_round_of_training_is_a_function_of_os_urandom_alone(monkeypatch):
     """Sampling and noise together: the same OS bytes give the same round, other seeds aside."""
     _forbid_32_bit_seeding(monkeypatch)
-    trainer = _trainer("bookkeeping")
     x = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
     y = np.arange(40) % 3
-    start = trainer.model.get_weights()
     rounds = []
     for seed, label in ((1, "round"), (2, "round"), (1, "other round")):
+        keras().utils.set_random_seed(11)
+        trainer = _trainer("bookkeeping")
+        start = trainer.model.get_weights()
         _disturb_other_seeds(seed)
         fake = FakeUrandom(label)
         monkeypatch.setattr(os, "urandom", fake)
         rounds.append(_flat(trainer.train(start, x, y, schedule_examples=40).weights))
-        # The sampler's key and counter, then 192 bits for each (non-empty) step of ceil(40 / 4).
-        assert fake.sizes[:2] == [16, 32] and 5 <= len(fake.sizes[2:]) <= 10 and set(fake.sizes[2:]) == {24}
+        # The sampler's key and counter, then a 384-bit seed for each (non-empty) step of
+        # ceil(40 / 4), and one for the step after.
+        assert fake.sizes[:2] == [16, 32] and 6 <= len(fake.sizes[2:]) <= 11 and set(fake.sizes[2:]) == {SEED}
     np.testing.assert_allclose(rounds[0], rounds[1], atol=1e-6)
     assert not np.allclose(rounds[0], rounds[2], atol=1e-3)
 
