@@ -183,8 +183,8 @@ class LocalTrainer:
         return self._train_step
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One training step on this batch, its loss returned, with the DP noise generator's key
-        and counter first replaced by fresh bytes from ``os.urandom``. (The loss is this batch's:
+        """One training step on this batch, its loss returned, with the DP noise pool first
+        refilled (fresh normals from a fresh ``os.urandom`` seed). (The loss is this batch's:
         Keras's running loss metric, if the model has one, is reset first.)"""
         step = self._step_function(x, y)
         if self.noise is not None:

@@ -5,9 +5,10 @@ file has the expected shape, every ratio is a positive number, and on the seed C
 clipping with one microbatch per example (the textbook baseline) is slower than non-private
 training (by about 10x at the quick mode's batch of 16 and two timed rounds; on the small MLP the
 gap is small enough for noise to blur it, so it is not asserted there). The one-command harness (run_all.py) runs its
-quick mode too: its summary and the scale benchmark's results have their shape, and client state
-is created only for clients that trained. The harness's quick mode runs dp_step's quick mode
-itself, so one test checks both from one run of it instead of running dp_step twice.
+quick mode too: its summary, and the plain-Flower comparison's results, have their shape. The
+harness's quick mode runs dp_step's and flower_baseline's quick modes itself, so one test checks all
+three from one run of it instead of running each twice. The scale benchmark runs its quick mode on
+its own: its results have their shape, and client state is created only for clients that trained.
 """
 
 import json
@@ -27,8 +28,8 @@ RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio
 
 
 def run_all_quick(out):
-    """``benchmarks/run_all.py --quick`` (dp_step --quick --device cpu, then scale --quick): its
-    process and output folder."""
+    """``benchmarks/run_all.py --quick`` (dp_step --quick --device cpu, then flower_baseline
+    --quick): its process and output folder."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -37,12 +38,35 @@ def run_all_quick(out):
 
 
 @pytest.mark.slow(cost=3)
-def test_run_all_quick_with_dp_step_and_scale(tmp_path):
-    """One run of the harness's quick mode serves both checks: dp_step's results, then the
-    harness's summary and scale's results."""
+def test_run_all_quick_with_dp_step_and_flower_baseline(tmp_path):
+    """One run of the harness's quick mode serves every check: dp_step's results, the plain-Flower
+    comparison's, then the harness's summary."""
     proc, tmp_path = run_all_quick(tmp_path)
     check_dp_step(proc, tmp_path)
+    check_flower_baseline(proc, tmp_path)
     check_run_all(proc, tmp_path)
+
+
+def check_flower_baseline(proc, tmp_path):
+    """Plain Flower, fedpriv no-dp and the quickstart each ran (3 clients, 2 rounds) and were timed
+    per round; the ratios are positive and both no-DP runs learned."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "flower_baseline.json").read_text())
+    assert sorted(r["kind"] for r in results["runs"]) == ["fedpriv no-dp", "fedpriv quickstart", "plain"]
+    for key in ("ratio", "round_ratio", "quickstart_ratio"):
+        assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
+    assert results["accuracy"]["plain"] > 0.5 and results["accuracy"]["fedpriv no-dp"] > 0.5
+    assert results["quickstart_record_epsilon"] > 0
+    assert "| plain Flower 1.42" in (tmp_path / "flower_baseline.md").read_text()
+
+
+@pytest.mark.slow(cost=2)
+def test_scale_quick(tmp_path):
+    """The scale benchmark's quick mode: populations 100 and 1,000, 3 clients a round, 2 rounds."""
+    proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_scale(tmp_path, 42)  # scale.py's default seed
 
 
 def check_dp_step(proc, tmp_path):
@@ -70,23 +94,25 @@ def check_dp_step(proc, tmp_path):
 
 
 def check_run_all(proc, tmp_path):
-    """The one-command harness in quick mode: dp_step and scale (populations 100 and 1,000, 3
-    clients a round, 2 rounds), then the summary with machine, versions, seed and targets."""
+    """The one-command harness in quick mode: dp_step and flower_baseline, then the summary with
+    machine, versions, seed and targets."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     report = (tmp_path / "summary.md").read_text()
     assert "| benchmark | figure | measured | target | result |" in proc.stdout
-    assert "## dp_step" in report and "## scale" in report and "| population |" in report
+    assert "## dp_step" in report and "## flower_baseline" in report and "| plain Flower 1.42" in report
     assert summary["quick"] is True and isinstance(summary["seed"], int)
-    assert summary["benchmarks"] == ["dp_step", "scale"]
+    assert summary["benchmarks"] == ["dp_step", "flower_baseline"]
     assert all(r["exit_code"] == 0 for r in summary["runs"])
     assert summary["versions"]["flwr"] and summary["versions"]["tensorflow"]
     assert summary["machine"]["cpus"] >= 1
-    assert {f["benchmark"] for f in summary["figures"]} == {"dp_step", "scale", "harness"}
-
+    assert {f["benchmark"] for f in summary["figures"]} == {"dp_step", "flower_baseline", "harness"}
     assert json.loads((tmp_path / "dp_step.json").read_text())["complete"] is True
+
+
+def check_scale(tmp_path, seed):
     results = json.loads((tmp_path / "scale.json").read_text())
-    assert list(results["series"]) == ["3"] and results["seed"] == summary["seed"]
+    assert list(results["series"]) == ["3"] and results["seed"] == seed
     scale = results["series"]["3"]
     assert set(scale["populations"]) == {"100", "1000"} and scale["compared"] == [100, 1000]
     for key in ("rss_ratio", "pss_ratio", "round_time_ratio"):

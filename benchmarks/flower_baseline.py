@@ -1,0 +1,299 @@
+"""fedpriv against plain Flower: the quickstart's learning job written directly on Flower 1.42.
+
+Three commands, each timed whole (start-up included) in its own process, interleaved in a
+shuffled order every repetition so machine noise hits all of them alike:
+
+- ``plain``: this file with ``--plain``: a plain Flower simulation (``flwr.simulation.
+  run_simulation``, the legacy ``ServerApp``/``ClientApp`` with ``FedAvg`` and a ``NumPyClient``,
+  tf-keras), no DP and no SecAgg+, of the quickstart's learning job: the same model (the seed
+  CNN, tanh), data split (the built-in data, IID, seed 42), initial weights (Keras seeded with the
+  run seed, as fedpriv's server does), rounds, clients, batch size, epochs, Poisson batches,
+  optimizer (SGD, momentum 0.5, state reset each round) and learning rate, and the same
+  centralized evaluation on the server's test split after every round. It takes the data and the
+  model from fedpriv's own loaders so both sides train on the same arrays, and runs under the same
+  TensorFlow environment (``common.tf_runtime.RUNTIME_ENV``) and one CPU per virtual client;
+- ``fedpriv no-dp``: ``fedpriv simulate --preset no-dp --set secure_aggregation.enabled=false``;
+- ``fedpriv quickstart``: ``fedpriv simulate`` (DP-SGD and hardened SecAgg+).
+
+Figures (medians over the repetitions):
+
+- ``ratio``: wall time of the whole command, fedpriv no-dp over plain Flower (target <= 1.05);
+- ``round_ratio``: median seconds per round (from one evaluation to the next), the same two;
+- ``quickstart_ratio``: the quickstart's median seconds per round over plain Flower's (target <= 1.4);
+- each run's final accuracy (fedpriv no-dp within 0.02 of plain Flower).
+
+    uv run python benchmarks/flower_baseline.py [--quick] [--repeats N] [--rounds N] [--clients N]
+        [--seed N] [--out DIR]
+
+Saves flower_baseline.json and .md in --out (default benchmarks/results; with --quick and no
+--out, a temporary folder, so a quick run never replaces the full results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+from dp_vs_nodp import RESULTS, machine  # noqa: E402
+
+SEED = 42
+FULL = {"repeats": 2, "rounds": 20, "clients": 10}
+QUICK = {"repeats": 1, "rounds": 2, "clients": 3}  # SecAgg+ needs 3 clients a round
+KINDS = ("plain", "fedpriv no-dp", "fedpriv quickstart")
+TARGET_RATIO, TARGET_QUICKSTART_RATIO, TARGET_ACCURACY_GAP = 1.05, 1.4, 0.02
+
+
+# ---- the plain Flower job (runs in its own process with --plain) -------------------------------
+def plain_job(rounds: int, clients: int, seed: int, out: Path) -> None:
+    """The quickstart's learning job on plain Flower; writes per-round times and accuracies."""
+    from fedpriv.common.tf_runtime import RUNTIME_ENV
+
+    os.environ.update(RUNTIME_ENV)  # the same TensorFlow settings as fedpriv's processes (Ray workers inherit them)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import logging
+
+    import numpy as np
+    import tensorflow as tf
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    cfg = learning_job(rounds, clients, seed)
+    keras = tf.keras
+
+    def model() -> Any:
+        from fedpriv.common.models import build_model
+
+        data = dataset(cfg)
+        m = build_model("cnn", cfg.model, data.input_shape, data.num_classes)
+        m.compile(optimizer=keras.optimizers.legacy.SGD(cfg.client.learning_rate, momentum=cfg.client.momentum),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        return m
+
+    cache: dict[str, Any] = {}
+
+    class Client(NumPyClient):
+        def __init__(self, partition: int) -> None:
+            from fedpriv.common.partition import partition as split
+
+            data = dataset(cfg)
+            if "model" not in cache:  # one compiled model per worker process, as fedpriv keeps one trainer
+                cache["model"] = model()
+                cache["parts"] = split(data.y_train, cfg.federation.num_clients, cfg.data, cfg.run.seed)
+            self.model = cache["model"]
+            index = cache["parts"][partition]
+            self.x, self.y = data.x_train[index], data.y_train[index]
+
+        def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
+            m = self.model
+            m.set_weights(parameters)
+            for variable in m.optimizer.variables():  # fresh optimizer state each round
+                variable.assign(tf.zeros_like(variable))
+            n = len(self.y)
+            q = cfg.client.batch_size / n
+            rng = np.random.default_rng()
+            for _ in range(cfg.client.local_epochs * math.ceil(n / cfg.client.batch_size)):
+                chosen = np.flatnonzero(rng.random(n) < q)  # Poisson batches
+                if len(chosen):
+                    m.train_on_batch(self.x[chosen], self.y[chosen])
+            return m.get_weights(), n, {}
+
+    def client_fn(context: Context) -> Any:
+        return Client(int(context.node_config["partition-id"])).to_client()
+
+    evaluations: list[dict] = []
+
+    def server_fn(context: Context) -> ServerAppComponents:
+        data = dataset(cfg)
+        keras.utils.set_random_seed(cfg.run.seed)  # the initial model, as fedpriv's server makes it
+        server_model = model()
+        initial = ndarrays_to_parameters(server_model.get_weights())
+
+        def evaluate(server_round: int, parameters: list, config: dict) -> tuple[float, dict]:
+            server_model.set_weights(parameters)
+            loss, accuracy = server_model.evaluate(data.x_test, data.y_test, batch_size=512, verbose=0)
+            evaluations.append({"round": server_round, "time": time.perf_counter(), "accuracy": float(accuracy)})
+            return float(loss), {"accuracy": float(accuracy)}
+
+        strategy = FedAvg(fraction_fit=cfg.federation.fraction_train, fraction_evaluate=0.0,
+                          min_fit_clients=cfg.federation.min_train_clients, min_evaluate_clients=0,
+                          min_available_clients=cfg.federation.min_available_clients,
+                          initial_parameters=initial, evaluate_fn=evaluate)
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.run.rounds))
+
+    ray_dir = tempfile.mkdtemp(prefix="fedpriv-plain-ray-")
+    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+                   num_supernodes=clients,
+                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": logging.ERROR, "log_to_driver": False,
+                                                 "_temp_dir": ray_dir}})
+    times = [e["time"] for e in evaluations]
+    out.write_text(json.dumps({
+        "round_seconds": [b - a for a, b in zip(times, times[1:])],
+        "final_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
+        "rounds": len(evaluations) - 1,
+    }))
+
+
+def learning_job(rounds: int, clients: int, seed: int) -> Any:
+    """The quickstart's configuration without DP and SecAgg+ (the learning job alone)."""
+    from fedpriv.common.config import load_config
+    from fedpriv.common.presets import preset_layers
+
+    return load_config(preset_layers("no-dp"), [f"run.rounds={rounds}", f"federation.num_clients={clients}",
+                                                f"federation.min_available_clients={clients}", f"run.seed={seed}",
+                                                "secure_aggregation.enabled=false"])
+
+
+def dataset(cfg: Any) -> Any:
+    from fedpriv.common.data import load_dataset
+
+    return load_dataset(cfg.data, cfg.run.seed)
+
+
+# ---- the harness -------------------------------------------------------------------------------
+def run_kind(kind: str, rounds: int, clients: int, seed: int, tmp: Path, index: int) -> dict:
+    """Run one command as a user would; its wall time, seconds per round and final accuracy."""
+    out = tmp / f"{kind.replace(' ', '-')}-{index}"
+    settings = [f"run.rounds={rounds}", f"federation.num_clients={clients}",
+                f"federation.min_available_clients={clients}", f"run.seed={seed}"]
+    if kind == "plain":
+        args = [sys.executable, __file__, "--plain", "--rounds", str(rounds), "--clients", str(clients),
+                "--seed", str(seed), "--out", str(out.with_suffix(".json"))]
+    else:
+        preset = "no-dp" if kind == "fedpriv no-dp" else "quickstart"
+        args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", preset, "--out", str(out)]
+        for item in settings + (["secure_aggregation.enabled=false"] if preset == "no-dp" else []):
+            args += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPRIV_")}
+    env["FEDPRIV_HOME"] = str(tmp / "home")  # a fresh home: its checkpoint key is made on first use
+    started = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"error: {kind} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    if kind == "plain":
+        result = json.loads(out.with_suffix(".json").read_text())
+        seconds, accuracy, epsilon = result["round_seconds"], result["final_accuracy"], None
+    else:
+        summary = json.loads((out / "summary.json").read_text())
+        seconds = [r["seconds"] for r in summary["rounds"] if r.get("seconds") is not None]
+        accuracy = summary["final_accuracy"]
+        epsilon = (summary.get("privacy", {}).get("record_level") or {}).get("max_epsilon")
+    if len(seconds) != rounds:
+        sys.exit(f"error: {kind} timed {len(seconds)} rounds of {rounds}")
+    return {"kind": kind, "wall_s": wall, "round_s": statistics.median(seconds), "final_accuracy": accuracy,
+            "record_epsilon": epsilon}
+
+
+def report(runs: list[dict], settings: dict, seed: int, wall: float) -> tuple[dict, str]:
+    by_kind = {kind: [r for r in runs if r["kind"] == kind] for kind in KINDS}
+    med = {kind: {key: statistics.median(r[key] for r in rows) for key in ("wall_s", "round_s", "final_accuracy")}
+           for kind, rows in by_kind.items()}
+    plain, nodp, quick = med["plain"], med["fedpriv no-dp"], med["fedpriv quickstart"]
+    payload = {
+        "ratio": nodp["wall_s"] / plain["wall_s"],
+        "round_ratio": nodp["round_s"] / plain["round_s"],
+        "quickstart_ratio": quick["round_s"] / plain["round_s"],
+        "quickstart_wall_ratio": quick["wall_s"] / plain["wall_s"],
+        "accuracy": {kind: m["final_accuracy"] for kind, m in med.items()},
+        "accuracy_gap_no_dp": abs(nodp["final_accuracy"] - plain["final_accuracy"]),
+        "quickstart_record_epsilon": by_kind["fedpriv quickstart"][0]["record_epsilon"],
+        "medians": med,
+        "runs": runs,
+        "targets": {"ratio": TARGET_RATIO, "quickstart_ratio": TARGET_QUICKSTART_RATIO,
+                    "accuracy_gap_no_dp": TARGET_ACCURACY_GAP},
+        "settings": settings,
+        "seed": seed,
+        "wall_time_s": wall,
+        "machine": machine(),
+    }
+    lines = [
+        f"| run ({settings['clients']} clients, {settings['rounds']} rounds) | wall s, median | ratio "
+        f"| s/round, median | ratio | final accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    names = {"plain": "plain Flower 1.42 + tf-keras, FedAvg, no DP, no SecAgg+",
+             "fedpriv no-dp": "`fedpriv simulate --preset no-dp --set secure_aggregation.enabled=false`",
+             "fedpriv quickstart": "`fedpriv simulate` (quickstart: DP-SGD + SecAgg+)"}
+    for kind in KINDS:
+        m = med[kind]
+        lines.append(f"| {names[kind]} | {m['wall_s']:.1f} | {m['wall_s'] / plain['wall_s']:.2f}x | {m['round_s']:.2f} "
+                     f"| {m['round_s'] / plain['round_s']:.2f}x | {m['final_accuracy']:.3f} |")
+    verdicts = [
+        f"- ratio (whole command, no-dp / plain): {payload['ratio']:.2f} (target <= {TARGET_RATIO}): "
+        f"{'met' if payload['ratio'] <= TARGET_RATIO else 'MISSED'}",
+        f"- round_ratio (no-dp / plain): {payload['round_ratio']:.2f}",
+        f"- quickstart_ratio (quickstart s/round / plain): {payload['quickstart_ratio']:.2f} "
+        f"(target <= {TARGET_QUICKSTART_RATIO}): "
+        f"{'met' if payload['quickstart_ratio'] <= TARGET_QUICKSTART_RATIO else 'MISSED'}",
+        f"- accuracy, no-dp against plain: {payload['accuracy_gap_no_dp']:.3f} apart "
+        f"(target <= {TARGET_ACCURACY_GAP}): "
+        f"{'met' if payload['accuracy_gap_no_dp'] <= TARGET_ACCURACY_GAP else 'MISSED'}",
+    ]
+    return payload, "\n".join(lines) + "\n\n" + "\n".join(verdicts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny run for tests: {QUICK['clients']} clients, {QUICK['rounds']} rounds, once")
+    parser.add_argument("--repeats", type=int, default=None, help=f"interleaved repetitions (default {FULL['repeats']})")
+    parser.add_argument("--rounds", type=int, default=None, help=f"default {FULL['rounds']}")
+    parser.add_argument("--clients", type=int, default=None, help=f"default {FULL['clients']}")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # one plain Flower run
+    args = parser.parse_args()
+    settings = dict(QUICK if args.quick else FULL)
+    for key in ("repeats", "rounds", "clients"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if min(settings.values()) < 1 or settings["clients"] < 3:
+        parser.error("--repeats and --rounds must be positive, --clients at least 3 (SecAgg+ needs 3)")
+    if args.plain:
+        plain_job(settings["rounds"], settings["clients"], args.seed, args.out)
+        return 0
+    out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-flower-baseline-quick-")) if args.quick else RESULTS)
+
+    started = time.perf_counter()
+    runs = []
+    order = list(KINDS)
+    shuffler = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="fedpriv-flower-baseline-") as tmp:
+        for repeat in range(settings["repeats"]):
+            shuffler.shuffle(order)
+            for kind in order:
+                print(f"  {kind} ({repeat + 1}/{settings['repeats']}) ...", file=sys.stderr, flush=True)
+                runs.append(run_kind(kind, settings["rounds"], settings["clients"], args.seed, Path(tmp), repeat))
+    payload, table = report(runs, settings, args.seed, time.perf_counter() - started)
+    payload["quick"] = args.quick
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flower_baseline.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "flower_baseline.md").write_text(
+        f"# fedpriv against plain Flower\n\nThe quickstart's learning job, three commands interleaved "
+        f"({settings['repeats']} repetitions, medians), on {payload['machine']['cpus']} CPUs; seed {args.seed}. "
+        f"See benchmarks/flower_baseline.py for what is the same on both sides.\n\n{table}\n")
+    print(table)
+    print(f"\nwrote {out / 'flower_baseline.json'} and .md ({payload['wall_time_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
