@@ -3,7 +3,7 @@
 Three commands, each timed whole (start-up included) in its own process, interleaved in a
 shuffled order every repetition so machine noise hits all of them alike:
 
-- ``plain``: this file with ``--plain``: a plain Flower simulation (``flwr.simulation.
+- ``plain``: this file with ``--plain`` (the app is in ``plain_flower.py``): a plain Flower simulation (``flwr.simulation.
   run_simulation``, the legacy ``ServerApp``/``ClientApp`` with ``FedAvg`` and a ``NumPyClient``,
   tf-keras), no DP and no SecAgg+, of the quickstart's learning job: the same model (the seed
   CNN, tanh), data split (the built-in data, IID, seed 42), initial weights (Keras seeded with the
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -42,7 +41,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,117 +52,6 @@ FULL = {"repeats": 2, "rounds": 20, "clients": 10}
 QUICK = {"repeats": 1, "rounds": 2, "clients": 3}  # SecAgg+ needs 3 clients a round
 KINDS = ("plain", "fedpriv no-dp", "fedpriv quickstart")
 TARGET_RATIO, TARGET_QUICKSTART_RATIO, TARGET_ACCURACY_GAP = 1.05, 1.4, 0.02
-
-
-# ---- the plain Flower job (runs in its own process with --plain) -------------------------------
-def plain_job(rounds: int, clients: int, seed: int, out: Path) -> None:
-    """The quickstart's learning job on plain Flower; writes per-round times and accuracies."""
-    from fedpriv.common.tf_runtime import RUNTIME_ENV
-
-    os.environ.update(RUNTIME_ENV)  # the same TensorFlow settings as fedpriv's processes (Ray workers inherit them)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    import logging
-
-    import numpy as np
-    import tensorflow as tf
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, ndarrays_to_parameters
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.simulation import run_simulation
-
-    cfg = learning_job(rounds, clients, seed)
-    keras = tf.keras
-
-    def model() -> Any:
-        from fedpriv.common.models import build_model
-
-        data = dataset(cfg)
-        m = build_model("cnn", cfg.model, data.input_shape, data.num_classes)
-        m.compile(optimizer=keras.optimizers.legacy.SGD(cfg.client.learning_rate, momentum=cfg.client.momentum),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-        return m
-
-    cache: dict[str, Any] = {}
-
-    class Client(NumPyClient):
-        def __init__(self, partition: int) -> None:
-            from fedpriv.common.partition import partition as split
-
-            data = dataset(cfg)
-            if "model" not in cache:  # one compiled model per worker process, as fedpriv keeps one trainer
-                cache["model"] = model()
-                cache["parts"] = split(data.y_train, cfg.federation.num_clients, cfg.data, cfg.run.seed)
-            self.model = cache["model"]
-            index = cache["parts"][partition]
-            self.x, self.y = data.x_train[index], data.y_train[index]
-
-        def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
-            m = self.model
-            m.set_weights(parameters)
-            for variable in m.optimizer.variables():  # fresh optimizer state each round
-                variable.assign(tf.zeros_like(variable))
-            n = len(self.y)
-            q = cfg.client.batch_size / n
-            rng = np.random.default_rng()
-            for _ in range(cfg.client.local_epochs * math.ceil(n / cfg.client.batch_size)):
-                chosen = np.flatnonzero(rng.random(n) < q)  # Poisson batches
-                if len(chosen):
-                    m.train_on_batch(self.x[chosen], self.y[chosen])
-            return m.get_weights(), n, {}
-
-    def client_fn(context: Context) -> Any:
-        return Client(int(context.node_config["partition-id"])).to_client()
-
-    evaluations: list[dict] = []
-
-    def server_fn(context: Context) -> ServerAppComponents:
-        data = dataset(cfg)
-        keras.utils.set_random_seed(cfg.run.seed)  # the initial model, as fedpriv's server makes it
-        server_model = model()
-        initial = ndarrays_to_parameters(server_model.get_weights())
-
-        def evaluate(server_round: int, parameters: list, config: dict) -> tuple[float, dict]:
-            server_model.set_weights(parameters)
-            loss, accuracy = server_model.evaluate(data.x_test, data.y_test, batch_size=512, verbose=0)
-            evaluations.append({"round": server_round, "time": time.perf_counter(), "accuracy": float(accuracy)})
-            return float(loss), {"accuracy": float(accuracy)}
-
-        strategy = FedAvg(fraction_fit=cfg.federation.fraction_train, fraction_evaluate=0.0,
-                          min_fit_clients=cfg.federation.min_train_clients, min_evaluate_clients=0,
-                          min_available_clients=cfg.federation.min_available_clients,
-                          initial_parameters=initial, evaluate_fn=evaluate)
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.run.rounds))
-
-    ray_dir = tempfile.mkdtemp(prefix="fedpriv-plain-ray-")
-    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
-                   num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": logging.ERROR, "log_to_driver": False,
-                                                 "_temp_dir": ray_dir}})
-    times = [e["time"] for e in evaluations]
-    out.write_text(json.dumps({
-        "round_seconds": [b - a for a, b in zip(times, times[1:])],
-        "final_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
-        "rounds": len(evaluations) - 1,
-    }))
-
-
-def learning_job(rounds: int, clients: int, seed: int) -> Any:
-    """The quickstart's configuration without DP and SecAgg+ (the learning job alone)."""
-    from fedpriv.common.config import load_config
-    from fedpriv.common.presets import preset_layers
-
-    return load_config(preset_layers("no-dp"), [f"run.rounds={rounds}", f"federation.num_clients={clients}",
-                                                f"federation.min_available_clients={clients}", f"run.seed={seed}",
-                                                "secure_aggregation.enabled=false"])
-
-
-def dataset(cfg: Any) -> Any:
-    from fedpriv.common.data import load_dataset
-
-    return load_dataset(cfg.data, cfg.run.seed)
 
 
 # ---- the harness -------------------------------------------------------------------------------
@@ -183,6 +70,8 @@ def run_kind(kind: str, rounds: int, clients: int, seed: int, tmp: Path, index: 
             args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPRIV_")}
     env["FEDPRIV_HOME"] = str(tmp / "home")  # a fresh home: its checkpoint key is made on first use
+    if kind == "plain":  # Ray's workers import the plain app's module by name
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -268,7 +157,9 @@ def main() -> int:
     if min(settings.values()) < 1 or settings["clients"] < 3:
         parser.error("--repeats and --rounds must be positive, --clients at least 3 (SecAgg+ needs 3)")
     if args.plain:
-        plain_job(settings["rounds"], settings["clients"], args.seed, args.out)
+        from plain_flower import run  # the worker processes import it too: it must be a module of its own
+
+        run(settings["rounds"], settings["clients"], args.seed, args.out)
         return 0
     out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-flower-baseline-quick-")) if args.quick else RESULTS)
 
