@@ -1,7 +1,9 @@
 """The quickstart's learning job written directly on Flower 1.42 and tf-keras: no DP, no SecAgg+.
 
 The baseline ``flower_baseline.py`` measures fedpriv against (see there for what is the same on
-both sides). It is a module of its own because Flower hands the ClientApp to its Ray workers by
+both sides). Each client trains with Keras's own ``train_step``, traced once for any batch size,
+as fedpriv's trainer does, so the comparison measures what fedpriv adds around training rather
+than how Keras is called. It is a module of its own because Flower hands the ClientApp to its Ray workers by
 pickling it: defined here, the workers import it by name and keep one compiled model each
 (:data:`_WORKER`), as a reasonable hand-written Flower app would; defined in a ``__main__``
 script, it would arrive as a fresh copy with every message and rebuild the model each time.
@@ -69,9 +71,14 @@ class Client(NumPyClient):
         if "model" not in _WORKER:
             cfg = learning_job()
             data = dataset(cfg)
-            _WORKER.update(cfg=cfg, data=data, model=model(cfg),
+            m = model(cfg)
+            # Keras's own train step, traced once for any batch size (Poisson batches change size every
+            # step; ``train_on_batch`` would pay its per-call overhead and retrace for new sizes)
+            spec = [tf.TensorSpec([None, *data.input_shape], tf.float32), tf.TensorSpec([None], tf.int64)]
+            step = tf.function(lambda x, y: m.train_step((x, y))["loss"], input_signature=spec)
+            _WORKER.update(cfg=cfg, data=data, model=m, step=step,
                            parts=split(data.y_train, cfg.federation.num_clients, cfg.data, cfg.run.seed))
-        self.cfg, self.model = _WORKER["cfg"], _WORKER["model"]
+        self.cfg, self.model, self.step = _WORKER["cfg"], _WORKER["model"], _WORKER["step"]
         index = _WORKER["parts"][partition]
         self.x, self.y = _WORKER["data"].x_train[index], _WORKER["data"].y_train[index]
 
@@ -86,7 +93,7 @@ class Client(NumPyClient):
         for _ in range(client.local_epochs * math.ceil(n / client.batch_size)):
             chosen = np.flatnonzero(rng.random(n) < q)  # Poisson batches
             if len(chosen):
-                m.train_on_batch(self.x[chosen], self.y[chosen])
+                self.step(self.x[chosen], self.y[chosen].astype(np.int64))
         return m.get_weights(), n, {}
 
 
