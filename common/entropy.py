@@ -104,8 +104,9 @@ class GaussianNoise:
         self._one = t.constant(1, t.int64)  # made once: converting a numpy scalar costs more than the copy
         self.size = 0  # the most normals one traced step reads (known once a step is traced)
         self.prefetch = prefetch
-        self._graphs: dict[int, list[Any]] = {}  # traced graph -> [its checked pool read, next offset]
-        self._pending: tuple[int, int, Any] | None = None  # (pid, size, future of normals)
+        self._graphs: dict[Any, list[Any]] = {}  # traced graph -> [its checked pool read, next offset]
+        self._owner = os.getpid()  # the process the prefetched normals and their thread belong to
+        self._pending: tuple[int, Any] | None = None  # (size, future of the next step's normals)
         self._executor: Any = None
 
     def refill(self) -> None:
@@ -119,19 +120,20 @@ class GaussianNoise:
         t.raw_ops.AssignVariableOp(resource=self.unused.handle, value=self._one)
 
     def _next_normals(self) -> np.ndarray:
-        pid, pending = os.getpid(), self._pending
-        self._pending = None
-        if pending is not None and pending[:2] == (pid, self.size):
-            normals = pending[2].result()
-        else:  # the first step, a new size, or a forked child: nothing drawn before is used
+        if self._owner != os.getpid():  # a forked child: nothing drawn or started before the fork is its own
+            self._owner, self._pending, self._executor = os.getpid(), None, None
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == self.size:
+            normals = pending[1].result()
+        else:  # the first step, or a new size
             normals = standard_normals(self.size)
         if self.prefetch:
-            if self._executor is None or self._executor[0] != pid:
+            if self._executor is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._executor = (pid, ThreadPoolExecutor(1, thread_name_prefix="fedpriv-noise"))
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fedpriv-noise")
             seed = random_bytes(NOISE_SEED_BYTES)
-            self._pending = (pid, self.size, self._executor[1].submit(standard_normals, self.size, seed))
+            self._pending = (self.size, self._executor.submit(standard_normals, self.size, seed))
         return normals
 
     def add_to(self, tensors: Sequence[Any], stddev: Any) -> list[Any]:
@@ -144,10 +146,9 @@ class GaussianNoise:
             return [x + t.cast(stddev * standard_normals(int(np.prod(x.shape))).reshape(x.shape), x.dtype)
                     for x in tensors]
         graph = t.compat.v1.get_default_graph()
-        entry = self._graphs.get(id(graph))
-        if entry is None or entry[2] is not graph:
-            entry = [self._checked_pool(), 0, graph]
-            self._graphs[id(graph)] = entry
+        if graph not in self._graphs:
+            self._graphs[graph] = [self._checked_pool(), 0]
+        entry = self._graphs[graph]
         out = []
         for x in tensors:
             if not x.shape.is_fully_defined():

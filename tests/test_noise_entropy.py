@@ -166,7 +166,7 @@ def test_normals_drawn_before_a_fork_are_never_used_after_it():
     noise = entropy.GaussianNoise()
     _laid_out(noise, 256)
     noise.refill()
-    noise._pending[2].result()  # the next step's normals are drawn, and in memory, at the fork
+    noise._pending[1].result()  # the next step's normals are drawn, and in memory, at the fork
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
