@@ -54,19 +54,26 @@ KINDS = ("plain", "fedpriv no-dp", "fedpriv quickstart")
 TARGET_RATIO, TARGET_QUICKSTART_RATIO, TARGET_ACCURACY_GAP = 1.05, 1.4, 0.02
 
 
-# ---- the harness -------------------------------------------------------------------------------
+def job_settings(rounds: int, clients: int, seed: int) -> list[str]:
+    """The ``--set`` overrides every run shares (on the no-dp preset, with SecAgg+ off, they are
+    the whole of plain Flower's job too: ``plain_flower.learning_job``)."""
+    return [f"run.rounds={rounds}", f"federation.num_clients={clients}",
+            f"federation.min_available_clients={clients}", f"run.seed={seed}"]
+
+
+NO_SECAGG = "secure_aggregation.enabled=false"
+
+
 def run_kind(kind: str, rounds: int, clients: int, seed: int, tmp: Path, index: int) -> dict:
     """Run one command as a user would; its wall time, seconds per round and final accuracy."""
     out = tmp / f"{kind.replace(' ', '-')}-{index}"
-    settings = [f"run.rounds={rounds}", f"federation.num_clients={clients}",
-                f"federation.min_available_clients={clients}", f"run.seed={seed}"]
     if kind == "plain":
         args = [sys.executable, __file__, "--plain", "--rounds", str(rounds), "--clients", str(clients),
                 "--seed", str(seed), "--out", str(out.with_suffix(".json"))]
     else:
         preset = "no-dp" if kind == "fedpriv no-dp" else "quickstart"
         args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", preset, "--out", str(out)]
-        for item in settings + (["secure_aggregation.enabled=false"] if preset == "no-dp" else []):
+        for item in job_settings(rounds, clients, seed) + ([NO_SECAGG] if preset == "no-dp" else []):
             args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPRIV_")}
     env["FEDPRIV_HOME"] = str(tmp / "home")  # a fresh home: its checkpoint key is made on first use

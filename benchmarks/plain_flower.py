@@ -38,14 +38,15 @@ EVALUATIONS: list[dict] = []  # the server's evaluation after each round (the dr
 
 
 def learning_job() -> Any:
-    """The quickstart's configuration without DP and SecAgg+ (the learning job alone)."""
+    """The quickstart's configuration without DP and SecAgg+ (the learning job alone): the one
+    ``fedpriv simulate --preset no-dp`` runs in the comparison."""
+    from flower_baseline import NO_SECAGG, job_settings
+
     from fedpriv.common.config import load_config
     from fedpriv.common.presets import preset_layers
 
-    rounds, clients, seed = os.environ[JOB_ENV].split(",")
-    return load_config(preset_layers("no-dp"), [f"run.rounds={rounds}", f"federation.num_clients={clients}",
-                                                f"federation.min_available_clients={clients}", f"run.seed={seed}",
-                                                "secure_aggregation.enabled=false"])
+    rounds, clients, seed = (int(v) for v in os.environ[JOB_ENV].split(","))
+    return load_config(preset_layers("no-dp"), [*job_settings(rounds, clients, seed), NO_SECAGG])
 
 
 def dataset(cfg: Any) -> Any:

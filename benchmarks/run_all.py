@@ -40,14 +40,10 @@ from dp_vs_nodp import RESULTS, machine  # noqa: E402
 SEED = 42
 TARGET_WALL_S = 15 * 60
 BENCHMARKS = ("dp_step", "flower_baseline")
-QUICK_BENCHMARKS = BENCHMARKS
 
 
 def command(name: str, quick: bool, seed: int, out: Path) -> list[str]:
-    args = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out)]
-    if name == "dp_vs_nodp":
-        return args + ["--set", f"run.seed={seed}"]
-    args += ["--seed", str(seed)]
+    args = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out), "--seed", str(seed)]
     if name == "dp_step":
         args += ["--device", "cpu"]  # the GPU path has its own check (gpu_check.sh)
     return args + (["--quick"] if quick else [])
@@ -87,25 +83,6 @@ def dp_step_figures(results: dict) -> list[dict]:
     return figures
 
 
-def scale_figures(results: dict) -> list[dict]:
-    figures = [{**t, "unit": "x"} for t in results["targets"]]
-    for sampled, one in results["series"].items():
-        for population, p in one["populations"].items():
-            where = f"{int(population):,} clients, {sampled} sampled"
-            figures.append({"figure": f"peak RSS of the process tree at {where}",
-                            "value": p["peak_rss_bytes"] / 2**30, "unit": " GiB", "target": None, "met": None})
-            figures.append({"figure": f"seconds per round at {where} (median)",
-                            "value": p["median_round_s"], "unit": " s", "target": None, "met": None})
-    return figures
-
-
-def dp_vs_nodp_figures(results: dict) -> list[dict]:
-    dp = results["rows"][0]
-    return [{"figure": f"accuracy gap, quickstart vs no-dp (record-level epsilon {dp['record_epsilon']:.2f})",
-             "value": results["accuracy_gap_pp"], "unit": " pp", "target": "<= 10 pp at epsilon <= 8",
-             "met": bool(results["target_met"])}]
-
-
 def flower_baseline_figures(results: dict) -> list[dict]:
     targets, judged = results["targets"], not results.get("quick")
     accuracy = results["accuracy"]
@@ -130,8 +107,7 @@ def flower_baseline_figures(results: dict) -> list[dict]:
     ]
 
 
-FIGURES = {"dp_step": dp_step_figures, "scale": scale_figures, "dp_vs_nodp": dp_vs_nodp_figures,
-           "flower_baseline": flower_baseline_figures}
+FIGURES = {"dp_step": dp_step_figures, "flower_baseline": flower_baseline_figures}
 
 
 def figures_of(name: str, out: Path, since: float) -> list[dict]:
@@ -172,7 +148,7 @@ def main() -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if unknown := skip - set(BENCHMARKS):
         parser.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    names = [n for n in (QUICK_BENCHMARKS if args.quick else BENCHMARKS) if n not in skip]
+    names = [n for n in BENCHMARKS if n not in skip]
     out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-bench-quick-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
 
