@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import cloudpickle
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
@@ -193,7 +194,39 @@ def make_client_app(config: RunConfig | None = None, extra_mods: list | None = N
     """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
     ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked;
     ``canaries`` join simulated nodes' training data (the empirical audit); ``trainer_factory``
-    takes :class:`clients.trainer.LocalTrainer`'s arguments (tests inject faulty trainers)."""
+    takes :class:`clients.trainer.LocalTrainer`'s arguments (tests inject faulty trainers).
+    It pickles as these arguments (:class:`BuiltOnce`)."""
+    return BuiltOnce(cloudpickle.dumps((config, extra_mods, inner_mods, canaries, trainer_factory)))
+
+
+class BuiltOnce(ClientApp):
+    """The ClientApp of :func:`make_client_app`, which each process builds once.
+
+    Flower's simulation engine pickles the ClientApp into every message it hands a worker. The
+    app's functions are closures, so it would travel whole each time (10 kB, about 3 ms of the
+    engine's dispatching thread for every message of every SecAgg+ stage) and be rebuilt by the
+    worker. This one pickles as the arguments it was made from, pickled once; a process builds
+    the app from them the first time it sees them (:func:`built`) and keeps it."""
+
+    def __init__(self, recipe: bytes) -> None:
+        super().__init__()
+        self.recipe = recipe
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        return built(self.recipe)(message, context)
+
+    def __reduce__(self) -> tuple:
+        return built, (self.recipe,)
+
+
+@functools.lru_cache(maxsize=8)
+def built(recipe: bytes) -> ClientApp:
+    """The ClientApp a :class:`BuiltOnce` recipe makes, built once per process."""
+    return _build_client_app(*cloudpickle.loads(recipe))
+
+
+def _build_client_app(config: RunConfig | None, extra_mods: list | None, inner_mods: list | None,
+                      canaries: Canaries | None, trainer_factory: Callable[..., LocalTrainer]) -> ClientApp:
     app = ClientApp(mods=[*(extra_mods or []), make_policy_mod(config), make_secure_aggregation_mod(config),
                           *(inner_mods or [])])
 

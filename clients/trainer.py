@@ -176,6 +176,8 @@ class LocalTrainer:
             model = self.model
 
             def train_step(xb: Any, yb: Any) -> Any:
+                for metric in model.metrics:  # this batch's loss, not a running mean (in the graph:
+                    metric.reset_state()  # eagerly, about 0.4 ms a step, a sixth of the plain MLP step)
                 return model.train_step((xb, yb))["loss"]
 
             signature = [tf().TensorSpec([None, *x.shape[1:]], x.dtype), tf().TensorSpec([None, *y.shape[1:]], y.dtype)]
@@ -185,13 +187,12 @@ class LocalTrainer:
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One training step on this batch, its loss returned, with the DP noise pool first
         refilled (fresh normals from a fresh ``os.urandom`` seed). (The loss is this batch's:
-        Keras's running loss metric, if the model has one, is reset first.)"""
+        the step resets Keras's running loss metric, if the model has one, first.)"""
         step = self._step_function(x, y)
         if self.noise is not None:
             if not self.noise.size:
                 step.get_concrete_function()  # the trace lays out the noise pool
             self.noise.refill()
-        self.model.reset_metrics()
         return float(step(x, y))
 
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,

@@ -153,3 +153,20 @@ def test_a_trainer_is_shared_within_a_thread_never_between_threads():
     worker.start()
     worker.join()
     assert seen[0] is seen[1] and seen[0] is not here
+
+
+@pytest.mark.parametrize("implementation", ["none", "bookkeeping"])
+def test_a_step_returns_its_own_batchs_loss_not_a_running_mean(implementation):
+    from fedpriv.common.tf_runtime import keras
+
+    dp = DPSection(enabled=False) if implementation == "none" else \
+        DPSection(enabled=True, l2_norm_clip=1.0, noise_multiplier=0.0, implementation=implementation)
+    trainer = LocalTrainer("mlp", ModelSection(mlp_layers=0), ClientSection(learning_rate=LR, optimizer="sgd"),
+                           dp, (4,), 3)
+    rng = np.random.default_rng(3)
+    loss_fn = keras().losses.SparseCategoricalCrossentropy(from_logits=True)
+    for size in (4, 9, 2):  # the first batch's loss would otherwise stay in the others'
+        x = rng.normal(size=(size, 4)).astype(np.float32) * 10
+        y = rng.integers(0, 3, size)
+        expected = float(loss_fn(y, trainer.model(x)))  # before the step: the loss the step descends
+        assert trainer.step(x, y) == pytest.approx(expected, rel=1e-4)
