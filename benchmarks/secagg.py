@@ -1,13 +1,15 @@
 """SecAgg+ cost and the utility of each privacy layer, measured side by side in one run.
 
-Part 1, overhead: round wall time with and without SecAgg+ for 10, 20 and 50 clients on models
-of about 100k parameters (the seed CNN of the demo, 93k; and an MLP of 102k, whose rounds are so
-light that they show SecAgg+'s fixed per-message cost at its worst) and about 1M parameters (an
-MLP), with quickstart settings otherwise (DP-SGD on, built-in data, all clients every round).
-Each pair runs back to back with the same data and seed; the per-round time is the median of the
-rounds after the first (which includes start-up). Targets: at most 1.5x at 50 clients for the
-100k demo model, and overhead growing roughly linearly with the number of clients (SecAgg+ gives
-each client a fixed number of neighbours).
+Part 1, overhead: round wall time with and without SecAgg+ (fedpriv's hardened SecAgg+: masks
+expanded from full-strength seeds by AES-256-CTR, and the clients' checks on the server's
+messages) for 10, 50 and 200 clients on models of about 100k parameters (the seed CNN of the
+demo, 93k; and an MLP of 102k, whose rounds are so light that they show SecAgg+'s fixed
+per-message cost at its worst) and about 1M parameters (an MLP), with quickstart settings
+otherwise (DP-SGD on, built-in data, all clients every round). Each pair runs back to back with
+the same data and seed; the per-round time is the median of the rounds after the first (which
+includes start-up). Targets: at most 1.3x at 50 clients for every model, and overhead per client
+growing no worse than linearly with the number of clients (SecAgg+ gives each client a fixed
+number of neighbours).
 
 Part 2, utility: final accuracy against epsilon on the built-in data with the same seed, with no
 DP, record-level DP only, user-level DP only, and both, for two federations: ``quickstart``
@@ -37,9 +39,8 @@ MODELS = {  # name -> settings; parameters: 93,322 / 101,770 / 1,001,710
     "100k MLP": ["model.name=mlp", "model.mlp_units=128", "model.mlp_layers=1"],
     "1M MLP": ["model.name=mlp", "model.mlp_units=1260", "model.mlp_layers=1"],
 }
-TARGET_MODEL = "100k CNN"
-CLIENTS = (10, 20, 50)
-TARGET_RATIO = 1.5
+CLIENTS = (10, 50, 200)
+TARGET_CLIENTS, TARGET_RATIO = 50, 1.3  # every model
 FEDERATIONS = ("quickstart", "cross-device")
 UTILITY = {
     "no DP": ["dp.enabled=false", "user_dp.enabled=false"],
@@ -187,15 +188,15 @@ def main() -> int:
         util = util or kept.get("utility", [])
     report, met = [], True
     if over:
-        target_rows = [r for r in over if r["model"] == TARGET_MODEL and r["clients"] == max(CLIENTS)]
-        ratio_met = bool(target_rows) and target_rows[0]["ratio"] <= TARGET_RATIO
+        target_rows = [r for r in over if r["clients"] == TARGET_CLIENTS]
+        ratio_met = bool(target_rows) and all(r["ratio"] <= TARGET_RATIO for r in target_rows)
         growths = [g for g in (growth(over, m) for m in MODELS) if g]
         linear = all(g["per_client_growth"] < 0.5 * g["quadratic_would_be"] for g in growths)
         met = met and ratio_met and linear
         lines = [overhead_table(over), ""]
-        if target_rows:
-            lines.append(f"SecAgg+/plain at {max(CLIENTS)} clients, {TARGET_MODEL} (the demo model): {target_rows[0]['ratio']:.2f} "
-                         f"(target <= {TARGET_RATIO}: {'met' if ratio_met else 'MISSED'})")
+        for row in target_rows:
+            lines.append(f"SecAgg+/plain at {TARGET_CLIENTS} clients, {row['model']}: {row['ratio']:.2f} "
+                         f"(target <= {TARGET_RATIO}: {'met' if row['ratio'] <= TARGET_RATIO else 'MISSED'})")
         for g in growths:
             lines.append(f"{g['model']}: overhead per client grows {g['per_client_growth']:.2f}x from "
                          f"{g['clients'][0]} to {g['clients'][1]} clients (quadratic growth would be "
