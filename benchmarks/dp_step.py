@@ -66,7 +66,7 @@ DISTINCT_BATCHES = 4  # each block cycles through the same few fixed batches
 SEED = 42
 # steps: timed steps per variant per round, at least; more for cheap variants, up to max_steps, to
 # fill min_block_s seconds. warmup: untimed steps first.
-FULL = {"batch_sizes": (64, 256), "steps": 5, "rounds": 9, "warmup": 2, "min_block_s": 1.0,
+FULL = {"batch_sizes": (64, 256), "steps": 3, "rounds": 8, "warmup": 2, "min_block_s": 1.0,
         "max_steps": 400}
 # The quick mode (the test suite's) only shows that every variant runs and gives a ratio: one small
 # batch size, two rounds of short blocks.

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dp_vs_nodp import RESULTS, machine  # noqa: E402
 
 SEED = 42
-FULL = {"repeats": 2, "rounds": 20, "clients": 10}
+FULL = {"repeats": 3, "rounds": 20, "clients": 10}  # (one run varies by 5-10 s on 2 shared cores)
 QUICK = {"repeats": 1, "rounds": 2, "clients": 3}  # SecAgg+ needs 3 clients a round
 KINDS = ("plain", "fedpriv no-dp", "fedpriv quickstart")
 TARGET_RATIO, TARGET_QUICKSTART_RATIO, TARGET_ACCURACY_GAP = 1.05, 1.4, 0.02
