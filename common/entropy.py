@@ -147,7 +147,9 @@ class GaussianNoise:
         t.raw_ops.AssignVariableOp(resource=self.pool.handle, value=self._next_normals())
         t.raw_ops.AssignVariableOp(resource=self.unused.handle, value=self._one)
 
-    def _next_normals(self) -> np.ndarray:
+    def _next_normals(self) -> Any:
+        """The next step's normals: the tensor the prefetch thread made, else an array drawn on
+        this thread (the first step, a new size, or the first step of a forked child)."""
         if self._owner != os.getpid():  # a forked child: nothing drawn or started before the fork is its own
             self._owner, self._pending, self._executor = os.getpid(), None, None
         pending, self._pending = self._pending, None
