@@ -7,6 +7,10 @@ audit / run (target: at most 2x), the measured lower bound on epsilon beside the
 the verdict, and the membership-inference AUC. Results go to benchmarks/results/empirical_audit.*.
 
     uv run python benchmarks/empirical_audit.py [--set key=value ...] [--preset P ...] [--check]
+        [--white-box] [--canaries M]
+
+With ``--white-box`` the audits are white-box (gradient canaries, every step observed; DP presets
+only, default quickstart, 10,000 canaries) and the results go to empirical_audit_whitebox.*.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ TARGET_RATIO = 2.0
 SEED = 20261128  # of the canaries; training itself draws from the OS
 
 
-def audit(run_dir: Path, canaries: int) -> tuple[dict, float]:
+def audit(run_dir: Path, canaries: int, white_box: bool = False) -> tuple[dict, float]:
     """``fedpriv audit RUN_DIR --empirical --json``: its report and wall time. Exits on bad input."""
     args = [sys.executable, "-m", "fedpriv", "audit", str(run_dir), "--empirical", "--json",
-            "--seed", str(SEED), "--canaries", str(canaries)]
+            "--seed", str(SEED), "--canaries", str(canaries), *(["--white-box"] if white_box else [])]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -39,9 +43,9 @@ def audit(run_dir: Path, canaries: int) -> tuple[dict, float]:
     return json.loads(proc.stdout), wall
 
 
-def measure(preset: str, overrides: list[str], canaries: int, root: Path) -> dict:
+def measure(preset: str, overrides: list[str], canaries: int, root: Path, white_box: bool = False) -> dict:
     summary = simulate(preset, overrides, root / preset)
-    report, audit_wall = audit(root / preset, canaries)
+    report, audit_wall = audit(root / preset, canaries, white_box)
     result = report["empirical"]
     attack = result["membership_inference"]
     return {
@@ -56,6 +60,8 @@ def measure(preset: str, overrides: list[str], canaries: int, root: Path) -> dic
         "accounted_epsilon_run_rdp": (result["accounted"]["run"] or {}).get("rdp"),
         "accounted_epsilon": result["accounted_epsilon"],
         "epsilon_lower_bound": result["epsilon_lower_bound"],
+        "gdp_epsilon_lower_bound": result.get("gdp_epsilon_lower_bound"),
+        "claim_rejected": result.get("claim_rejected"),
         "confidence": result["confidence"],
         "delta": result["delta"],
         "canaries": result["canaries"],
@@ -71,8 +77,8 @@ def measure(preset: str, overrides: list[str], canaries: int, root: Path) -> dic
 def table(rows: list[dict]) -> str:
     lines = [
         "| run | rounds | accuracy | run (s) | audit (s) | audit / run | accounted epsilon | "
-        "lower bound (95%) | correct / guesses | verdict | MI AUC | TPR at FPR 1% |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "lower bound (95%) | f-DP lower bound | correct / guesses | verdict | MI AUC | TPR at FPR 1% |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
 
     def fmt(value, spec=".2f"):
@@ -82,7 +88,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['preset']} | {r['rounds']} | {fmt(r['final_accuracy'], '.4f')} | {r['run_wall_s']:.1f} | "
             f"{r['audit_wall_s']:.1f} | {r['ratio']:.2f} | {fmt(r['accounted_epsilon'])} | "
-            f"{r['epsilon_lower_bound']:.2f} | {r['correct']} / {r['guesses']} | {r['verdict']} | "
+            f"{r['epsilon_lower_bound']:.2f} | {fmt(r.get('gdp_epsilon_lower_bound'))} | "
+            f"{r['correct']} / {r['guesses']} | {r['verdict']} | "
             f"{fmt(r['auc_run_model'], '.3f')} | {fmt(r['tpr_at_fpr_1pct_run_model'], '.3f')} |")
     return "\n".join(lines)
 
@@ -92,12 +99,16 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="applied to every run")
     parser.add_argument("--preset", dest="presets", action="append", help=f"default: {', '.join(PRESETS)}")
-    parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument("--canaries", type=int, help="default 1000, or 10000 with --white-box")
+    parser.add_argument("--white-box", action="store_true", help="white-box audits (DP presets only)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the cost target is missed")
     args = parser.parse_args()
 
+    canaries = args.canaries or (10_000 if args.white_box else 1000)
+    presets = args.presets or (["quickstart"] if args.white_box else list(PRESETS))
+    name = "empirical_audit_whitebox" if args.white_box else "empirical_audit"
     with tempfile.TemporaryDirectory(prefix="fedpriv-bench-audit-") as tmp:
-        rows = [measure(p, args.overrides, args.canaries, Path(tmp)) for p in args.presets or PRESETS]
+        rows = [measure(p, args.overrides, canaries, Path(tmp), args.white_box) for p in presets]
     worst = max(r["ratio"] for r in rows)
     met = worst <= TARGET_RATIO
     verdict = (f"largest wall-time ratio audit / run {worst:.2f}: target (<= {TARGET_RATIO:g}x) "
@@ -106,12 +117,13 @@ def main() -> int:
     print(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"rows": rows, "largest_ratio": worst, "target_ratio": TARGET_RATIO, "target_met": met,
-               "overrides": args.overrides, "canary_seed": SEED, "machine": machine()}
-    (RESULTS / "empirical_audit.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "empirical_audit.md").write_text(
-        f"# The empirical privacy audit: cost and findings\n\n"
-        f"Each run (`fedpriv simulate --preset P`), then its audit (`fedpriv audit RUN --empirical`, "
-        f"{args.canaries} canaries, canary seed {SEED}), one after the other on "
+               "overrides": args.overrides, "canary_seed": SEED, "white_box": args.white_box, "machine": machine()}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    mode = " --white-box" if args.white_box else ""
+    (RESULTS / f"{name}.md").write_text(
+        f"# The empirical privacy audit{mode}: cost and findings\n\n"
+        f"Each run (`fedpriv simulate --preset P`), then its audit (`fedpriv audit RUN --empirical{mode}`, "
+        f"{canaries} canaries, canary seed {SEED}), one after the other on "
         f"{payload['machine']['cpus']} CPUs ({payload['machine']['platform']}); wall times include "
         f"process start-up. Settings: {' '.join(args.overrides) or 'the presets as they are'}.\n\n"
         f"{report}"

@@ -36,7 +36,7 @@ from fedpriv.clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from fedpriv.clients.trainer import LocalTrainer, TrainResult, get_trainer
 from fedpriv.common import rundir, secagg, user_dp
 from fedpriv.common.accounting import merge_spends
-from fedpriv.common.canaries import Canaries
+from fedpriv.common.canaries import Canaries, GradientCanaries
 from fedpriv.common.config import DataSection, RunConfig, config_from_run_config
 from fedpriv.common.data import load_dataset, load_node_data
 from fedpriv.common.errors import DataError
@@ -189,7 +189,7 @@ def _refuse(msg: Message, reason: str) -> Message:
 
 
 def make_client_app(config: RunConfig | None = None, extra_mods: list | None = None,
-                    inner_mods: list | None = None, canaries: Canaries | None = None,
+                    inner_mods: list | None = None, canaries: Canaries | GradientCanaries | None = None,
                     trainer_factory: Callable[..., LocalTrainer] = get_trainer) -> ClientApp:
     """The ClientApp. ``extra_mods`` run outermost (simulation fault injection uses them);
     ``inner_mods`` run inside secure aggregation and see the plain reply before it is masked;
@@ -226,7 +226,15 @@ def built(recipe: bytes) -> ClientApp:
 
 
 def _build_client_app(config: RunConfig | None, extra_mods: list | None, inner_mods: list | None,
-                      canaries: Canaries | None, trainer_factory: Callable[..., LocalTrainer]) -> ClientApp:
+                      canaries: Canaries | GradientCanaries | None,
+                      trainer_factory: Callable[..., LocalTrainer]) -> ClientApp:
+    gradient_canaries = canaries if isinstance(canaries, GradientCanaries) else None
+    if gradient_canaries is not None:  # the white-box audit: canaries in gradient space, not records
+        from fedpriv.clients import whitebox
+
+        canaries = None
+        if trainer_factory is get_trainer:
+            trainer_factory = whitebox.whitebox_trainer
     app = ClientApp(mods=[*(extra_mods or []), make_policy_mod(config), make_secure_aggregation_mod(config),
                           *(inner_mods or [])])
 
@@ -243,6 +251,8 @@ def _build_client_app(config: RunConfig | None, extra_mods: list | None, inner_m
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         weights = parameters_to_ndarrays(fitins.parameters)
         server_round = int(fitins.config.get(SERVER_ROUND, 0)) or None
+        if gradient_canaries is not None:
+            whitebox.attach(trainer, gradient_canaries, node.client_id, cfg.federation.num_clients, server_round)
         clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
         run_id = str(fitins.config.get(RUN_ID, "")) or None
         run_head = parse_node_run_head(fitins.config.get(RUN_HEAD))  # witnessed in the node's ledger

@@ -114,6 +114,13 @@ def _model_class() -> type:
             # Noise: CSPRNG normals the trainer refills before every step (common.entropy),
             # never TensorFlow's 32-bit OS seeding.
             self.dp_noise = noise if noise is not None else GaussianNoise()
+            # The white-box audit's gradient canaries (clients.whitebox.CanaryTaps); None in every
+            # training run. Set before the step is traced.
+            self.gradient_canaries: Any = None
+
+        def clip_factors(self, norms: Any) -> Any:
+            """Each example's clip factor, ``min(1, C / norm)``."""
+            return self.l2_norm_clip / tf().maximum(norms, self.l2_norm_clip)
 
         def dp_gradients(self, x: Any, y: Any) -> tuple[list[Any], Any]:
             """The noised, clipped, batch-averaged gradients and the per-example losses."""
@@ -149,8 +156,14 @@ def _model_class() -> type:
                 else _per_example_squared_norms(layer, per, g)
                 for (layer, kind, inp, _), g, per in zip(taps, outputs, per_example)
             ])
+            canaries = self.gradient_canaries
+            examples = t.shape(squared)[0]
+            if canaries is not None:  # the audit's canaries are clipped with the batch's examples
+                squared = t.concat([squared, canaries.squared_norms()], 0)
             norms = t.sqrt(t.maximum(squared, 0.0))
-            clip = self.l2_norm_clip / t.maximum(norms, self.l2_norm_clip)  # min(1, C / norm)
+            clip = self.clip_factors(norms)
+            if canaries is not None:
+                clip, canary_clip = clip[:examples], clip[examples:]
             by_variable = {}
             for (layer, kind, inp, _), g, per in zip(taps, outputs, per_example):
                 if per is not None:
@@ -162,9 +175,15 @@ def _model_class() -> type:
                     by_variable[variable.ref()] = grad
             batch = t.cast(t.shape(y)[0], losses.dtype)
             grads = [by_variable[variable.ref()] for variable in self.trainable_variables]
+            if canaries is not None:
+                grads = canaries.add_clipped(grads, canary_clip)
+                batch += t.cast(t.shape(canary_clip)[0], losses.dtype)
             if self.noise_multiplier > 0:
                 grads = self.dp_noise.add_to(grads, self.noise_multiplier * self.l2_norm_clip)
-            return [grad / batch for grad in grads], losses
+            grads = [grad / batch for grad in grads]
+            if canaries is not None:
+                canaries.observe(grads)
+            return grads, losses
 
         def train_step(self, data: Any) -> dict[str, Any]:
             x, y, _ = k.utils.unpack_x_y_sample_weight(data)

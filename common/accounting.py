@@ -211,6 +211,22 @@ def _accountant_epsilon(event: dp_accounting.ComposedDpEvent, delta: float, acco
     return float(acc.compose(event).get_epsilon(delta))
 
 
+def privacy_profile(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], epsilons: Iterable[float],
+                    sampling: str = "poisson") -> np.ndarray:
+    """delta(epsilon) of ``events`` at each of ``epsilons``, by dp-accounting's PLD accountant
+    (the empirical audit tests this whole profile, not one point of it). Infinite events (none
+    the accountant can analyse, or no noise) give delta 1 everywhere: they claim nothing."""
+    grid = [float(e) for e in epsilons]
+    event = compact(_as_event(events))
+    acc = make_accountant("pld", sampling)
+    if not event.events:
+        return np.zeros(len(grid))
+    if _noiseless(event) or not acc.supports(event):
+        return np.ones(len(grid))
+    acc.compose(event)
+    return np.array([min(1.0, float(acc.get_delta(e))) for e in grid])
+
+
 def epsilon_or_none(events: dp_accounting.DpEvent | Iterable[dp_accounting.DpEvent], delta: float,
                     accountant: str, sampling: str = "poisson", additions: Iterable[float] = ()) -> float | None:
     """For reports beside the enforcement figure: :func:`epsilon`, or None where ``accountant``

@@ -76,3 +76,55 @@ def _records(canaries: Canaries, data: DataSection, run_seed: int) -> tuple[np.n
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y
+
+
+# ---- white-box gradient canaries (fedpriv audit --empirical --white-box) ----------------------
+GRADIENT_DEFAULT_COUNT = 10_000  # fedpriv audit --empirical --white-box
+GRADIENT_NORM_FACTOR = 100.0  # a gradient canary's norm before clipping, in units of l2_norm_clip
+GRADIENT_DESIGN = (f"Dirac gradients: one model parameter each, distinct, of norm {GRADIENT_NORM_FACTOR:g} x "
+                   f"l2_norm_clip before clipping")
+
+
+@dataclass(frozen=True)
+class GradientCanaries:
+    """``count`` white-box gradient canaries derived from ``seed`` (Steinke, Nasr and Jagielski
+    2023, Section 6: Dirac canaries in gradient space).
+
+    Canary ``i`` is a per-example gradient that is zero everywhere but at one model parameter
+    (the ``i``-th of ``count`` distinct parameters drawn from the seed), where it is
+    :data:`GRADIENT_NORM_FACTOR` times the clipping norm: clipped, it is exactly the clipping
+    norm. Inclusion (independent fair coins) and the assignment to clients (round-robin by index)
+    are those of :class:`Canaries`. A client's included canaries join its Poisson sampling as
+    extra records and pass through the same clipping, noise and averaging as its examples
+    (:mod:`clients.whitebox`); after every step the client writes what it released at each of its
+    canaries' parameters -- the observation of an adversary who sees every step's update -- to
+    the directory ``sink``, one file per client and round.
+    """
+
+    seed: int
+    count: int
+    sink: str
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"need at least one canary, got {self.count}")
+
+    def included(self) -> np.ndarray:
+        """Whether each canary is in the training data: independent fair coins."""
+        return np.random.default_rng([self.seed, 1]).random(self.count) < 0.5
+
+    def client_of(self, num_clients: int) -> np.ndarray:
+        """The simulated client each canary would join (round-robin by index)."""
+        return np.arange(self.count) % num_clients
+
+    def coordinates(self, num_parameters: int) -> np.ndarray:
+        """Each canary's parameter (an index into the model's flattened trainable variables)."""
+        if num_parameters < self.count:
+            raise ValueError(f"{self.count:,} gradient canaries need a model with at least as many "
+                             f"parameters; this one has {num_parameters:,}")
+        return np.random.default_rng([self.seed, 3]).choice(num_parameters, self.count, replace=False)
+
+    def for_client(self, num_clients: int, client: int, num_parameters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Client ``client``'s canaries: their indices, parameters and inclusion flags."""
+        mine = np.flatnonzero(self.client_of(num_clients) == client)
+        return mine, self.coordinates(num_parameters)[mine], self.included()[mine]

@@ -17,6 +17,24 @@ p-value is still below ``1 - confidence``: with that confidence the training run
 accounted epsilon even for a correct implementation; a lower bound *above* the accounted epsilon
 shows, at that confidence, that the implementation does not deliver its accounting.
 
+**The f-DP bound** (Mahloujifar, Melis and Chaudhuri 2024, "Auditing f-Differential Privacy in
+One Run", arXiv:2410.22235, ICML 2025). The bound above asks whether the guesses could come from
+an eps-DP randomized response; a Gaussian mechanism (DP-SGD) is far from that shape, so the bound
+stays well below the accounted epsilon even when an attack sees everything. The f-DP analysis
+instead asks whether ``v`` correct out of ``r`` guesses are possible for *any* mechanism whose
+trade-off function is ``f`` (type II error ``f(alpha)`` at type I error ``alpha``): it bounds, at
+significance ``a``, the expected shares of correct and incorrect guesses by a recursion over the
+correct guesses (:func:`fdp_rejects`). Two uses:
+
+- :func:`gdp_epsilon_lower_bound`: the largest epsilon for which the Gaussian mechanism that is
+  exactly (epsilon, delta)-DP (its noise from ``dp_accounting.get_sigma_gaussian``) is rejected.
+  It assumes the mechanism's trade-off curve has the Gaussian shape, which composed DP-SGD steps
+  approach (central limit theorem); it is the estimate set beside the accounted epsilon.
+- :func:`profile_tradeoff`: the trade-off function of a privacy profile ``delta(epsilon)`` (the
+  accountant's, from dp-accounting's PLD), the tightest one the profile implies on a grid of
+  epsilons. Rejecting it rejects the accountant's claim itself, with no assumption on shape: that
+  is the rigorous violation test (:func:`one_run_audit` with ``claim``).
+
 **Choosing the number of guesses.** :func:`one_run_audit` guesses "in" for the highest-scoring
 canaries and "out" for the lowest. The counts are not tuned on the outcome for free: a fixed grid
 of :data:`GUESS_FRACTIONS` (each two-sided and one-sided) is evaluated at significance
@@ -38,7 +56,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from statistics import NormalDist
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -49,6 +68,8 @@ GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 LOW_FPRS = (0.001, 0.01)
 _BISECTION_STEPS = 60
 _EPSILON_CAP = 100.0  # beyond any bound m <= 10^6 canaries can show
+_GDP_EPSILON_FLOOR = 1e-3  # the f-DP bound's smallest epsilon (below it: reported as 0)
+_GDP_BISECTION_STEPS = 30
 
 # The verdicts of an empirical audit (simulations/empirical_audit.py), as audit-empirical.json holds them.
 VERDICT_CONSISTENT = "consistent"
@@ -140,9 +161,15 @@ def guess_plans(m: int) -> list[tuple[int, int]]:
 
 
 def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: float,
-                  confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
-    """The one-run lower bound from canary ``scores`` (higher: more likely included) and the
-    canaries' true inclusion. Ties in score are broken by canary index, never by inclusion."""
+                  confidence: float = DEFAULT_CONFIDENCE,
+                  claim: Callable[[float], float] | None = None) -> dict[str, Any]:
+    """The one-run lower bounds from canary ``scores`` (higher: more likely included) and the
+    canaries' true inclusion: Steinke et al.'s (``epsilon_lower_bound``) and the Gaussian f-DP one
+    (``gdp_epsilon_lower_bound``), each the best over the fixed grid of guess counts at the
+    Bonferroni-corrected confidence. With ``claim`` (a trade-off function as ``f(1 - x)``, e.g.
+    :func:`profile_tradeoff` of the accountant's profile), ``claim_rejected`` says whether some
+    plan's guesses are impossible for it at that confidence. Ties in score are broken by canary
+    index, never by inclusion."""
     scores = np.asarray(scores, dtype=float)
     included = np.asarray(included, dtype=bool)
     m = len(scores)
@@ -159,12 +186,20 @@ def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: floa
         correct = int(ranked[:guesses_in].sum()) + int((~ranked[m - guesses_out:]).sum())
         r = guesses_in + guesses_out
         results.append({"epsilon_lower_bound": epsilon_lower_bound(m, r, correct, delta, per_plan),
-                         "guesses": r, "correct": correct, "guesses_in": guesses_in,
-                         "guesses_out": guesses_out})
+                        "gdp_epsilon_lower_bound": gdp_epsilon_lower_bound(m, r, correct, delta, per_plan),
+                        "claim_rejected": (None if claim is None
+                                           else fdp_rejects(claim, m, r, correct, 1 - per_plan)),
+                        "guesses": r, "correct": correct, "guesses_in": guesses_in,
+                        "guesses_out": guesses_out})
     # The best bound; when none is above 0, the plan that guesses the most (for the report).
     best = max(results, key=lambda x: (x["epsilon_lower_bound"], x["guesses"]))
+    best_gdp = max(results, key=lambda x: (x["gdp_epsilon_lower_bound"], x["guesses"]))
     return {
-        **best,
+        **{key: value for key, value in best.items() if key not in ("gdp_epsilon_lower_bound", "claim_rejected")},
+        "gdp_epsilon_lower_bound": best_gdp["gdp_epsilon_lower_bound"],
+        "gdp_guesses": best_gdp["guesses"],
+        "gdp_correct": best_gdp["correct"],
+        "claim_rejected": None if claim is None else any(x["claim_rejected"] for x in results),
         "canaries": m,
         "included": int(included.sum()),
         "delta": delta,
@@ -172,6 +207,96 @@ def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: floa
         "plans_tried": len(plans),
         "confidence_per_plan": per_plan,
     }
+
+
+# ---- f-DP (Mahloujifar, Melis and Chaudhuri 2024) -------------------------------------------
+def fdp_rejects(blow_up: Callable[[float], float], m: int, r: int, v: int, significance: float) -> bool:
+    """Whether ``v`` correct out of ``r`` guesses about ``m`` canaries reject, at ``significance``,
+    every mechanism with trade-off function ``f``. ``blow_up(x)`` is ``f(1 - x)`` (for a symmetric
+    ``f``): the least probability, under one hypothesis, of an event that has probability ``x``
+    under the other.
+
+    The recursion of the paper's Algorithm 3 ("audit_rh_with_cap"): ``c`` and ``w`` start as the
+    shares ``significance * v / m`` and ``significance * (r - v) / m`` of correct and wrong
+    guesses; going down the correct guesses, ``w`` is raised to at least ``blow_up(c)`` and ``c``
+    by the share of the rise that the remaining guesses can carry, capped at 1. The observation is
+    impossible for ``f`` (rejected) when ``c + w`` ends above ``r / m``."""
+    _check_counts(m, r, v)
+    if v == 0 or r == 0:
+        return False
+    correct, wrong = significance * v / m, significance * (r - v) / m
+    for i in range(v - 1, -1, -1):
+        raised = max(wrong, blow_up(correct))
+        if raised == wrong:  # nothing moves any more
+            break
+        correct = min(correct + i / (r - i) * (raised - wrong), 1.0)
+        wrong = raised
+    return correct + wrong > r / m
+
+
+def gaussian_blow_up(epsilon: float, delta: float) -> Callable[[float], float]:
+    """``f(1 - x)`` for the Gaussian mechanism that is exactly (``epsilon``, ``delta``)-DP: with
+    ``mu = 1 / sigma``, ``f(a) = Phi(Phi^-1(1 - a) - mu)``, so ``f(1 - x) = Phi(Phi^-1(x) - mu)``."""
+    import dp_accounting
+
+    mu = 1.0 / dp_accounting.get_sigma_gaussian(epsilon, delta)
+    normal = NormalDist()
+
+    def blow_up(x: float) -> float:
+        if x <= 0.0:
+            return 0.0
+        if x >= 1.0:
+            return 1.0
+        return normal.cdf(normal.inv_cdf(x) - mu)
+
+    return blow_up
+
+
+def gdp_epsilon_lower_bound(m: int, r: int, v: int, delta: float,
+                            confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """The largest epsilon whose exactly (epsilon, ``delta``)-DP Gaussian mechanism ``v`` correct
+    out of ``r`` guesses reject at ``confidence`` (0 when none is rejected; bisection)."""
+    _check_counts(m, r, v)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    significance = 1 - confidence
+
+    def rejected(epsilon: float) -> bool:
+        return fdp_rejects(gaussian_blow_up(epsilon, delta), m, r, v, significance)
+
+    low = _GDP_EPSILON_FLOOR
+    if not rejected(low):
+        return 0.0
+    high = 1.0
+    while rejected(high):
+        low, high = high, 2 * high
+        if high > _EPSILON_CAP:
+            return math.inf
+    for _ in range(_GDP_BISECTION_STEPS):
+        middle = (low + high) / 2
+        if rejected(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def profile_tradeoff(epsilons: Sequence[float], deltas: Sequence[float]) -> Callable[[float], float]:
+    """``f(1 - x)`` for the trade-off function a privacy profile implies: a mechanism that is
+    (eps_j, delta_j)-DP for every j has ``f(a) >= max(0, 1 - delta_j - e^eps_j a,
+    e^-eps_j (1 - delta_j - a))`` for every j. On a finite grid this ``f`` is lower than the
+    profile's own, so rejecting it is never easier than rejecting the profile: the test stays valid."""
+    eps = np.asarray(epsilons, dtype=float)
+    deltas_ = np.asarray(deltas, dtype=float)
+    if eps.shape != deltas_.shape or eps.ndim != 1 or len(eps) == 0:
+        raise ValueError("need one delta per epsilon, and at least one")
+    grow, shrink = np.exp(eps), np.exp(-eps)
+
+    def blow_up(x: float) -> float:
+        # f(1 - x): 1 - delta - e^eps (1 - x)  and  e^-eps (x - delta)
+        return float(max(0.0, np.max(grow * x - (grow - 1.0) - deltas_), np.max(shrink * (x - deltas_))))
+
+    return blow_up
 
 
 def confidence_for(confidence: float, tries: int) -> float:

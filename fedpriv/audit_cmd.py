@@ -11,12 +11,13 @@ from typing import Any
 
 from fedpriv.common.audit import AUDIT_EMPIRICAL, AUDIT_MD, AUDIT_PNG, audit_run
 from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
+from fedpriv.common.canaries import GRADIENT_DEFAULT_COUNT
 from fedpriv.common.empirical import DEFAULT_CONFIDENCE
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import json_safe, write_atomic, write_json
 
 EXIT_FAILED = 1
-EMPIRICAL_OPTIONS = ("canaries", "confidence", "rounds", "seed", "work_dir")
+EMPIRICAL_OPTIONS = ("canaries", "confidence", "rounds", "seed", "work_dir", "white_box")
 
 
 def add_parser(sub: Any) -> None:
@@ -55,8 +56,14 @@ def add_parser(sub: Any) -> None:
         help="train the run's configuration once more with canaries (about the run's own wall time) and "
              "report a measured lower bound on epsilon beside the accounted one",
     )
+    empirical.add_argument("--white-box", action="store_true", default=None,
+                           help="gradient canaries: observe every DP-SGD step's released gradient, as an "
+                                "adversary who sees all of a client's updates would (needs DP-SGD with "
+                                "book-keeping clipping); default: black-box record canaries scored by the "
+                                "final model's loss")
     empirical.add_argument("--canaries", type=int, metavar="M",
-                           help=f"canaries, each included with probability 1/2 (default {DEFAULT_CANARIES})")
+                           help=f"canaries, each included with probability 1/2 (default {DEFAULT_CANARIES}, "
+                                f"{GRADIENT_DEFAULT_COUNT:,} with --white-box)")
     empirical.add_argument("--confidence", type=float, metavar="C",
                            help=f"confidence of the lower bound (default {DEFAULT_CONFIDENCE})")
     empirical.add_argument("--rounds", type=int, metavar="N",
@@ -150,8 +157,14 @@ def empirical_markdown(result: dict[str, Any]) -> list[str]:
         f"{_fmt(accounted) if accounted is not None else 'none (no record-level DP)'} |",
         f"| accounted for this run (RDP / PLD, max over clients) | "
         f"{_fmt(run['rdp']) + ' / ' + _fmt(run['pld']) if run else 'none'} |",
-        f"| **measured lower bound** at {result['confidence'] * 100:g}% confidence | "
+        f"| **measured lower bound** at {result['confidence'] * 100:g}% confidence (Steinke et al.) | "
         f"**{_fmt(result['epsilon_lower_bound'])}** |",
+        f"| **measured lower bound, Gaussian f-DP** (Mahloujifar et al.) | "
+        f"**{_fmt(result.get('gdp_epsilon_lower_bound'))}** |",
+        "",
+        f"Mode: {result.get('mode', 'black-box')}. The accountant's whole trade-off curve "
+        f"{'is REJECTED by' if result.get('claim_rejected') else 'is consistent with'} the guesses "
+        f"(f-DP test at the same confidence).",
         "",
         f"One-run audit (Steinke, Nasr and Jagielski 2023) at delta = {result['delta']:g}: "
         f"{result['canaries']} canaries ({result['canaries_included']} included), "
@@ -222,10 +235,12 @@ def _empirical(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, An
     """Run the empirical audit and fold its verdict into ``report``."""
     if not report["ledger_ok"]:
         return {"skipped": "the ledger does not verify, so the run's configuration cannot be trusted"}
-    from fedpriv.simulations.empirical_audit import check_options, run_empirical_audit, verdict_line
+    from fedpriv.simulations.empirical_audit import check_options, check_white_box, run_empirical_audit, verdict_line
 
     options = {k: getattr(args, k) for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None}
-    check_options(**options)
+    check_options(**{k: v for k, v in options.items() if k != "white_box"})
+    if args.white_box:
+        check_white_box(args.run_dir, args.public_key, args.canaries)
     console = _stderr_console()
 
     def on_round(entry: Any) -> None:

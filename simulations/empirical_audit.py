@@ -32,16 +32,17 @@ from typing import Any, Callable
 import numpy as np
 
 from fedpriv.clients.app import local_data
-from fedpriv.common import checkpoint, empirical, rundir
+from fedpriv.common import accounting, checkpoint, empirical, rundir
 from fedpriv.common.checkpoint import CheckpointError
-from fedpriv.common.audit import audit_run
+from fedpriv.common.audit import audit_run, audited_run
 from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
-from fedpriv.common.canaries import DESIGN, Canaries
+from fedpriv.common.canaries import DESIGN, GRADIENT_DEFAULT_COUNT, GRADIENT_DESIGN, Canaries, GradientCanaries
 from fedpriv.common.config import RunConfig
 from fedpriv.common.data import load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import load_public_key, verify_ledger
 from fedpriv.common.models import configured_model
+from fedpriv.common.replay import replay
 from fedpriv.common.settings import recorded_config
 from fedpriv.server.run_log import RoundEntry
 
@@ -85,6 +86,27 @@ def accounted(report: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+PROFILE_POINTS = 400  # epsilons at which the accountant's profile is read (the claim's trade-off curve)
+
+
+def accounted_claim(run_dir: Path, accounted_epsilon: float) -> Any:
+    """The record-level claim of ``run_dir``'s ledger as a trade-off function (``f(1 - x)``,
+    :func:`common.empirical.profile_tradeoff`): each client's delta(epsilon) by the PLD accountant
+    on a grid up to four times ``accounted_epsilon``, the largest over clients (a claim that
+    covers every client's canaries). None without record-level spends."""
+    state = replay(audited_run(run_dir)[1])
+    grid = np.linspace(0.0, max(4.0 * accounted_epsilon, 1.0), PROFILE_POINTS)
+    profiles = {}
+    for actor in state.clients().values():
+        key = (repr(actor.events), actor.sampling)
+        if key not in profiles:
+            profiles[key] = accounting.privacy_profile(actor.events, grid, actor.sampling)
+    if not profiles:
+        return None
+    worst = np.max(np.stack(list(profiles.values())), axis=0)
+    return empirical.profile_tradeoff(grid, worst)
+
+
 def _losses(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     from fedpriv.common.tf_runtime import keras
 
@@ -112,10 +134,10 @@ def _training_data(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def check_options(canaries: int = DEFAULT_CANARIES, confidence: float = empirical.DEFAULT_CONFIDENCE,
+def check_options(canaries: int | None = None, confidence: float = empirical.DEFAULT_CONFIDENCE,
                   rounds: int | None = None, seed: int | None = None, work_dir: Path | None = None) -> None:
     """Refuse bad options with one line, before anything is trained."""
-    if not 2 <= canaries <= MAX_CANARIES:
+    if canaries is not None and not 2 <= canaries <= MAX_CANARIES:
         raise FedprivError(f"--canaries must be between 2 and {MAX_CANARIES:,}, got {canaries}")
     if not 0 < confidence < 1:
         raise FedprivError(f"--confidence must be between 0 and 1 (exclusive), got {confidence}")
@@ -131,7 +153,7 @@ def run_empirical_audit(
     run_dir: Path,
     run_report: dict[str, Any],
     *,
-    canaries: int = DEFAULT_CANARIES,
+    canaries: int | None = None,
     confidence: float = empirical.DEFAULT_CONFIDENCE,
     rounds: int | None = None,
     seed: int | None = None,
@@ -139,16 +161,19 @@ def run_empirical_audit(
     public_key: Path | None = None,
     verbose: bool = False,
     on_round: Callable[[RoundEntry], None] | None = None,
+    white_box: bool = False,
 ) -> dict[str, Any]:
     """Train the run's configuration with canaries once, measure, and compare (see the module
     docstring). ``run_report`` is :func:`common.audit.audit_run`'s report of ``run_dir``;
     ``work_dir`` keeps the canary run (default: a temporary directory, removed afterwards)."""
     check_options(canaries, confidence, rounds, seed, work_dir)
+    if canaries is None:
+        canaries = GRADIENT_DEFAULT_COUNT if white_box else DEFAULT_CANARIES
     keep = work_dir is not None
     scratch = work_dir or Path(tempfile.mkdtemp(prefix="fedpriv-empirical-"))
     try:
         return _audit(run_dir, run_report, scratch, keep, canaries, confidence, rounds, seed,
-                      public_key, verbose, on_round)
+                      public_key, verbose, on_round, white_box)
     finally:
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -156,13 +181,18 @@ def run_empirical_audit(
 
 def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool, count: int,
            confidence: float, rounds: int | None, seed: int | None, public_key: Path | None,
-           verbose: bool, on_round: Callable[[RoundEntry], None] | None) -> dict[str, Any]:
+           verbose: bool, on_round: Callable[[RoundEntry], None] | None, white_box: bool) -> dict[str, Any]:
     from fedpriv.simulations.run import plan, simulate
 
     started = time.perf_counter()
     recorded, cfg = audit_config(run_dir, public_key, rounds, scratch)
     seed = secrets.randbits(63) if seed is None else seed
-    canary_set = Canaries(seed=seed, count=count)
+    canary_set: Canaries | GradientCanaries
+    if white_box:
+        _check_white_box(cfg, count)
+        canary_set = GradientCanaries(seed=seed, count=count, sink=str(scratch / "white-box"))
+    else:
+        canary_set = Canaries(seed=seed, count=count)
     run_plan = plan(cfg)
     training_started = time.perf_counter()
     summary = simulate(cfg, scratch, verbose=verbose, on_round=on_round, run_plan=run_plan,
@@ -175,11 +205,20 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     model = _load_model(cfg, scratch / rundir.MODEL, canary_report["run_id"])
     if model is None:
         raise FedprivError(f"the canary run left no usable model in {scratch / rundir.MODEL}")
-    x_canary, y_canary = canary_set.records(cfg.data, cfg.run.seed)
     included = canary_set.included()
-    canary_losses = _losses(model, x_canary, y_canary)
+    if isinstance(canary_set, GradientCanaries):
+        from fedpriv.clients.whitebox import collect
+
+        scores, observations = collect(canary_set)
+        if observations == 0:
+            raise FedprivError("the canary run's clients recorded no white-box observation")
+    else:
+        x_canary, y_canary = canary_set.records(cfg.data, cfg.run.seed)
+        scores, observations = -np.nan_to_num(_losses(model, x_canary, y_canary), nan=np.inf), None
     delta = cfg.privacy.delta
-    bound = empirical.one_run_audit(-np.nan_to_num(canary_losses, nan=np.inf), included, delta, confidence)
+    canary_eps = accounted(canary_report)
+    claim = accounted_claim(scratch, canary_eps["tightest"]) if canary_eps and canary_eps["tightest"] else None
+    bound = empirical.one_run_audit(scores, included, delta, confidence, claim=claim)
 
     dataset = load_dataset(cfg.data, cfg.run.seed)
     x_train, y_train = _training_data(cfg)
@@ -191,10 +230,10 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
             _losses(run_model, x_train, y_train), _losses(run_model, dataset.x_test, dataset.y_test))
     primary = attacks.get("run_model", attacks["canary_run_model"])
 
-    run_eps, canary_eps = accounted(run_report), accounted(canary_report)
+    run_eps = accounted(run_report)
     upper = canary_eps["tightest"] if canary_eps else None
     lower = bound["epsilon_lower_bound"]
-    consistent = upper is None or not lower > upper
+    consistent = upper is None or not (lower > upper or bound["claim_rejected"])
     notes = []
     if upper is None:
         notes.append("the run has no record-level DP (no DP-SGD), so there is no accounted bound to "
@@ -205,8 +244,17 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     if cfg.run.rounds != recorded.run.rounds:
         notes.append(f"trained {cfg.run.rounds} rounds (--rounds), not the run's {recorded.run.rounds}: "
                      f"the run's accounted epsilon is not comparable, the canary run's is")
+    if white_box:
+        notes.append("white-box: every step's released gradient observed at each canary's parameter "
+                     "(the adversary record-level DP-SGD protects against); scores are log-likelihood ratios")
     return {
+        "mode": "white-box" if white_box else "black-box",
         "epsilon_lower_bound": lower,
+        "gdp_epsilon_lower_bound": bound["gdp_epsilon_lower_bound"],
+        "gdp_guesses": bound["gdp_guesses"],
+        "gdp_correct": bound["gdp_correct"],
+        "claim_rejected": bound["claim_rejected"],
+        "observations": observations,
         "confidence": confidence,
         "delta": delta,
         "canaries": count,
@@ -223,7 +271,7 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
         "auc": primary["auc"],
         "tpr_at_fpr": primary["tpr_at_fpr"],
         "membership_inference": attacks,
-        "canary_design": DESIGN,
+        "canary_design": GRADIENT_DESIGN if white_box else DESIGN,
         "canary_seed": seed,
         "rounds": cfg.run.rounds,
         "num_clients": cfg.federation.num_clients,
@@ -235,10 +283,43 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     }
 
 
+def check_white_box(run_dir: Path, public_key: Path | None = None, count: int | None = None) -> None:
+    """Refuse, with one line and before anything is trained, a white-box audit of a run whose
+    configuration cannot have one."""
+    _, cfg = audit_config(run_dir, public_key, None, Path(tempfile.gettempdir()))
+    _check_white_box(cfg, GRADIENT_DEFAULT_COUNT if count is None else count)
+
+
+def _check_white_box(cfg: RunConfig, count: int) -> None:
+    """Refuse a white-box audit the run's configuration cannot have, with one line."""
+    from fedpriv.clients.trainer import choose_implementation
+    from fedpriv.common.models import build_layers, resolve_model_name
+
+    if not cfg.dp.enabled:
+        raise FedprivError("--white-box audits DP-SGD's clipping and noise, and this run has no DP-SGD "
+                           "(dp.enabled = false); use the black-box audit")
+    dataset = load_dataset(cfg.data, cfg.run.seed)
+    name = resolve_model_name(cfg.model, dataset.input_shape)
+    layers = build_layers(name, cfg.model, dataset.input_shape, dataset.num_classes)
+    implementation = choose_implementation(cfg.dp, layers)
+    if implementation != "bookkeeping":
+        raise FedprivError(f"--white-box needs book-keeping DP-SGD (dp.implementation auto or bookkeeping); "
+                           f"this run uses {implementation!r}")
+    from fedpriv.common.tf_runtime import keras
+
+    parameters = sum(int(np.prod(w.shape)) for w in keras().Sequential(layers).trainable_weights)
+    if count > parameters:
+        raise FedprivError(f"--canaries {count:,} exceeds the model's {parameters:,} parameters "
+                           f"(one gradient canary per parameter)")
+
+
 def verdict_line(result: dict[str, Any]) -> str:
-    """One line: the verdict, the measured lower bound and the accounted upper bound."""
+    """One line: the verdict, the measured lower bounds and the accounted upper bound."""
     upper = result["accounted_epsilon"]
     claim = "no record-level claim" if upper is None else f"accounted epsilon {upper:.3f}"
-    return (f"{result['verdict']}: lower bound {result['epsilon_lower_bound']:.3f} at "
-            f"{result['confidence'] * 100:g}% confidence vs {claim}")
+    gdp = result.get("gdp_epsilon_lower_bound")
+    fdp = "" if gdp is None else f" (f-DP: {gdp:.3f})"
+    rejected = "; the accountant's trade-off curve is rejected" if result.get("claim_rejected") else ""
+    return (f"{result['verdict']}: lower bound {result['epsilon_lower_bound']:.3f}{fdp} at "
+            f"{result['confidence'] * 100:g}% confidence vs {claim}{rejected}")
 

@@ -4,10 +4,13 @@ The production ClientApp and ServerApp take a trainer factory and a strategy fac
 (:func:`clients.app.make_client_app`, :func:`server.app.make_server_app`); this module supplies
 faulty ones and runs the fedpriv command line with them:
 
-    python -m tests.injected [--threads] [--noiseless] [--pause-in-round N] [--pause-after-round N] -- FEDPRIV ARGS...
+    python -m tests.injected [--threads] [--noiseless] [--half-noise] [--unclipped] [--shuffled] [--pause-in-round N] [--pause-after-round N] -- FEDPRIV ARGS...
 
 - ``--noiseless``: DP-SGD clips but adds no noise, while the client still declares and records
   the configured spend (:class:`NoiselessTrainer`); the empirical audit must catch it.
+- ``--half-noise``, ``--unclipped``, ``--shuffled`` (white-box audits, ``--white-box``): DP-SGD adds
+  half its noise, lets each batch's largest gradient through unclipped, or shuffles records into
+  equal batches instead of Poisson sampling -- each while the ledger claims the configured spend.
 - ``--pause-in-round N``: the server stops after round N's replies are recorded, before
   aggregating them; ``--pause-after-round N``: after round N's checkpoint. It says
   ``fedpriv-test: paused`` on stderr and waits to be killed (the kill-and-resume tests).
@@ -29,7 +32,10 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from fedpriv.clients.trainer import LocalTrainer, per_thread
+from fedpriv.clients.whitebox import WhiteBoxTrainer
 from fedpriv.server.strategy import FedprivStrategy
 
 PAUSED = "fedpriv-test: paused"
@@ -50,6 +56,55 @@ class NoiselessTrainer(LocalTrainer):
 def noiseless_trainer(*args: Any) -> NoiselessTrainer:
     """One noiseless trainer per thread and configuration (like clients.trainer.get_trainer)."""
     return per_thread(NoiselessTrainer, *args)
+
+
+class HalfNoiseTrainer(WhiteBoxTrainer):
+    """A white-box trainer whose DP-SGD adds half the configured noise, still declaring it all."""
+
+    def __init__(self, model_name: str, model: Any, client: Any, dp: Any, *rest: Any) -> None:
+        super().__init__(model_name, model, client, dataclasses.replace(dp, noise_multiplier=dp.noise_multiplier / 2),
+                         *rest)
+        self.dp = dp  # the claim, and the auditor's likelihood ratio, use the configured multiplier
+        log.warning("fedpriv-test: DP-SGD adds HALF its noise while the configured spend is declared (tests.injected)")
+
+
+class UnclippedTrainer(WhiteBoxTrainer):
+    """A white-box trainer whose clipping lets each batch's largest gradient through unclipped
+    (an off-by-one in a top-k cap, say)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        model = self.model
+        honest = model.clip_factors
+
+        def clip_factors(norms: Any) -> Any:
+            from fedpriv.common.tf_runtime import tf
+
+            t = tf()
+            largest = t.one_hot(t.argmax(norms), t.shape(norms)[0], dtype=norms.dtype)
+            return honest(norms) * (1 - largest) + largest
+
+        model.clip_factors = clip_factors
+        log.warning("fedpriv-test: each batch's largest gradient escapes clipping (tests.injected)")
+
+
+class ShuffledTrainer(WhiteBoxTrainer):
+    """A white-box trainer that shuffles its records into equal batches each epoch instead of
+    Poisson sampling, while declaring (and being accounted as) Poisson sampling."""
+
+    def batches(self, rng: Any, records: int, q: float, steps: int) -> Iterator[Any]:
+        per_epoch = max(1, round(1 / q)) if q < 1 else 1
+        done = 0
+        while done < steps:
+            for batch in np.array_split(rng.permutation(records), per_epoch):
+                if done == steps:
+                    return
+                done += 1
+                yield np.sort(batch)
+
+
+def _white_box(cls: type) -> Callable[..., Any]:
+    return functools.partial(per_thread, cls)
 
 
 def _pause(where: str, server_round: int) -> None:
@@ -78,8 +133,12 @@ class PausingStrategy(FedprivStrategy):
         return result
 
 
+WHITE_BOX_BUGS = {"half_noise": HalfNoiseTrainer, "unclipped": UnclippedTrainer, "shuffled": ShuffledTrainer}
+
+
 def install(noiseless: bool = False, pause_in_round: int | None = None,
-            pause_after_round: int | None = None) -> Callable[[], None]:
+            pause_after_round: int | None = None, half_noise: bool = False, unclipped: bool = False,
+            shuffled: bool = False) -> Callable[[], None]:
     """Make this process's simulations build their apps with the injected trainer and strategy;
     returns what undoes it."""
     from fedpriv.clients.app import make_client_app
@@ -93,6 +152,10 @@ def install(noiseless: bool = False, pause_in_round: int | None = None,
 
     if noiseless:
         run.make_client_app = functools.partial(make_client_app, trainer_factory=noiseless_trainer)
+    chosen = {"half_noise": half_noise, "unclipped": unclipped, "shuffled": shuffled}
+    for name, cls in WHITE_BOX_BUGS.items():
+        if chosen[name]:  # white-box audits only: these are white-box trainers
+            run.make_client_app = functools.partial(make_client_app, trainer_factory=_white_box(cls))
     if pause_in_round is not None or pause_after_round is not None:
         strategy = functools.partial(PausingStrategy, pause_in_round=pause_in_round,
                                      pause_after_round=pause_after_round)
@@ -113,13 +176,17 @@ def installed(**kwargs: Any) -> Iterator[None]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.injected")
     parser.add_argument("--noiseless", action="store_true")
+    parser.add_argument("--half-noise", action="store_true")
+    parser.add_argument("--unclipped", action="store_true")
+    parser.add_argument("--shuffled", action="store_true")
     parser.add_argument("--pause-in-round", type=int)
     parser.add_argument("--pause-after-round", type=int)
     parser.add_argument("--threads", action="store_true")
     parser.add_argument("fedpriv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = args.fedpriv[1:] if args.fedpriv[:1] == ["--"] else args.fedpriv
-    install(args.noiseless, args.pause_in_round, args.pause_after_round)
+    install(args.noiseless, args.pause_in_round, args.pause_after_round, args.half_noise, args.unclipped,
+            args.shuffled)
     from fedpriv.cli import main as fedpriv_main
 
     if not args.threads:
