@@ -128,3 +128,70 @@ class GradientCanaries:
         """Client ``client``'s canaries: their indices, parameters and inclusion flags."""
         mine = np.flatnonzero(self.client_of(num_clients) == client)
         return mine, self.coordinates(num_parameters)[mine], self.included()[mine]
+
+
+# ---- canary clients for user-level DP (Andrew et al., ICLR 2024) ------------------------------
+CLIENT_DEFAULT_COUNT = 1000  # canary clients, for runs with user-level DP
+CLIENT_DESIGN = "canary clients: fixed random unit directions scaled to the user-level clipping norm"
+
+
+@dataclass(frozen=True)
+class CanaryClients:
+    """``count`` canary clients derived from ``seed`` (Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar,
+    "One-shot Empirical Privacy Estimation for Federated Learning", ICLR 2024).
+
+    Canary client ``i`` always sends the same update: a random direction of the model's parameter
+    space (uniform on the sphere, drawn from the seed), scaled to the user-level clipping norm --
+    the largest update a client may send. Each is included in the population with probability 1/2,
+    independently; in each round every included canary is sampled with the run's client sampling
+    probability, from the OS (as the real clients are), and its update joins the sampled clients'
+    clipped updates *before* the user-level noise (:meth:`join`). The server saves the initial
+    model to ``sink``; the auditor scores each canary by the cosine between its direction and the
+    final model's change.
+    """
+
+    seed: int
+    count: int
+    sink: str
+
+    def __post_init__(self) -> None:
+        if self.count < 2:
+            raise ValueError(f"need at least two canary clients, got {self.count}")
+
+    def included(self) -> np.ndarray:
+        """Whether each canary client is in the population: independent fair coins."""
+        return np.random.default_rng([self.seed, 6]).random(self.count) < 0.5
+
+    def direction(self, i: int, dimension: int) -> np.ndarray:
+        """Canary client ``i``'s unit direction (float64), drawn from the seed."""
+        v = np.random.default_rng([self.seed, 7, i]).standard_normal(dimension)
+        return v / np.linalg.norm(v)
+
+    def join(self, mean: list[np.ndarray], contributors: int, probability: float, clip: float,
+             draws: np.ndarray) -> tuple[list[np.ndarray], int]:
+        """The mean of the round's clipped updates with the sampled included canaries' updates
+        joined, and the new number of contributors. ``draws`` holds one uniform in [0, 1) per
+        included canary (the same sampling as the real clients': sampled when ``<= probability``)."""
+        members = np.flatnonzero(self.included())
+        sampled = members[np.asarray(draws) <= probability]
+        if len(sampled) == 0:
+            return mean, contributors
+        dimension = int(sum(a.size for a in mean))
+        total = np.concatenate([np.asarray(a, np.float64).ravel() for a in mean]) * contributors
+        for i in sampled:
+            total += clip * self.direction(int(i), dimension)
+        joined = contributors + len(sampled)
+        flat = total / joined
+        out, at = [], 0
+        for a in mean:
+            out.append(flat[at:at + a.size].reshape(a.shape))
+            at += a.size
+        return out, joined
+
+    def cosines(self, change: np.ndarray) -> np.ndarray:
+        """Each canary's cosine with the model's change (flattened)."""
+        change = np.asarray(change, np.float64).ravel()
+        norm = np.linalg.norm(change)
+        if norm == 0:
+            return np.zeros(self.count)
+        return np.array([float(self.direction(i, change.size) @ change) / norm for i in range(self.count)])

@@ -299,6 +299,27 @@ def profile_tradeoff(epsilons: Sequence[float], deltas: Sequence[float]) -> Call
     return blow_up
 
 
+def gaussian_estimate(scores_in: Sequence[float], scores_out: Sequence[float], delta: float) -> dict[str, float]:
+    """An *estimate*, not a bound (Andrew et al., ICLR 2024, "One-shot Empirical Privacy
+    Estimation for Federated Learning"): the in and out scores taken as two Gaussians of one
+    variance, ``mu`` their distance in units of the pooled standard deviation, and epsilon that of
+    the mu-GDP Gaussian mechanism at ``delta`` (dp-accounting's ``get_epsilon_gaussian``; 0 when
+    ``mu <= 0``)."""
+    import dp_accounting
+
+    inside, outside = np.asarray(scores_in, float), np.asarray(scores_out, float)
+    if len(inside) < 2 or len(outside) < 2:
+        raise ValueError("the estimate needs at least two scores in and two out")
+    pooled = math.sqrt((inside.var(ddof=1) * (len(inside) - 1) + outside.var(ddof=1) * (len(outside) - 1))
+                       / (len(inside) + len(outside) - 2))
+    mu = (inside.mean() - outside.mean()) / pooled if pooled > 0 else math.inf
+    if not mu > 0:
+        return {"mu": float(mu), "epsilon": 0.0}
+    if not math.isfinite(mu) or mu > 50:
+        return {"mu": float(mu), "epsilon": math.inf}
+    return {"mu": float(mu), "epsilon": float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))}
+
+
 def confidence_for(confidence: float, tries: int) -> float:
     """Bonferroni: the confidence each of ``tries`` bounds needs for all to hold together."""
     return 1 - (1 - confidence) / tries

@@ -186,6 +186,23 @@ def empirical_markdown(result: dict[str, Any]) -> list[str]:
             tpr = attack["tpr_at_fpr"]
             lines.append(f"| {label} | {attack['auc']:.4f} | {tpr['0.001']:.4f} | {tpr['0.01']:.4f} | "
                          f"{attack['members']} / {attack['nonmembers']} |")
+    user = result.get("user_level")
+    if user:
+        lines += [
+            "",
+            "Canary clients for the user-level claim (Andrew et al. 2024): "
+            f"{user['canary_clients']} clients ({user['included']} included), {user['design']}, scored by the "
+            "cosine of their direction with the model's change.",
+            "",
+            "| user level | epsilon |",
+            "|---|---:|",
+            f"| accounted (canary run, tightest of RDP/PLD) | {_fmt(user['accounted_epsilon'])} |",
+            f"| estimate (Gaussian fit, not a bound) | {_fmt(user['estimate'])} |",
+            f"| lower bound, Steinke et al. / Gaussian f-DP | {_fmt(user['epsilon_lower_bound'])} / "
+            f"{_fmt(user['gdp_epsilon_lower_bound'])} |",
+            "",
+            f"The accountant's user-level trade-off curve {'is REJECTED' if user['claim_rejected'] else 'holds'}.",
+        ]
     if result["notes"]:
         lines += [""] + [f"Note: {note}." for note in result["notes"]]
     return lines
@@ -334,6 +351,12 @@ def _print_empirical(console: Any, result: dict[str, Any]) -> None:
         f"correct -> epsilon >= {result['epsilon_lower_bound']:.3f} ({result['confidence'] * 100:g}% confidence); "
         f"membership inference AUC {result['auc']:.3f}, TPR {tpr['0.001']:.3f} at FPR 0.1%, "
         f"{tpr['0.01']:.3f} at FPR 1%", highlight=False, soft_wrap=True)
+    user = result.get("user_level")
+    if user:
+        console.print(f"canary clients (user level): {user['canary_clients']} ({user['included']} in), "
+                      f"estimate epsilon {user['estimate']:.3f}, one-run bounds {user['epsilon_lower_bound']:.3f} / "
+                      f"{user['gdp_epsilon_lower_bound']:.3f} (f-DP) vs accounted user-level epsilon "
+                      f"{_fmt(user['accounted_epsilon'])}", highlight=False, soft_wrap=True)
     style = "green" if result["consistent"] else "bold red"
     console.print(f"[{style}]{verdict_line(result)}[/]", highlight=False, soft_wrap=True)
     for note in result["notes"]:

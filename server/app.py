@@ -47,17 +47,19 @@ def make_server_app(
     on_finish: Callable[[Path, dict], None] | None = None,
     on_exchange: Callable[[list, list], None] | None = None,
     strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy,
+    canary_clients: Any = None,
 ) -> ServerApp:
     """The ServerApp. ``on_exchange(sent, replies)`` sees every message exchange (tests);
     ``strategy_factory`` takes :class:`server.strategy.FedprivStrategy`'s arguments (tests inject
-    strategies that pause at a known point)."""
+    strategies that pause at a known point); ``canary_clients`` (the empirical audit's canary run
+    only, :class:`common.canaries.CanaryClients`) join the strategy's user-level sums."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config_from_run_config(context.run_config, config)
         target = out_dir or Path(cfg.run.out_dir or rundir.default_run_dir(cfg.run.name))
-        summary = run_server(grid, context, cfg, target, on_round, on_exchange, strategy_factory)
+        summary = run_server(grid, context, cfg, target, on_round, on_exchange, strategy_factory, canary_clients)
         # Through Flower's logger: in a deployment, `flwr run --stream` relays it to the submitter.
         logging.getLogger("flwr").info("fedpriv: run written to %s", target)
         if on_finish is not None:
@@ -97,7 +99,8 @@ def nodes_are_authenticated(grid: Any) -> bool:
 def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
                on_round: Callable[[RoundEntry], None] | None = None,
                on_exchange: Callable[[list, list], None] | None = None,
-               strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy) -> dict:
+               strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy,
+               canary_clients: Any = None) -> dict:
     key_providers.open_configured()  # (a key in a PKCS#11 token: opened before TensorFlow starts)
     tf()
     dataset = evaluation_set(cfg.data, cfg.run.seed)
@@ -134,8 +137,9 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         return float(loss), float(accuracy)
 
     recorder = PrivacyRecorder(cfg, out_dir, resume=point, flower_run_id=getattr(context, "run_id", None))
+    canaries = {"canary_clients": canary_clients} if canary_clients is not None else {}
     strategy = strategy_factory(cfg, point.weights if point else initial, run_log, recorder, evaluate,
-                               authenticated_nodes=nodes_are_authenticated(grid))
+                               authenticated_nodes=nodes_are_authenticated(grid), **canaries)
     before = 0.0
     if point is not None:
         strategy.round_offset = point.round

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import flwr.compat.common.recorddict_compat as compat
@@ -38,6 +39,7 @@ from flwr.server.strategy import FedAdam, FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 
 from fedpriv.common import secagg, user_dp
+from fedpriv.common.canaries import CanaryClients
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.updates import clip_bound, update_problem
@@ -157,8 +159,10 @@ class FedprivStrategy(Strategy):
 
     def __init__(self, cfg: RunConfig, initial: list[np.ndarray], run_log: RunLog,
                  recorder: PrivacyRecorder, evaluate_fn: Callable[[int, list[np.ndarray]], tuple[float, float]],
-                 authenticated_nodes: bool = False) -> None:
+                 authenticated_nodes: bool = False, canary_clients: CanaryClients | None = None) -> None:
         self.cfg = cfg
+        # The empirical audit's canary clients (common.canaries.CanaryClients); None in every real run.
+        self.canary_clients = canary_clients
         # Who a reply's spending is charged to (see account_of): the node id Flower authenticated
         # in a deployment; in a simulation, the partition the client declares, held to one node.
         self.authenticated_nodes = authenticated_nodes
@@ -174,6 +178,12 @@ class FedprivStrategy(Strategy):
         self.round_offset = 0  # rounds done before this process (a resumed run)
         self.on_round_end: Callable[[int, list[np.ndarray]], None] | None = None  # checkpoints
         self.rounds = Rounds()  # what the server learns about each round (server.rounds)
+        if canary_clients is not None:
+            if not (cfg.user_dp.enabled and cfg.user_dp.noise_mode == "central"):
+                raise FedprivError("canary clients need user-level DP with central noise")
+            sink = Path(canary_clients.sink)
+            sink.mkdir(parents=True, exist_ok=True)
+            np.save(sink / "initial.npy", np.concatenate([np.asarray(a, np.float64).ravel() for a in initial]))
 
     # ---- rounds and server optimizer state (a resume) -----------------------------------
     def fedpriv_round(self, flower_round: int) -> int:
@@ -398,6 +408,10 @@ class FedprivStrategy(Strategy):
         state = self.rounds[server_round]
         population, expected = state.population, state.expected
         sampled = len(state.sampled)
+        if self.canary_clients is not None:  # the audit's canaries join the clipped updates, before the noise
+            draws = secagg.uniform(int(self.canary_clients.included().sum()))
+            mean, contributors = self.canary_clients.join(mean, contributors, self.cfg.federation.fraction_train,
+                                                          clip_bound(self.cfg), draws)
         release = self.user_noise.release(mean, contributors, sampled, population, expected)
         self._privacy_round(server_round, sampled, contributors, release)
         return [t / expected for t in release.noisy_sum]

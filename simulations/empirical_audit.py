@@ -36,7 +36,10 @@ from fedpriv.common import accounting, checkpoint, empirical, rundir
 from fedpriv.common.checkpoint import CheckpointError
 from fedpriv.common.audit import audit_run, audited_run
 from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
-from fedpriv.common.canaries import DESIGN, GRADIENT_DEFAULT_COUNT, GRADIENT_DESIGN, Canaries, GradientCanaries
+from fedpriv.common.canaries import (
+    CLIENT_DEFAULT_COUNT, CLIENT_DESIGN, DESIGN, GRADIENT_DEFAULT_COUNT, GRADIENT_DESIGN, CanaryClients, Canaries,
+    GradientCanaries,
+)
 from fedpriv.common.config import RunConfig
 from fedpriv.common.data import load_dataset
 from fedpriv.common.errors import FedprivError
@@ -89,18 +92,23 @@ def accounted(report: dict[str, Any]) -> dict[str, Any] | None:
 PROFILE_POINTS = 400  # epsilons at which the accountant's profile is read (the claim's trade-off curve)
 
 
-def accounted_claim(run_dir: Path, accounted_epsilon: float) -> Any:
-    """The record-level claim of ``run_dir``'s ledger as a trade-off function (``f(1 - x)``,
-    :func:`common.empirical.profile_tradeoff`): each client's delta(epsilon) by the PLD accountant
-    on a grid up to four times ``accounted_epsilon``, the largest over clients (a claim that
-    covers every client's canaries). None without record-level spends."""
+def accounted_claim(run_dir: Path, accounted_epsilon: float, level: str = "record") -> Any:
+    """The ``level`` ("record" or "user") claim of ``run_dir``'s ledger as a trade-off function
+    (``f(1 - x)``, :func:`common.empirical.profile_tradeoff`): delta(epsilon) by the PLD
+    accountant on a grid up to four times ``accounted_epsilon``; at record level each client's,
+    the largest over clients (a claim that covers every client's canaries). None without spends."""
     state = replay(audited_run(run_dir)[1])
     grid = np.linspace(0.0, max(4.0 * accounted_epsilon, 1.0), PROFILE_POINTS)
+    if level == "user":
+        spends = state.user_level()
+        actors = [([s.event for s in spends], spends[0].sampling)] if spends else []
+    else:
+        actors = [(actor.events, actor.sampling) for actor in state.clients().values()]
     profiles = {}
-    for actor in state.clients().values():
-        key = (repr(actor.events), actor.sampling)
+    for events, sampling in actors:
+        key = (repr(events), sampling)
         if key not in profiles:
-            profiles[key] = accounting.privacy_profile(actor.events, grid, actor.sampling)
+            profiles[key] = accounting.privacy_profile(events, grid, sampling)
     if not profiles:
         return None
     worst = np.max(np.stack(list(profiles.values())), axis=0)
@@ -193,10 +201,12 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
         canary_set = GradientCanaries(seed=seed, count=count, sink=str(scratch / "white-box"))
     else:
         canary_set = Canaries(seed=seed, count=count)
+    clients = (CanaryClients(seed=seed, count=CLIENT_DEFAULT_COUNT, sink=str(scratch / "canary-clients"))
+               if cfg.user_dp.enabled and cfg.user_dp.noise_mode == "central" else None)
     run_plan = plan(cfg)
     training_started = time.perf_counter()
     summary = simulate(cfg, scratch, verbose=verbose, on_round=on_round, run_plan=run_plan,
-                       canaries=canary_set)
+                       canaries=canary_set, canary_clients=clients)
     training_s = time.perf_counter() - training_started
     canary_report = audit_run(scratch)
     if not canary_report["ledger_ok"]:
@@ -234,13 +244,17 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     upper = canary_eps["tightest"] if canary_eps else None
     lower = bound["epsilon_lower_bound"]
     consistent = upper is None or not (lower > upper or bound["claim_rejected"])
+    user_level = None
+    if clients is not None:
+        user_level = _canary_clients(clients, model, scratch, canary_report, delta, confidence)
+        consistent = consistent and user_level["consistent"]
     notes = []
     if upper is None:
         notes.append("the run has no record-level DP (no DP-SGD), so there is no accounted bound to "
                      "violate: consistent trivially; the lower bound measures the leakage")
-    if run_report["epsilon"]["user_level"] is not None:
-        notes.append("record-level canaries do not test the user-level (DP-FedAvg) claim, which "
-                     "would need whole canary clients")
+    if run_report["epsilon"]["user_level"] is not None and user_level is None:
+        notes.append("record-level canaries do not test the user-level (DP-FedAvg) claim; canary "
+                     "clients need central user-level noise (this run's is distributed)")
     if cfg.run.rounds != recorded.run.rounds:
         notes.append(f"trained {cfg.run.rounds} rounds (--rounds), not the run's {recorded.run.rounds}: "
                      f"the run's accounted epsilon is not comparable, the canary run's is")
@@ -255,6 +269,7 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
         "gdp_correct": bound["gdp_correct"],
         "claim_rejected": bound["claim_rejected"],
         "observations": observations,
+        "user_level": user_level,
         "confidence": confidence,
         "delta": delta,
         "canaries": count,
@@ -280,6 +295,38 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
         "wall_time_s": time.perf_counter() - started,
         "work_dir": str(scratch) if keep else None,
         "notes": notes,
+    }
+
+
+def _canary_clients(clients: CanaryClients, model: Any, scratch: Path, canary_report: dict[str, Any],
+                    delta: float, confidence: float) -> dict[str, Any]:
+    """Score the canary clients by their cosine with the model's change over the canary run, and
+    set the estimate, the one-run bounds and the test of the accountant's user-level profile
+    beside the accounted user-level epsilon."""
+    initial = np.load(Path(clients.sink) / "initial.npy")
+    final = np.concatenate([np.asarray(w, np.float64).ravel() for w in model.get_weights()])
+    cosines = clients.cosines(final - initial)
+    included = clients.included()
+    figures = canary_report["epsilon"]["user_level"] or {}
+    known = [v for v in (figures.get("rdp"), figures.get("pld")) if v is not None]
+    upper = min(known) if known else None
+    claim = accounted_claim(scratch, upper, "user") if upper is not None and np.isfinite(upper) else None
+    bound = empirical.one_run_audit(cosines, included, delta, confidence, claim=claim)
+    estimate = empirical.gaussian_estimate(cosines[included], cosines[~included], delta)
+    consistent = upper is None or not (bound["epsilon_lower_bound"] > upper or bound["claim_rejected"])
+    return {
+        "canary_clients": clients.count,
+        "included": int(included.sum()),
+        "design": CLIENT_DESIGN,
+        "estimate": estimate["epsilon"],
+        "mu": estimate["mu"],
+        "mean_cosine_in": float(cosines[included].mean()),
+        "mean_cosine_out": float(cosines[~included].mean()),
+        "epsilon_lower_bound": bound["epsilon_lower_bound"],
+        "gdp_epsilon_lower_bound": bound["gdp_epsilon_lower_bound"],
+        "claim_rejected": bound["claim_rejected"],
+        "accounted_epsilon": upper,
+        "consistent": consistent,
     }
 
 
@@ -320,6 +367,10 @@ def verdict_line(result: dict[str, Any]) -> str:
     gdp = result.get("gdp_epsilon_lower_bound")
     fdp = "" if gdp is None else f" (f-DP: {gdp:.3f})"
     rejected = "; the accountant's trade-off curve is rejected" if result.get("claim_rejected") else ""
+    user = result.get("user_level")
+    if user and not user["consistent"]:
+        rejected += (f"; canary clients: user-level lower bound {user['gdp_epsilon_lower_bound']:.3f} (f-DP), "
+                     f"estimate {user['estimate']:.3f} vs accounted {user['accounted_epsilon']:.3f}")
     return (f"{result['verdict']}: lower bound {result['epsilon_lower_bound']:.3f}{fdp} at "
             f"{result['confidence'] * 100:g}% confidence vs {claim}{rejected}")
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedpriv.clients.app import forget_partitions, local_data, make_client_app
 from fedpriv.common import checkpoint, keyfiles, secagg, secret_env
-from fedpriv.common.canaries import Canaries
+from fedpriv.common.canaries import Canaries, CanaryClients, GradientCanaries
 from fedpriv.common.config import ConfigError, RunConfig
 from fedpriv.common.data import Dataset, evaluation_set, forget_loaded, load_dataset
 from fedpriv.common.errors import FedprivError
@@ -167,10 +167,12 @@ def simulate(
     verbose: bool = False,
     on_round: Callable[[RoundEntry], None] | None = None,
     run_plan: Plan | None = None,
-    canaries: Canaries | None = None,
+    canaries: Canaries | GradientCanaries | None = None,
+    canary_clients: CanaryClients | None = None,
 ) -> dict[str, Any]:
     """Run the whole federation in this process; return the run summary. ``canaries`` join the
-    clients' training data (the empirical audit's canary run)."""
+    clients' training data or DP-SGD steps, and ``canary_clients`` the server's user-level sums
+    (the empirical audit's canary run)."""
     from flwr.simulation import run_simulation
 
     from fedpriv.simulations import vce_poll
@@ -201,7 +203,8 @@ def simulate(
         os.environ.pop(RAY_ADDRESS_ENV, None)  # (simulation.ray_address = local): Ray would join it
     try:
         run_simulation(
-            server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish),
+            server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish,
+                                       **({"canary_clients": canary_clients} if canary_clients else {})),
             client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
                                        inner_mods=[faults[1]] if faults else None, canaries=canaries),
             num_supernodes=cfg.federation.num_clients,

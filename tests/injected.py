@@ -11,6 +11,8 @@ faulty ones and runs the fedpriv command line with them:
 - ``--half-noise``, ``--unclipped``, ``--shuffled`` (white-box audits, ``--white-box``): DP-SGD adds
   half its noise, lets each batch's largest gradient through unclipped, or shuffles records into
   equal batches instead of Poisson sampling -- each while the ledger claims the configured spend.
+- ``--user-noiseless``: the server releases user-level sums without their noise while recording the
+  configured mechanism; the canary clients of the empirical audit must catch it.
 - ``--pause-in-round N``: the server stops after round N's replies are recorded, before
   aggregating them; ``--pause-after-round N``: after round N's checkpoint. It says
   ``fedpriv-test: paused`` on stderr and waits to be killed (the kill-and-resume tests).
@@ -103,6 +105,22 @@ class ShuffledTrainer(WhiteBoxTrainer):
                 yield np.sort(batch)
 
 
+class UserNoiselessStrategy(FedprivStrategy):
+    """The production strategy, releasing each round's user-level sum without its noise while
+    recording the configured mechanism."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        honest = self.user_noise.release
+
+        def release(mean: Any, contributors: int, *rest: Any, **named: Any) -> Any:
+            claimed = honest(mean, contributors, *rest, **named)
+            return dataclasses.replace(claimed, noisy_sum=[np.asarray(a) * contributors for a in mean])
+
+        self.user_noise.release = release
+        log.warning("fedpriv-test: user-level noise is OFF while the configured mechanism is recorded (tests.injected)")
+
+
 def _white_box(cls: type) -> Callable[..., Any]:
     return functools.partial(per_thread, cls)
 
@@ -138,7 +156,7 @@ WHITE_BOX_BUGS = {"half_noise": HalfNoiseTrainer, "unclipped": UnclippedTrainer,
 
 def install(noiseless: bool = False, pause_in_round: int | None = None,
             pause_after_round: int | None = None, half_noise: bool = False, unclipped: bool = False,
-            shuffled: bool = False) -> Callable[[], None]:
+            shuffled: bool = False, user_noiseless: bool = False) -> Callable[[], None]:
     """Make this process's simulations build their apps with the injected trainer and strategy;
     returns what undoes it."""
     from fedpriv.clients.app import make_client_app
@@ -156,6 +174,8 @@ def install(noiseless: bool = False, pause_in_round: int | None = None,
     for name, cls in WHITE_BOX_BUGS.items():
         if chosen[name]:  # white-box audits only: these are white-box trainers
             run.make_client_app = functools.partial(make_client_app, trainer_factory=_white_box(cls))
+    if user_noiseless:
+        run.make_server_app = functools.partial(make_server_app, strategy_factory=UserNoiselessStrategy)
     if pause_in_round is not None or pause_after_round is not None:
         strategy = functools.partial(PausingStrategy, pause_in_round=pause_in_round,
                                      pause_after_round=pause_after_round)
@@ -179,6 +199,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--half-noise", action="store_true")
     parser.add_argument("--unclipped", action="store_true")
     parser.add_argument("--shuffled", action="store_true")
+    parser.add_argument("--user-noiseless", action="store_true")
     parser.add_argument("--pause-in-round", type=int)
     parser.add_argument("--pause-after-round", type=int)
     parser.add_argument("--threads", action="store_true")
@@ -186,7 +207,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     rest = args.fedpriv[1:] if args.fedpriv[:1] == ["--"] else args.fedpriv
     install(args.noiseless, args.pause_in_round, args.pause_after_round, args.half_noise, args.unclipped,
-            args.shuffled)
+            args.shuffled, args.user_noiseless)
     from fedpriv.cli import main as fedpriv_main
 
     if not args.threads:

@@ -92,9 +92,14 @@ def _released(trainer, x, y, sampled, watched):
 def test_a_gradient_canary_is_clipped_and_averaged_like_an_example(cls, expected):
     trainer, dataset = _trainer(cls, noise_multiplier=0.0)
     x, y = dataset.x_train[:20], dataset.y_train[:20]
-    watched = [3, 500, trainer.num_parameters - 1]
+    # the canary at a first-layer weight of an input feature that is 0 in every record here: no
+    # example has a gradient there, whoever is clipped
+    units = trainer.model.trainable_variables[0].shape[1]
+    feature = int(np.flatnonzero(np.all(x.reshape(len(x), -1) == 0, axis=0))[0])
+    canary = feature * units + 1
+    watched = [3, canary, trainer.num_parameters - 1]
     without = _released(trainer, x, y, [], watched) * 20
-    with_one = _released(trainer, x, y, [500], watched) * 21
+    with_one = _released(trainer, x, y, [canary], watched) * 21
     # the canary's parameter moves by exactly the clipping norm (100 times that if it escapes
     # clipping); honestly, nothing else moves (with the bug, the example that escaped clipping
     # without the canary is clipped once the canary is the largest)
