@@ -33,23 +33,33 @@ DESIGN = (f"out-of-distribution speckles (each feature at the data's maximum wit
 
 
 @dataclass(frozen=True)
-class Canaries:
-    """``count`` canaries derived from ``seed``."""
+class CanarySet:
+    """``count`` canaries derived from ``seed``: what every kind of canary shares -- the
+    independent fair coins that include each one, and the client each would join."""
 
     seed: int
     count: int
 
+    INCLUSION_STREAM = 1  # the seed's stream the coins come from (one per kind that needs its own)
+    MINIMUM = 1
+
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ValueError(f"need at least one canary, got {self.count}")
+        if self.count < self.MINIMUM:
+            noun = "canary" if self.MINIMUM == 1 else "canaries"
+            raise ValueError(f"need at least {self.MINIMUM} {noun}, got {self.count}")
 
     def included(self) -> np.ndarray:
-        """Whether each canary is in the training data: independent fair coins."""
-        return np.random.default_rng([self.seed, 1]).random(self.count) < 0.5
+        """Whether each canary is in: independent fair coins."""
+        return np.random.default_rng([self.seed, self.INCLUSION_STREAM]).random(self.count) < 0.5
 
     def client_of(self, num_clients: int) -> np.ndarray:
         """The simulated client each canary would join (round-robin by index)."""
         return np.arange(self.count) % num_clients
+
+
+@dataclass(frozen=True)
+class Canaries(CanarySet):
+    """``count`` record canaries derived from ``seed``."""
 
     def records(self, data: DataSection, run_seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Every canary's input and label, for the dataset ``data`` (with the run's seed)."""
@@ -86,7 +96,7 @@ GRADIENT_DESIGN = (f"Dirac gradients: one model parameter each, distinct, of nor
 
 
 @dataclass(frozen=True)
-class GradientCanaries:
+class GradientCanaries(CanarySet):
     """``count`` white-box gradient canaries derived from ``seed`` (Steinke, Nasr and Jagielski
     2023, Section 6: Dirac canaries in gradient space).
 
@@ -101,21 +111,7 @@ class GradientCanaries:
     the directory ``sink``, one file per client and round.
     """
 
-    seed: int
-    count: int
     sink: str
-
-    def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ValueError(f"need at least one canary, got {self.count}")
-
-    def included(self) -> np.ndarray:
-        """Whether each canary is in the training data: independent fair coins."""
-        return np.random.default_rng([self.seed, 1]).random(self.count) < 0.5
-
-    def client_of(self, num_clients: int) -> np.ndarray:
-        """The simulated client each canary would join (round-robin by index)."""
-        return np.arange(self.count) % num_clients
 
     def coordinates(self, num_parameters: int) -> np.ndarray:
         """Each canary's parameter (an index into the model's flattened trainable variables)."""
@@ -136,7 +132,7 @@ CLIENT_DESIGN = "canary clients: fixed random unit directions scaled to the user
 
 
 @dataclass(frozen=True)
-class CanaryClients:
+class CanaryClients(CanarySet):
     """``count`` canary clients derived from ``seed`` (Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar,
     "One-shot Empirical Privacy Estimation for Federated Learning", ICLR 2024).
 
@@ -150,17 +146,10 @@ class CanaryClients:
     final model's change.
     """
 
-    seed: int
-    count: int
     sink: str
 
-    def __post_init__(self) -> None:
-        if self.count < 2:
-            raise ValueError(f"need at least two canary clients, got {self.count}")
-
-    def included(self) -> np.ndarray:
-        """Whether each canary client is in the population: independent fair coins."""
-        return np.random.default_rng([self.seed, 6]).random(self.count) < 0.5
+    INCLUSION_STREAM = 6
+    MINIMUM = 2
 
     def direction(self, i: int, dimension: int) -> np.ndarray:
         """Canary client ``i``'s unit direction (float64), drawn from the seed."""
