@@ -24,7 +24,7 @@ client writes its canaries' scores for the round to ``GradientCanaries.sink``.
 
 from __future__ import annotations
 
-import os
+import io
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +35,7 @@ from fedpriv.clients.trainer import LocalTrainer, TrainResult, per_thread
 from fedpriv.common.canaries import GRADIENT_NORM_FACTOR, GradientCanaries
 from fedpriv.common.entropy import numpy_generator
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.fileio import write_atomic
 from fedpriv.common.tf_runtime import tf
 
 
@@ -116,11 +117,10 @@ class WhiteBoxTrainer(LocalTrainer):
             released = self.taps.observed.numpy().astype(np.float64) * (len(examples) + len(sampled))
             exponent = np.minimum((clip * released - clip**2 / 2) / variance, 700.0)
             scores += np.log1p(-q + q * np.exp(exponent)) if q < 1 else exponent
-        sink = Path(canaries.sink)
-        sink.mkdir(parents=True, exist_ok=True)
-        name = f"client{client}-round{server_round or 0}-{uuid.uuid4().hex}"
-        np.savez(sink / f".{name}.npz", ids=ids, scores=scores)
-        os.replace(sink / f".{name}.npz", sink / f"{name}.npz")
+        buffer = io.BytesIO()
+        np.savez(buffer, ids=ids, scores=scores)
+        write_atomic(Path(canaries.sink) / f"client{client}-round{server_round or 0}-{uuid.uuid4().hex}.npz",
+                     buffer.getvalue())
         spend = self.planned_spend(schedule_examples)
         mean_loss = float(np.mean(losses)) if losses else float("nan")
         return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)

@@ -21,6 +21,7 @@ workflow's initial evaluation (round 0) of a restored model is not recorded agai
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import time
@@ -42,6 +43,7 @@ from fedpriv.common import secagg, user_dp
 from fedpriv.common.canaries import CanaryClients
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
+from fedpriv.common.fileio import write_atomic
 from fedpriv.common.updates import clip_bound, update_problem
 from fedpriv.common.protocol import (
     CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, REFUSAL_CODES, RUN_HEAD, RUN_ID,
@@ -181,9 +183,9 @@ class FedprivStrategy(Strategy):
         if canary_clients is not None:
             if not (cfg.user_dp.enabled and cfg.user_dp.noise_mode == "central"):
                 raise FedprivError("canary clients need user-level DP with central noise")
-            sink = Path(canary_clients.sink)
-            sink.mkdir(parents=True, exist_ok=True)
-            np.save(sink / "initial.npy", np.concatenate([np.asarray(a, np.float64).ravel() for a in initial]))
+            buffer = io.BytesIO()
+            np.save(buffer, np.concatenate([np.asarray(a, np.float64).ravel() for a in initial]))
+            write_atomic(Path(canary_clients.sink) / "initial.npy", buffer.getvalue())
 
     # ---- rounds and server optimizer state (a resume) -----------------------------------
     def fedpriv_round(self, flower_round: int) -> int:
