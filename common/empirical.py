@@ -216,9 +216,9 @@ def fdp_rejects(blow_up: Callable[[float], float], m: int, r: int, v: int, signi
     ``f``): the least probability, under one hypothesis, of an event that has probability ``x``
     under the other.
 
-    The recursion of the paper's Algorithm 3 ("audit_rh_with_cap"): ``c`` and ``w`` start as the
-    shares ``significance * v / m`` and ``significance * (r - v) / m`` of correct and wrong
-    guesses; going down the correct guesses, ``w`` is raised to at least ``blow_up(c)`` and ``c``
+    The paper's recursion for guesses with abstention (its "audit_rh_with_cap"): ``c`` and ``w``
+    start as the shares ``significance * v / m`` and ``significance * (r - v) / m`` of correct and
+    wrong guesses; going down the correct guesses, ``w`` is raised to at least ``blow_up(c)`` and ``c``
     by the share of the rise that the remaining guesses can carry, capped at 1. The observation is
     impossible for ``f`` (rejected) when ``c + w`` ends above ``r / m``."""
     _check_counts(m, r, v)
