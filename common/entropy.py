@@ -35,6 +35,8 @@ NOISE_COUNTER_BYTES = 16  # CTR mode's initial counter block
 NOISE_SEED_BYTES = NOISE_KEY_BYTES + NOISE_COUNTER_BYTES
 NOISE_SEED_BITS = 8 * NOISE_SEED_BYTES
 UNIFORM_BITS = 24  # float32 uniforms on a grid of 2^-24, as exact as float32 holds them
+TAIL_REFINE = 2.0**-10  # radius uniforms below this get TAIL_EXTRA_BITS more (standard_normals)
+TAIL_EXTRA_BITS = 29  # 24 + 29 = 53 bits: the radius reaches sqrt(2 ln 2^53), about 8.57
 NUMPY_PHILOX_KEY_BYTES = 16
 NUMPY_PHILOX_COUNTER_BYTES = 32
 NUMPY_PHILOX_BITS = 8 * (NUMPY_PHILOX_KEY_BYTES + NUMPY_PHILOX_COUNTER_BYTES)
@@ -51,9 +53,19 @@ def standard_normals(n: int, seed: bytes | None = None) -> np.ndarray:
     ``seed`` (:data:`NOISE_SEED_BYTES` bytes; fresh from the OS when None) keys AES-256 in CTR mode,
     whose keystream gives two 32-bit words per pair of draws; their top :data:`UNIFORM_BITS` bits
     make uniforms ``u1`` in (0, 1] and ``u2`` in [0, 1), and Box-Muller turns each pair into
-    ``sqrt(-2 ln u1) cos(2 pi u2)`` and ``sqrt(-2 ln u1) sin(2 pi u2)``. The magnitude is at most
-    ``sqrt(2 ln 2^24)``, about 5.77 (TensorFlow's own Philox normals stop at the same place).
-    On two CPU cores this costs about 6 ns a draw, the keystream a seventh of it."""
+    ``sqrt(-2 ln u1) cos(2 pi u2)`` and ``sqrt(-2 ln u1) sin(2 pi u2)``.
+
+    **The tail.** With 24-bit ``u1`` the radius would stop at ``sqrt(2 ln 2^24)``, about 5.77
+    (where TensorFlow's own Philox normals stop), and a noise vector whose support ends there lets
+    a shifted mean be told apart: for a clipped gradient of norm C spread over d coordinates, an
+    output impossible without it has probability about ``2^-24 * 5.77 * sqrt(d/2) / (pi z)`` per
+    step (2e-5 for the 118,282-parameter MLP at z = 1.2: more than a typical delta). So every
+    ``u1`` below :data:`TAIL_REFINE` (one draw in 1,024) is refined with :data:`TAIL_EXTRA_BITS`
+    more bits from the continued keystream, to a uniform on a grid of ``2^-53``, and its radius
+    computed in float64: the radius then reaches ``sqrt(2 ln 2^53)``, about 8.57, and that term
+    falls below 1e-13. (Floating-point outputs remain discrete, as in every float32 DP-SGD
+    implementation: Mironov 2012.) On two CPU cores this costs about 5 ns a draw, the keystream a
+    fifth of it."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     seed = random_bytes(NOISE_SEED_BYTES) if seed is None else seed
@@ -61,25 +73,45 @@ def standard_normals(n: int, seed: bytes | None = None) -> np.ndarray:
         raise ValueError(f"a noise seed is {NOISE_SEED_BYTES} bytes, not {len(seed)}")
     half = (n + 1) // 2
     cipher = Cipher(algorithms.AES(seed[:NOISE_KEY_BYTES]), modes.CTR(seed[NOISE_KEY_BYTES:]))
+    encryptor = cipher.encryptor()
     zeros, keystream, uniforms = _workspace(half)
     # (into buffers this thread keeps: fresh ones would cost more in page faults than the draws,
     # and update() returning bytes five times the encryption)
-    cipher.encryptor().update_into(zeros, keystream)
-    words = keystream[: 8 * half].view(np.uint32)
+    encryptor.update_into(zeros, keystream)
+
+    def more(count: int) -> np.ndarray:  # the keystream continued
+        return np.frombuffer(encryptor.update(bytes(4 * count)), dtype=np.uint32)
+
+    return _box_muller(keystream[: 8 * half].view(np.uint32), uniforms, more)[:n]
+
+
+def _box_muller(words: np.ndarray, uniforms: np.ndarray, more: Any) -> np.ndarray:
+    """Box-Muller on ``words`` (2 * half random 32-bit words, overwritten; the first half make
+    the radii), through the float32 buffer ``uniforms``; ``more(k)`` gives k further random words
+    for the radii refined in the tail (see :func:`standard_normals`)."""
+    half = len(words) // 2
     np.right_shift(words, np.uint32(32 - UNIFORM_BITS), out=words)
+    # u1 = 1 - k 2^-24 for the radius words: the pairs whose u1 is below TAIL_REFINE
+    tail = np.flatnonzero(words[:half] >= np.uint32(2**UNIFORM_BITS - TAIL_REFINE * 2**UNIFORM_BITS))
+    steps_from_top = (2**UNIFORM_BITS - words[tail].astype(np.int64))  # u1 = steps_from_top * 2^-24
     np.multiply(words, np.float32(2.0**-UNIFORM_BITS), out=uniforms, dtype=np.float32, casting="unsafe")
     radius, angle = uniforms[:half], uniforms[half:]
     np.subtract(np.float32(1.0), radius, out=radius)  # (0, 1]: the logarithm is finite
     np.log(radius, out=radius)
     radius *= np.float32(-2.0)
     np.sqrt(radius, out=radius)
+    if len(tail):
+        # u1 was in ((k - 1) 2^-24, k 2^-24]: place it there on a 2^-53 grid, with fresh bits
+        extra = (more(len(tail)) >> np.uint32(32 - TAIL_EXTRA_BITS)).astype(np.int64)
+        fine = ((steps_from_top - 1) * 2**TAIL_EXTRA_BITS + extra + 1) * 2.0**-(UNIFORM_BITS + TAIL_EXTRA_BITS)
+        radius[tail] = np.sqrt(-2.0 * np.log(fine)).astype(np.float32)
     angle *= np.float32(2.0 * np.pi)
     out = np.empty(2 * half, dtype=np.float32)
     np.cos(angle, out=out[:half])
     np.sin(angle, out=out[half:])
     out[:half] *= radius
     out[half:] *= radius
-    return out[:n]
+    return out
 
 
 def _normals_tensor(n: int, seed: bytes) -> Any:

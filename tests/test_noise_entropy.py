@@ -144,7 +144,27 @@ def test_standard_normals_use_every_seed_bit_and_are_standard_normal():
     assert z.dtype == np.float64 and len(z) == 1_000_001
     assert stats.kstest(z, "norm").pvalue > 1e-4
     assert abs(z.mean()) < 5e-3 and abs(z.std() - 1) < 5e-3
-    assert abs(stats.kurtosis(z)) < 0.03 and np.abs(z).max() <= np.sqrt(2 * np.log(2.0**24)) + 1e-4
+    assert abs(stats.kurtosis(z)) < 0.03 and np.abs(z).max() <= np.sqrt(2 * np.log(2.0**53)) + 1e-4
+
+
+def test_the_noise_tail_reaches_past_where_24_bit_uniforms_stop():
+    """A 24-bit radius uniform would stop the noise at sqrt(2 ln 2^24) = 5.77; the refined tail
+    reaches sqrt(2 ln 2^53) = 8.57, and in the refined region the radius keeps its exact law."""
+    def crafted(radius_word, extra_word):
+        words = np.array([radius_word] * 4 + [0] * 4, dtype=np.uint32)  # angle 0: the radius itself
+        return entropy._box_muller(words, np.empty(8, np.float32),
+                                   lambda k: np.full(k, extra_word, dtype=np.uint32))[:4]
+
+    np.testing.assert_allclose(crafted(0xFFFFFFFF, 0), np.sqrt(2 * 53 * np.log(2.0)), rtol=1e-6)
+    np.testing.assert_allclose(crafted(0xFFFFFFFF, 0xFFFFFFFF), np.sqrt(2 * 24 * np.log(2.0)), rtol=1e-6)
+    assert np.all(crafted(0, 0) == 0.0)  # u1 = 1: radius 0, nothing refined
+    from scipy import stats
+
+    z = entropy.standard_normals(4_000_000).astype(np.float64)
+    squared = z[:2_000_000] ** 2 + z[2_000_000:] ** 2  # each Box-Muller pair's radius, squared
+    tail = squared[squared > 2 * np.log(2.0**10)] / 2 - np.log(2.0**10)  # refined: Exp(1) above the cut
+    assert 1500 < len(tail) < 2500
+    assert stats.kstest(tail, "expon").pvalue > 1e-4
 
 
 def test_a_step_that_finds_its_noise_used_refuses_to_run():
