@@ -25,7 +25,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -195,28 +195,40 @@ class LocalTrainer:
             self.noise.refill()
         return float(step(x, y))
 
+    def batches(self, rng: np.random.Generator, records: int, q: float, steps: int) -> Iterator[np.ndarray]:
+        """Each step's sampled indices into ``records``: Poisson sampling, every record joining
+        independently with probability ``q``, what the record-level accounting assumes."""
+        for _ in range(steps):
+            yield np.flatnonzero(rng.random(records) < q)
+
+    def start_round(self, weights: list[np.ndarray]) -> None:
+        """The round's starting model, with fresh optimizer state."""
+        self.model.set_weights(weights)
+        if self.optimizer.variables():
+            self._reset_optimizer()
+
+    def round_result(self, examples: int, steps: int, losses: list[float], schedule_examples: int) -> TrainResult:
+        """What a round of ``steps`` steps on ``examples`` local records returns."""
+        mean_loss = float(np.mean(losses)) if losses else math.nan
+        return TrainResult(self.model.get_weights(), examples, steps, mean_loss, self.planned_spend(schedule_examples))
+
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
               schedule_examples: int) -> TrainResult:
         """Run ``local_epochs * ceil(schedule_examples / batch_size)`` steps from ``weights``,
         each sampling every local record with ``q = batch_size / schedule_examples``."""
         n = len(y)
         q, steps = self._schedule(schedule_examples)
-        self.model.set_weights(weights)
-        if self.optimizer.variables():
-            self._reset_optimizer()
+        self.start_round(weights)
         rng = numpy_generator()  # 384 bits from os.urandom: the sampling must stay secret
         microbatches = self.dp.microbatches if self.dp.enabled else 0
         losses = []
-        for _ in range(steps):
-            chosen = np.flatnonzero(rng.random(n) < q)
+        for chosen in self.batches(rng, n, q, steps):
             if microbatches:
                 chosen = chosen[: len(chosen) - len(chosen) % microbatches]
             if len(chosen) == 0:
                 continue  # still counted as a step below: accounting stays an upper bound
             losses.append(self.step(x[chosen], y[chosen]))
-        spend = self.planned_spend(schedule_examples)
-        mean_loss = float(np.mean(losses)) if losses else math.nan
-        return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
+        return self.round_result(n, steps, losses, schedule_examples)
 
 
 def get_trainer(*args: Any) -> LocalTrainer:

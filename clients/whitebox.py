@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -85,12 +85,6 @@ class WhiteBoxTrainer(LocalTrainer):
         self.num_parameters = sum(self.taps.sizes)
         self.watch: tuple[GradientCanaries, int, int, int | None] | None = None
 
-    def batches(self, rng: np.random.Generator, records: int, q: float, steps: int) -> Iterator[np.ndarray]:
-        """Each step's sampled indices into ``records`` (examples, then included canaries):
-        Poisson sampling, the trainer's own."""
-        for _ in range(steps):
-            yield np.flatnonzero(rng.random(records) < q)
-
     def train(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
               schedule_examples: int) -> TrainResult:
         if self.watch is None:
@@ -100,14 +94,13 @@ class WhiteBoxTrainer(LocalTrainer):
         inside = coords[included]
         n = len(y)
         q, steps = self._schedule(schedule_examples)
-        self.model.set_weights(weights)
-        if self.optimizer.variables():
-            self._reset_optimizer()
+        self.start_round(weights)
         self.taps.watched.assign(coords.astype(np.int64))
         clip = self.dp.l2_norm_clip
         variance = (self.dp.noise_multiplier * clip) ** 2
         scores = np.zeros(len(ids))
         losses = []
+        # the examples, then the included canaries, sampled alike (LocalTrainer.batches)
         for chosen in self.batches(numpy_generator(), n + len(inside), q, steps):
             examples, sampled = chosen[chosen < n], chosen[chosen >= n] - n
             if len(examples) == 0:
@@ -121,9 +114,7 @@ class WhiteBoxTrainer(LocalTrainer):
         np.savez(buffer, ids=ids, scores=scores)
         write_atomic(Path(canaries.sink) / f"client{client}-round{server_round or 0}-{uuid.uuid4().hex}.npz",
                      buffer.getvalue())
-        spend = self.planned_spend(schedule_examples)
-        mean_loss = float(np.mean(losses)) if losses else float("nan")
-        return TrainResult(self.model.get_weights(), n, steps, mean_loss, spend)
+        return self.round_result(n, steps, losses, schedule_examples)
 
 
 def whitebox_trainer(*args: Any) -> WhiteBoxTrainer:
