@@ -252,22 +252,21 @@ def _empirical(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, An
     """Run the empirical audit and fold its verdict into ``report``."""
     if not report["ledger_ok"]:
         return {"skipped": "the ledger does not verify, so the run's configuration cannot be trusted"}
-    from fedpriv.simulations.empirical_audit import check_options, check_white_box, run_empirical_audit, verdict_line
+    from fedpriv.simulations.empirical_audit import run_empirical_audit, verdict_line
 
     options = {k: getattr(args, k) for k in EMPIRICAL_OPTIONS if getattr(args, k) is not None}
-    check_options(**{k: v for k, v in options.items() if k != "white_box"})
-    if args.white_box:
-        check_white_box(args.run_dir, args.public_key, args.canaries)
     console = _stderr_console()
+
+    def on_start() -> None:  # every option and the run's configuration checked: training starts
+        if not args.json:
+            console.print("empirical audit: training the run's configuration once more, with canaries...")
 
     def on_round(entry: Any) -> None:
         if not args.json:
             console.print(f"empirical audit: canary run round {entry.round}", highlight=False)
 
-    if not args.json:
-        console.print("empirical audit: training the run's configuration once more, with canaries...")
     result = run_empirical_audit(args.run_dir, report, public_key=args.public_key, verbose=args.verbose,
-                                 on_round=on_round, **options)
+                                 on_round=on_round, on_start=on_start, **options)
     if not result["consistent"]:
         report["failures"].append(f"empirical audit: {verdict_line(result)}")
         report["ok"] = False

@@ -34,7 +34,7 @@ import numpy as np
 from fedpriv.clients.app import local_data
 from fedpriv.common import accounting, checkpoint, empirical, rundir
 from fedpriv.common.checkpoint import CheckpointError
-from fedpriv.common.audit import audit_run, audited_run
+from fedpriv.common.audit import audited_run
 from fedpriv.common.canaries import DEFAULT_COUNT as DEFAULT_CANARIES
 from fedpriv.common.canaries import (
     CLIENT_DEFAULT_COUNT, CLIENT_DESIGN, DESIGN, GRADIENT_DEFAULT_COUNT, GRADIENT_DESIGN, CanaryClients, Canaries,
@@ -45,7 +45,7 @@ from fedpriv.common.data import load_dataset
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.ledger import load_public_key, verify_ledger
 from fedpriv.common.models import configured_model
-from fedpriv.common.replay import replay
+from fedpriv.common.replay import LedgerState, replay
 from fedpriv.common.settings import recorded_config
 from fedpriv.server.run_log import RoundEntry
 
@@ -92,12 +92,11 @@ def accounted(report: dict[str, Any]) -> dict[str, Any] | None:
 PROFILE_POINTS = 400  # epsilons at which the accountant's profile is read (the claim's trade-off curve)
 
 
-def accounted_claim(run_dir: Path, accounted_epsilon: float, level: str = "record") -> Any:
-    """The ``level`` ("record" or "user") claim of ``run_dir``'s ledger as a trade-off function
-    (``f(1 - x)``, :func:`common.empirical.profile_tradeoff`): delta(epsilon) by the PLD
+def accounted_claim(state: LedgerState, accounted_epsilon: float, level: str = "record") -> Any:
+    """The ``level`` ("record" or "user") claim of a replayed, verified ledger as a trade-off
+    function (``f(1 - x)``, :func:`common.empirical.profile_tradeoff`): delta(epsilon) by the PLD
     accountant on a grid up to four times ``accounted_epsilon``; at record level each client's,
     the largest over clients (a claim that covers every client's canaries). None without spends."""
-    state = replay(audited_run(run_dir)[1])
     grid = np.linspace(0.0, max(4.0 * accounted_epsilon, 1.0), PROFILE_POINTS)
     if level == "user":
         spends = state.user_level()
@@ -170,10 +169,12 @@ def run_empirical_audit(
     verbose: bool = False,
     on_round: Callable[[RoundEntry], None] | None = None,
     white_box: bool = False,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train the run's configuration with canaries once, measure, and compare (see the module
     docstring). ``run_report`` is :func:`common.audit.audit_run`'s report of ``run_dir``;
-    ``work_dir`` keeps the canary run (default: a temporary directory, removed afterwards)."""
+    ``work_dir`` keeps the canary run (default: a temporary directory, removed afterwards);
+    ``on_start`` is called once the configuration has passed every check, before training."""
     check_options(canaries, confidence, rounds, seed, work_dir)
     if canaries is None:
         canaries = GRADIENT_DEFAULT_COUNT if white_box else DEFAULT_CANARIES
@@ -181,7 +182,7 @@ def run_empirical_audit(
     scratch = work_dir or Path(tempfile.mkdtemp(prefix="fedpriv-empirical-"))
     try:
         return _audit(run_dir, run_report, scratch, keep, canaries, confidence, rounds, seed,
-                      public_key, verbose, on_round, white_box)
+                      public_key, verbose, on_round, white_box, on_start)
     finally:
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -189,7 +190,8 @@ def run_empirical_audit(
 
 def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool, count: int,
            confidence: float, rounds: int | None, seed: int | None, public_key: Path | None,
-           verbose: bool, on_round: Callable[[RoundEntry], None] | None, white_box: bool) -> dict[str, Any]:
+           verbose: bool, on_round: Callable[[RoundEntry], None] | None, white_box: bool,
+           on_start: Callable[[], None] | None) -> dict[str, Any]:
     from fedpriv.simulations.run import plan, simulate
 
     started = time.perf_counter()
@@ -204,11 +206,14 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     clients = (CanaryClients(seed=seed, count=CLIENT_DEFAULT_COUNT, sink=str(scratch / "canary-clients"))
                if cfg.user_dp.enabled and cfg.user_dp.noise_mode == "central" else None)
     run_plan = plan(cfg)
+    if on_start is not None:
+        on_start()
     training_started = time.perf_counter()
     summary = simulate(cfg, scratch, verbose=verbose, on_round=on_round, run_plan=run_plan,
                        canaries=canary_set, canary_clients=clients)
     training_s = time.perf_counter() - training_started
-    canary_report = audit_run(scratch)
+    canary_report, canary_entries = audited_run(scratch)  # (the canary run's ledger: read once)
+    canary_state = replay(canary_entries)
     if not canary_report["ledger_ok"]:
         raise FedprivError(f"the canary run's own ledger does not verify: {canary_report['failures'][0]}")
 
@@ -227,7 +232,7 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
         scores, observations = -np.nan_to_num(_losses(model, x_canary, y_canary), nan=np.inf), None
     delta = cfg.privacy.delta
     canary_eps = accounted(canary_report)
-    claim = accounted_claim(scratch, canary_eps["tightest"]) if canary_eps and canary_eps["tightest"] else None
+    claim = accounted_claim(canary_state, canary_eps["tightest"]) if canary_eps and canary_eps["tightest"] else None
     bound = empirical.one_run_audit(scores, included, delta, confidence, claim=claim)
 
     dataset = load_dataset(cfg.data, cfg.run.seed)
@@ -243,10 +248,10 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     run_eps = accounted(run_report)
     upper = canary_eps["tightest"] if canary_eps else None
     lower = bound["epsilon_lower_bound"]
-    consistent = upper is None or not (lower > upper or bound["claim_rejected"])
+    consistent = holds(bound, upper)
     user_level = None
     if clients is not None:
-        user_level = _canary_clients(clients, model, scratch, canary_report, delta, confidence)
+        user_level = _canary_clients(clients, model, canary_state, canary_report, delta, confidence)
         consistent = consistent and user_level["consistent"]
     notes = []
     if upper is None:
@@ -298,7 +303,13 @@ def _audit(run_dir: Path, run_report: dict[str, Any], scratch: Path, keep: bool,
     }
 
 
-def _canary_clients(clients: CanaryClients, model: Any, scratch: Path, canary_report: dict[str, Any],
+def holds(bound: dict[str, Any], upper: float | None) -> bool:
+    """Whether an accounted claim (epsilon ``upper``; None: no claim) survives the one-run audit
+    ``bound``: neither Steinke et al.'s bound above it nor its profile rejected."""
+    return upper is None or not (bound["epsilon_lower_bound"] > upper or bound["claim_rejected"])
+
+
+def _canary_clients(clients: CanaryClients, model: Any, canary_state: LedgerState, canary_report: dict[str, Any],
                     delta: float, confidence: float) -> dict[str, Any]:
     """Score the canary clients by their cosine with the model's change over the canary run, and
     set the estimate, the one-run bounds and the test of the accountant's user-level profile
@@ -310,10 +321,10 @@ def _canary_clients(clients: CanaryClients, model: Any, scratch: Path, canary_re
     figures = canary_report["epsilon"]["user_level"] or {}
     known = [v for v in (figures.get("rdp"), figures.get("pld")) if v is not None]
     upper = min(known) if known else None
-    claim = accounted_claim(scratch, upper, "user") if upper is not None and np.isfinite(upper) else None
+    claim = accounted_claim(canary_state, upper, "user") if upper is not None and np.isfinite(upper) else None
     bound = empirical.one_run_audit(cosines, included, delta, confidence, claim=claim)
     estimate = empirical.gaussian_estimate(cosines[included], cosines[~included], delta)
-    consistent = upper is None or not (bound["epsilon_lower_bound"] > upper or bound["claim_rejected"])
+    consistent = holds(bound, upper)
     return {
         "canary_clients": clients.count,
         "included": int(included.sum()),
@@ -328,13 +339,6 @@ def _canary_clients(clients: CanaryClients, model: Any, scratch: Path, canary_re
         "accounted_epsilon": upper,
         "consistent": consistent,
     }
-
-
-def check_white_box(run_dir: Path, public_key: Path | None = None, count: int | None = None) -> None:
-    """Refuse, with one line and before anything is trained, a white-box audit of a run whose
-    configuration cannot have one."""
-    _, cfg = audit_config(run_dir, public_key, None, Path(tempfile.gettempdir()))
-    _check_white_box(cfg, GRADIENT_DEFAULT_COUNT if count is None else count)
 
 
 def _check_white_box(cfg: RunConfig, count: int) -> None:
