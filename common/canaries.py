@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
+from fedpriv.common import secagg
 from fedpriv.common.config import DataSection
 
 DEFAULT_COUNT = 1000  # fedpriv audit --empirical --canaries
@@ -157,12 +159,12 @@ class CanaryClients(CanarySet):
         return v / np.linalg.norm(v)
 
     def join(self, mean: list[np.ndarray], contributors: int, probability: float, clip: float,
-             draws: np.ndarray) -> tuple[list[np.ndarray], int]:
+             uniform: Callable[[int], np.ndarray] = secagg.uniform) -> tuple[list[np.ndarray], int]:
         """The mean of the round's clipped updates with the sampled included canaries' updates
-        joined, and the new number of contributors. ``draws`` holds one uniform in [0, 1) per
-        included canary (the same sampling as the real clients': sampled when ``<= probability``)."""
+        joined, and the new number of contributors. Each included canary is sampled as the real
+        clients are: when its ``uniform`` draw (from the OS by default) is ``<= probability``."""
         members = np.flatnonzero(self.included())
-        sampled = members[np.asarray(draws) <= probability]
+        sampled = members[uniform(len(members)) <= probability]
         if len(sampled) == 0:
             return mean, contributors
         dimension = int(sum(a.size for a in mean))

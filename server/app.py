@@ -26,6 +26,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.common import checkpoint, key_providers, rundir, secagg
+from fedpriv.common.canaries import CanaryClients
 from fedpriv.common.config import RunConfig, config_from_run_config
 from fedpriv.common.data import evaluation_set
 from fedpriv.common.models import build_model, resolve_model_name
@@ -47,7 +48,7 @@ def make_server_app(
     on_finish: Callable[[Path, dict], None] | None = None,
     on_exchange: Callable[[list, list], None] | None = None,
     strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy,
-    canary_clients: Any = None,
+    canary_clients: CanaryClients | None = None,
 ) -> ServerApp:
     """The ServerApp. ``on_exchange(sent, replies)`` sees every message exchange (tests);
     ``strategy_factory`` takes :class:`server.strategy.FedprivStrategy`'s arguments (tests inject
@@ -100,7 +101,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
                on_round: Callable[[RoundEntry], None] | None = None,
                on_exchange: Callable[[list, list], None] | None = None,
                strategy_factory: Callable[..., FedprivStrategy] = FedprivStrategy,
-               canary_clients: Any = None) -> dict:
+               canary_clients: CanaryClients | None = None) -> dict:
     key_providers.open_configured()  # (a key in a PKCS#11 token: opened before TensorFlow starts)
     tf()
     dataset = evaluation_set(cfg.data, cfg.run.seed)
@@ -137,9 +138,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
         return float(loss), float(accuracy)
 
     recorder = PrivacyRecorder(cfg, out_dir, resume=point, flower_run_id=getattr(context, "run_id", None))
-    canaries = {"canary_clients": canary_clients} if canary_clients is not None else {}
     strategy = strategy_factory(cfg, point.weights if point else initial, run_log, recorder, evaluate,
-                               authenticated_nodes=nodes_are_authenticated(grid), **canaries)
+                               authenticated_nodes=nodes_are_authenticated(grid), canary_clients=canary_clients)
     before = 0.0
     if point is not None:
         strategy.round_offset = point.round

@@ -411,9 +411,8 @@ class FedprivStrategy(Strategy):
         population, expected = state.population, state.expected
         sampled = len(state.sampled)
         if self.canary_clients is not None:  # the audit's canaries join the clipped updates, before the noise
-            draws = secagg.uniform(int(self.canary_clients.included().sum()))
             mean, contributors = self.canary_clients.join(mean, contributors, self.cfg.federation.fraction_train,
-                                                          clip_bound(self.cfg), draws)
+                                                          clip_bound(self.cfg))
         release = self.user_noise.release(mean, contributors, sampled, population, expected)
         self._privacy_round(server_round, sampled, contributors, release)
         return [t / expected for t in release.noisy_sum]

@@ -204,7 +204,7 @@ def simulate(
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish,
-                                       **({"canary_clients": canary_clients} if canary_clients else {})),
+                                       canary_clients=canary_clients),
             client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
                                        inner_mods=[faults[1]] if faults else None, canaries=canaries),
             num_supernodes=cfg.federation.num_clients,

@@ -29,11 +29,11 @@ def test_canary_clients_join_the_sum_at_the_clipping_norm(tmp_path):
     mean = [np.ones((3, 2)), np.full(6, 2.0)]
     draws = np.ones(len(members))
     draws[0] = 0.0  # only the first included canary is sampled
-    joined, contributors = clients.join(mean, 4, 0.5, 2.5, draws)
+    joined, contributors = clients.join(mean, 4, 0.5, 2.5, lambda k: draws[:k])
     assert contributors == 5
     total = np.concatenate([a.ravel() for a in joined]) * 5
     np.testing.assert_allclose(total, np.concatenate([a.ravel() for a in mean]) * 4 + 2.5 * u)
-    assert clients.join(mean, 4, 0.5, 2.5, np.ones(len(members))) == (mean, 4)
+    assert clients.join(mean, 4, 0.5, 2.5, lambda k: np.ones(k)) == (mean, 4)
     cosines = clients.cosines(3.0 * u)
     assert cosines[members[0]] == pytest.approx(1.0) and abs(cosines[members[1]]) < 1
 
