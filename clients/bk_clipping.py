@@ -157,8 +157,8 @@ def _model_class() -> type:
                 for (layer, kind, inp, _), g, per in zip(taps, outputs, per_example)
             ])
             canaries = self.gradient_canaries
-            examples = t.shape(squared)[0]
             if canaries is not None:  # the audit's canaries are clipped with the batch's examples
+                examples = t.shape(squared)[0]
                 squared = t.concat([squared, canaries.squared_norms()], 0)
             norms = t.sqrt(t.maximum(squared, 0.0))
             clip = self.clip_factors(norms)
