@@ -44,15 +44,24 @@ PAUSED = "fedpriv-test: paused"
 log = logging.getLogger("fedpriv")
 
 
-class NoiselessTrainer(LocalTrainer):
-    """A trainer that clips but adds no DP noise while declaring the configured spend."""
+class NoiseCut:
+    """Mixed into a trainer: DP-SGD adds ``NOISE_SHARE`` of the configured noise while the trainer
+    declares (``planned_spend``) and the white-box auditor scores with the configured multiplier."""
+
+    NOISE_SHARE = 0.0
 
     def __init__(self, model_name: str, model: Any, client: Any, dp: Any, *rest: Any) -> None:
-        super().__init__(model_name, model, client, dataclasses.replace(dp, noise_multiplier=0.0), *rest)
-        self.dp = dp  # the claim: planned_spend declares the configured noise multiplier
+        applied = dataclasses.replace(dp, noise_multiplier=dp.noise_multiplier * self.NOISE_SHARE)
+        super().__init__(model_name, model, client, applied, *rest)  # type: ignore[call-arg]
+        self.dp = dp  # the claim
         if dp.enabled:
-            log.warning("fedpriv-test: DP-SGD noise is OFF while the configured spend is still declared "
-                        "and recorded (tests.injected)")
+            added = "OFF" if self.NOISE_SHARE == 0 else f"at {self.NOISE_SHARE:g} of its scale"
+            log.warning(f"fedpriv-test: DP-SGD noise is {added} while the configured spend is still declared "
+                        f"and recorded (tests.injected)")
+
+
+class NoiselessTrainer(NoiseCut, LocalTrainer):
+    """A trainer that clips but adds no DP noise while declaring the configured spend."""
 
 
 def noiseless_trainer(*args: Any) -> NoiselessTrainer:
@@ -60,14 +69,10 @@ def noiseless_trainer(*args: Any) -> NoiselessTrainer:
     return per_thread(NoiselessTrainer, *args)
 
 
-class HalfNoiseTrainer(WhiteBoxTrainer):
+class HalfNoiseTrainer(NoiseCut, WhiteBoxTrainer):
     """A white-box trainer whose DP-SGD adds half the configured noise, still declaring it all."""
 
-    def __init__(self, model_name: str, model: Any, client: Any, dp: Any, *rest: Any) -> None:
-        super().__init__(model_name, model, client, dataclasses.replace(dp, noise_multiplier=dp.noise_multiplier / 2),
-                         *rest)
-        self.dp = dp  # the claim, and the auditor's likelihood ratio, use the configured multiplier
-        log.warning("fedpriv-test: DP-SGD adds HALF its noise while the configured spend is declared (tests.injected)")
+    NOISE_SHARE = 0.5
 
 
 class UnclippedTrainer(WhiteBoxTrainer):
