@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedpriv.common import secagg_shares
+
 GENERATOR = "fedpriv-chacha20-sha256-v1"
 GENERATOR_KEY = "fedpriv_mask_generator"  # the setup config key a fedpriv server announces it under
 FLOWER_CALLERS = (  # the Flower modules that call pseudo_rand_gen (client masking, server unmasking)
@@ -76,15 +78,22 @@ def expand_masks(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[in
 
 
 def install() -> None:
-    """Make Flower's SecAgg+ client mod and server workflow expand seeds with :func:`expand_masks`
-    (idempotent; affects this process only)."""
-    for module in _flower_modules():
+    """Make Flower's SecAgg+ client mod and server workflow expand seeds with :func:`expand_masks`,
+    and share and rebuild secrets with :mod:`common.secagg_shares` (idempotent; affects this
+    process only). The one place where fedpriv replaces pieces of Flower's SecAgg+."""
+    client, server = _flower_modules()
+    for module in (client, server):
         module.pseudo_rand_gen = expand_masks
+    client.create_shares = secagg_shares.create_shares
+    server.combine_shares = secagg_shares.combine_shares
 
 
 def installed() -> bool:
-    """Whether both Flower modules use :func:`expand_masks`."""
-    return all(module.pseudo_rand_gen is expand_masks for module in _flower_modules())
+    """Whether both Flower modules use :func:`expand_masks` and :mod:`common.secagg_shares`."""
+    client, server = _flower_modules()
+    return (client.pseudo_rand_gen is server.pseudo_rand_gen is expand_masks
+            and client.create_shares is secagg_shares.create_shares
+            and server.combine_shares is secagg_shares.combine_shares)
 
 
 def _flower_modules() -> list[ModuleType]:
