@@ -43,6 +43,7 @@ from fedpriv.common.errors import DataError
 from fedpriv.common.fileio import append_private
 from fedpriv.common.models import resolve_model_name
 from fedpriv.common.partition import partition
+from fedpriv.common.updates import round_clip
 from fedpriv.common.protocol import (
     BUDGET_EXHAUSTED_CODE, CLIENT_ID, CLIENTS_SAMPLED, PRIOR_SPENDS, PRIVACY, REPLY_METRICS, ROUND_SPEND,
     RUN_HEAD, RUN_ID, SERVER_ROUND,
@@ -163,9 +164,10 @@ def _prior_spending(context: Context, guard: NodeBudgetGuard, run_id: str | None
 
 def encode_update(
     cfg: RunConfig, start: list[np.ndarray], trained: list[np.ndarray], clients_sampled: int,
-    random_bytes: secagg.RandomBytes = os.urandom,
+    random_bytes: secagg.RandomBytes = os.urandom, clip: float | None = None,
 ) -> tuple[list[np.ndarray], float | None]:
-    """The update this client sends: ``trained - start``, clipped to the user-level norm and, in
+    """The update this client sends: ``trained - start``, clipped to the user-level norm (``clip``:
+    the round's, with adaptive clipping; then its clipped-or-not value goes last) and, in
     distributed mode, rounded to integers with this client's share of the noise added.
 
     Returns the arrays and, with user-level DP, the update's L2 norm before clipping (None
@@ -174,7 +176,7 @@ def encode_update(
     delta = [np.asarray(t, dtype=np.float64) - np.asarray(s, dtype=np.float64)
              for s, t in zip(start, trained, strict=True)]
     norm: float | None = None
-    noise = user_dp.noise_for(cfg, sum(a.size for a in delta))
+    noise = user_dp.noise_for(cfg, sum(a.size for a in delta), clip)
     if noise is not None:  # the client's half of the user-level mechanism (common/user_dp.py)
         delta, norm = noise.encode(delta, clients_sampled, random_bytes)
         if noise.integers:
@@ -254,6 +256,7 @@ def _build_client_app(config: RunConfig | None, extra_mods: list | None, inner_m
         if gradient_canaries is not None:
             whitebox.attach(trainer, gradient_canaries, node.client_id, cfg.federation.num_clients, server_round)
         clients_sampled = int(fitins.config.get(CLIENTS_SAMPLED, cfg.clients_per_round()))
+        clip = round_clip(cfg, fitins.config)
         run_id = str(fitins.config.get(RUN_ID, "")) or None
         run_head = parse_node_run_head(fitins.config.get(RUN_HEAD))  # witnessed in the node's ledger
         # The public record count the DP-SGD schedule is planned for, not len(y): the spend
@@ -278,7 +281,7 @@ def _build_client_app(config: RunConfig | None, extra_mods: list | None, inner_m
                 guard.record(result.spend, server_round, run_id, run_head=run_head, client_id=node.account)
                 metrics[f"{PRIVACY}.{PRIOR_SPENDS}"] = prior
                 metrics[f"{PRIVACY}.{ROUND_SPEND}"] = json.dumps(result.spend.to_json())
-        update, norm = encode_update(cfg, weights, result.weights, clients_sampled)
+        update, norm = encode_update(cfg, weights, result.weights, clients_sampled, clip=clip)
         log_training(node.state_dir, server_round, run_id, result, norm)
         assert set(metrics) <= set(REPLY_METRICS), sorted(metrics)
         fitres = FitRes(

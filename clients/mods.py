@@ -84,15 +84,16 @@ def _own_update_problem(request: Message, reply: Message, context: Context,
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import parameters_to_ndarrays
 
-    from fedpriv.common.updates import clip_bound, update_problem
+    from fedpriv.common.updates import individual_problem, round_clip
 
     cfg = config_from_run_config(context.run_config, config)
-    shapes = [a.shape for a in parameters_to_ndarrays(compat.recorddict_to_fitins(request.content, True).parameters)]
+    fitins = compat.recorddict_to_fitins(request.content, True)
+    shapes = [a.shape for a in parameters_to_ndarrays(fitins.parameters)]
     try:
         arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, True).parameters)
     except Exception as exc:  # not arrays at all
         return f"undecodable arrays ({type(exc).__name__})"
-    return update_problem(arrays, shapes, clip_bound(cfg))
+    return individual_problem(cfg, arrays, shapes, round_clip(cfg, fitins.config))
 
 
 class _Refused(Exception):

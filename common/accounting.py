@@ -19,7 +19,6 @@ is ``z * C``. The effective noise multiplier is therefore ``z / 2``; TF Privacy'
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
@@ -90,7 +89,9 @@ def compact(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
     Composition is commutative, so this changes no epsilon; it lets the PLD accountant
     self-compose by repeated squaring instead of convolving round after round.
     """
-    counts: dict[dp_accounting.DpEvent, int] = {}
+    # Keyed by repr: it holds every parameter, and a mechanism with a list inside (a sampled
+    # composition: adaptive clipping's sum and count) is not hashable.
+    counts: dict[str, tuple[dp_accounting.DpEvent, int]] = {}
 
     def add(e: dp_accounting.DpEvent, times: int) -> None:
         if isinstance(e, dp_accounting.SelfComposedDpEvent):
@@ -99,23 +100,32 @@ def compact(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
             for inner in e.events:
                 add(inner, times)
         elif times > 0:
-            counts[e] = counts.get(e, 0) + times
+            known, k = counts.get(repr(e), (e, 0))
+            counts[repr(e)] = (known, k + times)
 
     add(event, 1)
     return dp_accounting.ComposedDpEvent(
-        [dp_accounting.SelfComposedDpEvent(e, k) if k > 1 else e for e, k in counts.items()])
+        [dp_accounting.SelfComposedDpEvent(e, k) if k > 1 else e for e, k in counts.values()])
 
 
-@functools.lru_cache(maxsize=4096)
 def _rdp_curve(event: dp_accounting.DpEvent, relation: dp_accounting.NeighboringRelation) -> np.ndarray:
     """dp-accounting's RDP curve (over its default orders) of one mechanism, computed once.
 
     Ledgers repeat the same per-round mechanism many times; the curve of each distinct one is
     what costs time (tenths of a second), and composition just adds curves.
     """
-    curve = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation).compose(event).rdp
-    curve.flags.writeable = False  # shared by every caller of the cache
+    key = (repr(event), relation)
+    curve = _RDP_CURVES.get(key)
+    if curve is None:
+        curve = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation).compose(event).rdp
+        curve.flags.writeable = False  # shared by every caller of the cache
+        if len(_RDP_CURVES) >= 4096:
+            _RDP_CURVES.clear()
+        _RDP_CURVES[key] = curve
     return curve
+
+
+_RDP_CURVES: dict[tuple[str, dp_accounting.NeighboringRelation], np.ndarray] = {}
 
 
 def _counted(event: dp_accounting.DpEvent) -> list[tuple[dp_accounting.DpEvent, int]]:
@@ -255,9 +265,15 @@ SAMPLING_SCHEMES = ("poisson", "fixed", "none")
 
 
 def dpfedavg_round_event(
-    noise_multiplier: float, population: int, clients_per_round: int, sampling: str
+    noise_multiplier: float, population: int, clients_per_round: int, sampling: str,
+    count_multiplier: float | None = None,
 ) -> dp_accounting.DpEvent:
     """One DP-FedAvg round: the Gaussian sum of clipped client updates, with client sampling.
+
+    ``count_multiplier`` (adaptive clipping): the round also releases the noisy count of
+    unclipped updates, a second Gaussian mechanism on the same sample with that noise multiplier;
+    the sampled mechanism is then the composition of the two, as TF Privacy's
+    ``QuantileAdaptiveClipSumQuery`` reports it (``ComposedDpEvent([sum, quantile])``).
 
     - ``poisson``: each client joins independently with q = clients_per_round / population
       (add/remove-one-client adjacency).
@@ -267,11 +283,17 @@ def dpfedavg_round_event(
       to that sensitivity, so the event carries ``noise_multiplier / 2``.
     - ``none``: no amplification; every round counts in full.
     """
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    def mechanism(scale: float) -> dp_accounting.DpEvent:
+        gaussian = dp_accounting.GaussianDpEvent(noise_multiplier * scale)
+        if count_multiplier is None:
+            return gaussian
+        return dp_accounting.ComposedDpEvent([gaussian, dp_accounting.GaussianDpEvent(count_multiplier * scale)])
+
+    gaussian = mechanism(1.0)
     if sampling == "poisson":
         return dp_accounting.PoissonSampledDpEvent(clients_per_round / population, gaussian)
     if sampling == "fixed":
-        replace_one = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+        replace_one = mechanism(0.5)
         return dp_accounting.SampledWithoutReplacementDpEvent(population, clients_per_round, replace_one)
     if sampling == "none":
         return gaussian

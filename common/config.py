@@ -37,6 +37,7 @@ def secagg_floor_problem(shares: int, threshold: int) -> str | None:
     return None
 
 
+ADAPTIVE_BIT = 0.5  # a client's clipped-or-not value: +0.5 unclipped, -0.5 clipped (sensitivity 0.5)
 AUTO_SHARES = 5  # secure_aggregation.num_shares = 0 means this many, or fewer if fewer are sampled
 
 
@@ -208,6 +209,30 @@ class UserDPSection:
         "noised sums; each round is accounted by Kairouz et al.'s zCDP bound, without "
         "amplification by client sampling.",
         choices=("central", "distributed"),
+    )
+    adaptive_clipping: bool = _setting(
+        False,
+        "Adaptive clipping (Andrew et al. 2021), central noise mode: clipping_norm is the first "
+        "round's clip, and after each round the clip moves toward the target_quantile of the "
+        "clients' update norms. Each client adds whether its update was clipped to its update, so "
+        "under SecAgg+ the server only sees the count inside the masked sum, and the server adds "
+        "Gaussian noise of clipped_count_stddev to it. noise_multiplier stays the round's total: "
+        "the update's noise is raised so that the two Gaussians compose to it (as TensorFlow "
+        "Federated sizes them).",
+    )
+    target_quantile: float = _setting(
+        0.5, "Adaptive clipping: the share of client updates the clip should leave unclipped.",
+        min=0.0, max=1.0, min_exclusive=True, max_exclusive=True,
+    )
+    clip_learning_rate: float = _setting(
+        0.2, "Adaptive clipping: geometric step; a round moves the clip by a factor of at most exp(rate).",
+        min=0.0, min_exclusive=True,
+    )
+    clipped_count_stddev: float = _setting(
+        0.0,
+        "Adaptive clipping: Gaussian noise on the count of unclipped updates. 0: auto, the "
+        "expected clients per round / 20 (Andrew et al.'s choice).",
+        min=0.0,
     )
 
 
@@ -454,6 +479,7 @@ class RunConfig:
                 f"({self.client.batch_size})"
             )
         self._validate_secure_aggregation()
+        self._validate_adaptive_clipping()
         for key in ("fail_clients", "fail_rounds"):
             value = getattr(self.simulation, key)
             if value and not all(part.strip().isdigit() for part in value.split(",")):
@@ -509,6 +535,19 @@ class RunConfig:
             return False
         most = self.federation.num_clients if self.user_dp.enabled else self.clients_per_round()
         return shares < most
+
+    def _validate_adaptive_clipping(self) -> None:
+        udp = self.user_dp
+        if not udp.adaptive_clipping:
+            return
+        if not udp.enabled:
+            raise ConfigError("user_dp.adaptive_clipping needs user-level DP: set user_dp.enabled = true")
+        if udp.noise_mode != "central":
+            raise ConfigError("user_dp.adaptive_clipping works with user_dp.noise_mode = 'central' only "
+                              "(the clipped-or-not count has no distributed noise yet)")
+        if self.secure_aggregation.enabled and self.secure_aggregation.clipping_range < ADAPTIVE_BIT:
+            raise ConfigError(f"user_dp.adaptive_clipping needs secure_aggregation.clipping_range >= "
+                              f"{ADAPTIVE_BIT} (each client's clipped-or-not value is +-{ADAPTIVE_BIT})")
 
     def _validate_secure_aggregation(self) -> None:
         sa = self.secure_aggregation

@@ -14,6 +14,9 @@ RUN_ID = "fedpriv-run-id"
 # The run ledger's head when the round began ("<entries>:<head hash>"): a node records it in its
 # own ledger, a witness of the run ledger outside the run directory (common.witness).
 RUN_HEAD = "fedpriv-run-head"
+# With adaptive clipping (user_dp.adaptive_clipping): the round's user-level clipping norm, which
+# the server moves each round from the noisy count of unclipped updates.
+USER_CLIP = "fedpriv-user-clip"
 
 # Metric keys in a client's train reply. Nothing about local training that no accounting covers
 # (loss, example or step counts, the update's norm) is sent: it stays in the node's own log.

@@ -83,9 +83,10 @@ def controls_markdown() -> str:
 
 UNITS = ("record", "user", "record+user", "any")
 DELTA_RULE = "1/(10N)"
-# The per-round fields a run summary may hold: all the server's own (server.report.CSV_COLUMNS).
-SERVER_ROUND_FIELDS = {"round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained",
-                       "clients_failed", "seconds", "failed"}
+# The per-round fields a run summary may hold: all the server's own (server.report.CSV_COLUMNS);
+# clipping_norm is the round's user-level clip (adaptive clipping moves it from noised counts only).
+SERVER_ROUND_FIELDS = {"round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clipping_norm",
+                       "clients_trained", "clients_failed", "seconds", "failed"}
 REVIEWS_DIR = "reviews"
 NODE_DELTA = 1e-5  # privacy.delta's default: a node's ledger records its spends, not the delta it reports at  # TARGET/reviews/<UTC time>/: the default output
 

@@ -152,9 +152,10 @@ def tolerated_dropouts(cfg: RunConfig) -> int:
     return shares - threshold if cfg.secure_aggregation.enabled else 0
 
 
-def central_sensitivity(cfg: RunConfig, dimension: int) -> float:
-    """L2 sensitivity of the sum of clipped updates as the server unmasks it (central mode)."""
-    clip = cfg.user_dp.clipping_norm
+def central_sensitivity(cfg: RunConfig, dimension: int, clip: float | None = None) -> float:
+    """L2 sensitivity of the sum of updates clipped to ``clip`` (default user_dp.clipping_norm) as
+    the server unmasks it (central mode): under SecAgg+, plus one quantization step per coordinate."""
+    clip = cfg.user_dp.clipping_norm if clip is None else clip
     if not cfg.secure_aggregation.enabled:
         return clip
     return clip + quantization_step(cfg) * math.sqrt(dimension)

@@ -25,7 +25,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedpriv.common import checkpoint, key_providers, rundir, secagg
+from fedpriv.common import checkpoint, key_providers, rundir, secagg, user_dp
 from fedpriv.common.canaries import CanaryClients
 from fedpriv.common.config import RunConfig, config_from_run_config
 from fedpriv.common.data import evaluation_set
@@ -114,7 +114,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path,
     )
     initial = [np.asarray(w) for w in model.get_weights()]
     dimension = int(sum(w.size for w in initial))
-    for warning in secagg.precision_warnings(cfg, dimension):
+    for warning in user_dp.preflight_warnings(cfg, dimension):
         log.info("fedpriv: %s", warning)
     run_log = RunLog(on_round=on_round)
     clock = {"round_start": time.perf_counter()}

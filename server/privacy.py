@@ -270,7 +270,7 @@ class PrivacyRecorder:
                 "clients_expected": expected, "clients_sampled": sampled, "clients_aggregated": aggregated,
                 "noise_multiplier": noise_multiplier,  # what the accounting uses: the noise applied
                 "configured_noise_multiplier": self.cfg.user_dp.noise_multiplier,
-                "clipping_norm": self.cfg.user_dp.clipping_norm,
+                "clipping_norm": mechanism.get("clipping_norm", self.cfg.user_dp.clipping_norm),  # the round's
                 "secure_aggregation": self.cfg.secure_aggregation.enabled,
             },
             sampling=sampling, epsilon=recorded,

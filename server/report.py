@@ -18,10 +18,11 @@ from fedpriv.server.privacy import PrivacyRecorder
 from fedpriv.server.run_log import RunLog
 
 # One row per round: the server's evaluation on its own test data (accuracy, loss), the
-# accounted epsilons, client counts the server knows itself, wall time. No client statistic.
+# accounted epsilons, the user-level clip (moved by adaptive clipping from noised counts only),
+# client counts the server knows itself, wall time. No client statistic.
 CSV_COLUMNS = (
-    "round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained", "clients_failed",
-    "seconds",
+    "round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clipping_norm", "clients_trained",
+    "clients_failed", "seconds",
 )
 
 log = logging.getLogger("fedpriv")
@@ -114,7 +115,16 @@ def plot_progress(run_log: RunLog, path: Path, title: str) -> None:
     acc = [run_log.rounds[r].accuracy for r in rounds]
     eps = [run_log.rounds[r].record_epsilon_max for r in rounds]
     user_eps = [run_log.rounds[r].user_epsilon for r in rounds]
-    fig, ax_acc = plt.subplots(figsize=(7, 4), dpi=110)
+    clips = [run_log.rounds[r].clipping_norm for r in rounds]
+    if len({c for c in clips if c is not None}) > 1:  # adaptive clipping: the clip gets its own panel
+        fig, (ax_acc, ax_clip) = plt.subplots(2, 1, figsize=(7, 5.6), dpi=110, sharex=True,
+                                              gridspec_kw={"height_ratios": [3, 1]})
+        ax_clip.plot(rounds, [np.nan if c is None else c for c in clips], "d-", color="tab:green")
+        ax_clip.set_ylabel("user-level clip")
+        ax_clip.set_xlabel("round")
+        ax_clip.grid(alpha=0.3)
+    else:
+        fig, ax_acc = plt.subplots(figsize=(7, 4), dpi=110)
     ax_acc.plot(rounds, [np.nan if a is None else a for a in acc], "o-", color="tab:blue", label="test accuracy")
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("test accuracy", color="tab:blue")

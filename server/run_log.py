@@ -24,6 +24,7 @@ class RoundEntry:
     loss: float | None = None
     record_epsilon_max: float | None = None
     user_epsilon: float | None = None
+    clipping_norm: float | None = None  # the round's user-level clipping norm (moves with adaptive clipping)
     clients_trained: int = 0
     clients_failed: int = 0
     seconds: float | None = None

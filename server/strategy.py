@@ -44,10 +44,10 @@ from fedpriv.common.canaries import CanaryClients
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common.fileio import write_atomic
-from fedpriv.common.updates import clip_bound, update_problem
+from fedpriv.common.updates import clip_bound, individual_problem, update_problem
 from fedpriv.common.protocol import (
     CLIENT_ID, CLIENTS_SAMPLED, PRIVACY, RECORD_EPSILON, REFUSAL_CODES, RUN_HEAD, RUN_ID,
-    SERVER_ROUND,
+    SERVER_ROUND, USER_CLIP,
 )
 from fedpriv.server.privacy import PrivacyRecorder, UserBudgetExhausted
 from fedpriv.server.rounds import Rounds
@@ -181,8 +181,8 @@ class FedprivStrategy(Strategy):
         self.on_round_end: Callable[[int, list[np.ndarray]], None] | None = None  # checkpoints
         self.rounds = Rounds()  # what the server learns about each round (server.rounds)
         if canary_clients is not None:
-            if not (cfg.user_dp.enabled and cfg.user_dp.noise_mode == "central"):
-                raise FedprivError("canary clients need user-level DP with central noise")
+            if not (cfg.user_dp.enabled and cfg.user_dp.noise_mode == "central") or cfg.user_dp.adaptive_clipping:
+                raise FedprivError("canary clients need user-level DP with central noise and a fixed clip")
             buffer = io.BytesIO()
             np.save(buffer, np.concatenate([np.asarray(a, np.float64).ravel() for a in initial]))
             write_atomic(Path(canary_clients.sink) / "initial.npy", buffer.getvalue())
@@ -200,14 +200,22 @@ class FedprivStrategy(Strategy):
             return None
 
     def optimizer_state(self) -> dict[str, list[np.ndarray]]:
-        """The server optimizer's state (FedAdam's moments), for a checkpoint."""
-        return {name: list(getattr(self.inner, name)) for name in ("m_t", "v_t")
-                if getattr(self.inner, name, None) is not None}
+        """The server optimizer's state (FedAdam's moments) and, with adaptive clipping, the
+        next round's clip, for a checkpoint."""
+        state = {name: list(getattr(self.inner, name)) for name in ("m_t", "v_t")
+                 if getattr(self.inner, name, None) is not None}
+        if self.user_noise is not None and self.user_noise.adaptive:
+            state[USER_CLIP] = [np.array([self.user_noise.clip])]
+        return state
 
     def restore_optimizer(self, state: dict[str, list[np.ndarray]]) -> None:
-        """Continue the server optimizer from a checkpoint (state a strategy lacks is dropped)."""
+        """Continue the server optimizer (and the adaptive clip) from a checkpoint (state this
+        run lacks is dropped)."""
         for name, arrays in state.items():
-            if hasattr(self.inner, name):
+            if name == USER_CLIP:
+                if self.user_noise is not None and self.user_noise.adaptive:
+                    self.user_noise.clip = float(np.asarray(arrays[0]).ravel()[0])
+            elif hasattr(self.inner, name):
                 setattr(self.inner, name, [np.asarray(a) for a in arrays])
 
     # ---- observation (called by ObservedGrid) -------------------------------------------
@@ -317,6 +325,8 @@ class FedprivStrategy(Strategy):
         state.sampled = {c.node_id for c in clients}
         config: dict[str, Scalar] = {SERVER_ROUND: server_round, CLIENTS_SAMPLED: len(clients),
                                      RUN_ID: self.recorder.run_id, RUN_HEAD: self.recorder.run_head()}
+        if self.user_noise is not None and self.user_noise.adaptive:
+            config[USER_CLIP] = self.user_noise.clip
         return [(client, FitIns(parameters, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -361,11 +371,14 @@ class FedprivStrategy(Strategy):
         else:
             mean = aggregate([(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in usable])
             mean = [np.asarray(a, dtype=np.float64) for a in mean]
+        count = None
+        if self.user_noise is not None:
+            mean, count = self.user_noise.split(mean)
         problem = self._update_problem(mean)
         if problem:
             return self._fail(server_round, ok, errors, f"the aggregated update is malformed ({problem})")
         if self.cfg.user_dp.enabled:
-            mean = self._privatize(server_round, mean, len(usable))
+            mean = self._privatize(server_round, mean, len(usable), count)
         new_global = [(g + m).astype(g.dtype) for g, m in zip(self.latest, mean, strict=True)]
         fit = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(new_global), 1, {})
         proxy = usable[0][0]
@@ -401,8 +414,10 @@ class FedprivStrategy(Strategy):
         return loss, {"accuracy": accuracy}
 
     # ---- helpers ------------------------------------------------------------------------
-    def _privatize(self, server_round: int, mean: list[np.ndarray], contributors: int) -> list[np.ndarray]:
-        """User-level DP on the mean of ``contributors`` clipped updates; record the round.
+    def _privatize(self, server_round: int, mean: list[np.ndarray], contributors: int,
+                   count: np.ndarray | None = None) -> list[np.ndarray]:
+        """User-level DP on the mean of ``contributors`` clipped updates (``count``: the mean of
+        their clipped-or-not values, with adaptive clipping); record the round.
 
         The noisy sum is divided by the expected number of clients (q * population), a fixed
         denominator, as DP-FedAvg with Poisson sampling requires (McMahan et al. 2018).
@@ -413,8 +428,9 @@ class FedprivStrategy(Strategy):
         if self.canary_clients is not None:  # the audit's canaries join the clipped updates, before the noise
             mean, contributors = self.canary_clients.join(mean, contributors, self.cfg.federation.fraction_train,
                                                           clip_bound(self.cfg))
-        release = self.user_noise.release(mean, contributors, sampled, population, expected)
+        release = self.user_noise.release(mean, contributors, sampled, population, expected, count=count)
         self._privacy_round(server_round, sampled, contributors, release)
+        self.run_log.entry(server_round).clipping_norm = release.parameters.get("clipping_norm")
         return [t / expected for t in release.noisy_sum]
 
     def _privacy_round(self, server_round: int, sampled: int, contributors: int, release: user_dp.Release) -> None:
@@ -426,9 +442,12 @@ class FedprivStrategy(Strategy):
         self.run_log.entry(server_round).user_epsilon = epsilon
 
     def _update_problem(self, arrays: list[np.ndarray], individual: bool = False) -> str | None:
-        """Why an update (an individual one: also its norm, under user-level DP) is malformed."""
-        clip = clip_bound(self.cfg) if individual else None
-        return update_problem(arrays, [a.shape for a in self.latest], clip)
+        """Why an update (an individual one, as its client sent it: also its norm against the
+        round's clip, under user-level DP) is malformed."""
+        shapes = [a.shape for a in self.latest]
+        if not individual:
+            return update_problem(arrays, shapes)
+        return individual_problem(self.cfg, arrays, shapes, self.user_noise.clip if self.user_noise else None)
 
     def _fail(self, server_round: int, ok: list[dict[str, Any]], errors: list[str],
               reason: str) -> tuple[None, dict[str, Scalar]]:

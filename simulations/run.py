@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fedpriv.clients.app import forget_partitions, local_data, make_client_app
-from fedpriv.common import checkpoint, keyfiles, secagg, secret_env
+from fedpriv.common import checkpoint, keyfiles, secret_env, user_dp
 from fedpriv.common.canaries import Canaries, CanaryClients, GradientCanaries
 from fedpriv.common.config import ConfigError, RunConfig
 from fedpriv.common.data import Dataset, evaluation_set, forget_loaded, load_dataset
@@ -60,7 +60,7 @@ def plan(cfg: RunConfig) -> Plan:
     gpus = cfg.simulation.gpus_per_client if gpu_count() > 0 else 0.0
     model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
     dimension = int(model.count_params())
-    warnings = secagg.precision_warnings(cfg, dimension)  # raises ConfigError if unworkable
+    warnings = user_dp.preflight_warnings(cfg, dimension)  # raises ConfigError if unworkable
     if cluster and _sealed_data(cfg):
         warnings.append(f"{cfg.data.path} is sealed: on the Ray cluster each virtual client opens it with the "
                         f"sealing key of the machine it runs on (${checkpoint.KEY_FILE_ENV} where its raylet "

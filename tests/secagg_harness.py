@@ -109,6 +109,7 @@ def main(argv: list[str]) -> int:
             arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
             view[f"masked_{client}"] = np.concatenate([a.ravel() for a in arrays])
             view[f"weight_{client}"] = np.array(fitres.num_examples)
+            view[f"plain_arrays_{client}"] = np.array(len(fitres.parameters.tensors))  # beside the masked vector
 
     quiet_flower(False)
     run_plan = plan(cfg)

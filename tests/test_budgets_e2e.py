@@ -75,6 +75,12 @@ def test_server_stops_before_the_user_level_budget(cli, tmp_path, own_server_sta
     proc, summary = _simulate(cli, out, "run.rounds=6", "dp.enabled=false", "user_dp.enabled=true",
                               "user_dp.noise_multiplier=4.0", f"privacy.user_budget={budget}")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # 3 clients at z = 4: the command says before training that no update can stand out.
+    ratio = 4.0 * math.sqrt(summary["model_parameters"]) / (3 * math.sqrt(6))
+    printed = " ".join(proc.stdout.split())  # (the console wraps long lines)
+    warned = printed.index(f"warning: user-level noise leaves no signal: over the run's 6 rounds the noise "
+                           f"on the averaged updates is {ratio:.1f}x")
+    assert warned < printed.index("round 1/")
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["privacy"]["stopped_early"]["round"] == 3
     assert summary["privacy"]["user_level"]["epsilon"] == pytest.approx(user_eps(2), rel=1e-6)

@@ -35,14 +35,15 @@ SPEND_FIELDS = {"sampling_probability", "noise_multiplier", "steps"}
 # Words that name a per-client training statistic; no key of a reply or of the report may use them
 # (but those in REPORT_KEYS and FLOWER_WEIGHT, and the report's copy of the configuration).
 STATISTIC_WORDS = ("loss", "norm", "example", "steps")
-ROUND_FIELDS = {"round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained",
+# clipping_norm: the round's user-level clip, a setting (adaptive clipping moves it from noised counts).
+ROUND_FIELDS = {"round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clipping_norm", "clients_trained",
                 "clients_failed", "seconds", "failed"}
 # Keys of summary.json that name a setting or the server's own figure, not a client statistic: the
 # server's test loss, its dataset's sizes, the configured clip bounds.
 REPORT_KEYS = {"loss", "train_examples", "test_examples", "clipping_norm", "l2_norm_clip"}
 # Flower's record of FitRes.num_examples: the FedAvg weight, 1 under user-level DP (checked by value).
 FLOWER_WEIGHT = {"fitres.num_examples", "num_examples"}
-CSV_HEADER = ["round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clients_trained",
+CSV_HEADER = ["round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clipping_norm", "clients_trained",
               "clients_failed", "seconds"]
 
 

@@ -79,3 +79,25 @@ def test_distributed_mode_encodes_integers_and_releases_its_zcdp_event():
     assert worst.rho >= release.event.rho and addition >= release.delta_addition
     skipped = mode.skipped(10, 5.0)
     assert skipped.event == worst and skipped.sampling == "none"
+
+
+def test_the_no_signal_figure_is_the_noise_the_server_adds_over_what_updates_can_add():
+    """noise_to_signal (fedpriv simulate's warning) against the mechanism itself: the noise
+    release() puts on the mean update over a run's rounds, in L2, over rounds x clip."""
+    from fedpriv.common.presets import preset_layers
+
+    d, rounds, clients = 10_000, 5, 10
+    cfg = load_config(overrides=["user_dp.enabled=true", "secure_aggregation.enabled=false", "user_dp.clipping_norm=0.3",
+                                 f"run.rounds={rounds}", f"federation.num_clients={clients}"])
+    noise = user_dp.noise_for(cfg, d)
+    total = sum(noise.release([np.zeros(d)], clients, clients, clients, clients).noisy_sum[0] / clients
+                for _ in range(rounds))
+    measured = float(np.linalg.norm(total)) / (rounds * 0.3)
+    assert user_dp.noise_to_signal(cfg, d) == pytest.approx(measured, rel=0.05)
+    warnings = user_dp.preflight_warnings(cfg, d)
+    assert any(w.startswith(f"user-level noise leaves no signal: over the run's {rounds} rounds the noise on the "
+                            f"averaged updates is {user_dp.noise_to_signal(cfg, d):.1f}x") for w in warnings)
+    # The cross-device preset (about 50 of 1,000 devices a round, 20 rounds) learns: no warning.
+    cross_device = load_config(preset_layers("cross-device"))
+    assert user_dp.noise_to_signal(cross_device, 93_322) < user_dp.NO_SIGNAL_RATIO
+    assert not any("no signal" in w for w in user_dp.preflight_warnings(cross_device, 93_322))

@@ -1,0 +1,187 @@
+"""Adaptive clipping for user-level DP (user_dp.adaptive_clipping; common/user_dp.py), checked against
+TF Privacy's QuantileAdaptiveClipSumQuery and dp-accounting, and end to end under SecAgg+."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+
+from fedpriv.common import user_dp
+from fedpriv.common.config import ConfigError, load_config
+from fedpriv.common.ledger import verify_ledger
+from fedpriv.common.presets import preset_layers
+from tests.conftest import run_harness, simulate_run
+
+ADAPTIVE = ["user_dp.enabled=true", "user_dp.adaptive_clipping=true"]
+
+
+def _tf_privacy_query(clip: float, z: float, count_stddev: float, expected: float):
+    from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import QuantileAdaptiveClipSumQuery
+
+    return QuantileAdaptiveClipSumQuery(
+        initial_l2_norm_clip=clip, noise_multiplier=z, target_unclipped_quantile=0.5, learning_rate=0.2,
+        clipped_count_stddev=count_stddev, expected_num_records=expected, geometric_update=True)
+
+
+def _tf_privacy_round(query, state, records):
+    import tensorflow as tf
+
+    params = query.derive_sample_params(state)
+    sample = query.initial_sample_state(tf.constant(records[0], tf.float32))
+    for record in records:
+        sample = query.accumulate_record(params, sample, tf.constant(record, tf.float32))
+    return query.get_noised_result(sample, state)
+
+
+def test_the_clip_follows_tf_privacys_quantile_adaptive_clip_sum_query():
+    """Clients encode (clip, add the clipped-or-not value), the server releases: the sum and the
+    next clip are TF Privacy's for the same update norms, round after round (noise off)."""
+    cfg = load_config(overrides=[*ADAPTIVE, "user_dp.noise_multiplier=0", "user_dp.clipped_count_stddev=1e-12",
+                                 "secure_aggregation.enabled=false", "user_dp.clipping_norm=1.0"])
+    rng = np.random.default_rng(7)
+    directions = rng.normal(size=(9, 6))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    server = user_dp.CentralGaussian(cfg, 6)
+    query = _tf_privacy_query(1.0, 0.0, 1e-12, 9)
+    state = query.initial_global_state()
+    for norms in ([0.3, 0.8, 1.5, 2.0, 0.1, 3.0, 0.9, 1.2, 0.5], [0.2, 0.4, 0.6, 0.7, 0.95, 1.1, 1.3, 2.5, 0.05]):
+        updates = [d * n for d, n in zip(directions, norms, strict=True)]
+        sent = [user_dp.noise_for(cfg, 6, clip=server.clip).encode([u], 9)[0] for u in updates]
+        assert sorted(float(s[1][0]) for s in sent) == sorted(0.5 if n <= server.clip else -0.5 for n in norms)
+        mean = [np.mean([s[k] for s in sent], axis=0) for k in range(2)]
+        update, count = server.split(mean)
+        release = server.release(update, 9, 9, population=9, expected=9, count=count)
+        result, state, event = _tf_privacy_round(query, state, updates)
+        np.testing.assert_allclose(release.noisy_sum[0], result.numpy(), rtol=1e-5, atol=1e-7)
+        assert server.clip == pytest.approx(float(state.sum_state.l2_norm_clip), rel=1e-5)
+        assert release.parameters["next_clipping_norm"] == server.clip
+
+
+def test_the_round_event_is_tf_privacys_and_costs_the_configured_epsilon():
+    """The round's event composes the sum's and the count's Gaussians as TF Privacy reports them,
+    and (their noise sized as TensorFlow Federated sizes it) costs what a fixed clip at
+    user_dp.noise_multiplier costs, by dp-accounting."""
+    cfg = load_config(preset_layers("cross-device"),
+                      ["user_dp.adaptive_clipping=true", "secure_aggregation.enabled=false"])
+    noise = user_dp.CentralGaussian(cfg, 1000)
+    event = noise.round_event(population=1000, expected=50)
+    z_sum, z_count = noise.multipliers(50)
+    assert z_count == pytest.approx(50 / 20 / 0.5)  # Andrew et al.'s count noise, sensitivity 1/2
+    assert z_sum ** -2 + z_count ** -2 == pytest.approx(cfg.user_dp.noise_multiplier ** -2)
+    query = _tf_privacy_query(1.0, z_sum, 50 / 20, 50)
+    _, _, tfp_event = _tf_privacy_round(query, query.initial_global_state(), [np.ones(3, np.float32)])
+    assert isinstance(event, dp_accounting.PoissonSampledDpEvent) and event.sampling_probability == 0.05
+    assert isinstance(event.event, dp_accounting.ComposedDpEvent) and isinstance(tfp_event, dp_accounting.ComposedDpEvent)
+    assert [float(e.noise_multiplier) for e in event.event.events] == pytest.approx(
+        [float(e.noise_multiplier) for e in tfp_event.events], rel=1e-6)
+    adaptive = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, 200)).get_epsilon(1e-5)
+    fixed = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 200)).get_epsilon(1e-5)
+    assert adaptive == pytest.approx(fixed, rel=1e-6)
+
+
+def test_settings_that_cannot_work_are_refused_before_any_round(cli_here, tmp_path):
+    with pytest.raises(ConfigError, match="needs user-level DP"):
+        load_config(overrides=["user_dp.adaptive_clipping=true"])
+    with pytest.raises(ConfigError, match="'central' only"):
+        load_config(preset_layers("cross-device"), ["user_dp.adaptive_clipping=true", "user_dp.noise_mode=distributed"])
+    with pytest.raises(ConfigError, match="clipping_range >= 0.5"):
+        load_config(overrides=[*ADAPTIVE, "secure_aggregation.clipping_range=0.25"])
+    # 10 clients, all sampled: Andrew et al.'s count noise (10/20) cannot compose to z = 1.
+    out = tmp_path / "run"
+    proc = cli_here("simulate", "--set", "user_dp.enabled=true", "--set", "user_dp.adaptive_clipping=true",
+                    "--out", str(out))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: adaptive clipping: the count's noise multiplier 1") and "clipped_count_stddev above 0.5" in line
+    assert not out.exists()
+
+
+def test_a_clients_update_must_carry_one_clipped_or_not_value():
+    from fedpriv.common.updates import individual_problem
+
+    cfg = load_config(overrides=[*ADAPTIVE, "user_dp.clipping_norm=1.0"])
+    shapes = [(3,)]
+    assert individual_problem(cfg, [np.full(3, 0.1), np.array([0.5])], shapes, 1.0) is None
+    for bad in ([np.full(3, 0.1)], [np.full(3, 0.1), np.array([0.7])], [np.full(3, 0.1), np.array([0.5, 0.5])]):
+        assert "clipped-or-not" in individual_problem(cfg, bad, shapes, 1.0)
+    assert "norm" in individual_problem(cfg, [np.full(3, 1.0), np.array([0.5])], shapes, 1.0)  # over the round's clip
+    assert individual_problem(cfg, [np.full(3, 1.0), np.array([-0.5])], shapes, 2.0) is None
+
+
+SMALL_CROSS_DEVICE = ["federation.num_clients=100", "federation.min_available_clients=100",
+                      "federation.fraction_train=0.2", "user_dp.adaptive_clipping=true", "user_dp.clipping_norm=0.5"]
+
+
+@pytest.mark.slow
+def test_an_adaptive_run_is_accounted_audited_plotted_and_resumed(cli_here, tmp_path):
+    """Cross-device under SecAgg+: each round's ledger event is the sampled composition of the
+    sum's and the count's Gaussians; dp-accounting called on those events gives the recorded
+    epsilon and the audit's; metrics.csv has each round's clip; a resume continues from the clip
+    the last round left, not from the configured one."""
+    out = tmp_path / "run"
+    proc, summary = simulate_run(out, ["run.rounds=2", *SMALL_CROSS_DEVICE], "cross-device", here=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, summary = simulate_run(out, ["run.rounds=3"], resume=True, here=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entries = [e for e in verify_ledger(out).entries if e["kind"] == "user_level"]
+    assert [e["round"] for e in entries] == [1, 2, 3]
+    accountant, clips = rdp.RdpAccountant(), []
+    for entry in entries:
+        p = entry["parameters"]
+        assert p["secure_aggregation"] and p["noise_multiplier"] == 1.0
+        assert p["clipped_count_stddev"] == pytest.approx(20 / 20)
+        assert p["sum_noise_multiplier"] ** -2 + p["count_noise_multiplier"] ** -2 == pytest.approx(1.0, rel=1e-4)
+        assert p["next_clipping_norm"] == pytest.approx(
+            p["clipping_norm"] * math.exp(-0.2 * (p["unclipped_fraction"] - 0.5)))
+        clips.append(p["clipping_norm"])
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.ComposedDpEvent([
+            dp_accounting.GaussianDpEvent(p["sum_noise_multiplier"]),
+            dp_accounting.GaussianDpEvent(p["count_noise_multiplier"])])))
+    assert clips[0] == 0.5
+    for before, after in zip(entries, entries[1:]):  # round 3 ran in the resumed process
+        assert after["parameters"]["clipping_norm"] == before["parameters"]["next_clipping_norm"]
+    epsilon = accountant.get_epsilon(1e-5)
+    assert summary["privacy"]["user_level"]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    assert entries[-1]["epsilon"]["rdp"] == pytest.approx(epsilon, rel=1e-9)
+    audit = cli_here("audit", str(out), "--json")
+    assert audit.returncode == 0, audit.stdout[-2000:]
+    assert json.loads(audit.stdout)["epsilon"]["user_level"]["rdp"] == pytest.approx(epsilon, rel=1e-9)
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["clipping_norm"]) for r in rows] == pytest.approx(clips)
+    assert (out / "progress.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_clipped_or_not_values_reach_the_server_only_inside_the_masked_sum(tmp_path):
+    """The server's view of a SecAgg+ round (tests/secagg_harness.py): each reply's masked vector
+    ends with the client's clipped-or-not value masked beyond recognition, no reply carries it
+    otherwise, and only the unmasked sum gives the count (noise off here, so it is exact)."""
+    settings = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
+                *ADAPTIVE, "user_dp.noise_multiplier=0", "user_dp.clipped_count_stddev=1e-9",
+                "user_dp.clipping_norm=0.05"]
+    proc = run_harness("secagg_harness", str(tmp_path), *settings)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    view = np.load(tmp_path / "server-view.npz")
+    flags = {}
+    for c in range(5):
+        sent = np.load(tmp_path / "updates" / f"update-{c}.npz")["update"]  # what the client masked
+        flags[c], norm = sent[-1], float(np.linalg.norm(sent[:-1]))
+        assert flags[c] in (0.5, -0.5)
+        assert (norm < 0.05) if flags[c] == 0.5 else norm == pytest.approx(0.05, rel=1e-6)
+        masked = view[f"masked_{c}"]
+        assert masked.size == sent.size + 1  # Flower's weight factor first, the value last
+        quantized = round((flags[c] + 8.0) * 2**22 / 16.0)  # Flower's quantizer at SecAgg+'s settings
+        distance = (int(masked[-1]) - quantized) % 2**32
+        assert min(distance, 2**32 - distance) > 1000  # not the value, nor anywhere near it
+        assert int(view[f"plain_arrays_{c}"]) == 0  # no plain update beside the masked one
+    (entry,) = [e for e in verify_ledger(tmp_path / "run").entries if e["kind"] == "user_level"]
+    unclipped = sum(f == 0.5 for f in flags.values()) / 5
+    assert entry["parameters"]["unclipped_fraction"] == pytest.approx(unclipped, abs=1e-4)
