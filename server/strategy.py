@@ -375,6 +375,8 @@ class FedprivStrategy(Strategy):
         if self.user_noise is not None:
             mean, count = self.user_noise.split(mean)
         problem = self._update_problem(mean)
+        if count is not None and (np.shape(count) != (1,) or not np.all(np.isfinite(count))):
+            problem = "its clipped-or-not count is not one finite number"
         if problem:
             return self._fail(server_round, ok, errors, f"the aggregated update is malformed ({problem})")
         if self.cfg.user_dp.enabled:
