@@ -11,7 +11,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 # tests share an expensive fixture is kept on one worker (xdist_group marks, --dist loadgroup).
 PYTEST_ARGS ?= -n 3 --dist loadgroup --durations=25
 
-.PHONY: demo test test-fast test-compose bench bench-secagg bench-dp-step bench-flower bench-scale bench-all bench-audit bench-user-dp generated sync clean
+.PHONY: demo test test-fast test-compose bench bench-secagg bench-dp-step bench-flower bench-scale bench-all bench-audit bench-user-dp bench-user-dp-preset generated sync clean
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -48,6 +48,9 @@ bench-audit: sync
 
 bench-user-dp: sync
 	$(UV) run --locked python benchmarks/user_dp_curve.py
+
+bench-user-dp-preset: sync
+	$(UV) run --locked python benchmarks/user_dp_curve.py --as-shipped 3 --no-dp-runs 1
 
 bench-flower: sync
 	$(UV) run --locked python benchmarks/flower_baseline.py

@@ -14,7 +14,7 @@ number of neighbours).
 Part 2, utility: final accuracy against epsilon on the built-in data with the same seed, with no
 DP, record-level DP only, user-level DP only, and both, for two federations: ``quickstart``
 (cross-silo: 10 clients of 450 records, all in every round) and ``cross-device`` (1,000 devices of
-4-5 records, about 50 per round). Each layer pays off in its own setting: record-level DP where
+4-5 records, about 100 per round). Each layer pays off in its own setting: record-level DP where
 clients hold many records, user-level DP where many clients take part in each round.
 
     uv run python benchmarks/secagg.py [--part overhead|utility|all] [--quick] [--check]

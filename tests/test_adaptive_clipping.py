@@ -82,7 +82,8 @@ def test_the_round_event_is_tf_privacys_and_costs_the_configured_epsilon():
         [float(e.noise_multiplier) for e in tfp_event.events], rel=1e-6)
     adaptive = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, 200)).get_epsilon(1e-5)
     fixed = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 200)).get_epsilon(1e-5)
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(cfg.user_dp.noise_multiplier)),
+        200)).get_epsilon(1e-5)
     assert adaptive == pytest.approx(fixed, rel=1e-6)
 
 
@@ -116,7 +117,8 @@ def test_a_clients_update_must_carry_one_clipped_or_not_value():
 
 
 SMALL_CROSS_DEVICE = ["federation.num_clients=100", "federation.min_available_clients=100",
-                      "federation.fraction_train=0.2", "user_dp.adaptive_clipping=true", "user_dp.clipping_norm=0.5"]
+                      "federation.fraction_train=0.2", "user_dp.adaptive_clipping=true", "user_dp.clipping_norm=0.5",
+                      "user_dp.noise_multiplier=1.0", "client.local_epochs=1"]
 
 
 @pytest.mark.slow

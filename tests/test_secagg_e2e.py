@@ -124,7 +124,8 @@ def test_cross_device_distributed_noise_is_recorded_and_accounted(cli_here, tmp_
     out = tmp_path / "run"
     proc, summary = _simulate(out, "run.rounds=2", "federation.num_clients=100",
                               "federation.min_available_clients=100", "federation.fraction_train=0.2",
-                              "user_dp.noise_mode=distributed", preset="cross-device")
+                              "user_dp.noise_mode=distributed", "user_dp.noise_multiplier=1.0",
+                              "client.local_epochs=1", preset="cross-device")
     assert proc.returncode == 0, proc.stderr[-2000:]
     user = summary["privacy"]["user_level"]
     assert user["enabled"] and user["noise_mode"] == "distributed" and user["epsilon"] > 0
