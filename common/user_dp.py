@@ -224,8 +224,10 @@ class DistributedDiscreteGaussian(CentralGaussian):
         return secagg.distributed_worst_round(self.cfg, self.dimension, population)
 
     def release(self, mean: Sequence[np.ndarray], contributors: int, sampled: int, population: int,
-                expected: float, random_bytes: secagg.RandomBytes = os.urandom) -> Release:
-        """The server's half: the exact integer sum (already noised by the clients), scaled back."""
+                expected: float, random_bytes: secagg.RandomBytes = os.urandom,
+                count: np.ndarray | None = None) -> Release:
+        """The server's half: the exact integer sum (already noised by the clients), scaled back.
+        (``count``: always None here; adaptive clipping is refused with distributed noise.)"""
         plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
         noisy_sum = secagg.decode_distributed_sum(mean, contributors, plan)
         parameters = {"noise_mode": self.mode, "mechanism": "distributed discrete Gaussian",
