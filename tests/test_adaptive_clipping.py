@@ -122,7 +122,7 @@ SMALL_CROSS_DEVICE = ["federation.num_clients=100", "federation.min_available_cl
 
 
 @pytest.mark.slow
-def test_an_adaptive_run_is_accounted_audited_plotted_and_resumed(cli_here, tmp_path):
+def test_an_adaptive_run_is_accounted_audited_plotted_and_resumed(cli_here, tmp_path, own_server_state):
     """Cross-device under SecAgg+: each round's ledger event is the sampled composition of the
     sum's and the count's Gaussians; dp-accounting called on those events gives the recorded
     epsilon and the audit's; metrics.csv has each round's clip; a resume continues from the clip
@@ -162,10 +162,12 @@ def test_an_adaptive_run_is_accounted_audited_plotted_and_resumed(cli_here, tmp_
 
 
 @pytest.mark.slow
-def test_the_clipped_or_not_values_reach_the_server_only_inside_the_masked_sum(tmp_path):
+def test_the_clipped_or_not_values_reach_the_server_only_inside_the_masked_sum(tmp_path, own_server_state):
     """The server's view of a SecAgg+ round (tests/secagg_harness.py): each reply's masked vector
     ends with the client's clipped-or-not value masked beyond recognition, no reply carries it
-    otherwise, and only the unmasked sum gives the count (noise off here, so it is exact)."""
+    otherwise, and only the unmasked sum gives the count (noise off here, so it is exact; the
+    run's infinite user-level epsilon stays in its own server state, which later runs do not
+    compose with)."""
     settings = ["run.rounds=1", "federation.num_clients=5", "federation.min_available_clients=5",
                 *ADAPTIVE, "user_dp.noise_multiplier=0", "user_dp.clipped_count_stddev=1e-9",
                 "user_dp.clipping_norm=0.05"]
