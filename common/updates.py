@@ -54,10 +54,10 @@ def individual_problem(cfg: RunConfig, arrays: Sequence[np.ndarray], shapes: Seq
     (:func:`common.user_dp.count_problem`). The client checks its own before masking it, the
     server each one it receives without SecAgg+."""
     if cfg.user_dp.enabled and cfg.user_dp.adaptive_clipping:
-        problem = user_dp.count_problem(arrays[-1] if len(arrays) else None)
+        arrays, count = user_dp.split_count(cfg, arrays)
+        problem = user_dp.count_problem(count)
         if problem:
             return problem
-        arrays = arrays[:-1]
     return update_problem(arrays, shapes, clip_bound(cfg, clip))
 
 

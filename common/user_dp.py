@@ -97,9 +97,7 @@ class CentralGaussian:
     def split(self, arrays: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
         """An update (or a sum of them) as clients send it -> (the model's arrays, the
         clipped-or-not array, None without adaptive clipping)."""
-        if not self.adaptive or not arrays:
-            return list(arrays), None
-        return list(arrays[:-1]), np.asarray(arrays[-1])
+        return split_count(self.cfg, arrays)
 
     # ---- adaptive clipping (Andrew et al. 2021; TF Privacy's QuantileAdaptiveClipSumQuery) ----
     def count_sensitivity(self) -> float:
@@ -280,6 +278,14 @@ def noise_to_signal(cfg: RunConfig, dimension: int) -> float:
     the cross-device preset, about 100 clients a round for 20 rounds at z = 1.21: 0.8, and it learns)."""
     m = cfg.federation.fraction_train * cfg.federation.num_clients
     return cfg.user_dp.noise_multiplier * math.sqrt(dimension) / (m * math.sqrt(cfg.run.rounds))
+
+
+def split_count(cfg: RunConfig, arrays: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Arrays as clients send them -> (the model's arrays, the clipped-or-not array last in them
+    with adaptive clipping, else None; None too when there are no arrays)."""
+    if not (cfg.user_dp.enabled and cfg.user_dp.adaptive_clipping) or not len(arrays):
+        return list(arrays), None
+    return list(arrays[:-1]), np.asarray(arrays[-1])
 
 
 def count_problem(value: np.ndarray | None) -> str | None:
