@@ -400,11 +400,14 @@ def distributed_dgauss_event(rho: float) -> dp_accounting.DpEvent:
 
 
 def equivalent_noise_multiplier(event: dp_accounting.DpEvent) -> float:
-    """The Gaussian noise multiplier with the same RDP curve as a ``distributed_dgauss_event``
-    (``1 / sqrt(2 rho)``; 0 for a non-private event)."""
-    if isinstance(event, dp_accounting.ZCDpEvent) and event.rho > 0:
-        return 1 / math.sqrt(2 * event.rho)
-    return math.inf if isinstance(event, dp_accounting.ZCDpEvent) else 0.0
+    """The Gaussian noise multiplier with the same RDP curve as a ``distributed_dgauss_event``, or
+    a composition of them (adaptive clipping's sum and count: the rhos add): ``1 / sqrt(2 rho)``;
+    0 when a non-private event is among them."""
+    parts = event.events if isinstance(event, dp_accounting.ComposedDpEvent) else [event]
+    if not all(isinstance(e, dp_accounting.ZCDpEvent) for e in parts):
+        return 0.0
+    rho = math.fsum(e.rho for e in parts)
+    return 1 / math.sqrt(2 * rho) if rho > 0 else math.inf
 
 
 def discrete_gaussian_tail(threshold: float, local_std: float) -> float:

@@ -212,13 +212,13 @@ class UserDPSection:
     )
     adaptive_clipping: bool = _setting(
         False,
-        "Adaptive clipping (Andrew et al. 2021), central noise mode: clipping_norm is the first "
-        "round's clip, and after each round the clip moves toward the target_quantile of the "
-        "clients' update norms. Each client adds whether its update was clipped to its update, so "
-        "under SecAgg+ the server only sees the count inside the masked sum, and the server adds "
-        "Gaussian noise of clipped_count_stddev to it. noise_multiplier stays the round's total: "
-        "the update's noise is raised so that the two Gaussians compose to it (as TensorFlow "
-        "Federated sizes them).",
+        "Adaptive clipping (Andrew et al. 2021): clipping_norm is the first round's clip, and "
+        "after each round the clip moves toward the target_quantile of the clients' update norms. "
+        "Each client adds whether its update was clipped to its update, so under SecAgg+ the "
+        "server only sees the count inside the masked sum; the count gets noise of "
+        "clipped_count_stddev (central mode: from the server; distributed mode: discrete Gaussian "
+        "shares from the clients). noise_multiplier stays the round's total: the update's noise "
+        "is raised so that the two compose to it (as TensorFlow Federated sizes them).",
     )
     target_quantile: float = _setting(
         0.5, "Adaptive clipping: the share of client updates the clip should leave unclipped.",
@@ -542,10 +542,8 @@ class RunConfig:
             return
         if not udp.enabled:
             raise ConfigError("user_dp.adaptive_clipping needs user-level DP: set user_dp.enabled = true")
-        if udp.noise_mode != "central":
-            raise ConfigError("user_dp.adaptive_clipping works with user_dp.noise_mode = 'central' only "
-                              "(the clipped-or-not count has no distributed noise yet)")
-        if self.secure_aggregation.enabled and self.secure_aggregation.clipping_range < ADAPTIVE_BIT:
+        if (udp.noise_mode == "central" and self.secure_aggregation.enabled
+                and self.secure_aggregation.clipping_range < ADAPTIVE_BIT):
             raise ConfigError(f"user_dp.adaptive_clipping needs secure_aggregation.clipping_range >= "
                               f"{ADAPTIVE_BIT} (each client's clipped-or-not value is +-{ADAPTIVE_BIT})")
 

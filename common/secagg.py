@@ -233,15 +233,18 @@ class DistributedNoise:
         }
 
 
-def distributed_worst_round(cfg: RunConfig, dimension: int, population: int) -> tuple[Any, float]:
+def distributed_worst_round(cfg: RunConfig, dimension: int, population: int,
+                            noise_multiplier: float | None = None) -> tuple[Any, float]:
     """Before a round is sampled: (DpEvent, delta addition) that bound any distributed round over
     ``population`` clients in which at least ``min_clients`` contribute. The bound is
     non-decreasing in the sensitivity-to-noise ratios (at most 1/z in L2 when at least
-    min_clients contribute) and in tau (largest with everyone sampled and contributing)."""
-    plan = distributed_noise(cfg, dimension, population)  # the smallest local noise of any sample
+    min_clients contribute) and in tau (largest with everyone sampled and contributing).
+    ``noise_multiplier``: as for :func:`distributed_noise`."""
+    # the smallest local noise of any sample
+    plan = distributed_noise(cfg, dimension, population, noise_multiplier=noise_multiplier)
     # Every plan keeps OVERFLOW_SIGMAS local standard deviations of headroom (or more).
     overflow = min(1.0, population * dimension * accounting.discrete_gaussian_tail(OVERFLOW_SIGMAS, 1.0))
-    z = cfg.user_dp.noise_multiplier
+    z = plan.noise_multiplier
     if z <= 0 or plan.local_std < accounting.DDG_MIN_LOCAL_STD:
         return accounting.distributed_dgauss_event(math.inf), overflow
     l2_scale = 1 / z
@@ -256,12 +259,18 @@ def decode_distributed_sum(mean: Sequence[np.ndarray], contributors: int, plan: 
     return [np.rint(np.asarray(a, dtype=np.float64) * contributors) / plan.scale for a in mean]
 
 
-def distributed_noise(cfg: RunConfig, dimension: int, clients_sampled: int) -> DistributedNoise:
-    """The plan both sides compute from the configuration, the model size and the round's sample."""
-    udp, sa = cfg.user_dp, cfg.secure_aggregation
+def distributed_noise(cfg: RunConfig, dimension: int, clients_sampled: int, clip: float | None = None,
+                      noise_multiplier: float | None = None) -> DistributedNoise:
+    """The plan both sides compute from the configuration, the model size and the round's sample.
+    ``clip``: the round's clipping norm (default user_dp.clipping_norm; adaptive clipping moves
+    it, and only ``scale`` follows: the integer sensitivity, the noise and the accounting do
+    not depend on it); ``noise_multiplier``: default user_dp.noise_multiplier (adaptive clipping
+    plans the sum and the clipped-or-not count each with its share)."""
+    sa = cfg.secure_aggregation
     half = sa.quantization_range // 2
     min_clients = max(1, clients_sampled - tolerated_dropouts(cfg))
-    z = udp.noise_multiplier
+    z = cfg.user_dp.noise_multiplier if noise_multiplier is None else noise_multiplier
+    clip = cfg.user_dp.clipping_norm if clip is None else clip
     # Keep |coordinate| <= half with OVERFLOW_SIGMAS of headroom for the local noise:
     # sensitivity * (1 + OVERFLOW_SIGMAS * z / sqrt(min_clients)) <= half.
     sensitivity = half / (1 + OVERFLOW_SIGMAS * z / math.sqrt(min_clients))
@@ -273,11 +282,11 @@ def distributed_noise(cfg: RunConfig, dimension: int, clients_sampled: int) -> D
             f"more than {MAX_ROUNDING_INFLATION:.0%} to the sensitivity; raise it (or sample "
             f"fewer clients per round)"
         )
-    scale = (sensitivity - rounding) / udp.clipping_norm
+    scale = (sensitivity - rounding) / clip
     local_std = z * sensitivity / math.sqrt(min_clients)
     return DistributedNoise(
         dimension=dimension, clients_sampled=clients_sampled, min_clients=min_clients,
-        clipping_norm=udp.clipping_norm, noise_multiplier=z, scale=scale, sensitivity=sensitivity,
+        clipping_norm=clip, noise_multiplier=z, scale=scale, sensitivity=sensitivity,
         local_std=local_std, range_half_width=half,
     )
 

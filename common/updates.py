@@ -4,7 +4,7 @@ update it aggregates, and a client applies to its own before masking it for SecA
 An update is malformed when it has the wrong number of arrays, an array of the wrong shape or of a
 non-floating dtype, a NaN or infinite value, or, when user-level DP clips updates, an L2 norm
 above the clip bound (beyond float32 rounding), or with adaptive clipping a clipped-or-not value
-that is not one number of +-0.5. Under SecAgg+ the server cannot see individual
+that is not one number of +-0.5 (one finite integer with distributed noise). Under SecAgg+ the server cannot see individual
 updates, so the client refuses to mask a malformed one of its own: it drops out of the round,
 and SecAgg+'s dropout rules decide whether the round completes.
 """
@@ -55,7 +55,7 @@ def individual_problem(cfg: RunConfig, arrays: Sequence[np.ndarray], shapes: Seq
     server each one it receives without SecAgg+."""
     if cfg.user_dp.enabled and cfg.user_dp.adaptive_clipping:
         arrays, count = user_dp.split_count(cfg, arrays)
-        problem = user_dp.count_problem(count)
+        problem = user_dp.count_problem(cfg, count)
         if problem:
             return problem
     return update_problem(arrays, shapes, clip_bound(cfg, clip))

@@ -15,7 +15,9 @@ budget check, a round skipped for too few clients).
   TF Privacy's ``QuantileAdaptiveClipSumQuery``); the round's event composes both Gaussians.
 - :class:`DistributedDiscreteGaussian` (``"distributed"``): each client adds discrete Gaussian
   noise before masking; Kairouz, Liu and Steinke's zCDP bound, no sampling amplification, the
-  SecAgg+ range-overflow probability charged to delta.
+  SecAgg+ range-overflow probability charged to delta. With adaptive clipping the clipped-or-not
+  value is one more integer coordinate with its own scale and its own discrete Gaussian noise,
+  and the round's event composes the two zCDP bounds.
 
 What each assumes is written into every ledger entry (``ASSUMPTIONS``) and explained in
 docs/secure-aggregation.md, section "User-level DP". The SecAgg+ arithmetic both
@@ -126,6 +128,17 @@ class CentralGaussian:
                 f"above {z * self.count_sensitivity():.3g} (or sample more clients a round)")
         return (z ** -2 - z_count ** -2) ** -0.5, z_count
 
+    def move_clip(self, noisy_count: float, expected: float) -> dict[str, Any]:
+        """Move the clip (post-processing of the noisy count of unclipped updates, the sum of the
+        clients' +-ADAPTIVE_BIT values): geometrically toward the target quantile, as TF Privacy's
+        QuantileAdaptiveClipSumQuery with ``geometric_update``. Returns what the ledger records."""
+        udp = self.cfg.user_dp
+        unclipped = min(1.0, max(0.0, noisy_count / expected + ADAPTIVE_BIT))
+        next_clip = self.clip * math.exp(-udp.clip_learning_rate * (unclipped - udp.target_quantile))
+        self.clip = next_clip
+        return {"unclipped_fraction": unclipped, "target_quantile": udp.target_quantile,
+                "clip_learning_rate": udp.clip_learning_rate, "next_clipping_norm": next_clip}
+
     def round_event(self, population: int, expected: float, noise_multiplier: float | None = None
                     ) -> dp_accounting.DpEvent:
         z = self.cfg.user_dp.noise_multiplier if noise_multiplier is None else noise_multiplier
@@ -152,21 +165,15 @@ class CentralGaussian:
             "noise_std_on_sum": std, "clients_contributing": contributors, "clipping_norm": self.clip,
         }
         if self.adaptive:
-            if count is None or np.shape(count) != (1,):
-                raise ValueError("adaptive clipping needs the clients' clipped-or-not count")
-            udp = self.cfg.user_dp
+            _check_count(count)
             count_std = self.count_stddev(expected)
             noisy_count = float(count[0]) * contributors + float(secagg.gaussian((1,), count_std, random_bytes)[0])
-            unclipped = min(1.0, max(0.0, noisy_count / expected + ADAPTIVE_BIT))
-            next_clip = self.clip * math.exp(-udp.clip_learning_rate * (unclipped - udp.target_quantile))
             parameters.update({
                 "mechanism": "Gaussian sum and Gaussian count of unclipped updates (adaptive clipping)",
                 "sum_noise_multiplier": z_sum, "count_noise_multiplier": z_count,
                 "count_sensitivity": self.count_sensitivity(), "clipped_count_stddev": count_std,
-                "unclipped_fraction": unclipped, "target_quantile": udp.target_quantile,
-                "clip_learning_rate": udp.clip_learning_rate, "next_clipping_norm": next_clip,
+                **self.move_clip(noisy_count, expected),
             })
-            self.clip = next_clip
         event = self.round_event(population, expected)
         return Release(noisy_sum, event, self.cfg.user_dp.noise_multiplier, 0.0, USER_LEVEL_SAMPLING, parameters)
 
@@ -205,33 +212,83 @@ class DistributedDiscreteGaussian(CentralGaussian):
         "round's ledger entry records the noise that applied to the sum and what the accounting assumes."
     )
 
+    def count_sensitivity(self) -> float:
+        """The clipped-or-not value is its own coordinate with its own integer plan (see
+        :meth:`plans`): no SecAgg+ quantization step on it."""
+        return ADAPTIVE_BIT
+
+    def multipliers(self, expected: float | None = None) -> tuple[float, float | None]:
+        """As in central mode, but from the run configuration alone (``expected`` is ignored):
+        the clients size their noise with it, so client and server must agree without the
+        server's word on how many clients it expects."""
+        return super().multipliers(expected_clients(self.cfg))
+
+    def plans(self, clients_sampled: int) -> tuple[secagg.DistributedNoise, secagg.DistributedNoise | None]:
+        """The round's integer plans: the update's, at the round's clip, and with adaptive
+        clipping the clipped-or-not value's (one coordinate of magnitude ADAPTIVE_BIT, its own
+        scale and discrete Gaussian noise), each with its share of the noise multiplier."""
+        z_sum, z_count = self.multipliers()
+        update = secagg.distributed_noise(self.cfg, self.dimension, clients_sampled, self.clip, z_sum)
+        if z_count is None:
+            return update, None
+        return update, secagg.distributed_noise(self.cfg, 1, clients_sampled, ADAPTIVE_BIT, z_count)
+
     def encode(self, update: Sequence[np.ndarray], clients_sampled: int,
                random_bytes: secagg.RandomBytes = os.urandom) -> tuple[list[np.ndarray], float]:
         """The client's half: clip, scale, round at random to integers and add this client's
-        discrete Gaussian noise (all from ``random_bytes``, the OS CSPRNG by default)."""
-        clipped, norm = secagg.clip_l2(update, self.cfg.user_dp.clipping_norm)
-        plan = secagg.distributed_noise(self.cfg, self.dimension, clients_sampled)
-        encoded = [
-            (secagg.randomized_round(a * plan.scale, random_bytes)
-             + secagg.discrete_gaussian(a.shape, plan.local_std, random_bytes)).astype(np.float64)
-            for a in clipped
-        ]
+        discrete Gaussian noise (all from ``random_bytes``, the OS CSPRNG by default). With
+        adaptive clipping the clipped-or-not value goes last, encoded the same way with its own plan."""
+        clipped, norm = secagg.clip_l2(update, self.clip)
+        plan, count_plan = self.plans(clients_sampled)
+        encoded = [_noised_integers(a, plan, random_bytes) for a in clipped]
+        if count_plan is not None:
+            value = np.array([ADAPTIVE_BIT if norm <= self.clip else -ADAPTIVE_BIT])
+            encoded.append(_noised_integers(value, count_plan, random_bytes))
         return encoded, norm
 
     def bound_before_round(self, population: int, expected: float) -> tuple[dp_accounting.DpEvent, float]:
-        return secagg.distributed_worst_round(self.cfg, self.dimension, population)
+        z_sum, z_count = self.multipliers()
+        event, addition = secagg.distributed_worst_round(self.cfg, self.dimension, population, z_sum)
+        if z_count is None:
+            return event, addition
+        count_event, count_addition = secagg.distributed_worst_round(self.cfg, 1, population, z_count)
+        return dp_accounting.ComposedDpEvent([event, count_event]), addition + count_addition
 
     def release(self, mean: Sequence[np.ndarray], contributors: int, sampled: int, population: int,
                 expected: float, random_bytes: secagg.RandomBytes = os.urandom,
                 count: np.ndarray | None = None) -> Release:
         """The server's half: the exact integer sum (already noised by the clients), scaled back.
-        (``count``: always None here; adaptive clipping is refused with distributed noise.)"""
-        plan = secagg.distributed_noise(self.cfg, self.dimension, sampled)
+        ``count``: with adaptive clipping, the mean of the clients' encoded clipped-or-not values;
+        its decoded sum moves the clip, and the round's event composes the two zCDP bounds."""
+        plan, count_plan = self.plans(sampled)
         noisy_sum = secagg.decode_distributed_sum(mean, contributors, plan)
         parameters = {"noise_mode": self.mode, "mechanism": "distributed discrete Gaussian",
                       **plan.describe(contributors)}
-        return Release(noisy_sum, plan.event(contributors), parameters["noise_multiplier"],
-                       parameters["delta_addition"], "none", parameters)
+        event = plan.event(contributors)
+        if count_plan is not None:
+            _check_count(count)
+            noisy_count = float(secagg.decode_distributed_sum([count], contributors, count_plan)[0][0])
+            counted = count_plan.describe(contributors)
+            rho = parameters["zcdp_rho"] + counted["zcdp_rho"]
+            approximation = _composed_multiplier(parameters["gaussian_approximation_noise_multiplier"],
+                                                 counted["gaussian_approximation_noise_multiplier"])
+            event = dp_accounting.ComposedDpEvent([event, count_plan.event(contributors)])
+            z_sum, z_count = self.multipliers()
+            parameters.update({
+                "mechanism": "distributed discrete Gaussian sum and count of unclipped updates (adaptive clipping)",
+                "sum_noise_multiplier": z_sum, "count_noise_multiplier": z_count,
+                "sum_zcdp_rho": parameters["zcdp_rho"], "count_zcdp_rho": counted["zcdp_rho"], "zcdp_rho": rho,
+                "noise_multiplier": 1 / math.sqrt(2 * rho) if rho > 0 else math.inf,
+                "gaussian_approximation_noise_multiplier": approximation,
+                "count_scale": counted["scale"], "count_sensitivity": counted["sensitivity"],
+                "count_local_std": counted["local_std"], "count_tau": counted["tau"],
+                "clipped_count_stddev": self.count_stddev(expected_clients(self.cfg)),
+                "overflow_probability_bound": parameters["delta_addition"] + counted["delta_addition"],
+                "delta_addition": parameters["delta_addition"] + counted["delta_addition"],
+                **self.move_clip(noisy_count, expected),
+            })
+        return Release(noisy_sum, event, parameters["noise_multiplier"], parameters["delta_addition"], "none",
+                       parameters)
 
     def skipped(self, population: int, expected: float) -> Release:
         event, addition = self.bound_before_round(population, expected)
@@ -239,6 +296,33 @@ class DistributedDiscreteGaussian(CentralGaussian):
             "noise_mode": self.mode, "skipped": True, "delta_addition": addition,
             "gaussian_approximation_noise_multiplier": self.cfg.user_dp.noise_multiplier,
         })
+
+
+def _noised_integers(values: np.ndarray, plan: secagg.DistributedNoise,
+                     random_bytes: secagg.RandomBytes) -> np.ndarray:
+    """A client's clipped ``values`` as SecAgg+ sums them in distributed mode: scaled, rounded at
+    random to integers, plus this client's discrete Gaussian noise."""
+    return (secagg.randomized_round(values * plan.scale, random_bytes)
+            + secagg.discrete_gaussian(values.shape, plan.local_std, random_bytes)).astype(np.float64)
+
+
+def _composed_multiplier(*multipliers: float) -> float:
+    """The one Gaussian noise multiplier with the RDP curve of Gaussians of ``multipliers`` on the
+    same sample composed: z^-2 = sum of z_i^-2 (0 when any part has no noise)."""
+    if any(z <= 0 for z in multipliers):
+        return 0.0
+    inverse = math.fsum(z ** -2 for z in multipliers)
+    return inverse ** -0.5 if inverse > 0 else math.inf
+
+
+def _check_count(count: np.ndarray | None) -> None:
+    if count is None or np.shape(count) != (1,):
+        raise ValueError("adaptive clipping needs the clients' clipped-or-not count")
+
+
+def expected_clients(cfg: RunConfig) -> float:
+    """The clients a round is expected to sample, from the run configuration: q * num_clients."""
+    return cfg.federation.fraction_train * cfg.federation.num_clients
 
 
 def preflight_warnings(cfg: RunConfig, dimension: int) -> list[str]:
@@ -249,7 +333,7 @@ def preflight_warnings(cfg: RunConfig, dimension: int) -> list[str]:
     noise = noise_for(cfg, dimension)
     if noise is None:
         return warnings
-    expected = cfg.federation.fraction_train * cfg.federation.num_clients
+    expected = expected_clients(cfg)
     if noise.adaptive:
         noise.multipliers(expected)  # (raises where the count's noise cannot compose to noise_multiplier)
     ratio = noise_to_signal(cfg, dimension)
@@ -276,7 +360,7 @@ def noise_to_signal(cfg: RunConfig, dimension: int) -> float:
     run's sum of them, stands out from the noise (the quickstart with user-level DP, 10 clients
     at z = 1 for 20 rounds on its 93,322-parameter CNN: 6.8, and its accuracy stays near chance;
     the cross-device preset, about 100 clients a round for 20 rounds at z = 1.21: 0.8, and it learns)."""
-    m = cfg.federation.fraction_train * cfg.federation.num_clients
+    m = expected_clients(cfg)
     return cfg.user_dp.noise_multiplier * math.sqrt(dimension) / (m * math.sqrt(cfg.run.rounds))
 
 
@@ -288,9 +372,18 @@ def split_count(cfg: RunConfig, arrays: Sequence[np.ndarray]) -> tuple[list[np.n
     return list(arrays[:-1]), np.asarray(arrays[-1])
 
 
-def count_problem(value: np.ndarray | None) -> str | None:
-    """Why one client's clipped-or-not array (adaptive clipping) is malformed, or None."""
-    if value is None or np.shape(value) != (1,) or abs(float(np.asarray(value).ravel()[0])) != ADAPTIVE_BIT:
+def count_problem(cfg: RunConfig, value: np.ndarray | None) -> str | None:
+    """Why one client's clipped-or-not array (adaptive clipping) is malformed, or None: one
+    number, +-ADAPTIVE_BIT (central mode), or one finite integer (distributed mode, where it is
+    already scaled and noised)."""
+    if value is None or np.shape(value) != (1,):
+        return "the clipped-or-not value must be one number"
+    number = float(np.asarray(value).ravel()[0])
+    if secagg.distributed(cfg):
+        if not (math.isfinite(number) and number == round(number)):
+            return "the clipped-or-not value must be one finite integer (distributed noise)"
+        return None
+    if abs(number) != ADAPTIVE_BIT:
         return f"the clipped-or-not value must be one number, +-{ADAPTIVE_BIT}"
     return None
 
