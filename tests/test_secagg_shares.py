@@ -1,5 +1,6 @@
-"""fedpriv's one-thread Shamir sharing (common/secagg_shares.py) against Flower 1.42's own functions:
-same format both ways, same answers to bad share sets, fresh randomness."""
+"""fedpriv's Shamir sharing (common/secagg_shares.py) against PyCryptodome's field and ``Shamir`` and
+Flower 1.42's own functions: the same field operations, the same shares from the same random bytes,
+the same format both ways, the same answers to bad share sets, fresh randomness."""
 
 from __future__ import annotations
 
@@ -44,6 +45,46 @@ def test_a_bad_share_set_gets_flowers_answer():
             got = ("error", str(exc))
         assert got == expected
         assert got != ("ok", secret)
+
+
+def test_the_field_is_pycryptodomes():
+    from Crypto.Protocol.SecretSharing import _Element
+
+    values = [int.from_bytes(os.urandom(16), "big") for _ in range(40)] + [1, 2, 3, 7, 15, 16, 2**127, 2**128 - 1]
+    for a, b in zip(values, values[::-1] + values[5:]):
+        assert secagg_shares.gf_mul(a, b) == int(_Element(a) * _Element(b))
+    for a in values:
+        assert secagg_shares.gf_inverse(a) == int(_Element(a).inverse())
+        assert secagg_shares.gf_mul(a, secagg_shares.gf_inverse(a)) == 1
+    with pytest.raises(ValueError):
+        secagg_shares.gf_inverse(0)
+
+
+@pytest.mark.parametrize("threshold,num", [(2, 3), (3, 5), (4, 7)])
+def test_the_same_random_bytes_give_pycryptodomes_shares(monkeypatch, threshold, num):
+    """PyCryptodome's Shamir.split and fedpriv's, each fed the same bytes where it reads the OS,
+    make the same shares: same coefficients, same polynomial, same indices and encoding."""
+    import Crypto.Protocol.SecretSharing as pycryptodome
+
+    from fedpriv.common import entropy
+
+    stream = os.urandom(16 * 64)
+    reads = {"theirs": 0, "ours": 0}
+
+    def source(name):
+        def read(n):
+            start = reads[name]
+            reads[name] += n
+            return stream[start:start + n]
+        return read
+
+    monkeypatch.setattr(pycryptodome, "rng", source("theirs"))
+    monkeypatch.setattr(entropy.os, "urandom", source("ours"))
+    # One chunk (Flower's pool splits several chunks on threads, which draw in any order).
+    for secret in (b"", os.urandom(9), os.urandom(15)):
+        reads.update(theirs=0, ours=0)
+        assert secagg_shares.create_shares(secret, threshold, num) == flower.create_shares(secret, threshold, num)
+        assert reads["ours"] == reads["theirs"] == 16 * (threshold - 1)
 
 
 def test_every_sharing_is_fresh():
