@@ -96,10 +96,10 @@ def gf_inverse(a: int) -> int:
     return _reduce(g1 if u == 1 else g2)
 
 
-def _split(threshold: int, num: int, chunk: bytes) -> list[int]:
+def _split(threshold: int, num: int, chunk: bytes, noise: bytes) -> list[int]:
     """The shares of one 16-byte chunk at the indices 1..num, as PyCryptodome's ``Shamir.split``
-    makes them: ``threshold - 1`` random coefficients, then the chunk, evaluated by Horner's rule."""
-    noise = random_bytes(CHUNK * (threshold - 1))
+    makes them: ``threshold - 1`` random coefficients (16 bytes each from ``noise``, OS CSPRNG
+    bytes), then the chunk, evaluated by Horner's rule."""
     coefficients = [int.from_bytes(noise[i:i + CHUNK], "big") for i in range(0, len(noise), CHUNK)]
     coefficients.append(int.from_bytes(chunk, "big"))
     shares = []
@@ -115,8 +115,12 @@ def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
     """``num`` shares of ``secret``, any ``threshold`` of which rebuild it (Flower's format)."""
     padded = pad(secret, CHUNK)
     shares = [bytearray(index.to_bytes(INDEX, "little", signed=False)) for index in range(1, num + 1)]
+    per_chunk = CHUNK * (threshold - 1)
+    noise = random_bytes(per_chunk * (len(padded) // CHUNK))  # every chunk's coefficients, one read
     for start in range(0, len(padded), CHUNK):
-        for share, value in zip(shares, _split(threshold, num, padded[start:start + CHUNK]), strict=True):
+        coefficients = noise[start // CHUNK * per_chunk:(start // CHUNK + 1) * per_chunk]
+        for share, value in zip(shares, _split(threshold, num, padded[start:start + CHUNK], coefficients),
+                                strict=True):
             share += value.to_bytes(CHUNK, "big")
     return [bytes(share) for share in shares]
 
