@@ -117,8 +117,8 @@ def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
     shares = [bytearray(index.to_bytes(INDEX, "little", signed=False)) for index in range(1, num + 1)]
     per_chunk = CHUNK * (threshold - 1)
     noise = random_bytes(per_chunk * (len(padded) // CHUNK))  # every chunk's coefficients, one read
-    for start in range(0, len(padded), CHUNK):
-        coefficients = noise[start // CHUNK * per_chunk:(start // CHUNK + 1) * per_chunk]
+    for n, start in enumerate(range(0, len(padded), CHUNK)):
+        coefficients = noise[n * per_chunk:(n + 1) * per_chunk]
         for share, value in zip(shares, _split(threshold, num, padded[start:start + CHUNK], coefficients),
                                 strict=True):
             share += value.to_bytes(CHUNK, "big")

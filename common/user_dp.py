@@ -278,7 +278,7 @@ class DistributedDiscreteGaussian(CentralGaussian):
                 "mechanism": "distributed discrete Gaussian sum and count of unclipped updates (adaptive clipping)",
                 "sum_noise_multiplier": z_sum, "count_noise_multiplier": z_count,
                 "sum_zcdp_rho": parameters["zcdp_rho"], "count_zcdp_rho": counted["zcdp_rho"], "zcdp_rho": rho,
-                "noise_multiplier": 1 / math.sqrt(2 * rho) if rho > 0 else math.inf,
+                "noise_multiplier": accounting.equivalent_noise_multiplier(event),
                 "gaussian_approximation_noise_multiplier": approximation,
                 "count_scale": counted["scale"], "count_sensitivity": counted["sensitivity"],
                 "count_local_std": counted["local_std"], "count_tau": counted["tau"],
