@@ -119,6 +119,44 @@ def test_a_clients_update_must_carry_one_clipped_or_not_value():
         assert "clipped-or-not" in individual_problem(cfg, bad, shapes)
 
 
+class _Node:
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+
+@pytest.mark.parametrize("count", [np.array([0.5, 0.5]), np.array([np.nan]), np.zeros((1, 1))])
+def test_an_unmasked_sum_whose_count_is_malformed_fails_the_round_and_keeps_the_model(tmp_path, own_server_state,
+                                                                                    count):
+    """Under SecAgg+ the server sees only the unmasked mean; if its clipped-or-not part is not one
+    finite number (a client that skipped its own check, say), the round fails cleanly: no noise is
+    drawn on it, no clip moves, the global model stays, and the server carries on."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from fedpriv.server.privacy import PrivacyRecorder
+    from fedpriv.server.run_log import RunLog
+    from fedpriv.server.strategy import FedprivStrategy
+
+    cfg = load_config(overrides=[*ADAPTIVE, "user_dp.clipping_norm=1.0", "federation.num_clients=3",
+                                 "federation.min_available_clients=3", "federation.min_train_clients=3"])
+    initial = [np.zeros((2, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)]
+    run_log = RunLog()
+    recorder = PrivacyRecorder(cfg, tmp_path / "run")
+    strategy = FedprivStrategy(cfg, initial, run_log, recorder, lambda r, w: (0.0, 0.0))
+    clip = strategy.user_noise.clip
+    strategy.rounds[1].plan(3, 3.0)
+    strategy.rounds[1].sampled = {1, 2, 3}
+    # What SecAggPlusWorkflow hands every result: the same unmasked mean (model arrays, then the count).
+    mean = ndarrays_to_parameters([np.full((2, 3), 0.1, np.float32), np.full(3, 0.1, np.float32),
+                                   count.astype(np.float32)])
+    results = [(_Node(n), FitRes(Status(Code.OK, "ok"), mean, 1, {})) for n in (1, 2, 3)]
+    assert strategy.aggregate_fit(1, results, [])[0] is None
+    assert strategy.rounds[1].failed == ("the aggregated update is malformed (its clipped-or-not count is "
+                                         "not one finite number)")
+    assert [np.count_nonzero(a) for a in strategy.latest] == [0, 0]
+    assert strategy.user_noise.clip == clip
+    recorder.finish()
+
+
 def _distributed(*extra: str):
     return load_config(preset_layers("cross-device"),
                        ["user_dp.adaptive_clipping=true", "user_dp.noise_mode=distributed", *extra])
