@@ -30,6 +30,24 @@ def _processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
+def _wait_for_health(port: int, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    """Wait until the SuperLink at ``port`` answers its health check (what `flwr run` asks)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the local SuperLink did not start within {timeout:g} s: {log.read_text()[-3000:]}")
+
+
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to clean up the local SuperLink")
 def test_flwr_run_dot(tmp_path):
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent))
@@ -48,12 +66,26 @@ def test_flwr_run_dot(tmp_path):
               'data.dataset="digits" model.name="mlp" '
               "client.local_epochs=1 client.batch_size=64 "
               "secure_aggregation.num_shares=3 secure_aggregation.reconstruction_threshold=2")
+    # Flower's local SuperLink as `flwr run` starts it when none answers on these ports, plus
+    # --disable-runtime-dependency-installation: otherwise each run first has `uv sync` install every
+    # dependency into a fresh environment (30 s and a copy of TensorFlow), which tests Flower's
+    # installer, not fedpriv's apps; `flwr run` finds it up and hands it the run.
+    superlink = [str(Path(flwr).parent / "flower-superlink"), "--insecure", "--simulation",
+                 "--isolation", "subprocess", "--control-api-address",
+                 f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}", "--host", "127.0.0.1",
+                 "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], "--database", str(home / "state.db"),
+                 "--disable-runtime-dependency-installation"]
+    home.mkdir()
     try:
+        with (tmp_path / "superlink.log").open("w") as log:
+            started = subprocess.Popen(superlink, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _wait_for_health(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), started, tmp_path / "superlink.log")
         proc = subprocess.run(
             [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3", "--stream"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
         )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert "Starting local SuperLink" not in proc.stdout  # it ran on the SuperLink started here
         summaries = list(runs.glob("*/summary.json"))
         assert len(summaries) == 1, proc.stdout[-3000:]
         summary = json.loads(summaries[0].read_text())
