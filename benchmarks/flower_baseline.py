@@ -50,30 +50,39 @@ from dp_vs_nodp import RESULTS, machine  # noqa: E402
 SEED = 42
 FULL = {"repeats": 3, "rounds": 20, "clients": 10}  # (one run varies by 5-10 s on 2 shared cores)
 QUICK = {"repeats": 1, "rounds": 2, "clients": 3}  # SecAgg+ needs 3 clients a round
+# Quick runs (the test suite's) give each virtual client every CPU, on both sides: one Ray worker,
+# whose start (TensorFlow's import, the model's trace) is most of a quick run's work; a second one
+# costs about 17 CPU seconds a run. Full runs give each client one CPU, as fedpriv's default does.
 KINDS = ("plain", "fedpriv no-dp", "fedpriv quickstart")
 TARGET_RATIO, TARGET_QUICKSTART_RATIO, TARGET_ACCURACY_GAP = 1.05, 1.4, 0.02
 
 
-def job_settings(rounds: int, clients: int, seed: int) -> list[str]:
+def job_settings(rounds: int, clients: int, seed: int, cpus: float = 1.0) -> list[str]:
     """The ``--set`` overrides every run shares (on the no-dp preset, with SecAgg+ off, they are
-    the whole of plain Flower's job too: ``plain_flower.learning_job``)."""
+    the whole of plain Flower's job too: ``plain_flower.learning_job``); ``cpus``: each virtual
+    client's Ray CPUs, plain Flower's ``client_resources`` too."""
     return [f"run.rounds={rounds}", f"federation.num_clients={clients}",
-            f"federation.min_available_clients={clients}", f"run.seed={seed}"]
+            f"federation.min_available_clients={clients}", f"run.seed={seed}",
+            f"simulation.cpus_per_client={cpus:g}"]
+
+
+def cpus_per_client(quick: bool) -> float:
+    return float(os.cpu_count() or 1) if quick else 1.0
 
 
 NO_SECAGG = "secure_aggregation.enabled=false"
 
 
-def run_kind(kind: str, rounds: int, clients: int, seed: int, tmp: Path, index: int) -> dict:
+def run_kind(kind: str, rounds: int, clients: int, seed: int, tmp: Path, index: int, cpus: float = 1.0) -> dict:
     """Run one command as a user would; its wall time, seconds per round and final accuracy."""
     out = tmp / f"{kind.replace(' ', '-')}-{index}"
     if kind == "plain":
         args = [sys.executable, __file__, "--plain", "--rounds", str(rounds), "--clients", str(clients),
-                "--seed", str(seed), "--out", str(out.with_suffix(".json"))]
+                "--seed", str(seed), "--cpus-per-client", f"{cpus:g}", "--out", str(out.with_suffix(".json"))]
     else:
         preset = "no-dp" if kind == "fedpriv no-dp" else "quickstart"
         args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", preset, "--out", str(out)]
-        for item in job_settings(rounds, clients, seed) + ([NO_SECAGG] if preset == "no-dp" else []):
+        for item in job_settings(rounds, clients, seed, cpus) + ([NO_SECAGG] if preset == "no-dp" else []):
             args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDPRIV_")}
     env["FEDPRIV_HOME"] = str(tmp / "home")  # a fresh home: its checkpoint key is made on first use
@@ -156,6 +165,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # one plain Flower run
+    parser.add_argument("--cpus-per-client", type=float, default=None, help=argparse.SUPPRESS)  # (with --plain)
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     for key in ("repeats", "rounds", "clients"):
@@ -166,9 +176,11 @@ def main() -> int:
     if args.plain:
         from plain_flower import run  # the worker processes import it too: it must be a module of its own
 
-        run(settings["rounds"], settings["clients"], args.seed, args.out)
+        run(settings["rounds"], settings["clients"], args.seed, args.out,
+            args.cpus_per_client or cpus_per_client(args.quick))
         return 0
     out = args.out or (Path(tempfile.mkdtemp(prefix="fedpriv-flower-baseline-quick-")) if args.quick else RESULTS)
+    settings["cpus_per_client"] = cpus_per_client(args.quick)
 
     started = time.perf_counter()
     runs = []
@@ -179,7 +191,8 @@ def main() -> int:
             shuffler.shuffle(order)
             for kind in order:
                 print(f"  {kind} ({repeat + 1}/{settings['repeats']}) ...", file=sys.stderr, flush=True)
-                runs.append(run_kind(kind, settings["rounds"], settings["clients"], args.seed, Path(tmp), repeat))
+                runs.append(run_kind(kind, settings["rounds"], settings["clients"], args.seed, Path(tmp), repeat,
+                                     cpus_per_client(args.quick)))
     payload, table = report(runs, settings, args.seed, time.perf_counter() - started)
     payload["quick"] = args.quick
     out.mkdir(parents=True, exist_ok=True)

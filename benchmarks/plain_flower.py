@@ -123,7 +123,7 @@ def server_fn(context: Context) -> ServerAppComponents:
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.run.rounds))
 
 
-def run(rounds: int, clients: int, seed: int, out: Path) -> None:
+def run(rounds: int, clients: int, seed: int, out: Path, cpus: float = 1.0) -> None:
     """Run the job in this process (Ray workers for the clients); write per-round times and the
     final accuracy to ``out``."""
     from flwr.simulation import run_simulation
@@ -133,7 +133,7 @@ def run(rounds: int, clients: int, seed: int, out: Path) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
                    num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                                    "init_args": {"logging_level": logging.ERROR, "log_to_driver": False,
                                                  "_temp_dir": tempfile.mkdtemp(prefix="fedpriv-plain-ray-")}})
     times = [e["time"] for e in EVALUATIONS]

@@ -13,6 +13,7 @@ its own: its results have their shape, and client state is created only for clie
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,7 @@ def check_flower_baseline(proc, tmp_path):
         assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
     assert results["accuracy"]["plain"] > 0.5 and results["accuracy"]["fedpriv no-dp"] > 0.5
     assert results["quickstart_record_epsilon"] > 0
+    assert results["settings"]["cpus_per_client"] == (os.cpu_count() or 1)  # one Ray worker a quick run
     assert "| plain Flower 1.42" in (tmp_path / "flower_baseline.md").read_text()
 
 
