@@ -26,7 +26,8 @@ Figures (medians over the repetitions):
         [--seed N] [--out DIR]
 
 Saves flower_baseline.json and .md in --out (default benchmarks/results; with --quick and no
---out, a temporary folder, so a quick run never replaces the full results).
+--out, a temporary folder, so a quick run never replaces the full results). Full runs give each
+virtual client one CPU; --quick gives it every CPU, on both sides (one Ray worker a run).
 """
 
 from __future__ import annotations
