@@ -32,6 +32,7 @@ REVIEWS_DIR = "reviews"  # <run, server state or node state>/reviews/<UTC time>/
 NODE_KEY = "node.key"  # the key that signs the node's own ledger
 NODE_LOCK = ".lock"  # held while a process of the node writes its ledger
 TRAINING_LOG = "training.jsonl"  # the node's own per-round training figures, never sent
+NODE_FLWR_HOME = "flwr"  # fedpriv node join: Flower's home for the node's processes (the apps it installs)
 
 # ---- the fedpriv home ----------------------------------------------------------------------------
 HOME_ENV = "FEDPRIV_HOME"

@@ -104,6 +104,8 @@ FILES: tuple[StoredFile, ...] = (
                "simulations: the secret the simulated nodes' SecAgg+ signing keys derive from", PLAIN),
     *_node(RUN, f"{rundir.NODES_DIR}/{rundir.simulated_node_name('*')}/"),
     *_node(NODE, ""),
+    StoredFile(NODE, f"{rundir.NODE_FLWR_HOME}/*", "fedpriv node join: Flower's home for the node's "
+               "processes, with the apps it installed (signed ones only)", FLOWER),
     StoredFile(HOME, f"{rundir.KEYS_DIR}/{rundir.LEDGER_SIGNING_KEY}", "the ledger-signing key fedpriv simulate makes",
                MADE_PROTECTED),
     StoredFile(HOME, f"{rundir.KEYS_DIR}/{rundir.CHECKPOINT_KEY}",

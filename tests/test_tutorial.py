@@ -79,6 +79,10 @@ def test_readme_walkthrough_runs_a_real_federation(tmp_path):
     # Private by default: keys, data shares, the server's state (SuperLink database, installed
     # apps, runs, operator log) and each node's state are owner-only.
     assert assert_private(tmp_path / "fed", home) > 50
+    # Each node installed the app under its own Flower home, in its state, never in a shared
+    # ~/.flwr where the three nodes would install the same app at the same moment.
+    for i in (1, 2, 3):
+        assert [p.name for p in (home / "nodes" / f"node-{i}" / "flwr" / "apps").iterdir()], i
 
     runs = list((tmp_path / "fed/server/runs").glob("federation-*"))
     assert len(runs) == 1
