@@ -193,7 +193,7 @@ def main() -> int:
             for kind in order:
                 print(f"  {kind} ({repeat + 1}/{settings['repeats']}) ...", file=sys.stderr, flush=True)
                 runs.append(run_kind(kind, settings["rounds"], settings["clients"], args.seed, Path(tmp), repeat,
-                                     cpus_per_client(args.quick)))
+                                     settings["cpus_per_client"]))
     payload, table = report(runs, settings, args.seed, time.perf_counter() - started)
     payload["quick"] = args.quick
     out.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,13 @@ class JoinPlan:
     gate_env: dict[str, str]
     trusted: list[str]  # fingerprints of the app-signing keys the node trusts
     pass_fds: tuple[int, ...] = ()  # a protected node key, decrypted in memory for the SuperNode
-    flwr_home: Path | None = None  # Flower's home for this node's processes (state_dir / name / flwr)
+
+
+def flwr_home(state_dir: Path, name: str) -> Path:
+    """Flower's home for a node's SuperNode and app processes: Flower installs each app it runs
+    under ``$FLWR_HOME/apps``, so the node's own, in its state, not the user's ``~/.flwr``, which
+    other nodes on the machine would install into at the same moment."""
+    return state_dir / name / NODE_FLWR_HOME
 
 
 def _node_config_value(text: str, what: str) -> str:
@@ -134,15 +140,12 @@ def plan_join(cfg: RunConfig, superlink: str, data: Path, root_cert: Path | None
         secrets.update(secret_env.for_child(checkpoint.KEY_ENV, keyfiles.PASSPHRASE_ENV))
     if auth_key is not None and keyfiles.is_protected(auth_key.read_bytes()):
         secrets.update(secret_env.for_child(keyfiles.PASSPHRASE_ENV))
-    # Flower installs each app it runs under $FLWR_HOME/apps: this node's own, in its state, not
-    # the user's ~/.flwr, which other nodes on the machine would install into at the same moment.
-    flwr_home = state_dir / name / NODE_FLWR_HOME
-    own = {"FLWR_HOME": str(flwr_home)}
+    own = {"FLWR_HOME": str(flwr_home(state_dir, name))}
     gate_env = flower_environment({TRUST_ENV: os.pathsep.join(str(p) for p in trust), **own, **secrets})
     # (without the gate, Flower's own SuperExec under the SuperNode runs the apps)
-    return JoinPlan(argv, flower_environment({**own} if gate_argv else {**own, **secrets}), address,
+    return JoinPlan(argv, flower_environment(own if gate_argv else {**own, **secrets}), address,
                     None if insecure else root_cert, name, state_dir, int(len(x)), float(record_budget or 0), spent,
-                    max_retries, gate_argv, gate_env, trusted, tuple(pass_fds), flwr_home)
+                    max_retries, gate_argv, gate_env, trusted, tuple(pass_fds))
 
 
 NOT_REGISTERED = ("code: 2004", "Failed to activate SuperNode")
@@ -188,8 +191,7 @@ def join(plan: JoinPlan, out: Any = sys.stdout) -> int:
     if plan.root_cert is not None:
         check_tls(plan.superlink, plan.root_cert)
     print(f"fedpriv: {describe(plan)}", file=out, flush=True)
-    if plan.flwr_home is not None:
-        private_dir(plan.flwr_home)
+    private_dir(flwr_home(plan.state_dir, plan.name))
     delay = 2.0
     for attempt in range(plan.max_retries + 1):
         child = Child(plan.argv, plan.env, pass_fds=plan.pass_fds)
