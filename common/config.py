@@ -368,8 +368,10 @@ class SimulationSection:
     )
     fail_stage: str = _setting(
         "collect_masked_vectors",
-        "When injected failures strike: train (without SecAgg), or a SecAgg+ stage: setup, "
-        "share_keys, collect_masked_vectors (after sharing keys: a real dropout) or unmask.",
+        "When injected failures strike: train (without SecAgg), or a SecAgg+ stage: setup or "
+        "share_keys (before the client's key shares reach anyone: the round goes on without it), "
+        "collect_masked_vectors (after sharing keys: its masks are removed with its rebuilt key) "
+        "or unmask.",
         choices=("train", "setup", "share_keys", "collect_masked_vectors", "unmask"),
     )
     fail_rounds: str = _setting(

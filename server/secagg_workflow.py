@@ -1,7 +1,7 @@
 """Flower's SecAgg+ server workflow, with fedpriv's mask generator and the federation's roster.
 
-:class:`SecAggPlusWorkflow` is Flower's own; this subclass changes two things and nothing of the
-protocol's flow:
+:class:`SecAggPlusWorkflow` is Flower's own; this subclass changes three things and nothing of the
+protocol's messages:
 
 - masks are expanded with fedpriv's generator (:func:`common.secagg_masks.install`, the same
   replacement the nodes make), and the setup message announces it
@@ -10,7 +10,15 @@ protocol's flow:
 - the setup message carries the federation's signed node roster
   (:data:`common.roster.ROSTER_KEY`; in a simulation, that of the round's virtual nodes), against
   which nodes verify each other's signed public keys (the server relays them and cannot forge
-  them).
+  them);
+- a node that drops before its key shares reach its neighbours (at setup or at key sharing) is
+  no longer counted among the round's dropped nodes. It added no mask to anyone's vector and
+  left no share with anyone, but Flower 1.42 still asks its neighbours for its key shares at
+  unmasking, which nobody holds, and the whole round fails
+  (tests/test_secagg_early_dropouts.py shows both). When the masked vectors are collected, this
+  workflow narrows the round to the nodes whose shares were handed on
+  (:meth:`FedprivSecAggPlusWorkflow.collect_masked_vectors_stage`). Drop the override once
+  Flower's own workflow completes such a round (the stock test there then fails).
 
 Pairs with :mod:`clients.secagg_guard` on the nodes, which checks both.
 """
@@ -80,3 +88,13 @@ class FedprivSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
         return super().setup_stage(_AnnouncingGrid(grid, self.roster), context, state)
+
+    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        """Flower's stage, on the round narrowed to the nodes that survived key sharing: only
+        their key shares reached their neighbours, so only they can be unmasked or, if they drop
+        now, have their pairwise masks removed (see the module doc)."""
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        state.nid_to_neighbours = {nid: neighbours & shared for nid, neighbours in state.nid_to_neighbours.items()
+                                   if nid in shared}
+        return super().collect_masked_vectors_stage(grid, context, state)
