@@ -12,7 +12,12 @@ size) on the same fixed batches for:
   fedpriv's Conv2D one, clients/conv_clipping.py);
 - ``bookkeeping``: fedpriv's book-keeping DP-SGD (clients/bk_clipping.py);
 - ``default``: what a fedpriv client runs with ``dp.implementation = "auto"`` (the trainer of the
-  variant whose implementation auto picks, timed again under this name, so it is traced once).
+  variant whose implementation auto picks, timed again under this name, so it is traced once);
+- ``clipping_only``: the default implementation with noise multiplier 0: its per-example clipping
+  and nothing else, so the default's cost splits into clipping and noise;
+- ``noise_draw``: no training at all, only one step's worth of noise drawn the way every DP step
+  draws it (:func:`common.entropy.standard_normals`, CSPRNG normals for each trainable weight), on
+  the timing thread; its ratio is the share of a non-private step the draw alone costs.
 
 Every variant is built by fedpriv's own :class:`clients.trainer.LocalTrainer`, so the numbers
 are those of the code clients run. Each variant is warmed up first (tracing and compilation are
@@ -55,10 +60,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 from dp_vs_nodp import RESULTS, machine  # noqa: E402
 
-VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")
-# The DPSection.implementation each variant is built with (None: DP off).
+VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default", "clipping_only",
+            "noise_draw")
+# The DPSection.implementation each variant is built with (None: DP off); noise_draw trains nothing.
 IMPLEMENTATION = {"nonprivate": None, "textbook": "keras", "vectorized": "vectorized",
-                  "fast": "fast", "bookkeeping": "bookkeeping", "default": "auto"}
+                  "fast": "fast", "bookkeeping": "bookkeeping", "default": "auto", "clipping_only": "auto"}
+LABELS = {"clipping_only": "clipping only (default, noise multiplier 0)",
+          "noise_draw": "noise draw alone (CSPRNG normals, one step's worth; no training)"}
 MODELS = ("cnn", "mlp")
 INPUT_SHAPE = (28, 28, 1)  # the built-in data (real MNIST digits)
 NUM_CLASSES = 10
@@ -132,6 +140,8 @@ def build(variant: str, model_name: str, batch_size: int) -> Any:
     implementation = IMPLEMENTATION[variant]
     dp = DPSection(enabled=implementation is not None, microbatches=0,
                    implementation=implementation or "auto")
+    if variant == "clipping_only":
+        dp = DPSection(enabled=True, microbatches=0, implementation=implementation, noise_multiplier=0.0)
     return LocalTrainer(model_name, ModelSection(), ClientSection(batch_size=batch_size, optimizer="sgd"),
                         dp, INPUT_SHAPE, NUM_CLASSES)
 
@@ -182,6 +192,25 @@ class Timer:
             self.gpu = False
 
 
+class DrawTimer:
+    """Times :func:`common.entropy.standard_normals` of ``count`` normals (one DP step's noise for
+    a model of ``count`` trainable weights), as a Timer times steps."""
+
+    implementation = "csprng-normals"
+    peak_bytes = 0
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def run(self, steps: int) -> float:
+        from fedpriv.common.entropy import standard_normals
+
+        started = time.perf_counter()
+        for _ in range(steps):
+            standard_normals(self.count)
+        return time.perf_counter() - started
+
+
 def activation_floats(model: Any) -> int:
     """Floats of one example's input and layer outputs (a built Keras model)."""
     total = math.prod(model.input_shape[1:])
@@ -224,12 +253,23 @@ def measure(model_name: str, batch_size: int, settings: dict, gpu: bool, tf: Any
     fill ``settings["min_block_s"]`` (cheap variants would otherwise be timed over a few
     milliseconds); ratios compare the seconds per step within each round.
     """
+    import numpy as np
+
     from fedpriv.common.tf_runtime import keras
 
     batches, source = fixed_batches(batch_size, seed)
     free = free_memory_bytes(gpu) if memory_guard else None
     timers, steps, skipped, implementations = {}, {}, {}, {}
     for variant in VARIANTS:
+        if variant == "noise_draw":
+            weights = sum(int(np.prod(w.shape)) for w in timers["nonprivate"].model.trainable_weights)
+            draw = DrawTimer(weights)
+            draw.run(settings["warmup"])
+            implementations[variant] = draw.implementation
+            steps[variant] = max(settings["steps"], min(settings["max_steps"],
+                                                        math.ceil(settings["min_block_s"] / draw.run(1))))
+            timers[variant] = draw
+            continue
         keras().utils.set_random_seed(seed)  # same initial weights for every variant
         trainer = build(variant, model_name, batch_size)
         if variant == "default":
@@ -267,7 +307,8 @@ def measure(model_name: str, batch_size: int, settings: dict, gpu: bool, tf: Any
             entry[f"{variant}_ratio"] = entry[f"{variant}_ratio_range"] = None
             continue
         per_step = statistics.median(seconds[variant])
-        entry["examples_per_s"][variant] = batch_size / per_step
+        # (the noise draw trains on no examples)
+        entry["examples_per_s"][variant] = None if variant == "noise_draw" else batch_size / per_step
         entry["step_ms"][variant] = 1000 * per_step
         if variant != "nonprivate":
             per_round = [s / b for s, b in zip(seconds[variant], base)]
@@ -277,8 +318,9 @@ def measure(model_name: str, batch_size: int, settings: dict, gpu: bool, tf: Any
     if skipped:
         entry["skipped"] = skipped
     entry["data"] = source
+    entry["noise_draw_normals"] = timers["noise_draw"].count
     if gpu:
-        entry["peak_gpu_memory_bytes"] = {v: t.peak_bytes for v, t in timers.items()}
+        entry["peak_gpu_memory_bytes"] = {v: t.peak_bytes for v, t in timers.items() if v != "noise_draw"}
     return entry
 
 
@@ -310,10 +352,10 @@ def table(results: dict) -> str:
     for model, by_batch in results.items():
         for batch, entry in by_batch.items():
             for variant in VARIANTS:
-                name = variant
+                name = LABELS.get(variant, variant)
                 if variant == "default":
                     name = f"default (auto: {entry['default_implementation']})"
-                if entry["examples_per_s"][variant] is None:
+                if entry["step_ms"][variant] is None:
                     lines.append(f"| {model} | {batch} | {name} | - | - | {entry['skipped'][variant]} |")
                     continue
                 if variant == "nonprivate":
@@ -321,7 +363,8 @@ def table(results: dict) -> str:
                 else:
                     low, high = entry[f"{variant}_ratio_range"]
                     ratio, spread = f"{entry[f'{variant}_ratio']:.2f}x", f"{low:.2f}-{high:.2f}"
-                lines.append(f"| {model} | {batch} | {name} | {entry['examples_per_s'][variant]:,.0f} "
+                rate = entry["examples_per_s"][variant]
+                lines.append(f"| {model} | {batch} | {name} | {'-' if rate is None else f'{rate:,.0f}'} "
                              f"| {ratio} | {spread} |")
     return "\n".join(lines)
 
@@ -358,7 +401,9 @@ def save(out: Path, results: dict, settings: dict, args: argparse.Namespace, gpu
               f"TensorFlow {payload['versions'].get('tensorflow')}, TF Privacy "
               f"{payload['versions'].get('tensorflow-privacy')}. Step time vs non-private: the "
               f"variant's seconds per step / non-private seconds per step in the same round, median "
-              f"(min-max over rounds in the last column).")
+              f"(min-max over rounds in the last column). The last two rows of each configuration "
+              f"split the default's cost: its clipping alone (noise multiplier 0), and one step's "
+              f"noise drawn alone (no training), whose ratio is its share of a non-private step.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "dp_step.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "dp_step.md").write_text(f"# DP-SGD step cost ({device})\n\n{header}\n\n{report}\n")

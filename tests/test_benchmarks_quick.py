@@ -24,8 +24,16 @@ from fedpriv.common.config import DPSection
 from tests.conftest import ROOT
 
 
-VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default")
-RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio", "default_ratio")
+VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default", "clipping_only", "noise_draw")
+RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio", "default_ratio",
+          "clipping_only_ratio", "noise_draw_ratio")
+
+
+# Trainable weights, counted by hand from the layers (common/models.py), 28x28x1 input, 10 classes:
+# Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10 (3x3 kernels: 28 -> 26 -> 13 -> 11 -> 5 -> 3),
+# and the MLP's Dense128-Dense128-Dense10 on 784 pixels.
+CNN_WEIGHTS = (9 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 64 + 64) + (3 * 3 * 64 * 64 + 64) + (64 * 10 + 10)
+MLP_WEIGHTS = (784 * 128 + 128) + (128 * 128 + 128) + (128 * 10 + 10)
 
 
 def run_all_quick(out):
@@ -88,7 +96,10 @@ def check_dp_step(proc, tmp_path):
             for key in RATIOS:
                 assert math.isfinite(entry[key]) and entry[key] > 0, (model, key, entry[key])
             assert set(entry["examples_per_s"]) == set(VARIANTS)
-            assert all(v > 0 for v in entry["examples_per_s"].values())
+            assert entry["examples_per_s"]["noise_draw"] is None  # it trains on nothing
+            assert all(v > 0 for k, v in entry["examples_per_s"].items() if k != "noise_draw")
+            # one step's noise: a normal for every trainable weight of the model
+            assert entry["noise_draw_normals"] == {"cnn": CNN_WEIGHTS, "mlp": MLP_WEIGHTS}[model]
             # "default" is what a client with the default [dp] section runs
             assert entry["default_implementation"] == choose_implementation(DPSection())
     for entry in results["cnn"].values():
