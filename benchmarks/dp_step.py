@@ -138,10 +138,9 @@ def build(variant: str, model_name: str, batch_size: int) -> Any:
     from fedpriv.common.config import ClientSection, DPSection, ModelSection
 
     implementation = IMPLEMENTATION[variant]
+    noise = {"noise_multiplier": 0.0} if variant == "clipping_only" else {}
     dp = DPSection(enabled=implementation is not None, microbatches=0,
-                   implementation=implementation or "auto")
-    if variant == "clipping_only":
-        dp = DPSection(enabled=True, microbatches=0, implementation=implementation, noise_multiplier=0.0)
+                   implementation=implementation or "auto", **noise)
     return LocalTrainer(model_name, ModelSection(), ClientSection(batch_size=batch_size, optimizer="sgd"),
                         dp, INPUT_SHAPE, NUM_CLASSES)
 
