@@ -20,9 +20,10 @@ AES-256-CTR under a fresh 384-bit ``os.urandom`` seed every step:
 :class:`common.entropy.GaussianNoise`), and the result is divided by the batch size.
 
 Conv2D layers where it is cheaper (many output positions, a kernel of at most 65,536 weights)
-keep each example's kernel gradient, one batched product per kernel offset
-(:func:`clients.conv_clipping.per_example_kernel_grads`): its squared sum is the norm, and its
-clip-weighted sum over the batch is the layer's gradient, with no second pass through the layer.
+keep each example's kernel gradient, one batched product per kernel offset (one for all offsets
+with a single input channel; :func:`clients.conv_clipping.per_example_kernel_grads`): its squared
+sum is the norm, and its clip-weighted sum over the batch is the layer's gradient, with no second
+pass through the layer.
 Supported trainable layers: ``Dense`` on flat inputs and ``Conv2D`` (channels last); any other
 makes :func:`supported` false, and the trainer uses DPSequential instead.
 """

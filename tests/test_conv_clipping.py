@@ -92,8 +92,9 @@ def test_ghost_form_is_chosen_where_it_is_cheaper():
     assert use_ghost_norm(3 * 3, 576, 64)        # its last conv: few positions, many channels
 
 
+@pytest.mark.parametrize("channels", [3, 1])  # one input channel takes its own product (grey images)
 @pytest.mark.parametrize("case", [c for c in CASES if "ghost" not in c])
-def test_per_example_kernel_gradients_are_each_examples_own(case):
+def test_per_example_kernel_gradients_are_each_examples_own(case, channels):
     """What book-keeping clips and sums (clients/bk_clipping.py): every example's kernel gradient,
     against a backward pass of that example alone."""
     from fedpriv.clients.conv_clipping import per_example_kernel_grads
@@ -101,7 +102,7 @@ def test_per_example_kernel_gradients_are_each_examples_own(case):
     k, t = keras(), tf()
     k.utils.set_random_seed(2)
     layer = k.layers.Conv2D(**CASES[case], dtype="float64")
-    x = t.constant(np.random.default_rng(3).normal(size=(5, 9, 9, 3)))
+    x = t.constant(np.random.default_rng(3).normal(size=(5, 9, 9, channels)))
     target = t.constant(np.random.default_rng(4).normal(size=layer.compute_output_shape(x.shape)))
     layer.activation = None
     with t.GradientTape() as tape:
