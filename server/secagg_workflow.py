@@ -20,7 +20,7 @@ protocol's messages:
   (:meth:`FedprivSecAggPlusWorkflow.collect_masked_vectors_stage`). Drop the override once
   Flower's own workflow completes such a round (the stock test there then fails).
 
-Pairs with :mod:`clients.secagg_guard` on the nodes, which checks both.
+Pairs with :mod:`clients.secagg_guard` on the nodes, which checks the first two.
 """
 
 from __future__ import annotations
