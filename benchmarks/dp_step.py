@@ -252,34 +252,27 @@ def measure(model_name: str, batch_size: int, settings: dict, gpu: bool, tf: Any
     fill ``settings["min_block_s"]`` (cheap variants would otherwise be timed over a few
     milliseconds); ratios compare the seconds per step within each round.
     """
-    import numpy as np
-
     from fedpriv.common.tf_runtime import keras
 
     batches, source = fixed_batches(batch_size, seed)
     free = free_memory_bytes(gpu) if memory_guard else None
     timers, steps, skipped, implementations = {}, {}, {}, {}
     for variant in VARIANTS:
-        if variant == "noise_draw":
-            weights = sum(int(np.prod(w.shape)) for w in timers["nonprivate"].model.trainable_weights)
-            draw = DrawTimer(weights)
-            draw.run(settings["warmup"])
-            implementations[variant] = draw.implementation
-            steps[variant] = max(settings["steps"], min(settings["max_steps"],
-                                                        math.ceil(settings["min_block_s"] / draw.run(1))))
-            timers[variant] = draw
-            continue
-        keras().utils.set_random_seed(seed)  # same initial weights for every variant
-        trainer = build(variant, model_name, batch_size)
-        if variant == "default":
-            # "auto" picks one of the implementations timed above: time that trainer (already
-            # traced and compiled) again, under this name, rather than tracing the same code twice
-            trainer = next((t.trainer for v, t in timers.items()
-                            if v != "nonprivate" and t.implementation == trainer.implementation), trainer)
-        timer = Timer(trainer, batches, gpu, tf)
+        if variant == "noise_draw":  # a normal for each trainable weight, as every DP step draws
+            weights = timers["nonprivate"].model.trainable_weights
+            timer: Any = DrawTimer(sum(w.shape.num_elements() for w in weights))
+        else:
+            keras().utils.set_random_seed(seed)  # same initial weights for every variant
+            trainer = build(variant, model_name, batch_size)
+            if variant == "default":
+                # "auto" picks one of the implementations timed above: time that trainer (already
+                # traced and compiled) again, under this name, rather than tracing the same code twice
+                trainer = next((t.trainer for v, t in timers.items()
+                                if v != "nonprivate" and t.implementation == trainer.implementation), trainer)
+            timer = Timer(trainer, batches, gpu, tf)
+            timer.model(batches[0][0][:1])  # build the layers, so their shapes are known
         implementations[variant] = timer.implementation
-        timer.model(batches[0][0][:1])  # build the layers, so their shapes are known
-        if reason := too_big(timer, batch_size, free):
+        if variant != "noise_draw" and (reason := too_big(timer, batch_size, free)):
             print(f"    {variant}: {reason}", file=sys.stderr, flush=True)
             skipped[variant] = reason
             continue

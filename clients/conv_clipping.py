@@ -86,9 +86,9 @@ def per_example_kernel_grads(layer: Any, x: Any, grads: Any) -> Any | None:
 
     One batched matrix product per kernel offset: offset ``(i, j)``'s block is ``slice_ij^T G``,
     summed over output positions (:func:`_shifted_inputs`); with a single input channel, one
-    product for all offsets. The weighted sum of these over the batch
-    is the layer's clipped kernel gradient, so a caller that has them needs no second backward pass
-    through the layer (:mod:`clients.bk_clipping`)."""
+    product for all offsets. The weighted sum of these over the batch is the layer's clipped kernel
+    gradient, so a caller that has them needs no second backward pass through the layer
+    (:mod:`clients.bk_clipping`)."""
     t = tf()
     out_h, out_w = grads.shape[1], grads.shape[2]
     kh, kw = layer.kernel_size
