@@ -6,7 +6,8 @@ it is given :class:`common.canaries.GradientCanaries`); no training run has cana
 
 Each round, a client's included canaries (:meth:`GradientCanaries.for_client`) join its records
 for Poisson sampling: each step draws every example *and* every included canary with the same
-probability ``q``, from the same secret generator. The step
+probability ``q``, from the same secret generator, and puts the sampled canaries in a fresh random
+order. The step
 (:class:`clients.bk_clipping.BookKeepingDPSequential` with :class:`CanaryTaps`) appends each
 sampled canary's squared norm to its examples' before the clip factors are computed, adds the
 clipped canaries to the clipped sum, adds the step's noise, and divides by the batch size counting
@@ -100,12 +101,16 @@ class WhiteBoxTrainer(LocalTrainer):
         variance = (self.dp.noise_multiplier * clip) ** 2
         scores = np.zeros(len(ids))
         losses = []
+        rng = numpy_generator()
         # the examples, then the included canaries, sampled alike (LocalTrainer.batches)
-        for chosen in self.batches(numpy_generator(), n + len(inside), q, steps):
+        for chosen in self.batches(rng, n + len(inside), q, steps):
             examples, sampled = chosen[chosen < n], chosen[chosen >= n] - n
             if len(examples) == 0:
                 continue  # no step: the canaries sampled with it are not released either
-            self.taps.sampled.assign(inside[sampled].astype(np.int64))
+            # The sampled canaries join the batch in a fresh random order each step: their norms are
+            # all equal, so a bug that singles out one place in the batch (the first of tied largest
+            # gradients, say) meets a different canary each time, as it would a different example.
+            self.taps.sampled.assign(inside[rng.permutation(sampled)].astype(np.int64))
             losses.append(self.step(x[examples], y[examples]))
             released = self.taps.observed.numpy().astype(np.float64) * (len(examples) + len(sampled))
             exponent = np.minimum((clip * released - clip**2 / 2) / variance, 700.0)

@@ -158,7 +158,9 @@ def test_white_box_audit_is_tight_on_honest_code_and_flags_halved_noise_and_skip
           f"{honest['epsilon_lower_bound']:.2f}, accounted {accounted:.2f}")
     assert 2 < accounted < 8 and honest["mode"] == "white-box" and honest["observations"] == 100
     assert honest["verdict"] == "consistent" and honest["claim_rejected"] is False
-    assert 0.45 * accounted <= honest["gdp_epsilon_lower_bound"] <= accounted
+    # Tight: 27 honest canary runs of this configuration measured 1.60 to 2.19 (mean 1.83, spread
+    # about 0.13); 0.4 of the accounted 3.54 is 1.42, three spreads below the mean.
+    assert 0.4 * accounted <= honest["gdp_epsilon_lower_bound"] <= accounted
     assert honest["epsilon_lower_bound"] <= honest["gdp_epsilon_lower_bound"]
     for bug in ("half_noise", "unclipped"):
         proc, broken = _white_box_audit(run, "--seed", "3", **{bug: True})
