@@ -2,28 +2,44 @@
 
 A ClientApp process runs one message and exits (Flower starts a fresh one for each message of a
 deployed node), and most messages (SecAgg+'s key, share and unmask stages) never account for
-privacy. ``dp_accounting`` imports scipy, which costs seconds of CPU per process, so the modules
-on a client's import path bind it with :func:`lazy_import`: the name is a module object whose
-first attribute access loads it (the standard library's ``importlib.util.LazyLoader``).
+privacy; a simulation without DP never accounts at all. ``dp_accounting`` imports scipy, which
+costs seconds of CPU per process, so the modules that use it bind it with :func:`lazy_import`: a
+stand-in whose first attribute read imports the module with ``importlib.import_module``.
+
+Not the standard library's ``importlib.util.LazyLoader``: on Python 3.11 a thread that reads an
+attribute while another thread is loading the module can find it half-filled and fail with an
+``AttributeError`` (CPython gh-114763, fixed in 3.12.3). ``import_module`` holds the import
+system's lock for the module until it is fully executed, so every thread waits for a whole module.
+When fedpriv requires Python 3.12.3 or later, ``LazyLoader`` is safe to use here again.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
+
+
+class _OnFirstUse(ModuleType):
+    """Stands in for module ``__name__``: any attribute it lacks is read from the real module,
+    imported on the first such read."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)  # copy, pickle and friends probe dunders: never an import for them
+        module = self.__dict__.get("_fedpriv_module")
+        if module is None:  # set only once import_module has returned the whole module
+            module = self.__dict__["_fedpriv_module"] = importlib.import_module(self.__name__)
+        return getattr(module, attr)
 
 
 def lazy_import(name: str) -> ModuleType:
-    """``name``, loaded when one of its attributes is first read (at once if already loaded)."""
+    """``name``, imported when one of its attributes is first read (the module itself if it is
+    already imported). A missing module is reported at once, not at first use."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+    return _OnFirstUse(name)

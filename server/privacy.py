@@ -18,13 +18,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
-
 from fedpriv.common import accounting, rundir, user_dp
 from fedpriv.common.accounting import ENFORCEMENT_ACCOUNTANT, DPSGDSpend
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import FedprivError
 from fedpriv.common import witness
+from fedpriv.common.lazy import lazy_import
 from fedpriv.common.ledger import LedgerWriter, key_id, load_or_create_signing_key
 from fedpriv.common.population import Composition, compose_state
 from fedpriv.common.ledger_schema import SERVER, Kind, client_actor, node_actor
@@ -32,6 +31,8 @@ from fedpriv.common.replay import LedgerState, node_of, replay
 from fedpriv.common.user_dp import USER_LEVEL_SAMPLING
 from fedpriv.server import resume as resume_checks
 from fedpriv.server.resume import RestorePoint
+
+dp_accounting = lazy_import("dp_accounting")  # scipy: loaded when first used (see common.lazy)
 
 KEY_ENV = rundir.LEDGER_KEY_ENV
 CUMULATIVE = "rdp_with_earlier_runs"  # a user_level entry's epsilon composed with the earlier runs'

@@ -177,3 +177,50 @@ def test_two_threads_importing_fedpriv_at_once_both_find_its_parts():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[0] == "0", proc.stdout
+
+
+_SLOW_MODULE = """
+import time
+time.sleep(0.3)  # a slow import, as scipy's is: other threads arrive while it runs
+ANSWER = 42
+"""
+
+
+def test_a_lazily_imported_module_is_whole_for_every_thread_that_reads_it_first(tmp_path):
+    """Ten threads read an attribute of a lazily imported module at once, while it is still being
+    imported: each sees the whole module and the module runs once (the standard library's
+    LazyLoader on Python 3.11 hands some threads a half-filled module: CPython gh-114763)."""
+    (tmp_path / "slow_module_for_lazy_test.py").write_text(_SLOW_MODULE)
+    lines = _fresh_interpreter(f"""
+import sys, threading
+sys.path.insert(0, {str(tmp_path)!r})
+from fedpriv.common.lazy import lazy_import
+m = lazy_import("slow_module_for_lazy_test")
+print("slow_module_for_lazy_test" in sys.modules)
+seen = []
+def read():
+    try:
+        seen.append(m.ANSWER)
+    except AttributeError as e:
+        seen.append(repr(e))
+threads = [threading.Thread(target=read) for _ in range(10)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(seen)
+print(sys.modules["slow_module_for_lazy_test"].ANSWER, m.ANSWER)
+""")
+    assert lines == ["False", str([42] * 10), "42 42"], lines
+
+
+def test_lazy_import_reports_a_missing_module_at_once_and_returns_a_loaded_one_as_is():
+    import json
+
+    import pytest
+
+    from fedpriv.common.lazy import lazy_import
+
+    assert lazy_import("json") is json
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_for_fedpriv"):
+        lazy_import("no_such_module_for_fedpriv")
