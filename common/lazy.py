@@ -27,10 +27,10 @@ class _OnFirstUse(ModuleType):
     imported on the first such read."""
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__") and attr.endswith("__"):
-            raise AttributeError(attr)  # copy, pickle and friends probe dunders: never an import for them
-        module = self.__dict__.get("_fedpriv_module")
-        if module is None:  # set only once import_module has returned the whole module
+        module = self.__dict__.get("_fedpriv_module")  # set once import_module has returned the whole module
+        if module is None:
+            if attr.startswith("__") and attr.endswith("__"):  # tools probe dunders: never an import for them
+                raise AttributeError(f"module {self.__name__!r} is not imported yet (no {attr})")
             module = self.__dict__["_fedpriv_module"] = importlib.import_module(self.__name__)
         return getattr(module, attr)
 
