@@ -108,9 +108,15 @@ def test_per_example_kernel_gradients_are_each_examples_own(case, channels):
     with t.GradientTape() as tape:
         out = layer(x)
         loss = t.reduce_sum(out * target)  # the output gradient is ``target``
-    per = per_example_kernel_grads(layer, x, tape.gradient(loss, out))
-    assert per is not None and per.shape == (5, *layer.kernel.shape)
+    result = per_example_kernel_grads(layer, x, tape.gradient(loss, out))
+    assert result is not None
+    per, bias = result
+    assert per.shape == (5, *layer.kernel.shape)
+    assert (bias is not None) == (channels == 1 and layer.use_bias)  # the one-channel product gives it
     for i in range(5):
         with t.GradientTape() as tape:
             own = t.reduce_sum(layer(x[i:i + 1]) * target[i:i + 1])
-        np.testing.assert_allclose(per[i].numpy(), tape.gradient(own, layer.kernel).numpy(), rtol=1e-9, atol=1e-12)
+        own_grads = tape.gradient(own, layer.trainable_weights)  # kernel, then bias if any
+        np.testing.assert_allclose(per[i].numpy(), own_grads[0].numpy(), rtol=1e-9, atol=1e-12)
+        if bias is not None:
+            np.testing.assert_allclose(bias[i].numpy(), own_grads[1].numpy(), rtol=1e-9, atol=1e-12)
