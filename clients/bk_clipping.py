@@ -86,7 +86,7 @@ def _conv_grads(layer: Any, x: Any, wg: Any) -> list[Any]:
     return [kernel, t.reduce_sum(wg, axis=[0, 1, 2])] if layer.use_bias else [kernel]
 
 
-def _per_example_bias(layer: Any, per: tuple[Any, Any], g: Any) -> Any:
+def _per_example_bias(per: tuple[Any, Any], g: Any) -> Any:
     """Each example's bias gradient: from the kernel product where it gave one, else the output
     gradient ``g`` summed over positions."""
     return per[1] if per[1] is not None else tf().reduce_sum(g, axis=[1, 2])
@@ -97,7 +97,7 @@ def _per_example_squared_norms(layer: Any, per: tuple[Any, Any], g: Any) -> Any:
     t = tf()
     squared = _squared_norms(t.reshape(per[0], [t.shape(per[0])[0], -1]), 1)
     if layer.use_bias:
-        squared += _squared_norms(_per_example_bias(layer, per, g), 1)
+        squared += _squared_norms(_per_example_bias(per, g), 1)
     return squared
 
 
@@ -105,7 +105,7 @@ def _clipped_sums(layer: Any, per: tuple[Any, Any], g: Any, clip: Any) -> list[A
     """The clipped kernel (and bias) gradient summed over the batch: sum_i clip_i * grad_i."""
     t = tf()
     kernel = t.tensordot(clip, per[0], axes=1)
-    return [kernel, t.tensordot(clip, _per_example_bias(layer, per, g), axes=1)] if layer.use_bias else [kernel]
+    return [kernel, t.tensordot(clip, _per_example_bias(per, g), axes=1)] if layer.use_bias else [kernel]
 
 
 @functools.lru_cache(maxsize=1)

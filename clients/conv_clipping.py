@@ -78,10 +78,11 @@ def _patches(layer: Any, x: Any, out_h: int | None, out_w: int | None) -> Any:
     ``tf.image.extract_patches``'s order (kernel row, kernel column, channel).
 
     With the spatial size known at trace time and more than one input channel, one gather of
-    whole channel rows from the (padded) input builds it: cheaper than concatenating the
-    :func:`_shifted_inputs` slices (measured on 2 Xeon cores, with the product
-    :func:`per_example_kernel_grads` makes of it: 15-30% less time for 2 to 32 input channels)
-    but slower with one channel, where each row is a single value."""
+    whole channel rows from the (padded) input builds it. Measured on 2 Xeon cores in
+    :func:`per_example_kernel_grads` at batch 64 and 256, gathering and one product took 7-30%
+    less time than one product per :func:`_shifted_inputs` slice for 2 to 32 input channels;
+    concatenating the slices, measured at 32 channels, was slower than either. With one channel,
+    where each gathered row is a single value, the slices are concatenated instead."""
     t = tf()
     if None in (out_h, out_w, x.shape[1], x.shape[2]):  # spatial size unknown at trace time
         kh, kw = layer.kernel_size
@@ -132,7 +133,7 @@ def per_example_kernel_grads(layer: Any, x: Any, grads: Any) -> tuple[Any, Any] 
     if c_in == 1:
         # One input channel: the offsets' slices stacked make a product of kh*kw rows (measured
         # on 2 Xeon cores: the seed CNN's DP step 5% shorter at batch 64 and 256 than one
-        # product per offset, and 2.5x faster than gathering single values). One more row, of
+        # product per offset, and 1.7-2.5x faster than gathering single values). One more row, of
         # ones, sums the output gradient over positions: the bias gradient, for less than
         # summing it apart (measured for the seed CNN's first layer, with its norms and clipped
         # sums: 1.29 against 1.52 ms at batch 64, 2.47 against 3.33 ms at batch 256).
