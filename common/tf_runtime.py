@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
@@ -81,5 +82,14 @@ def keras() -> ModuleType:
 
 
 def gpu_count() -> int:
-    """Number of GPUs TensorFlow can see in this process."""
+    """Number of GPUs TensorFlow can see in this process. On a machine without an NVIDIA device
+    (TensorFlow's GPUs are CUDA's: ``/dev/nvidia*``, or ``/dev/dxg`` under WSL) it is 0 without
+    importing TensorFlow, which takes seconds: ``fedpriv simulate`` asks before starting Ray."""
+    if not gpu_device_present():
+        return 0
     return len(tf().config.list_physical_devices("GPU"))
+
+
+def gpu_device_present(dev: Path = Path("/dev")) -> bool:
+    """Whether this machine has a device node an NVIDIA GPU could be reached through."""
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()

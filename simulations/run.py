@@ -20,7 +20,7 @@ from fedpriv.common.canaries import Canaries, CanaryClients, GradientCanaries
 from fedpriv.common.config import ConfigError, RunConfig
 from fedpriv.common.data import Dataset, evaluation_set, forget_loaded, load_dataset
 from fedpriv.common.errors import FedprivError
-from fedpriv.common.models import build_model, resolve_model_name
+from fedpriv.common.models import build_model, parameter_count, resolve_model_name
 from fedpriv.common.tf_runtime import RUNTIME_ENV, gpu_count, quiet_stderr
 from fedpriv.server import resume
 from fedpriv.server.app import make_server_app
@@ -58,8 +58,8 @@ def plan(cfg: RunConfig) -> Plan:
     if min(sizes) == 0:
         raise FedprivError("a client received no training data; use fewer clients or iid partitioning")
     gpus = cfg.simulation.gpus_per_client if gpu_count() > 0 else 0.0
-    model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
-    dimension = int(model.count_params())
+    # (counted from the architecture: this process need not import TensorFlow before Ray starts)
+    dimension = parameter_count(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
     warnings = user_dp.preflight_warnings(cfg, dimension)  # raises ConfigError if unworkable
     if cluster and _sealed_data(cfg):
         warnings.append(f"{cfg.data.path} is sealed: on the Ray cluster each virtual client opens it with the "
@@ -71,6 +71,7 @@ def plan(cfg: RunConfig) -> Plan:
         checkpoint.ensure_key()
     restore = None
     if cfg.run.resume:  # key, checkpoint, model and ledger: refused here, before any process starts
+        model = build_model(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
         restore = resume.inspect(Path(cfg.run.out_dir), [np.asarray(w) for w in model.get_weights()], cfg)
     return Plan(evaluation_set(cfg.data, cfg.run.seed), model_name, sizes, gpus, dimension, warnings, restore)
 

@@ -118,5 +118,5 @@ def test_model_choice_checks_the_input_shape():
     assert resolve_model_name(model, (8, 8, 1)) == "mlp"  # too small for the CNN
     with pytest.raises(DataError, match="needs images"):
         resolve_model_name(ModelSection(name="cnn"), (64,))
-    with pytest.raises(DataError, match="at least 22x22"):
+    with pytest.raises(DataError, match="at least 18x18"):
         resolve_model_name(ModelSection(name="cnn"), (8, 8, 1))
