@@ -174,7 +174,8 @@ def simulate(
     """Run the whole federation in this process; return the run summary. ``canaries`` join the
     clients' training data or DP-SGD steps, and ``canary_clients`` the server's user-level sums
     (the empirical audit's canary run)."""
-    from flwr.simulation import run_simulation
+    with quiet_stderr(not verbose):  # Flower's simulation imports TensorFlow, which logs from C++ as it loads
+        from flwr.simulation import run_simulation
 
     from fedpriv.simulations import vce_poll
 

@@ -92,6 +92,9 @@ def test_fifty_clients_a_round_for_ten_rounds_lose_nothing_and_do_not_grow(tmp_p
     stop.set()
     sampler.join()
     assert proc.returncode == 0, stderr[-3000:]
+    # Nothing but fedpriv's own lines: no TensorFlow C++ log lines from its import or device set-up
+    # ("I0000 00:00:... port.cc:..."), whichever library imports it first.
+    assert not re.search(r"^[IWEF]\d{4} |absl::InitializeLog", stderr, re.M), stderr[-3000:]
     # Private by default: the run directory and the home (keys, node ledgers) are owner-only, and
     # so is what the run's processes left in the temporary directory (TensorFlow leaves its
     # autograph files there); Ray's private temporary directory (in place of a world-accessible
