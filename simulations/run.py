@@ -58,7 +58,7 @@ def plan(cfg: RunConfig) -> Plan:
     if min(sizes) == 0:
         raise FedprivError("a client received no training data; use fewer clients or iid partitioning")
     gpus = cfg.simulation.gpus_per_client if gpu_count() > 0 else 0.0
-    # (counted from the architecture: this process need not import TensorFlow before Ray starts)
+    # (counted from the architecture: no TensorFlow devices or model are set up before Ray starts)
     dimension = parameter_count(model_name, cfg.model, dataset.input_shape, dataset.num_classes)
     warnings = user_dp.preflight_warnings(cfg, dimension)  # raises ConfigError if unworkable
     if cluster and _sealed_data(cfg):
