@@ -32,11 +32,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TaskType
 from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
+
+from fedpriv.common.tf_runtime import nvidia_device_present
 
 READY = "fedpriv node: ClientApp tasks start warm"
 COLD = "fedpriv node: ClientApp tasks start cold"
@@ -95,17 +96,13 @@ class WarmStart(SubprocessExecutor):
         super().close()
 
 
-def _has_nvidia_device() -> bool:
-    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
-
-
 def preload() -> None:
     """Import what a ClientApp task needs, creating nothing: TensorFlow, tf-keras and fedpriv's
     ClientApp and trainer (TensorFlow only where no NVIDIA device is present)."""
     import fedpriv.clients.app  # noqa: F401  - the ClientApp (fedpriv.client_app names it for Flower)
     import fedpriv.clients.trainer  # noqa: F401  - (common.tf_runtime with it: TensorFlow's environment)
 
-    if not _has_nvidia_device():
+    if not nvidia_device_present():
         import tensorflow  # noqa: F401
         import tf_keras  # noqa: F401
 

@@ -83,13 +83,16 @@ def keras() -> ModuleType:
 
 def gpu_count() -> int:
     """Number of GPUs TensorFlow can see in this process. On a machine without an NVIDIA device
-    (TensorFlow's GPUs are CUDA's: ``/dev/nvidia*``, or ``/dev/dxg`` under WSL) it is 0 without
-    importing TensorFlow, which takes seconds: ``fedpriv simulate`` asks before starting Ray."""
-    if not gpu_device_present():
+    (:func:`nvidia_device_present`) it is 0 without importing TensorFlow, which takes seconds:
+    ``fedpriv simulate`` asks before starting Ray."""
+    if not nvidia_device_present():
         return 0
     return len(tf().config.list_physical_devices("GPU"))
 
 
-def gpu_device_present(dev: Path = Path("/dev")) -> bool:
-    """Whether this machine has a device node an NVIDIA GPU could be reached through."""
-    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()
+def nvidia_device_present(dev: Path = Path("/dev")) -> bool:
+    """Whether this machine has a device node of NVIDIA's driver (TensorFlow's GPUs are CUDA's):
+    ``/dev/nvidiactl`` or ``/dev/nvidia<N>``, or ``/dev/dxg`` under WSL. Where in doubt it says
+    yes: its callers then only do the slower, safe thing (ask TensorFlow; import no TensorFlow
+    before a fork)."""
+    return (dev / "nvidiactl").exists() or any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()

@@ -12,7 +12,7 @@ import pytest
 
 from fedpriv.common.config import ModelSection
 from fedpriv.common.models import architecture, build_model, cnn_output_size, parameter_count
-from fedpriv.common.tf_runtime import gpu_device_present
+from fedpriv.common.tf_runtime import nvidia_device_present
 
 
 @pytest.mark.parametrize("name, units, layers, shape, classes", [
@@ -42,19 +42,17 @@ def test_cnn_output_size_is_the_last_convolutions():
     build_model("cnn", ModelSection(), (18, 18, 1), 10)  # the smallest it takes
 
 
-def test_gpu_device_present(tmp_path):
-    assert not gpu_device_present(tmp_path)
-    (tmp_path / "nvidiactl").touch()  # the control node alone is no GPU
-    assert not gpu_device_present(tmp_path)
-    (tmp_path / "nvidia0").touch()
-    assert gpu_device_present(tmp_path)
-    wsl = tmp_path / "wsl"
-    wsl.mkdir()
-    (wsl / "dxg").touch()
-    assert gpu_device_present(wsl)
+@pytest.mark.parametrize("nodes, present", [
+    ((), False), (("nvidia-uvm", "nvidia-modeset"), False),  # no control node, no GPU node
+    (("nvidiactl",), True), (("nvidia0",), True), (("nvidia3",), True), (("dxg",), True),
+])
+def test_nvidia_device_present(tmp_path, nodes, present):
+    for node in nodes:
+        (tmp_path / node).touch()
+    assert nvidia_device_present(tmp_path) is present
 
 
-@pytest.mark.skipif(gpu_device_present(), reason="this machine has a GPU device: TensorFlow is asked")
+@pytest.mark.skipif(nvidia_device_present(), reason="this machine has an NVIDIA device: TensorFlow is asked")
 def test_a_simulations_checks_import_no_tensorflow(tmp_path):
     """``fedpriv simulate`` plans the run (data, partitions, model size, GPUs, privacy warnings)
     before Ray starts; with no GPU device that takes no TensorFlow, whose import costs seconds."""
