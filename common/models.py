@@ -27,8 +27,9 @@ def resolve_model_name(model: ModelSection, input_shape: tuple[int, ...]) -> str
                 f"shape {input_shape}. Use model.name = 'mlp'"
             )
         if cnn_output_size(input_shape) < 1:
+            side = _smallest_cnn_input()
             raise DataError(
-                f"the cnn model needs images of at least {CNN_MIN_SIZE}x{CNN_MIN_SIZE}; data has {input_shape[0]}x"
+                f"the cnn model needs images of at least {side}x{side}; data has {input_shape[0]}x"
                 f"{input_shape[1]}. Use model.name = 'mlp'"
             )
     return name
@@ -42,6 +43,7 @@ def cnn_output_size(input_shape: tuple[int, ...]) -> int:
 
 
 def _smallest_cnn_input() -> int:
+    """Each side of the smallest image the CNN takes (18)."""
     return next(size for size in range(1, 1000) if cnn_output_size((size, size, 1)) >= 1)
 
 
@@ -123,5 +125,3 @@ def _walk(layers: list[tuple[str, int]], input_shape: tuple[int, ...]) -> Any:
             shape = (size,)
         yield kind, size, before, shape
 
-
-CNN_MIN_SIZE = _smallest_cnn_input()  # 18: each side of the smallest image the CNN takes

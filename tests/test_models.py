@@ -30,8 +30,7 @@ def test_parameter_count_is_kerass(name, units, layers, shape, classes):
     keras_model = build_model(name, model, shape, classes)
     assert parameter_count(name, model, shape, classes) == keras_model.count_params()
     # the Keras layers are the architecture's, one for one after the input
-    kinds = [kind for kind, _ in architecture(name, model, shape, classes)]
-    assert len(keras_model.layers) == len(kinds)
+    assert len(keras_model.layers) == len(architecture(name, model, shape, classes))
 
 
 def test_cnn_output_size_is_the_last_convolutions():
