@@ -342,7 +342,9 @@ FAIL_MODES = ("crash", "hang", "wrong_count", "wrong_shape", "wrong_dtype", "nan
 @dataclass(frozen=True)
 class SimulationSection:
     cpus_per_client: float = _setting(
-        1.0, "CPU cores reserved for each virtual client.", min=0.0, min_exclusive=True
+        1.0, "CPU cores reserved for each virtual client. Without a GPU, its TensorFlow runs that many "
+        "threads (at least one) rather than one per core of the machine (fedpriv simulate).",
+        min=0.0, min_exclusive=True
     )
     gpus_per_client: float = _setting(
         0.25,

@@ -72,6 +72,24 @@ def enable_gpu_memory_growth(tensorflow_module: Any) -> int:
     return len(gpus)
 
 
+def limit_threads(cores: float) -> bool:
+    """Let TensorFlow in this process run each op on ``max(1, int(cores))`` threads, and that many
+    ops at a time, instead of one thread per core of the machine. For a process that has that many
+    cores to itself: a simulation's Ray worker, which reserves ``simulation.cpus_per_client`` cores
+    beside other workers on the same machine (:mod:`simulations.workers`). With TensorFlow's
+    default each worker splits every op over all cores, and the workers' threads wait on each
+    other's. Returns False, changing nothing, once this process's TensorFlow runtime has started
+    (the thread pools are made then)."""
+    threads = max(1, int(cores))
+    threading = tf().config.threading
+    try:
+        threading.set_intra_op_parallelism_threads(threads)
+        threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime has started: its pools are fixed
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def keras() -> ModuleType:
     """Return ``tf_keras`` (Keras 2), which TF Privacy's optimizers require."""

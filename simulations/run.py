@@ -27,6 +27,7 @@ from fedpriv.server.app import make_server_app
 from fedpriv.server.resume import RestorePoint
 from fedpriv.server.run_log import RoundEntry
 from fedpriv.simulations.faults import make_fault_mods
+from fedpriv.simulations.workers import worker_threads_mod
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable for the cluster to join
 
@@ -150,6 +151,18 @@ def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool,
     }
 
 
+def client_mods(cfg: RunConfig, gpus_per_client: float) -> tuple[list, list]:
+    """The simulation's own mods around the ClientApp: (outermost, inside secure aggregation).
+    Outermost, on CPU workers, the thread-pool sizing of :mod:`simulations.workers` (before the
+    app's first TensorFlow op), then fault injection's crash and hang; inside, its malformed
+    replies (:mod:`simulations.faults`)."""
+    outer = [worker_threads_mod(cfg.simulation.cpus_per_client)] if gpus_per_client == 0 else []
+    if not cfg.simulation.fail_clients:
+        return outer, []
+    crash_or_hang, malformed = make_fault_mods(cfg)
+    return outer + [crash_or_hang], [malformed]
+
+
 def quiet_flower(verbose: bool) -> None:
     """Keep Flower's per-message logging out of the progress display unless --verbose.
 
@@ -195,7 +208,6 @@ def simulate(
     def on_finish(path: Path, summary: dict[str, Any]) -> None:
         finished["summary"] = summary
 
-    faults = make_fault_mods(cfg) if cfg.simulation.fail_clients else None
     gpus, ray_dir, cluster = run_plan.gpus_per_client, None, ray_address(cfg)
     if cluster:
         resources = join_cluster(cluster, verbose)
@@ -203,12 +215,12 @@ def simulate(
     else:  # owner-only (mkdtemp makes it 0700) and short: Ray puts its sockets under it
         ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))
         os.environ.pop(RAY_ADDRESS_ENV, None)  # (simulation.ray_address = local): Ray would join it
+    outer_mods, inner_mods = client_mods(cfg, gpus)
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish,
                                        canary_clients=canary_clients),
-            client_app=make_client_app(cfg, extra_mods=[faults[0]] if faults else None,
-                                       inner_mods=[faults[1]] if faults else None, canaries=canaries),
+            client_app=make_client_app(cfg, extra_mods=outer_mods, inner_mods=inner_mods, canaries=canaries),
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg, gpus, verbose, ray_dir, joined=bool(cluster)),
             verbose_logging=verbose,
