@@ -20,8 +20,10 @@ from flwr.app import Context, Message
 
 def worker_threads_mod(cores: float) -> Callable[[Message, Context, Any], Message]:
     """A ClientApp mod that sizes this worker's TensorFlow thread pools to ``cores`` before the
-    app's first message (a no-op in a process whose TensorFlow has started: the pytest process
-    running in-process simulations, for one)."""
+    app's first message. For a process that runs one ClientApp at a time, as Ray's actors do; in a
+    process whose TensorFlow runtime has started it changes nothing, so a process that runs
+    ClientApps on several threads starts its runtime first (the test suite's in-process backend,
+    tests/inprocess.py, does)."""
     return functools.partial(_sized_threads, float(cores))
 
 
