@@ -52,7 +52,10 @@ def test_a_simulations_ray_keeps_a_model_sized_result_out_of_its_object_store():
         f"WAIT_S = {WAIT_S}\n"
         f"print(stored(500_000), stored({2 * RAY_INLINE_BYTES}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As in a simulation: Flower's simulation module turns off Ray's `uv run` hook, which would
+    # otherwise start the workers of a driver run under `uv run` (as `make test` runs the suite)
+    # with that command, from a copy of the working directory, where a relative path to uv fails.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                               timeout=3 * WAIT_S)
