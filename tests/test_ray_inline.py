@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
@@ -35,8 +34,7 @@ def test_a_simulations_ray_keeps_a_model_sized_result_out_of_its_object_store():
     result (a 100k-parameter model's weights are about 400 KB) is held by no node's object store,
     which is where Ray's default (100 KiB) would put it; one over the limit still is."""
     ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))  # (short: Ray's socket paths are limited)
-    with mock.patch.dict(os.environ):  # (backend_config sets this process's environment for Ray's workers)
-        init_args = backend_config(resolve_config("quickstart", None, []), 0, False, ray_dir)["init_args"]
+    init_args = backend_config(resolve_config("quickstart", None, []), 0, False, ray_dir)["init_args"]
     assert RAY_INLINE_BYTES >= 500_000
     # (a small object store: the suite runs several Ray instances at once, each of which would
     # otherwise size its store to 30% of the machine's memory)
