@@ -54,6 +54,9 @@ def _killed_run(out: Path, env: dict[str, str], pause: str, at_round: int) -> No
     args = [sys.executable, "-m", "tests.injected", "--threads", pause, str(at_round), "--",
             "simulate", "--preset", "quickstart", "--out", str(out)]
     args += [x for s in SETTINGS for x in ("--set", s)]
+    # its temporary files (the simulation's Ray directory, made before the kill) in the test's own
+    # folder: a killed process cannot remove them, and the test's folder is removed for it
+    env = {**env, "TMPDIR": str(out.parent)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, seen = time.monotonic() + 600, []
