@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from fedpriv.clients.mods import make_policy_mod, make_secure_aggregation_mod
+from fedpriv.clients.worker_threads import worker_threads_mod
 from fedpriv.clients.node import is_real_node, node_name_and_state_dir, node_policy, record_budget
 from fedpriv.clients.budget import BudgetExhausted, NodeBudgetGuard, open_guard
 from fedpriv.clients.trainer import LocalTrainer, TrainResult, get_trainer
@@ -237,8 +238,8 @@ def _build_client_app(config: RunConfig | None, extra_mods: list | None, inner_m
         canaries = None
         if trainer_factory is get_trainer:
             trainer_factory = whitebox.whitebox_trainer
-    app = ClientApp(mods=[*(extra_mods or []), make_policy_mod(config), make_secure_aggregation_mod(config),
-                          *(inner_mods or [])])
+    app = ClientApp(mods=[worker_threads_mod, *(extra_mods or []), make_policy_mod(config),
+                          make_secure_aggregation_mod(config), *(inner_mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

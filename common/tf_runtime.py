@@ -76,7 +76,7 @@ def limit_threads(cores: float) -> bool:
     """Let TensorFlow in this process run each op on ``max(1, int(cores))`` threads, and that many
     ops at a time, instead of one thread per core of the machine. For a process that has that many
     cores to itself: a simulation's Ray worker, which reserves ``simulation.cpus_per_client`` cores
-    beside other workers on the same machine (:mod:`simulations.workers`). With TensorFlow's
+    beside other workers on the same machine (:mod:`clients.worker_threads`). With TensorFlow's
     default each worker splits every op over all cores, and the workers' threads wait on each
     other's. Returns False, changing nothing, once this process's TensorFlow runtime has started
     (the thread pools are made then)."""

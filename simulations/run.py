@@ -27,7 +27,6 @@ from fedpriv.server.app import make_server_app
 from fedpriv.server.resume import RestorePoint
 from fedpriv.server.run_log import RoundEntry
 from fedpriv.simulations.faults import make_fault_mods
-from fedpriv.simulations.workers import worker_threads_mod
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable for the cluster to join
 
@@ -167,16 +166,14 @@ def backend_config(cfg: RunConfig, gpus_per_client: float, verbose: bool,
     }
 
 
-def client_mods(cfg: RunConfig, gpus_per_client: float) -> tuple[list, list]:
-    """The simulation's own mods around the ClientApp: (outermost, inside secure aggregation).
-    Outermost, on CPU workers, the thread-pool sizing of :mod:`simulations.workers` (before the
-    app's first TensorFlow op), then fault injection's crash and hang; inside, its malformed
-    replies (:mod:`simulations.faults`)."""
-    outer = [worker_threads_mod(cfg.simulation.cpus_per_client)] if gpus_per_client == 0 else []
+def client_mods(cfg: RunConfig) -> tuple[list, list]:
+    """The simulation's own mods around the ClientApp: (outermost, inside secure aggregation):
+    fault injection's crash and hang, and its malformed replies (:mod:`simulations.faults`). (The
+    app's own outermost mod sizes each Ray worker's TensorFlow threads: clients/worker_threads.py.)"""
     if not cfg.simulation.fail_clients:
-        return outer, []
+        return [], []
     crash_or_hang, malformed = make_fault_mods(cfg)
-    return outer + [crash_or_hang], [malformed]
+    return [crash_or_hang], [malformed]
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -231,7 +228,7 @@ def simulate(
     else:  # owner-only (mkdtemp makes it 0700) and short: Ray puts its sockets under it
         ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))
         os.environ.pop(RAY_ADDRESS_ENV, None)  # (simulation.ray_address = local): Ray would join it
-    outer_mods, inner_mods = client_mods(cfg, gpus)
+    outer_mods, inner_mods = client_mods(cfg)
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir=out_dir, on_round=on_round, on_finish=on_finish,

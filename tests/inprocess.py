@@ -42,10 +42,11 @@ class InProcessBackend(Backend):
         self.app_fn: Callable[[], ClientApp] | None = None
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
-        # This process's TensorFlow runtime starts before any ClientApp runs on its threads. A
-        # simulation's outermost mod sizes a fresh Ray worker's thread pools before its first op
-        # (simulations/workers.py); here that must change nothing, rather than reconfigure the
-        # runtime while other threads of the process start or use it.
+        # This process's TensorFlow runtime starts before any ClientApp runs on its threads. The
+        # ClientApp's outermost mod sizes a fresh Ray worker's thread pools before its first op
+        # (clients/worker_threads.py), and does nothing outside a Ray actor; were it to run here,
+        # it would still change nothing, rather than reconfigure the runtime while other threads
+        # of the process start or use it.
         from fedpriv.common.tf_runtime import tf
 
         tf().constant(0.0)

@@ -81,7 +81,7 @@ def test_flwr_run_dot(tmp_path):
             started = subprocess.Popen(superlink, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         _wait_for_health(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), started, tmp_path / "superlink.log")
         proc = subprocess.run(
-            [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3", "--stream"],
+            [flwr, "run", ".", "--run-config", config, "--federation-config", "num-supernodes=3 client-resources-num-cpus=1", "--stream"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
         )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -1,5 +1,6 @@
 """A simulation's CPU workers size TensorFlow's thread pools to the cores each one reserves
-(simulations/workers.py), and nothing else's pools change."""
+(clients/worker_threads.py, the ClientApp's outermost mod), and nothing else's pools change. In
+real Ray actors: tests/test_ray_workers.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import sys
 
 from fedpriv.common.settings import resolve_config
 from fedpriv.common.tf_runtime import limit_threads, tf
+from fedpriv.clients.app import app, built, make_client_app
+from fedpriv.clients.worker_threads import sized_threads, worker_threads_mod
 from fedpriv.simulations.run import client_mods
-from fedpriv.simulations.workers import worker_threads_mod
 
 
 def _fresh(code: str, tmp_path) -> None:
@@ -33,40 +35,31 @@ def test_limit_threads_sizes_the_pools_until_the_runtime_starts(tmp_path):
     )
 
 
-def test_a_simulations_client_app_sizes_a_fresh_workers_pools_before_its_first_message(tmp_path):
-    """The mod the simulation puts outermost, run as a Ray worker runs it: first thing in a
-    process whose TensorFlow has not started, around the rest of the app."""
-    _fresh(
-        "from fedpriv.common.settings import resolve_config\n"
-        "from fedpriv.common.tf_runtime import tf\n"
-        "from fedpriv.simulations.run import client_mods\n"
-        "cfg = resolve_config('quickstart', None, ['simulation.cpus_per_client=1'])\n"
-        "outer, inner = client_mods(cfg, 0.0)\n"
-        "assert outer[0]('message', 'context', lambda m, c: (m, c)) == ('message', 'context')\n"
-        "threading = tf().config.threading\n"
-        "assert threading.get_intra_op_parallelism_threads() == 1\n"
-        "assert threading.get_inter_op_parallelism_threads() == 1\n",
-        tmp_path,
-    )
-
-
-def test_the_sizing_is_for_cpu_workers_only_and_comes_before_fault_injection():
-    cfg = resolve_config("quickstart", None, ["simulation.cpus_per_client=2"])
-    outer, inner = client_mods(cfg, 0.0)
-    assert len(outer) == 1 and outer[0].args == (2.0,) and inner == []
-    assert client_mods(cfg, 0.25) == ([], [])  # a GPU worker keeps TensorFlow's defaults
+def test_the_sizing_is_the_apps_outermost_mod_under_every_runner_and_fault_injection_comes_next():
+    """The ClientApp that `fedpriv simulate` and `flwr run .` both run (``fedpriv.client_app``
+    builds it with no extra mods) sizes the pools before anything else; the simulation's fault
+    injection adds its crash-or-hang mod next and its malformed replies inside."""
+    cfg = resolve_config("quickstart", None, [])
+    assert client_mods(cfg) == ([], [])
+    plain = built(app.recipe)._mods
+    assert plain[0] is worker_threads_mod and worker_threads_mod not in plain[1:]
     faulty = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, fail_clients="1"))
-    outer, inner = client_mods(faulty, 0.0)
-    assert len(outer) == 2 and outer[0].args == (2.0,) and len(inner) == 1
+    outer, inner = client_mods(faulty)
+    assert len(outer) == 1 and len(inner) == 1
+    mods = built(make_client_app(faulty, extra_mods=outer, inner_mods=inner).recipe)._mods
+    # (the app is built from its pickled recipe: the fault mods are copies)
+    names = [getattr(mod, "__qualname__", None) for mod in mods]
+    assert mods[0] is worker_threads_mod and len(mods) == len(plain) + 2
+    assert names[1] == outer[0].__qualname__ and names[-1] == inner[0].__qualname__
 
 
 def test_a_process_whose_tensorflow_has_started_keeps_its_pools():
-    """In-process simulations (the test suite's) run the same mod in a process already running
-    TensorFlow: it changes nothing and the message goes through."""
+    """In-process simulations (the test suite's) run the same mod in a process that is no Ray
+    actor and already runs TensorFlow: it changes nothing and the message goes through."""
     threading = tf().config.threading
     tf().constant(1.0) + 1.0
     before = (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
     cores = before[0] + 5.0  # a size this process has not been asked for
-    assert worker_threads_mod(cores)("m", "c", lambda m, c: "reply") == "reply"
-    assert limit_threads(cores) is False
+    assert worker_threads_mod("m", "c", lambda m, c: "reply") == "reply"
+    assert sized_threads() is None and limit_threads(cores) is False
     assert (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()) == before
