@@ -1,12 +1,13 @@
 """Warm ClientApp starts on a node: each task's process is forked from one that has already
-imported Flower's ClientApp runtime, TensorFlow and fedpriv's trainer.
+imported Flower's ClientApp runtime, TensorFlow, dp-accounting and fedpriv's trainer.
 
 Flower's SuperExec starts a fresh ``flwr-clientapp`` process for every message (its
 ``SubprocessExecutor``), and under SecAgg+ a round is four messages per node. Each process
 imports Flower's runtime (about 1.5 s of CPU here), and the one that trains imports TensorFlow
-(about 10 s) before it can build the model. :class:`WarmStart` is that executor with one
-change: it keeps a *zygote* (``python -m fedpriv.clients.app_gate zygote``), a process that
-imports all of this once and then waits, and hands each ClientApp task's command line to it
+(about 10 s) and dp-accounting (1.5 s) before it can build the model and check the node's
+budget. :class:`WarmStart` is that executor with one change: it keeps a *zygote*
+(``python -m fedpriv.clients.app_gate zygote``), a process that imports all of this once and
+then waits, and hands each ClientApp task's command line to it
 over a pipe. The zygote forks; the child runs the task exactly as the app gate's ``clientapp``
 mode would (:func:`clients.app_gate.run_clientapp`: Flower's ``flwr-clientapp`` with the
 signature gate) and exits. So every task still has a process of its own, started from the
@@ -97,8 +98,13 @@ class WarmStart(SubprocessExecutor):
 
 
 def preload() -> None:
-    """Import what a ClientApp task needs, creating nothing: TensorFlow, tf-keras and fedpriv's
-    ClientApp and trainer (TensorFlow only where no NVIDIA device is present)."""
+    """Import what a ClientApp task needs, creating nothing: TensorFlow, tf-keras, fedpriv's
+    ClientApp and trainer (TensorFlow only where no NVIDIA device is present), and dp-accounting,
+    which fedpriv imports on first use (:mod:`common.lazy`) and every training task uses: the
+    node's budget guard replays its ledger's spends as dp-accounting events. Left to the task, its
+    import (scipy's signal and stats packages with it) took about 1.5 s of CPU in every training
+    task of a node."""
+    import dp_accounting  # noqa: F401
     import fedpriv.clients.app  # noqa: F401  - the ClientApp (fedpriv.client_app names it for Flower)
     import fedpriv.clients.trainer  # noqa: F401  - (common.tf_runtime with it: TensorFlow's environment)
 

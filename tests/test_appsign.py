@@ -292,3 +292,33 @@ def test_the_zygote_runs_each_task_in_a_forked_process_of_its_own():
     assert READY in proc.stderr and "Traceback" not in proc.stderr
     # (the output is read until every child has closed it too); the quiet one printed nothing
     assert proc.stdout.count("usage: flwr-clientapp") == 2, proc.stdout
+
+
+def test_a_warm_task_finds_what_the_node_budget_accounts_with_already_imported(tmp_path):
+    """What the zygote preloads covers the node's budget guard, which every training task opens:
+    replaying the ledger's spends, checking a planned one and recording it import no further
+    dp-accounting or scipy module (each such import would be paid again by every task)."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fedpriv.clients.warm_start import preload\n"
+        "preload()\n"
+        "before = set(sys.modules)\n"
+        "from fedpriv.clients.budget import open_guard\n"
+        "from fedpriv.common.accounting import DPSGDSpend\n"
+        "spend, state = DPSGDSpend(0.05, 1.1, 20), Path(sys.argv[1])\n"
+        "state.mkdir()\n"
+        "for recorded in range(2):\n"
+        "    with open_guard(state, 10.0, 1e-5) as guard:\n"
+        "        assert len(guard.spends) == recorded, guard.spends\n"  # the second open replays the first
+        "        guard.check(spend)\n"
+        "        guard.record(spend, recorded + 1)\n"
+        "late = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('dp_accounting', 'scipy'))\n"
+        "assert not late, late\n"
+    )
+    env = {**os.environ, "FEDPRIV_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "node")], capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
