@@ -19,7 +19,7 @@ draws comes from ``os.urandom`` at the time it is needed (:mod:`common.entropy`:
 key before each step, the sampling generator each round, SecAgg+'s keys), and Python's
 ``random`` and OpenSSL reseed in a forked child anyway. On a machine with an NVIDIA device the
 zygote does not import TensorFlow (a CUDA runtime initialised before ``fork`` is unusable in
-the child), so only Flower's runtime is preloaded there.
+the child), and preloads the rest.
 
 If the zygote cannot start or dies, tasks start as Flower starts them (a fresh process each),
 and the node's log says so. To drop this module: when Flower's SuperExec can keep warm local
