@@ -19,7 +19,8 @@ import pytest
 from fedpriv.common.settings import resolve_config
 from fedpriv.simulations.run import RAY_INLINE_BYTES, backend_config
 
-pytestmark = pytest.mark.slow(cost=0.5)
+# (one group: the module's one Ray instance serves both tests on one xdist worker)
+pytestmark = [pytest.mark.slow(cost=0.5), pytest.mark.xdist_group("test_ray_workers")]
 WAIT_S = 120
 
 
@@ -67,10 +68,16 @@ class Worker:  # what a Flower ClientApp actor does with its first message
         reply = worker_threads_mod("message", "context", lambda m, c: (m, c))
         answer = {"reply": list(reply), "cores": ray_worker_cores()}
         if "tensorflow" in sys.modules:
-            from fedpriv.common.tf_runtime import tf
+            from fedpriv.common.tf_runtime import limit_threads, tf
             threading = tf().config.threading
-            answer["pools"] = [threading.get_intra_op_parallelism_threads(),
-                               threading.get_inter_op_parallelism_threads()]
+            def pools():
+                return [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
+            answer["pools"] = pools()
+            # then limit_threads's own rules: a fraction of a core is one thread, and once the
+            # runtime has started (its first op) the pools stay as they are
+            answer["limit_quarter"] = [limit_threads(0.25), pools()]
+            tf().constant(1.0) + 1.0
+            answer["limit_after_start"] = [limit_threads(3), pools()]
         return answer
 
 print(json.dumps({
@@ -116,9 +123,11 @@ def test_a_simulations_ray_keeps_a_model_sized_result_out_of_its_object_store(ra
 
 def test_a_ray_actor_runs_tensorflow_on_the_cores_ray_reserved_for_it(ray_answers):
     """An actor reserving 2 of the 3 cores gets pools of 2 threads before its first TensorFlow op,
-    and the message goes through; an actor given a GPU, a plain task and the driver are left
-    alone (the GPU actor never even imports TensorFlow)."""
+    and the message goes through (then, in the same actor: a quarter core sizes them to one
+    thread, and nothing resizes them once the runtime has started); an actor given a GPU, a plain
+    task and the driver are left alone (the GPU actor never even imports TensorFlow)."""
     cpu, gpu = ray_answers["cpu_actor"], ray_answers["gpu_actor"]
-    assert cpu == {"reply": ["message", "context"], "cores": 2.0, "pools": [2, 2]}
+    assert cpu == {"reply": ["message", "context"], "cores": 2.0, "pools": [2, 2],
+                   "limit_quarter": [True, [1, 1]], "limit_after_start": [False, [1, 1]]}
     assert gpu == {"reply": ["message", "context"], "cores": None}
     assert ray_answers["driver_cores"] is None and ray_answers["task_cores"] is None

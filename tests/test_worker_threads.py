@@ -1,38 +1,16 @@
 """A simulation's CPU workers size TensorFlow's thread pools to the cores each one reserves
 (clients/worker_threads.py, the ClientApp's outermost mod), and nothing else's pools change. In
-real Ray actors: tests/test_ray_workers.py."""
+real Ray actors, with :func:`common.tf_runtime.limit_threads`'s rules: tests/test_ray_workers.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 from fedpriv.common.settings import resolve_config
 from fedpriv.common.tf_runtime import limit_threads, tf
 from fedpriv.clients.app import app, built, make_client_app
 from fedpriv.clients.worker_threads import sized_threads, worker_threads_mod
 from fedpriv.simulations.run import client_mods
-
-
-def _fresh(code: str, tmp_path) -> None:
-    """Run ``code`` in a new interpreter, where TensorFlow's runtime has not started."""
-    env = {**os.environ, "FEDPRIV_HOME": str(tmp_path / "home")}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=180)
-
-
-def test_limit_threads_sizes_the_pools_until_the_runtime_starts(tmp_path):
-    _fresh(
-        "from fedpriv.common.tf_runtime import limit_threads, tf\n"
-        "threading = tf().config.threading\n"
-        "def pools(): return threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()\n"
-        "assert limit_threads(2.5) and pools() == (2, 2), pools()\n"
-        "assert limit_threads(0.25) and pools() == (1, 1), pools()\n"  # a fraction of a core: one thread
-        "tf().constant(1.0) + 1.0\n"  # the runtime starts: its pools are made
-        "assert limit_threads(3) is False and pools() == (1, 1), pools()\n",
-        tmp_path,
-    )
 
 
 def test_the_sizing_is_the_apps_outermost_mod_under_every_runner_and_fault_injection_comes_next():
