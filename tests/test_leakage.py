@@ -39,8 +39,9 @@ STATISTIC_WORDS = ("loss", "norm", "example", "steps")
 ROUND_FIELDS = {"round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clipping_norm", "clients_trained",
                 "clients_failed", "seconds", "failed"}
 # Keys of summary.json that name a setting or the server's own figure, not a client statistic: the
-# server's test loss, its dataset's sizes, the configured clip bounds.
-REPORT_KEYS = {"loss", "train_examples", "test_examples", "clipping_norm", "l2_norm_clip"}
+# server's test loss (each round's, and the initial model's), its dataset's sizes, the configured
+# clip bounds.
+REPORT_KEYS = {"loss", "initial_loss", "train_examples", "test_examples", "clipping_norm", "l2_norm_clip"}
 # Flower's record of FitRes.num_examples: the FedAvg weight, 1 under user-level DP (checked by value).
 FLOWER_WEIGHT = {"fitres.num_examples", "num_examples"}
 CSV_HEADER = ["round", "accuracy", "loss", "record_epsilon_max", "user_epsilon", "clipping_norm", "clients_trained",
