@@ -11,6 +11,15 @@ includes start-up). Targets: at most 1.3x at 50 clients for every model, and ove
 growing no worse than linearly with the number of clients (SecAgg+ gives each client a fixed
 number of neighbours).
 
+Where the time goes: each run goes through ``exchange_timer.py``, which times every message
+exchange of the server (one a round without SecAgg+; with it, Flower's four stages: setup, key
+sharing, training with masking, unmasking) and each SecAgg+ stage as a whole (the exchange and
+the server's own work). The unmasking exchange asks each client only for key shares it already
+holds, so its time is close to what any exchange costs the simulation engine however little
+the clients do; three such exchanges on top of the plain round give the ratio SecAgg+ would
+reach if all its own computation (keys, shares, masks, quantization, unmasking) took no time:
+the ``floor_ratio`` of each row.
+
 Part 2, utility: final accuracy against epsilon on the built-in data with the same seed, with no
 DP, record-level DP only, user-level DP only, and both, for two federations: ``quickstart``
 (cross-silo: 10 clients of 450 records, all in every round) and ``cross-device`` (1,000 devices of
@@ -27,12 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dp_vs_nodp import RESULTS, machine, simulate  # noqa: E402
+
+TIMER = Path(__file__).parent / "exchange_timer.py"
+STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 MODELS = {  # name -> settings; parameters: 93,322 / 101,770 / 1,001,710
     "100k CNN": ["model.name=cnn"],
@@ -56,10 +69,11 @@ def overhead(tmp: Path, rounds: int, clients: tuple[int, ...]) -> list[dict]:
         for n in clients:
             base = [f"run.rounds={rounds}", *settings, f"federation.num_clients={n}",
                     f"federation.min_available_clients={n}"]
-            times, params = {}, None
+            times, timings, params = {}, {}, None
             for secure in (True, False):
                 out = tmp / f"{model}-{n}-{secure}"
-                summary = simulate("quickstart", base + [f"secure_aggregation.enabled={str(secure).lower()}"], out)
+                summary, timings[secure] = timed_simulate(
+                    "quickstart", base + [f"secure_aggregation.enabled={str(secure).lower()}"], out)
                 later = [r["seconds"] for r in summary["rounds"][1:] if r["seconds"] is not None]
                 times[secure] = statistics.median(later)
                 params = summary["model_parameters"]
@@ -67,10 +81,44 @@ def overhead(tmp: Path, rounds: int, clients: tuple[int, ...]) -> list[dict]:
                    "round_s_plain": times[False], "ratio": times[True] / times[False],
                    "overhead_s": times[True] - times[False]}
             row["overhead_per_client_s"] = row["overhead_s"] / n
+            row.update(breakdown(timings[True], timings[False], times[False]))
             print(f"  {model} x {n} clients: {times[True]:.2f} s vs {times[False]:.2f} s "
                   f"(ratio {row['ratio']:.2f})", flush=True)
             rows.append(row)
     return rows
+
+
+def timed_simulate(preset: str, overrides: list[str], out: Path) -> tuple[dict, dict]:
+    """:func:`dp_vs_nodp.simulate` through ``exchange_timer.py``: the summary and the timings."""
+    timings = out.with_name(out.name + "-timings.json")
+    args = [sys.executable, str(TIMER), str(timings), "simulate", "--preset", preset, "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: run {preset} {overrides} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads((out / "summary.json").read_text()), json.loads(timings.read_text())
+
+
+def later_median(values: list[float]) -> float | None:
+    """The median without the first round's value (which includes start-up), None if empty."""
+    later = values[1:] or values
+    return statistics.median(later) if later else None
+
+
+def breakdown(secure: dict, plain: dict, plain_round_s: float) -> dict:
+    """Median seconds of each exchange and SecAgg+ stage (rounds after the first) and the floor
+    ratio (see the module doc)."""
+    def exchanges(timings: dict, name: str) -> float | None:
+        rounds = sorted(timings["exchanges"], key=int)
+        return later_median([timings["exchanges"][r][name] for r in rounds if name in timings["exchanges"][r]])
+
+    out = {"plain_train_exchange_s": exchanges(plain, "train"),
+           "secagg_exchange_s": {stage: exchanges(secure, stage) for stage in STAGES},
+           "secagg_stage_s": {stage: later_median(secure["stages"].get(stage, [])) for stage in STAGES}}
+    unmask = out["secagg_exchange_s"]["unmask"]
+    out["floor_ratio"] = None if unmask is None else (plain_round_s + 3 * unmask) / plain_round_s
+    return out
 
 
 def utility(tmp: Path, rounds: int) -> list[dict]:
@@ -99,6 +147,24 @@ def overhead_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters']:,} | {r['clients']} | {r['round_s_secagg']:.2f} | "
                      f"{r['round_s_plain']:.2f} | {r['ratio']:.2f} | {r['overhead_per_client_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    """Where each SecAgg+ round's time goes, beside the plain round's training exchange."""
+    lines = ["| model | clients | plain: training exchange (s) | setup (s) | key sharing (s) | "
+             "training and masking (s) | unmasking (s) | server's own work in the four stages (s) | "
+             "floor ratio | measured ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        if "secagg_exchange_s" not in r:
+            continue
+        ex, st = r["secagg_exchange_s"], r["secagg_stage_s"]
+        own = (None if any(ex[s] is None or st[s] is None for s in STAGES)
+               else sum(st[s] - ex[s] for s in STAGES))
+        floor = "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.2f}"
+        lines.append(f"| {r['model']} | {r['clients']} | {fmt(r['plain_train_exchange_s'])} | "
+                     + " | ".join(fmt(ex[s]) for s in STAGES) + f" | {fmt(own)} | {floor} | {r['ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -202,6 +268,14 @@ def main() -> int:
                          f"{g['clients'][0]} to {g['clients'][1]} clients (quadratic growth would be "
                          f"{g['quadratic_would_be']:.0f}x): {'roughly linear' if g['per_client_growth'] < 0.5 * g['quadratic_would_be'] else 'SUPERLINEAR'}")
         report.append("## Round time with and without SecAgg+\n\n" + "\n".join(lines))
+        if any("secagg_exchange_s" in r for r in over):
+            report.append(
+                "## Where a SecAgg+ round's time goes\n\nMedian seconds per round (rounds after the first) of "
+                "each message exchange: the plain round's one, and SecAgg+'s four; the server's own work is "
+                "what its four stages took beyond their exchanges. Floor ratio: the plain round plus three "
+                "exchanges at the unmasking exchange's time, whose clients only return key shares they "
+                "hold: what SecAgg+ would cost if all its computation took no time.\n\n"
+                + breakdown_table(over))
     if util:
         report.append("## Accuracy against epsilon (built-in data, seed 42, delta 1e-5)\n\n" + utility_table(util))
     text = "\n\n".join(report) + "\n"

@@ -9,6 +9,8 @@ quick mode too: its summary, and the plain-Flower comparison's results, have the
 harness's quick mode runs dp_step's and flower_baseline's quick modes itself, so one test checks all
 three from one run of it instead of running each twice. The scale benchmark runs its quick mode on
 its own: its results have their shape, and client state is created only for clients that trained.
+The SecAgg+ benchmark's breakdown of a round into message exchanges is checked on its own (its
+quick mode runs six simulations, about two minutes).
 """
 
 import json
@@ -21,7 +23,7 @@ import pytest
 
 from fedpriv.clients.trainer import choose_implementation
 from fedpriv.common.config import DPSection
-from tests.conftest import ROOT
+from tests.conftest import ROOT, task_identity
 
 
 VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default", "clipping_only", "noise_draw")
@@ -154,3 +156,37 @@ def test_secagg_hardening_quick(tmp_path):
     assert [(r["kind"], r["clients"]) for r in rows] == [("protocol only", 10), ("round", 10)]
     assert all(r["ratio"] > 0 and math.isfinite(r["ratio"]) for r in rows)
     assert "| round | 10 |" in (tmp_path / "secagg_hardening.md").read_text()
+
+
+def test_secagg_breakdown_names_exchanges_and_bounds_the_ratio():
+    """The SecAgg+ benchmark's timer names each exchange by Flower's SecAgg+ stage (else by the
+    message type), and the floor ratio adds three unmasking exchanges to the plain round."""
+    from flwr.common import ConfigRecord, Message, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import exchange_timer
+        import secagg
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with task_identity():
+        setup = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP})}), dst_node_id=1,
+                        message_type="train")
+        plain = Message(RecordDict({"config": ConfigRecord({"lr": 0.1})}), dst_node_id=1, message_type="train")
+    assert (exchange_timer.exchange_name(setup), exchange_timer.exchange_name(plain)) == ("setup", "train")
+
+    timings = exchange_timer.Timings()
+    for server_round, unmask in ((1, 5.0), (2, 0.2), (3, 0.4)):  # the first round's start-up is left out
+        for stage in secagg.STAGES:
+            timings.exchange(server_round, stage, unmask if stage == "unmask" else 1.0)
+            timings.stages[stage].append((unmask if stage == "unmask" else 1.0) + 0.5)
+    timings.exchange(None, "train", 9.0)  # a message of no round is not counted
+    plain_timings = {"exchanges": {"1": {"train": 3.0}, "2": {"train": 1.0}, "3": {"train": 2.0}}, "stages": {}}
+    row = secagg.breakdown(json.loads(json.dumps(timings.as_json())), plain_timings, plain_round_s=2.0)
+    assert row["plain_train_exchange_s"] == 1.5
+    assert row["secagg_exchange_s"]["unmask"] == pytest.approx(0.3)
+    assert row["secagg_stage_s"]["setup"] == 1.5
+    assert row["floor_ratio"] == pytest.approx((2.0 + 3 * 0.3) / 2.0)
+    table = secagg.breakdown_table([{"model": "m", "clients": 2, "ratio": 1.7, **row}])
+    assert "| m | 2 | 1.500 | 1.000 | 1.000 | 1.000 | 0.300 | 2.000 | 1.45 | 1.70 |" in table
