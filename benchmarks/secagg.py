@@ -248,8 +248,13 @@ def main() -> int:
             util = utility(Path(tmp), 2 if args.quick else 20)
     suffix = "-quick" if args.quick else ""
     previous = RESULTS / f"secagg{suffix}.json"
+    kept_note = ""
     if args.part != "all" and previous.exists():  # keep the other part's latest measurement
         kept = json.loads(previous.read_text())
+        kept_part = "overhead" if args.part == "utility" else "utility"
+        if kept.get(kept_part):
+            kept_note = (" The " + ("table of accuracy against epsilon is" if kept_part == "utility"
+                                    else "overhead tables are") + " from an earlier run (this one ran the other part only).")
         over = over or kept.get("overhead", [])
         util = util or kept.get("utility", [])
     report, met = [], True
@@ -285,7 +290,7 @@ def main() -> int:
     (RESULTS / f"secagg{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"secagg{suffix}.md").write_text(
         f"# SecAgg+ overhead and utility\n\nMeasured side by side in one run on {payload['machine']['cpus']} "
-        f"CPUs ({payload['machine']['platform']}). Plot: secagg{suffix}.png.\n\n{text}")
+        f"CPUs ({payload['machine']['platform']}).{kept_note} Plot: secagg{suffix}.png.\n\n{text}")
     plot(over, util, RESULTS / f"secagg{suffix}.png")
     return 0 if met or not args.check else 1
 
