@@ -99,6 +99,34 @@ def test_masks_match_between_clients_and_server():
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) and a[1].shape == ()
 
 
+def test_flowers_masking_arithmetic_is_exact_with_fedprivs_32_bit_masks():
+    """Masks for Flower's 2^32 modulus stay 32-bit unsigned words (no 64-bit copy); Flower's own
+    arithmetic adds them to 32-bit quantized vectors and 64-bit masked ones without wrapping:
+    masking with five masks and removing them again gives the quantized vector back, as Python's
+    integers do, also where int32 arithmetic would overflow."""
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition, parameters_subtraction
+
+    shapes = [(3000,), (7, 11)]
+    quantized = [np.full(shape, 2**31 - 1, np.int32) for shape in shapes]  # the largest int32
+    masks = [secagg_masks.expand_masks(os.urandom(32), M, shapes) for _ in range(5)]
+    assert all(m.dtype == np.uint32 for mask in masks for m in mask)
+    assert max(int(m.max()) for mask in masks for m in mask) > 2**31  # values int32 cannot hold
+    masked = quantized
+    for i, mask in enumerate(masks):
+        masked = (parameters_addition if i % 2 else parameters_subtraction)(masked, mask)
+    masked = parameters_mod(masked, M)
+    for q, m, mask_sets in zip(quantized, masked, zip(*masks), strict=True):
+        expected = q.astype(object)
+        for i, mask in enumerate(mask_sets):
+            expected = expected + mask.astype(object) if i % 2 else expected - mask.astype(object)
+        assert np.array_equal(m.astype(object), expected % M) and m.min() >= 0
+    for i, mask in enumerate(masks):  # the server removes them
+        masked = (parameters_subtraction if i % 2 else parameters_addition)(masked, mask)
+    assert all(np.array_equal(parameters_mod([a], M)[0], q) for a, q in zip(masked, quantized, strict=True))
+    # ranges above 2^32 come as signed 64-bit values (unsigned 64-bit plus signed would be floats)
+    assert secagg_masks.expand_masks(os.urandom(32), 2**40, [(10,)])[0].dtype == np.int64
+
+
 # ---- a federation in one process -----------------------------------------------------------
 def _config(tmp_path, clients: int, shares: int, threshold: int):
     return load_config(overrides=[
