@@ -27,10 +27,12 @@ TARGET_GAP_PP = 10.0
 TARGET_EPSILON = 8.0
 
 
-def simulate(preset: str, overrides: list[str], out: Path) -> dict:
+def simulate(preset: str, overrides: list[str], out: Path, runner: list[str] | None = None) -> dict:
     """Run ``fedpriv simulate`` as a user would; return its summary, with the wall time
-    (start-up included) as ``_wall_s``. Exits on a failed run."""
-    args = [sys.executable, "-m", "fedpriv", "simulate", "--preset", preset, "--out", str(out)]
+    (start-up included) as ``_wall_s``. Exits on a failed run. ``runner``: what runs the
+    ``fedpriv`` command line after the interpreter (default ``-m fedpriv``; secagg.py passes its
+    exchange timer)."""
+    args = [sys.executable, *(runner or ["-m", "fedpriv"]), "simulate", "--preset", preset, "--out", str(out)]
     for item in overrides:
         args += ["--set", item]
     started = time.perf_counter()

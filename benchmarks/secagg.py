@@ -36,16 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dp_vs_nodp import RESULTS, machine, simulate  # noqa: E402
+from exchange_timer import STAGES  # noqa: E402
 
 TIMER = Path(__file__).parent / "exchange_timer.py"
-STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 MODELS = {  # name -> settings; parameters: 93,322 / 101,770 / 1,001,710
     "100k CNN": ["model.name=cnn"],
@@ -91,13 +90,8 @@ def overhead(tmp: Path, rounds: int, clients: tuple[int, ...]) -> list[dict]:
 def timed_simulate(preset: str, overrides: list[str], out: Path) -> tuple[dict, dict]:
     """:func:`dp_vs_nodp.simulate` through ``exchange_timer.py``: the summary and the timings."""
     timings = out.with_name(out.name + "-timings.json")
-    args = [sys.executable, str(TIMER), str(timings), "simulate", "--preset", preset, "--out", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: run {preset} {overrides} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads((out / "summary.json").read_text()), json.loads(timings.read_text())
+    summary = simulate(preset, overrides, out, runner=[str(TIMER), str(timings)])
+    return summary, json.loads(timings.read_text())
 
 
 def later_median(values: list[float]) -> float | None:
