@@ -22,6 +22,7 @@ from fedpriv.simulations.run import RAY_INLINE_BYTES, backend_config
 # (one group: the module's one Ray instance serves both tests on one xdist worker)
 pytestmark = [pytest.mark.slow(cost=0.5), pytest.mark.xdist_group("test_ray_workers")]
 WAIT_S = 120
+LOCATION_WAIT_S = 5  # how long an object's location may take to reach its owner
 
 
 def _log_tails(ray_dir: Path) -> str:
@@ -37,7 +38,7 @@ def _log_tails(ray_dir: Path) -> str:
 # Run in a fresh interpreter, as a simulation's driver: Ray with 3 CPUs and one GPU (Ray only
 # counts it: no actor here imports TensorFlow's GPU support).
 SCRIPT = """
-import json, sys
+import json, sys, time
 import ray
 from fedpriv.clients.worker_threads import ray_worker_cores
 
@@ -53,9 +54,16 @@ def blob(n):
     return bytes(n)
 
 def stored(n):
+    # The object's owner learns where it is stored from the raylet after the task is done, so a
+    # location may show up a moment after the result: ask again for a few seconds before saying no.
     ref = blob.remote(n)
     get(ref)
-    return bool(ray.experimental.get_object_locations([ref])[ref]["node_ids"])
+    deadline = time.monotonic() + LOCATION_WAIT_S
+    while not ray.experimental.get_object_locations([ref])[ref]["node_ids"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 @ray.remote
 def task_cores():
@@ -97,7 +105,8 @@ def ray_answers():
     size its store to 30% of the machine's memory)."""
     ray_dir = Path(tempfile.mkdtemp(prefix="fedpriv-ray-"))  # (short: Ray's socket paths are limited)
     init_args = backend_config(resolve_config("quickstart", None, []), 0, False, ray_dir)["init_args"]
-    code = f"INIT_ARGS = {init_args!r}\nWAIT_S = {WAIT_S}\nRAY_INLINE_BYTES = {RAY_INLINE_BYTES}\n" + SCRIPT
+    code = (f"INIT_ARGS = {init_args!r}\nWAIT_S = {WAIT_S}\nLOCATION_WAIT_S = {LOCATION_WAIT_S}\n"
+            f"RAY_INLINE_BYTES = {RAY_INLINE_BYTES}\n" + SCRIPT)
     # As in a simulation: Flower's simulation module turns off Ray's `uv run` hook, which would
     # otherwise start the workers of a driver run under `uv run` (as `make test` runs the suite)
     # with that command, from a copy of the working directory, where a relative path to uv fails.
