@@ -17,7 +17,11 @@ size) on the same fixed batches for:
   and nothing else, so the default's cost splits into clipping and noise;
 - ``noise_draw``: no training at all, only one step's worth of noise drawn the way every DP step
   draws it (:func:`common.entropy.standard_normals`, CSPRNG normals for each trainable weight), on
-  the timing thread; its ratio is the share of a non-private step the draw alone costs.
+  the timing thread; its ratio is the share of a non-private step the draw alone costs;
+- ``fixed_noise``: the default implementation with the same noise pool refilled every step from
+  one fixed tensor instead of fresh draws (not private: a measurement only). It adds the noise in
+  the step as the default does, and draws nothing, so the gap between it and ``default`` is what
+  drawing costs the step, the prefetch thread's competition for the cores included.
 
 Every variant is built by fedpriv's own :class:`clients.trainer.LocalTrainer`, so the numbers
 are those of the code clients run. Each variant is warmed up first (tracing and compilation are
@@ -62,11 +66,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dp_vs_nodp import RESULTS, machine  # noqa: E402
 
 VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default", "clipping_only",
-            "noise_draw")
+            "fixed_noise", "noise_draw")
 # The DPSection.implementation each variant is built with (None: DP off); noise_draw trains nothing.
 IMPLEMENTATION = {"nonprivate": None, "textbook": "keras", "vectorized": "vectorized",
-                  "fast": "fast", "bookkeeping": "bookkeeping", "default": "auto", "clipping_only": "auto"}
+                  "fast": "fast", "bookkeeping": "bookkeeping", "default": "auto", "clipping_only": "auto",
+                  "fixed_noise": "auto"}
 LABELS = {"clipping_only": "clipping only (default, noise multiplier 0)",
+          "fixed_noise": "noise from a fixed pool (default, nothing drawn; not private)",
           "noise_draw": "noise draw alone (CSPRNG normals, one step's worth; no training)"}
 MODELS = ("cnn", "mlp")
 INPUT_SHAPE = (28, 28, 1)  # the built-in data (real MNIST digits)
@@ -195,6 +201,24 @@ class Timer:
             self.gpu = False
 
 
+def draw_nothing(trainer: Any) -> None:
+    """Make ``trainer``'s noise pool refill from one fixed tensor of zeros instead of fresh normals
+    (the ``fixed_noise`` variant: the step still reads the pool and adds it, and still checks that
+    each refill is used once)."""
+    import numpy as np
+
+    from fedpriv.common.tf_runtime import tf
+
+    noise, fixed = trainer.noise, {}
+
+    def next_normals() -> Any:
+        if noise.size not in fixed:
+            fixed[noise.size] = tf().constant(np.zeros(noise.size, np.float32))
+        return fixed[noise.size]
+
+    noise._next_normals = next_normals
+
+
 class DrawTimer:
     """Times :func:`common.entropy.standard_normals` of ``count`` normals (one DP step's noise for
     a model of ``count`` trainable weights), as a Timer times steps."""
@@ -268,6 +292,8 @@ def measure(model_name: str, batch_size: int, settings: dict, gpu: bool, tf: Any
         else:
             keras().utils.set_random_seed(seed)  # same initial weights for every variant
             trainer = build(variant, model_name, batch_size)
+            if variant == "fixed_noise":
+                draw_nothing(trainer)
             if variant == "default":
                 # "auto" picks one of the implementations timed above: time that trainer (already
                 # traced and compiled) again, under this name, rather than tracing the same code twice
@@ -401,9 +427,11 @@ def save(out: Path, results: dict, settings: dict, args: argparse.Namespace, gpu
               f"TensorFlow {payload['versions'].get('tensorflow')}, TF Privacy "
               f"{payload['versions'].get('tensorflow-privacy')}. Step time vs non-private: the "
               f"variant's seconds per step / non-private seconds per step in the same round, median "
-              f"(min-max over rounds in the last column). The last two rows of each configuration "
-              f"split the default's cost: its clipping alone (noise multiplier 0), and one step's "
-              f"noise drawn alone (no training), whose ratio is its share of a non-private step.")
+              f"(min-max over rounds in the last column). The last three rows of each configuration "
+              f"split the default's cost: its clipping alone (noise multiplier 0); the default with "
+              f"its noise pool refilled from one fixed tensor (noise added, nothing drawn: not "
+              f"private), so that its gap to the default is what drawing costs the step; and one "
+              f"step's noise drawn alone (no training), whose ratio is its share of a non-private step.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "dp_step.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "dp_step.md").write_text(f"# DP-SGD step cost ({device})\n\n{header}\n\n{report}\n")

@@ -77,8 +77,10 @@ def dp_step_figures(results: dict) -> list[dict]:
             textbook = entry.get("textbook_ratio")
             baseline = f"; textbook {textbook:.1f}x" if textbook is not None else "; textbook skipped"
             clipping, draw = entry.get("clipping_only_ratio"), entry.get("noise_draw_ratio")
+            fixed = entry.get("fixed_noise_ratio")
             split = (f"; clipping alone {clipping:.2f}x, noise draw alone {draw:.2f}x"
                      if clipping is not None and draw is not None else "")
+            split += f"; noise from a fixed pool {fixed:.2f}x" if fixed is not None else ""
             figures.append({"figure": f"DP-SGD step time / non-private, {model}, batch {batch} "
                                       f"(default: {entry.get('default_implementation')}{baseline}{split})",
                             "value": ratio, "unit": "x", "target": f"<= {DP_STEP_TARGET}" if judged else None,

@@ -10,7 +10,8 @@ harness's quick mode runs dp_step's and flower_baseline's quick modes itself, so
 three from one run of it instead of running each twice. The scale benchmark runs its quick mode on
 its own: its results have their shape, and client state is created only for clients that trained.
 The SecAgg+ benchmark's breakdown of a round into message exchanges is checked on its own (its
-quick mode runs six simulations, about two minutes).
+quick mode runs six simulations, about two minutes), and so is dp_step's fixed-noise variant: it
+adds its noise pool and never draws.
 """
 
 import json
@@ -26,9 +27,10 @@ from fedpriv.common.config import DPSection
 from tests.conftest import ROOT, task_identity
 
 
-VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default", "clipping_only", "noise_draw")
+VARIANTS = ("nonprivate", "textbook", "vectorized", "fast", "bookkeeping", "default", "clipping_only",
+            "fixed_noise", "noise_draw")
 RATIOS = ("textbook_ratio", "vectorized_ratio", "fast_ratio", "bookkeeping_ratio", "default_ratio",
-          "clipping_only_ratio", "noise_draw_ratio")
+          "clipping_only_ratio", "fixed_noise_ratio", "noise_draw_ratio")
 
 
 # Trainable weights, counted by hand from the layers (common/models.py), 28x28x1 input, 10 classes:
@@ -190,3 +192,30 @@ def test_secagg_breakdown_names_exchanges_and_bounds_the_ratio():
     assert row["floor_ratio"] == pytest.approx((2.0 + 3 * 0.3) / 2.0)
     table = secagg.breakdown_table([{"model": "m", "clients": 2, "ratio": 1.7, **row}])
     assert "| m | 2 | 1.500 | 1.000 | 1.000 | 1.000 | 0.300 | 2.000 | 1.45 | 1.70 |" in table
+
+
+def test_the_fixed_noise_variant_adds_its_pool_and_draws_nothing(monkeypatch):
+    """dp_step's ``fixed_noise`` trainer steps with its noise pool refilled from zeros, and never
+    reaches the CSPRNG sampler (whose time is what the variant leaves out)."""
+    import numpy as np
+
+    from fedpriv.common import entropy
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import dp_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    trainer = dp_step.build("fixed_noise", "mlp", 8)
+    dp_step.draw_nothing(trainer)
+
+    def no_draws(*args, **kwargs):
+        raise AssertionError("the fixed_noise variant drew normals")
+
+    monkeypatch.setattr(entropy, "standard_normals", no_draws)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 8)
+    for _ in range(2):
+        assert math.isfinite(trainer.step(x, y))
+    assert trainer.noise.size == sum(w.shape.num_elements() for w in trainer.model.trainable_weights)
+    assert not np.any(trainer.noise.pool.numpy())
